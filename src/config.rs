@@ -1,0 +1,399 @@
+//! Configuration: the YAML file, then environment variables, then command-line flags,
+//! merged and validated once at start-up.
+//!
+//! Command-line flags and their `ROUTELLM_*` environment variables arrive together as
+//! [`Overrides`] (clap resolves flag-over-variable); the file fills whatever they leave
+//! unset. Unknown keys in the file are errors, so a typo cannot silently fall back to a
+//! default. Secrets are wrapped in [`Secret`], whose `Debug` never shows them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::providers::GlobalOverrides;
+
+/// RouteLLM's defaults, so its users' commands behave the same here.
+pub const DEFAULT_STRONG_MODEL: &str = "gpt-4-1106-preview";
+pub const DEFAULT_WEAK_MODEL: &str = "anyscale/mistralai/Mixtral-8x7B-Instruct-v0.1";
+pub const DEFAULT_PORT: u16 = 6060;
+pub const DEFAULT_HOST: &str = "0.0.0.0";
+const DEFAULT_MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
+const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 10.0;
+const DEFAULT_REQUEST_TIMEOUT_SECS: f64 = 600.0;
+
+/// A credential: deserialised like a string, never printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    #[must_use]
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself, for the one place that must send it.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("Secret([redacted])")
+    }
+}
+
+/// A model as the file may give it: a bare name, or a name with its own endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum ModelSpec {
+    Name(String),
+    Full(ModelConfig),
+}
+
+impl From<ModelSpec> for ModelConfig {
+    fn from(spec: ModelSpec) -> Self {
+        match spec {
+            ModelSpec::Name(name) => ModelConfig::named(name),
+            ModelSpec::Full(config) => config,
+        }
+    }
+}
+
+/// One of the two models a router chooses between.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `<provider>/<model>` or a bare OpenAI model name.
+    pub name: String,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+}
+
+impl ModelConfig {
+    #[must_use]
+    pub fn named(name: String) -> Self {
+        Self {
+            name,
+            base_url: None,
+            api_key: None,
+        }
+    }
+}
+
+/// A provider's endpoint, overriding a built-in one or adding a new prefix.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// The environment variable holding the key, so the file itself holds no secret.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Upstream HTTP behaviour.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamFile {
+    connect_timeout_secs: Option<f64>,
+    request_timeout_secs: Option<f64>,
+}
+
+/// The YAML file, every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    routers: Option<Vec<String>>,
+    strong_model: Option<ModelSpec>,
+    weak_model: Option<ModelSpec>,
+    base_url: Option<String>,
+    api_key: Option<Secret>,
+    #[serde(default)]
+    thresholds: BTreeMap<String, f64>,
+    #[serde(default)]
+    providers: BTreeMap<String, ProviderConfig>,
+    #[serde(default)]
+    upstream: UpstreamFile,
+    max_request_bytes: Option<usize>,
+    #[serde(default)]
+    api_keys: Vec<Secret>,
+    routers_dir: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+}
+
+impl FileConfig {
+    /// Parses the YAML text of a config file.
+    pub fn from_yaml(text: &str) -> Result<Self, Error> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_norway::from_str(text).map_err(|error| Error::Config(error.to_string()))
+    }
+
+    /// Reads and parses a config file.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| Error::io(path.display().to_string(), error))?;
+        Self::from_yaml(&text)
+            .map_err(|error| Error::Config(format!("{}: {error}", path.display())))
+    }
+}
+
+/// Values from command-line flags or their environment variables; `None` defers to the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub routers: Option<Vec<String>>,
+    pub strong_model: Option<String>,
+    pub weak_model: Option<String>,
+    pub base_url: Option<String>,
+    pub api_key: Option<Secret>,
+    pub routers_dir: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// The validated configuration everything else is built from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub routers: Vec<String>,
+    pub strong_model: ModelConfig,
+    pub weak_model: ModelConfig,
+    /// `--base-url`/`--api-key`: applied to both models.
+    pub global: GlobalOverrides,
+    /// Default thresholds, used for `router-<name>` without a threshold.
+    pub thresholds: BTreeMap<String, f64>,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_request_bytes: usize,
+    /// When non-empty, clients must send one of these as `Authorization: Bearer <key>`.
+    pub api_keys: Vec<Secret>,
+    /// Where trained router artifacts live.
+    pub routers_dir: PathBuf,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Merges the file (if any) with the overrides and validates the result.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, Error> {
+        let file = match file {
+            Some(path) => FileConfig::read(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(file, overrides)
+    }
+
+    /// Merges an already parsed file with the overrides and validates the result.
+    pub fn merge(file: FileConfig, overrides: Overrides) -> Result<Self, Error> {
+        let strong_model = overrides
+            .strong_model
+            .map(ModelConfig::named)
+            .or(file.strong_model.map(ModelConfig::from))
+            .unwrap_or_else(|| ModelConfig::named(DEFAULT_STRONG_MODEL.to_owned()));
+        let weak_model = overrides
+            .weak_model
+            .map(ModelConfig::named)
+            .or(file.weak_model.map(ModelConfig::from))
+            .unwrap_or_else(|| ModelConfig::named(DEFAULT_WEAK_MODEL.to_owned()));
+        let config = Self {
+            host: overrides
+                .host
+                .or(file.host)
+                .unwrap_or_else(|| DEFAULT_HOST.to_owned()),
+            port: overrides.port.or(file.port).unwrap_or(DEFAULT_PORT),
+            routers: overrides
+                .routers
+                .or(file.routers)
+                .unwrap_or_else(|| vec!["random".to_owned()]),
+            strong_model,
+            weak_model,
+            global: GlobalOverrides {
+                base_url: overrides.base_url.or(file.base_url),
+                api_key: overrides.api_key.or(file.api_key),
+            },
+            thresholds: file.thresholds,
+            providers: file.providers,
+            connect_timeout: seconds(
+                "upstream.connect_timeout_secs",
+                file.upstream
+                    .connect_timeout_secs
+                    .unwrap_or(DEFAULT_CONNECT_TIMEOUT_SECS),
+            )?,
+            request_timeout: seconds(
+                "upstream.request_timeout_secs",
+                file.upstream
+                    .request_timeout_secs
+                    .unwrap_or(DEFAULT_REQUEST_TIMEOUT_SECS),
+            )?,
+            max_request_bytes: file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+            api_keys: file.api_keys,
+            routers_dir: overrides
+                .routers_dir
+                .or(file.routers_dir)
+                .unwrap_or_else(|| PathBuf::from("routers")),
+            log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.routers.is_empty() {
+            return Err(Error::Config(
+                "at least one router is required (e.g. --routers random)".into(),
+            ));
+        }
+        for name in &self.routers {
+            if !crate::routers::AVAILABLE.contains(&name.as_str()) {
+                return Err(Error::Config(format!(
+                    "unknown router `{name}`; available routers: {}",
+                    crate::routers::AVAILABLE.join(", ")
+                )));
+            }
+        }
+        for (router, threshold) in &self.thresholds {
+            if !self.routers.contains(router) {
+                return Err(Error::Config(format!(
+                    "thresholds.{router}: `{router}` is not among the served routers ({})",
+                    self.routers.join(", ")
+                )));
+            }
+            if !threshold.is_finite() || !(0.0..=1.0).contains(threshold) {
+                return Err(Error::Config(format!(
+                    "thresholds.{router} = {threshold} is outside [0, 1]"
+                )));
+            }
+        }
+        if self.strong_model.name.trim() == self.weak_model.name.trim() {
+            tracing::warn!(model = %self.strong_model.name, "strong and weak model are the same");
+        }
+        if self.max_request_bytes < 1024 {
+            return Err(Error::Config(
+                "max_request_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.api_keys.iter().any(|key| key.expose().is_empty()) {
+            return Err(Error::Config(
+                "api_keys must not contain an empty key".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn seconds(key: &str, value: f64) -> Result<Duration, Error> {
+    if !value.is_finite() || value <= 0.0 {
+        return Err(Error::Config(format!(
+            "{key} must be a positive number of seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml"))
+                .unwrap();
+        let file = FileConfig::from_yaml(&text).unwrap();
+        let config = Config::merge(file, Overrides::default()).unwrap();
+        assert_eq!(config.port, 6060);
+        assert!(config.routers.contains(&"random".to_owned()));
+        assert!(config.thresholds.contains_key("random"));
+        assert!(!config.providers.is_empty());
+    }
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let file = FileConfig::from_yaml(
+            "port: 7000\nhost: 127.0.0.1\nstrong_model: openai/gpt-4o\nweak_model: {name: groq/llama3, base_url: http://x/v1}\n",
+        )
+        .unwrap();
+        let overrides = Overrides {
+            port: Some(8000),
+            ..Overrides::default()
+        };
+        let config = Config::merge(file, overrides).unwrap();
+        assert_eq!(config.port, 8000);
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.strong_model.name, "openai/gpt-4o");
+        assert_eq!(config.weak_model.base_url.as_deref(), Some("http://x/v1"));
+    }
+
+    #[test]
+    fn defaults_match_routellm() {
+        let config = Config::merge(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(config.port, DEFAULT_PORT);
+        assert_eq!(config.strong_model.name, DEFAULT_STRONG_MODEL);
+        assert_eq!(config.weak_model.name, DEFAULT_WEAK_MODEL);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let error = FileConfig::from_yaml("prot: 6060\n").unwrap_err();
+        assert!(error.to_string().contains("prot"), "{error}");
+        let error = FileConfig::from_yaml("providers: {acme: {base: x}}\n").unwrap_err();
+        assert!(error.to_string().contains("base"), "{error}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        for yaml in [
+            "routers: [nope]\n",
+            "routers: []\n",
+            "thresholds: {random: 1.5}\n",
+            "thresholds: {mf: 0.5}\n",
+            "upstream: {request_timeout_secs: 0}\n",
+            "max_request_bytes: 10\n",
+            "api_keys: ['']\n",
+        ] {
+            let file = FileConfig::from_yaml(yaml).unwrap();
+            assert!(Config::merge(file, Overrides::default()).is_err(), "{yaml}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let file =
+            FileConfig::from_yaml("api_key: sk-very-secret\napi_keys: [proxy-secret]\n").unwrap();
+        let config = Config::merge(file, Overrides::default()).unwrap();
+        let printed = format!("{config:?}");
+        assert!(
+            !printed.contains("sk-very-secret") && !printed.contains("proxy-secret"),
+            "{printed}"
+        );
+        assert_eq!(
+            config.global.api_key.as_ref().map(Secret::expose),
+            Some("sk-very-secret")
+        );
+    }
+}

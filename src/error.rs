@@ -1,0 +1,269 @@
+//! The one error type of the library, its HTTP status mapping and its OpenAI-shaped JSON body.
+//!
+//! Every failure a client can cause or observe ends up here, so the wire shape
+//! `{"error":{"message","type","param","code"}}` is produced in exactly one place.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::routers::RouterError;
+
+/// Everything that can go wrong while configuring, routing or forwarding.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client sent something we cannot act on (OpenAI's `invalid_request_error`).
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+        code: Option<&'static str>,
+    },
+    /// The request named a model that is neither a router nor a configured model.
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    /// No endpoint at this method and path.
+    #[error("Invalid URL ({method} {path})")]
+    UnknownUrl { method: String, path: String },
+    /// Proxy authentication is configured and the request did not pass it.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The request body exceeds the configured limit.
+    #[error("Request body too large: the limit is {limit} bytes.")]
+    PayloadTooLarge { limit: usize },
+    /// The upstream could not be reached, or broke the connection before answering.
+    #[error("Upstream `{model}` is unreachable: {reason}")]
+    UpstreamUnreachable { model: String, reason: String },
+    /// The upstream answered with an error status (library callers; the server passes these through).
+    #[error("Upstream `{model}` answered {status}: {body}")]
+    UpstreamStatus {
+        model: String,
+        status: StatusCode,
+        body: String,
+    },
+    /// The upstream took longer than the configured timeout.
+    #[error("Upstream `{model}` timed out: {reason}")]
+    UpstreamTimeout { model: String, reason: String },
+    /// The upstream answered, but not with something we can pass on.
+    #[error("Upstream `{model}` sent an invalid response: {reason}")]
+    UpstreamProtocol { model: String, reason: String },
+    /// A router failed to score a prompt.
+    #[error("Router `{router}` failed: {source}")]
+    Router {
+        router: String,
+        #[source]
+        source: RouterError,
+    },
+    /// The configuration is invalid; reported at start-up, never per request.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bug or an exhausted resource on our side.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// A 400 `invalid_request_error` with an explanatory message.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::InvalidRequest {
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    /// A 400 `invalid_request_error` naming the offending parameter.
+    pub fn invalid_param(message: impl Into<String>, param: &'static str) -> Self {
+        Error::InvalidRequest {
+            message: message.into(),
+            param: Some(param),
+            code: None,
+        }
+    }
+
+    /// OpenAI's error for a required body field that is absent.
+    #[must_use]
+    pub fn missing_param(param: &'static str) -> Self {
+        Error::InvalidRequest {
+            message: format!("Missing required parameter: '{param}'."),
+            param: Some(param),
+            code: Some("missing_required_parameter"),
+        }
+    }
+
+    pub fn io(path: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The HTTP status this error is reported with.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Error::ModelNotFound(_) | Error::UnknownUrl { .. } => StatusCode::NOT_FOUND,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::UpstreamStatus { status, .. } => *status,
+            Error::Router { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// OpenAI's `type` field for this error.
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest { .. }
+            | Error::ModelNotFound(_)
+            | Error::UnknownUrl { .. }
+            | Error::PayloadTooLarge { .. } => "invalid_request_error",
+            Error::Unauthorized(_) => "authentication_error",
+            Error::UpstreamUnreachable { .. }
+            | Error::UpstreamTimeout { .. }
+            | Error::UpstreamStatus { .. }
+            | Error::UpstreamProtocol { .. } => "upstream_error",
+            Error::Router { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => {
+                "server_error"
+            }
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Error::InvalidRequest { param, .. } => *param,
+            Error::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Error::InvalidRequest { code, .. } => *code,
+            Error::ModelNotFound(_) => Some("model_not_found"),
+            Error::Unauthorized(_) => Some("invalid_api_key"),
+            Error::PayloadTooLarge { .. } => Some("request_too_large"),
+            Error::UpstreamUnreachable { .. } => Some("upstream_unreachable"),
+            Error::UpstreamTimeout { .. } => Some("upstream_timeout"),
+            Error::UpstreamStatus { .. } => Some("upstream_status"),
+            Error::UpstreamProtocol { .. } => Some("upstream_invalid_response"),
+            Error::Router { .. } => Some("router_error"),
+            Error::UnknownUrl { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => {
+                None
+            }
+        }
+    }
+
+    /// The OpenAI-shaped JSON body, `{"error":{"message","type","param","code"}}`.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Detail<'a>,
+        }
+        #[derive(Serialize)]
+        struct Detail<'a> {
+            message: &'a str,
+            r#type: &'static str,
+            param: Option<&'static str>,
+            code: Option<&'static str>,
+        }
+        let message = self.to_string();
+        let body = Body {
+            error: Detail {
+                message: &message,
+                r#type: self.kind(),
+                param: self.param(),
+                code: self.code(),
+            },
+        };
+        // Serialising a struct of strings cannot fail; the fallback only keeps us panic-free.
+        serde_json::to_string(&body).unwrap_or_else(|_| {
+            r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#
+                .to_owned()
+        })
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, "request rejected");
+        }
+        let mut response = (status, self.to_json()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(error: &Error) -> serde_json::Value {
+        serde_json::from_str(&error.to_json()).unwrap()
+    }
+
+    #[test]
+    fn invalid_request_has_openai_shape() {
+        let error = Error::missing_param("messages");
+        assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+        let json = parsed(&error);
+        assert_eq!(
+            json["error"]["message"],
+            "Missing required parameter: 'messages'."
+        );
+        assert_eq!(json["error"]["type"], "invalid_request_error");
+        assert_eq!(json["error"]["param"], "messages");
+        assert_eq!(json["error"]["code"], "missing_required_parameter");
+    }
+
+    #[test]
+    fn null_fields_are_present_not_omitted() {
+        let json = parsed(&Error::invalid("bad"));
+        let detail = json["error"].as_object().unwrap();
+        assert!(detail.contains_key("param") && detail["param"].is_null());
+        assert!(detail.contains_key("code") && detail["code"].is_null());
+    }
+
+    #[test]
+    fn upstream_failures_are_gateway_errors() {
+        let unreachable = Error::UpstreamUnreachable {
+            model: "m".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(unreachable.status(), StatusCode::BAD_GATEWAY);
+        let timeout = Error::UpstreamTimeout {
+            model: "m".into(),
+            reason: "slow".into(),
+        };
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(parsed(&timeout)["error"]["code"], "upstream_timeout");
+    }
+
+    #[test]
+    fn unknown_model_is_404_like_openai() {
+        let error = Error::ModelNotFound("gpt-9".into());
+        assert_eq!(error.status(), StatusCode::NOT_FOUND);
+        assert_eq!(parsed(&error)["error"]["code"], "model_not_found");
+    }
+}

@@ -1,0 +1,455 @@
+//! The routing core shared by the HTTP server and the library [`Controller`](crate::Controller):
+//! parse the request, score the prompt, pick a model, rewrite `model`, forward.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::{Config, Secret};
+use crate::error::Error;
+use crate::model_name::{self, ModelTarget};
+use crate::providers;
+use crate::request::ChatRequest;
+use crate::routers::{self, Router, ScoringCost};
+use crate::upstream::{EchoInput, Reply, Upstream};
+
+/// Which of the two models a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Strong,
+    Weak,
+}
+
+impl Tier {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Strong => "strong",
+            Tier::Weak => "weak",
+        }
+    }
+}
+
+/// The outcome of scoring one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteDecision {
+    pub router: String,
+    pub threshold: f64,
+    pub win_rate: f64,
+    pub tier: Tier,
+    /// The chosen model's configured name.
+    pub model: String,
+}
+
+/// A forwarded request's answer, with what the proxy decided and what that cost.
+pub struct Completion {
+    /// `None` when the client named a model directly.
+    pub decision: Option<RouteDecision>,
+    /// The configured name of the model that answered.
+    pub model: String,
+    pub reply: Reply,
+    /// Time spent waiting for the upstream's headers (and, for streams, first bytes).
+    pub upstream_time: Duration,
+}
+
+/// Everything needed to serve requests: routers, upstreams and the shared HTTP client.
+pub struct Gateway {
+    routers: BTreeMap<String, Arc<dyn Router>>,
+    thresholds: BTreeMap<String, f64>,
+    strong: Upstream,
+    weak: Upstream,
+    client: reqwest::Client,
+    api_keys: Vec<Secret>,
+    request_timeout: Duration,
+    max_request_bytes: usize,
+    started_at: u64,
+}
+
+impl Gateway {
+    /// Loads every configured router and resolves both models; fails rather than serving half a setup.
+    pub fn from_config(config: &Config) -> Result<Self, Error> {
+        let mut routers = BTreeMap::new();
+        for name in &config.routers {
+            let router = routers::build(name)
+                .map_err(|source| Error::Config(format!("router `{name}`: {source}")))?;
+            routers.insert(name.clone(), router);
+        }
+        Self::with_routers(config, routers)
+    }
+
+    /// Like [`Gateway::from_config`] with routers built by the caller (tests, custom routers).
+    pub fn with_routers(
+        config: &Config,
+        routers: BTreeMap<String, Arc<dyn Router>>,
+    ) -> Result<Self, Error> {
+        let env = |name: &str| std::env::var(name).ok();
+        let strong = providers::resolve(
+            &config.strong_model,
+            &config.global,
+            &config.providers,
+            &env,
+        )?;
+        let weak = providers::resolve(&config.weak_model, &config.global, &config.providers, &env)?;
+        install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .user_agent(concat!("routellm/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|error| Error::Config(format!("HTTP client: {error}")))?;
+        Ok(Self {
+            routers,
+            thresholds: config.thresholds.clone(),
+            strong: Upstream::new(strong)?,
+            weak: Upstream::new(weak)?,
+            client,
+            api_keys: config.api_keys.clone(),
+            request_timeout: config.request_timeout,
+            max_request_bytes: config.max_request_bytes,
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_secs()),
+        })
+    }
+
+    /// The served routers by name.
+    #[must_use]
+    pub fn routers(&self) -> &BTreeMap<String, Arc<dyn Router>> {
+        &self.routers
+    }
+
+    /// A router's default threshold, used for `router-<name>` without one.
+    #[must_use]
+    pub fn default_threshold(&self, router: &str) -> Option<f64> {
+        self.thresholds.get(router).copied()
+    }
+
+    #[must_use]
+    pub fn strong(&self) -> &Upstream {
+        &self.strong
+    }
+
+    #[must_use]
+    pub fn weak(&self) -> &Upstream {
+        &self.weak
+    }
+
+    #[must_use]
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+    }
+
+    /// Unix time of start-up, reported as `created` in `/v1/models`.
+    #[must_use]
+    pub fn started_at(&self) -> u64 {
+        self.started_at
+    }
+
+    /// Checks a request's `Authorization` header against the configured proxy keys.
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), Error> {
+        if self.api_keys.is_empty() {
+            return Ok(());
+        }
+        let Some(presented) = authorization.and_then(|value| value.strip_prefix("Bearer ")) else {
+            return Err(Error::Unauthorized(
+                "You didn't provide an API key. Provide it in the Authorization header as `Bearer <key>`.",
+            ));
+        };
+        let presented = presented.trim().as_bytes();
+        // Compare every key in full so the time taken does not reveal how much of a key matched.
+        let matched = self.api_keys.iter().fold(false, |found, key| {
+            found | constant_time_eq(key.expose().as_bytes(), presented)
+        });
+        if matched {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized("Incorrect API key provided."))
+        }
+    }
+
+    /// Scores `prompt` with `router` and picks the model for `threshold` (or the router's default).
+    pub async fn route(
+        &self,
+        router_name: &str,
+        threshold: Option<f64>,
+        prompt: String,
+    ) -> Result<RouteDecision, Error> {
+        let router = self
+            .routers
+            .get(router_name)
+            .ok_or_else(|| Error::InvalidRequest {
+                message: format!(
+                    "Unknown router `{router_name}`. Available routers: {}.",
+                    self.routers
+                        .keys()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                param: Some("model"),
+                code: Some("invalid_model"),
+            })?;
+        let threshold = threshold.or_else(|| self.default_threshold(router_name)).ok_or_else(|| {
+            Error::InvalidRequest {
+                message: format!(
+                    "Router `{router_name}` has no default threshold: use `router-{router_name}-<threshold>` with a \
+                     threshold in [0, 1], or set `thresholds.{router_name}` in the config (see `routellm calibrate`)."
+                ),
+                param: Some("model"),
+                code: Some("invalid_model"),
+            }
+        })?;
+        let win_rate = score(router, router_name, prompt).await?;
+        let tier = if win_rate >= threshold {
+            Tier::Strong
+        } else {
+            Tier::Weak
+        };
+        Ok(RouteDecision {
+            router: router_name.to_owned(),
+            threshold,
+            win_rate,
+            tier,
+            model: self.upstream(tier).model.name.clone(),
+        })
+    }
+
+    fn upstream(&self, tier: Tier) -> &Upstream {
+        match tier {
+            Tier::Strong => &self.strong,
+            Tier::Weak => &self.weak,
+        }
+    }
+
+    /// The upstream a directly named model refers to, by configured or provider name.
+    fn direct_upstream(&self, model: &str) -> Option<&Upstream> {
+        [&self.strong, &self.weak]
+            .into_iter()
+            .find(|upstream| upstream.model.name == model || upstream.model.provider_model == model)
+    }
+
+    /// Routes (or directly forwards) a chat-completion request body and returns the model's answer.
+    pub async fn chat_completion(&self, body: &[u8]) -> Result<Completion, Error> {
+        let request = ChatRequest::parse(body)?;
+        let (decision, upstream) = match model_name::parse(request.model())? {
+            ModelTarget::Routed { router, threshold } => {
+                let decision = self
+                    .route(router, threshold, request.last_user_prompt()?)
+                    .await?;
+                let upstream = self.upstream(decision.tier);
+                (Some(decision), upstream)
+            }
+            ModelTarget::Direct(model) => {
+                let upstream = self
+                    .direct_upstream(model)
+                    .ok_or_else(|| Error::ModelNotFound(model.to_owned()))?;
+                (None, upstream)
+            }
+        };
+        let forwarded = request.rewrite_model(&upstream.model.provider_model);
+        let echo_prompt;
+        let echo_note;
+        let echo = if upstream.is_echo() {
+            echo_prompt = request.last_user_prompt().unwrap_or_default();
+            echo_note = describe(decision.as_ref(), upstream);
+            EchoInput {
+                prompt: &echo_prompt,
+                route_note: &echo_note,
+                include_usage: wants_usage(body),
+            }
+        } else {
+            EchoInput {
+                prompt: "",
+                route_note: "",
+                include_usage: false,
+            }
+        };
+        let started = Instant::now();
+        let reply = upstream
+            .send(
+                &self.client,
+                forwarded,
+                request.stream(),
+                self.request_timeout,
+                &echo,
+            )
+            .await?;
+        Ok(Completion {
+            decision,
+            model: upstream.model.name.clone(),
+            reply,
+            upstream_time: started.elapsed(),
+        })
+    }
+}
+
+/// Runs the router where its cost allows: inline when trivial, else on the blocking pool
+/// so a slow model never stalls the async workers serving other connections.
+async fn score(router: &Arc<dyn Router>, name: &str, prompt: String) -> Result<f64, Error> {
+    let result = match router.scoring_cost() {
+        ScoringCost::Inline => router.strong_win_rate(&prompt),
+        ScoringCost::Blocking => {
+            let router = Arc::clone(router);
+            tokio::task::spawn_blocking(move || router.strong_win_rate(&prompt))
+                .await
+                .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
+        }
+    };
+    let win_rate = result.map_err(|source| Error::Router {
+        router: name.to_owned(),
+        source,
+    })?;
+    if win_rate.is_finite() && (0.0..=1.0).contains(&win_rate) {
+        Ok(win_rate)
+    } else {
+        Err(Error::Internal(format!(
+            "router `{name}` returned {win_rate}, outside [0, 1]"
+        )))
+    }
+}
+
+fn describe(decision: Option<&RouteDecision>, upstream: &Upstream) -> String {
+    match decision {
+        Some(decision) => format!(
+            "Router {} scored a strong win rate of {:.4} against threshold {}, so the {} model {} answered",
+            decision.router,
+            decision.win_rate,
+            decision.threshold,
+            decision.tier.as_str(),
+            upstream.model.name
+        ),
+        None => format!(
+            "{} was requested directly, without routing",
+            upstream.model.name
+        ),
+    }
+}
+
+/// Whether a streaming request asked for a final usage chunk (`stream_options.include_usage`).
+fn wants_usage(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Options {
+        #[serde(default)]
+        stream_options: Option<StreamOptions>,
+    }
+    #[derive(serde::Deserialize)]
+    struct StreamOptions {
+        #[serde(default)]
+        include_usage: Option<bool>,
+    }
+    serde_json::from_slice::<Options>(body)
+        .ok()
+        .and_then(|options| options.stream_options)
+        .and_then(|options| options.include_usage)
+        .unwrap_or(false)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// reqwest is built without a default TLS provider (ring instead of aws-lc keeps builds
+/// lean); rustls needs one chosen process-wide before the first TLS connection.
+fn install_crypto_provider() {
+    // Err only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileConfig, Overrides};
+    use crate::routers::RouterError;
+
+    struct Fixed(f64);
+    impl Router for Fixed {
+        fn strong_win_rate(&self, _prompt: &str) -> Result<f64, RouterError> {
+            Ok(self.0)
+        }
+    }
+
+    fn gateway(rate: f64, yaml: &str) -> Gateway {
+        let config = Config::merge(
+            FileConfig::from_yaml(yaml).unwrap(),
+            Overrides {
+                strong_model: Some("echo/strong".into()),
+                weak_model: Some("echo/weak".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        let mut routers: BTreeMap<String, Arc<dyn Router>> = BTreeMap::new();
+        routers.insert("random".into(), Arc::new(Fixed(rate)));
+        Gateway::with_routers(&config, routers).unwrap()
+    }
+
+    #[tokio::test]
+    async fn threshold_is_inclusive_for_strong() {
+        let gateway = gateway(0.5, "");
+        let at = gateway
+            .route("random", Some(0.5), String::new())
+            .await
+            .unwrap();
+        assert_eq!((at.tier, at.model.as_str()), (Tier::Strong, "echo/strong"));
+        let above = gateway
+            .route("random", Some(0.500_001), String::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            (above.tier, above.model.as_str()),
+            (Tier::Weak, "echo/weak")
+        );
+    }
+
+    #[tokio::test]
+    async fn default_threshold_applies_when_absent() {
+        let gateway = gateway(0.3, "thresholds: {random: 0.2}\n");
+        let decision = gateway.route("random", None, String::new()).await.unwrap();
+        assert_eq!((decision.threshold, decision.tier), (0.2, Tier::Strong));
+        let without = self::gateway(0.3, "");
+        let error = without
+            .route("random", None, String::new())
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("no default threshold"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn out_of_range_scores_are_server_errors_not_routes() {
+        let gateway = gateway(1.5, "");
+        let error = gateway
+            .route("random", Some(0.5), String::new())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.status(),
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[test]
+    fn authorization_checks_bearer_keys() {
+        let open = gateway(0.5, "");
+        assert!(open.authorize(None).is_ok());
+        let locked = gateway(0.5, "api_keys: [k1, k2]\n");
+        assert!(locked.authorize(Some("Bearer k2")).is_ok());
+        assert!(locked.authorize(Some("Bearer k3")).is_err());
+        assert!(locked.authorize(Some("k1")).is_err());
+        assert!(locked.authorize(None).is_err());
+    }
+
+    #[test]
+    fn usage_option_is_detected() {
+        assert!(wants_usage(br#"{"stream_options":{"include_usage":true}}"#));
+        assert!(!wants_usage(br#"{"stream_options":{}}"#));
+        assert!(!wants_usage(b"{}"));
+    }
+}

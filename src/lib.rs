@@ -1,0 +1,35 @@
+//! RouteLLM-rs: an OpenAI-compatible proxy that scores each prompt locally and sends it
+//! to a strong or a weak model.
+//!
+//! Module map:
+//! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/models`, `/health`) and [`server::run`].
+//! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward.
+//! - [`controller`]: routing from Rust code without HTTP ([`Controller`]).
+//! - [`routers`]: the [`Router`] trait and the routers (`random`, ...), one file each.
+//! - [`request`]: reading a chat request just enough to route it; rewriting `model` byte-exactly.
+//! - [`model_name`]: parsing `router-<name>-<threshold>`.
+//! - [`providers`]: LiteLLM-style `<provider>/<model>` names resolved to OpenAI-compatible endpoints.
+//! - [`upstream`]: forwarding to a model, streaming passthrough, SSE error events.
+//! - [`echo`]: the offline `echo/<name>` provider for trying the router without keys.
+//! - [`config`]: YAML, environment and flags merged and validated once.
+//! - [`error`]: the one error enum and its OpenAI-shaped JSON.
+//! - [`cli`]: the `routellm` command line.
+
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod echo;
+pub mod error;
+pub mod gateway;
+pub mod model_name;
+pub mod providers;
+pub mod request;
+pub mod routers;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use controller::Controller;
+pub use error::Error;
+pub use gateway::{Gateway, RouteDecision, Tier};
+pub use routers::Router;

@@ -1,0 +1,435 @@
+//! LiteLLM-style model names (`<provider>/<model>`) resolved to OpenAI-compatible endpoints.
+//!
+//! RouteLLM hands model names to LiteLLM; its users write `together_ai/...` or
+//! `groq/...` and expect the conventional API-key variables to be picked up. We speak
+//! to every provider through its OpenAI-compatible endpoint, so a provider is just a
+//! base URL and the names of the environment variables that configure it.
+
+use std::collections::BTreeMap;
+
+use crate::config::{ModelConfig, ProviderConfig, Secret};
+use crate::error::Error;
+
+/// A provider known without configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct BuiltinProvider {
+    /// Prefixes that select it (`together` and LiteLLM's `together_ai`).
+    pub prefixes: &'static [&'static str],
+    pub default_base_url: &'static str,
+    /// Environment variables holding its API key, first found wins.
+    pub key_vars: &'static [&'static str],
+    /// Environment variable overriding its base URL.
+    pub base_url_var: &'static str,
+}
+
+/// The providers a model prefix can name without any configuration.
+pub const BUILTIN: &[BuiltinProvider] = &[
+    BuiltinProvider {
+        prefixes: &["openai"],
+        default_base_url: "https://api.openai.com/v1",
+        key_vars: &["OPENAI_API_KEY"],
+        base_url_var: "OPENAI_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["together", "together_ai"],
+        default_base_url: "https://api.together.xyz/v1",
+        key_vars: &[
+            "TOGETHER_API_KEY",
+            "TOGETHERAI_API_KEY",
+            "TOGETHER_AI_API_KEY",
+        ],
+        base_url_var: "TOGETHER_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["groq"],
+        default_base_url: "https://api.groq.com/openai/v1",
+        key_vars: &["GROQ_API_KEY"],
+        base_url_var: "GROQ_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["fireworks_ai", "fireworks"],
+        default_base_url: "https://api.fireworks.ai/inference/v1",
+        key_vars: &["FIREWORKS_AI_API_KEY", "FIREWORKS_API_KEY"],
+        base_url_var: "FIREWORKS_AI_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["deepinfra"],
+        default_base_url: "https://api.deepinfra.com/v1/openai",
+        key_vars: &["DEEPINFRA_API_KEY"],
+        base_url_var: "DEEPINFRA_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["mistral"],
+        default_base_url: "https://api.mistral.ai/v1",
+        key_vars: &["MISTRAL_API_KEY"],
+        base_url_var: "MISTRAL_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["openrouter"],
+        default_base_url: "https://openrouter.ai/api/v1",
+        key_vars: &["OPENROUTER_API_KEY"],
+        base_url_var: "OPENROUTER_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["anyscale"],
+        default_base_url: "https://api.endpoints.anyscale.com/v1",
+        key_vars: &["ANYSCALE_API_KEY"],
+        base_url_var: "ANYSCALE_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["deepseek"],
+        default_base_url: "https://api.deepseek.com/v1",
+        key_vars: &["DEEPSEEK_API_KEY"],
+        base_url_var: "DEEPSEEK_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["perplexity"],
+        default_base_url: "https://api.perplexity.ai",
+        key_vars: &["PERPLEXITYAI_API_KEY", "PERPLEXITY_API_KEY"],
+        base_url_var: "PERPLEXITY_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["xai"],
+        default_base_url: "https://api.x.ai/v1",
+        key_vars: &["XAI_API_KEY"],
+        base_url_var: "XAI_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["ollama", "ollama_chat"],
+        default_base_url: "http://localhost:11434/v1",
+        key_vars: &["OLLAMA_API_KEY"],
+        base_url_var: "OLLAMA_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["vllm", "hosted_vllm"],
+        default_base_url: "http://localhost:8000/v1",
+        key_vars: &["VLLM_API_KEY", "HOSTED_VLLM_API_KEY"],
+        base_url_var: "VLLM_BASE_URL",
+    },
+];
+
+/// The prefix of the built-in offline provider that answers locally.
+pub const ECHO_PREFIX: &str = "echo";
+
+/// Where a configured model is served.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Endpoint {
+    /// An OpenAI-compatible HTTP API.
+    Http {
+        /// Base URL without a trailing slash; `/chat/completions` is appended.
+        base_url: String,
+        api_key: Option<Secret>,
+    },
+    /// The built-in offline provider: answers locally with the routing decision.
+    Echo,
+}
+
+/// A configured model resolved to its endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedModel {
+    /// The name as configured, e.g. `together_ai/mistralai/Mixtral-8x7B-Instruct-v0.1`.
+    pub name: String,
+    /// The name the provider knows it by, sent as the upstream `model`.
+    pub provider_model: String,
+    /// The provider's name, for logs and `/v1/models`.
+    pub provider: String,
+    pub endpoint: Endpoint,
+}
+
+/// Settings that apply to both models (RouteLLM's `--base-url` and `--api-key`).
+#[derive(Debug, Clone, Default)]
+pub struct GlobalOverrides {
+    pub base_url: Option<String>,
+    pub api_key: Option<Secret>,
+}
+
+/// Resolves a model to its endpoint.
+///
+/// Most specific wins: the global `--base-url`/`--api-key` (applied to both models, as in
+/// RouteLLM), then the model's own `base_url`/`api_key`, then the provider's environment
+/// variables, then the config file's `providers` section, then the built-in default.
+pub fn resolve(
+    model: &ModelConfig,
+    global: &GlobalOverrides,
+    providers: &BTreeMap<String, ProviderConfig>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ResolvedModel, Error> {
+    let name = model.name.trim();
+    if name.is_empty() {
+        return Err(Error::Config("a model name is empty".into()));
+    }
+    let split = name.split_once('/');
+    if let Some((ECHO_PREFIX, rest)) = split {
+        if rest.is_empty() {
+            return Err(Error::Config(format!(
+                "`{name}`: name the echo model, e.g. `echo/gpt-4o`"
+            )));
+        }
+        return Ok(ResolvedModel {
+            name: name.to_owned(),
+            provider_model: rest.to_owned(),
+            provider: ECHO_PREFIX.to_owned(),
+            endpoint: Endpoint::Echo,
+        });
+    }
+
+    let custom = split.and_then(|(prefix, rest)| providers.get(prefix).map(|p| (prefix, rest, p)));
+    let builtin = split.and_then(|(prefix, rest)| {
+        BUILTIN
+            .iter()
+            .find(|provider| provider.prefixes.contains(&prefix))
+            .map(|provider| (prefix, rest, provider))
+    });
+    // A name with an unknown prefix (`meta-llama/Llama-3-70b` on a vLLM behind --base-url)
+    // is a model id in its own right, served by the OpenAI-compatible default.
+    let openai = &BUILTIN[0];
+    let (provider, provider_model, builtin) = match (custom, builtin) {
+        (Some((prefix, rest, _)), builtin) => (prefix, rest, builtin.map(|(_, _, b)| b)),
+        (None, Some((prefix, rest, provider))) => (prefix, rest, Some(provider)),
+        (None, None) => ("openai", name, Some(openai)),
+    };
+    if provider_model.is_empty() {
+        return Err(Error::Config(format!(
+            "`{name}` names a provider but no model"
+        )));
+    }
+    let file_provider = providers.get(provider);
+
+    let base_url = global
+        .base_url
+        .clone()
+        .or_else(|| model.base_url.clone())
+        .or_else(|| builtin.and_then(|b| env(b.base_url_var)))
+        .or_else(|| file_provider.and_then(|p| p.base_url.clone()))
+        .or_else(|| builtin.map(|b| b.default_base_url.to_owned()))
+        .ok_or_else(|| {
+            Error::Config(format!("provider `{provider}` of `{name}` has no base_url"))
+        })?;
+    let api_key = global
+        .api_key
+        .clone()
+        .or_else(|| model.api_key.clone())
+        .or_else(|| {
+            builtin
+                .into_iter()
+                .flat_map(|b| b.key_vars.iter())
+                .find_map(|var| env(var))
+                .map(Secret::new)
+        })
+        .or_else(|| {
+            file_provider.and_then(|p| {
+                p.api_key
+                    .clone()
+                    .or_else(|| p.api_key_env.as_deref().and_then(env).map(Secret::new))
+            })
+        })
+        .filter(|key| !key.expose().is_empty());
+
+    validate_base_url(name, &base_url)?;
+    Ok(ResolvedModel {
+        name: name.to_owned(),
+        provider_model: provider_model.to_owned(),
+        provider: provider.to_owned(),
+        endpoint: Endpoint::Http {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+        },
+    })
+}
+
+fn validate_base_url(name: &str, base_url: &str) -> Result<(), Error> {
+    let parsed = reqwest::Url::parse(base_url)
+        .map_err(|error| Error::Config(format!("base URL `{base_url}` of `{name}`: {error}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(Error::Config(format!(
+            "base URL `{base_url}` of `{name}` must be http or https"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str) -> ModelConfig {
+        ModelConfig {
+            name: name.into(),
+            base_url: None,
+            api_key: None,
+        }
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn http(resolved: &ResolvedModel) -> (&str, Option<&str>) {
+        match &resolved.endpoint {
+            Endpoint::Http { base_url, api_key } => {
+                (base_url.as_str(), api_key.as_ref().map(Secret::expose))
+            }
+            Endpoint::Echo => panic!("expected http"),
+        }
+    }
+
+    #[test]
+    fn bare_and_openai_prefixed_names_use_openai() {
+        for name in ["gpt-4o", "openai/gpt-4o"] {
+            let resolved = resolve(
+                &model(name),
+                &GlobalOverrides::default(),
+                &BTreeMap::new(),
+                &no_env,
+            )
+            .unwrap();
+            assert_eq!(resolved.provider_model, "gpt-4o");
+            assert_eq!(http(&resolved), ("https://api.openai.com/v1", None));
+        }
+    }
+
+    #[test]
+    fn provider_prefix_picks_endpoint_and_key_variable() {
+        let env = |var: &str| (var == "TOGETHERAI_API_KEY").then(|| "tk".to_owned());
+        let resolved = resolve(
+            &model("together_ai/mistralai/Mixtral-8x7B-Instruct-v0.1"),
+            &GlobalOverrides::default(),
+            &BTreeMap::new(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            resolved.provider_model,
+            "mistralai/Mixtral-8x7B-Instruct-v0.1"
+        );
+        assert_eq!(http(&resolved), ("https://api.together.xyz/v1", Some("tk")));
+    }
+
+    #[test]
+    fn every_required_prefix_is_known() {
+        for prefix in [
+            "together",
+            "groq",
+            "fireworks_ai",
+            "deepinfra",
+            "mistral",
+            "openrouter",
+            "anyscale",
+            "ollama",
+            "vllm",
+        ] {
+            let resolved = resolve(
+                &model(&format!("{prefix}/some-model")),
+                &GlobalOverrides::default(),
+                &BTreeMap::new(),
+                &no_env,
+            )
+            .unwrap();
+            assert_eq!(resolved.provider_model, "some-model", "{prefix}");
+            assert_ne!(http(&resolved).0, "https://api.openai.com/v1", "{prefix}");
+        }
+        let ollama = resolve(
+            &model("ollama/llama3"),
+            &GlobalOverrides::default(),
+            &BTreeMap::new(),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(http(&ollama).0, "http://localhost:11434/v1");
+    }
+
+    #[test]
+    fn base_url_variable_overrides_default_and_global_overrides_all() {
+        let env =
+            |var: &str| (var == "OPENAI_BASE_URL").then(|| "http://127.0.0.1:9/v1/".to_owned());
+        let resolved = resolve(
+            &model("gpt-4o"),
+            &GlobalOverrides::default(),
+            &BTreeMap::new(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(http(&resolved).0, "http://127.0.0.1:9/v1");
+        let global = GlobalOverrides {
+            base_url: Some("http://10.0.0.1/v1".into()),
+            api_key: Some(Secret::new("g".into())),
+        };
+        let mut own = model("gpt-4o");
+        own.base_url = Some("http://own/v1".into());
+        let resolved = resolve(&own, &global, &BTreeMap::new(), &env).unwrap();
+        assert_eq!(http(&resolved), ("http://10.0.0.1/v1", Some("g")));
+    }
+
+    #[test]
+    fn custom_provider_from_config() {
+        let mut providers = BTreeMap::new();
+        providers.insert(
+            "acme".to_owned(),
+            ProviderConfig {
+                base_url: Some("https://llm.acme.test/v1".into()),
+                api_key: None,
+                api_key_env: Some("ACME_KEY".into()),
+            },
+        );
+        let env = |var: &str| (var == "ACME_KEY").then(|| "secret".to_owned());
+        let resolved = resolve(
+            &model("acme/big"),
+            &GlobalOverrides::default(),
+            &providers,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(resolved.provider, "acme");
+        assert_eq!(
+            http(&resolved),
+            ("https://llm.acme.test/v1", Some("secret"))
+        );
+    }
+
+    #[test]
+    fn unknown_prefix_is_a_model_id() {
+        let resolved = resolve(
+            &model("meta-llama/Llama-3-70b"),
+            &GlobalOverrides::default(),
+            &BTreeMap::new(),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(resolved.provider_model, "meta-llama/Llama-3-70b");
+        assert_eq!(resolved.provider, "openai");
+    }
+
+    #[test]
+    fn echo_is_offline() {
+        let resolved = resolve(
+            &model("echo/strong"),
+            &GlobalOverrides::default(),
+            &BTreeMap::new(),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(resolved.endpoint, Endpoint::Echo);
+        assert_eq!(resolved.provider_model, "strong");
+    }
+
+    #[test]
+    fn bad_names_and_urls_are_config_errors() {
+        for name in ["", "echo/", "groq/"] {
+            assert!(
+                resolve(
+                    &model(name),
+                    &GlobalOverrides::default(),
+                    &BTreeMap::new(),
+                    &no_env
+                )
+                .is_err(),
+                "{name}"
+            );
+        }
+        let global = GlobalOverrides {
+            base_url: Some("ftp://x".into()),
+            api_key: None,
+        };
+        assert!(resolve(&model("gpt-4o"), &global, &BTreeMap::new(), &no_env).is_err());
+    }
+}

@@ -1,0 +1,400 @@
+//! A chat-completion request body read just far enough to route it, and rewritten by
+//! replacing `model` alone.
+//!
+//! The body is kept as its top-level fields' raw JSON text, in order. Everything the
+//! proxy does not own (`tools`, `response_format` with a JSON schema, vendor extensions,
+//! the exact spelling of numbers) reaches the upstream byte for byte, and nothing is
+//! injected: this is what RouteLLM's typed request model could not guarantee.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::error::Error;
+
+/// OpenAI's wording for a body that is not JSON, so clients see a familiar message.
+const UNPARSABLE_BODY: &str = "We could not parse the JSON body of your request. (HINT: This likely means you \
+aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)";
+
+/// A parsed request body that borrows from the bytes it was read from.
+#[derive(Debug)]
+pub struct ChatRequest<'a> {
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    model: Cow<'a, str>,
+    stream: bool,
+    messages: Vec<Message<'a>>,
+}
+
+impl<'a> ChatRequest<'a> {
+    /// Reads the top level of `body` and checks the fields the proxy relies on.
+    pub fn parse(body: &'a [u8]) -> Result<Self, Error> {
+        let fields = serde_json::from_slice::<TopLevel<'a>>(body)
+            .map_err(|error| {
+                if error.is_data() {
+                    Error::invalid("Invalid body: the request body must be a JSON object.")
+                } else {
+                    Error::invalid(UNPARSABLE_BODY)
+                }
+            })?
+            .0;
+        let raw_model = last_field(&fields, "model").ok_or_else(|| Error::InvalidRequest {
+            message: "you must provide a model parameter".into(),
+            param: None,
+            code: None,
+        })?;
+        let model = Cow::<str>::deserialize(raw_model).map_err(|_| {
+            Error::invalid_param(
+                format!(
+                    "Invalid type for 'model': expected a string, but got {} instead.",
+                    json_type_name(raw_model)
+                ),
+                "model",
+            )
+        })?;
+        let stream = match last_field(&fields, "stream") {
+            None => false,
+            Some(raw) => Option::<bool>::deserialize(raw)
+                .map_err(|_| {
+                    Error::invalid_param(
+                        format!(
+                            "Invalid type for 'stream': expected a boolean, but got {} instead.",
+                            json_type_name(raw)
+                        ),
+                        "stream",
+                    )
+                })?
+                .unwrap_or(false),
+        };
+        let messages = parse_messages(last_field(&fields, "messages"))?;
+        Ok(Self {
+            fields,
+            model,
+            stream,
+            messages,
+        })
+    }
+
+    /// The `model` the client asked for.
+    #[must_use]
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Whether the client asked for a server-sent-event stream.
+    #[must_use]
+    pub fn stream(&self) -> bool {
+        self.stream
+    }
+
+    /// The text a router scores: the last user message, its text parts joined by newlines
+    /// (images and other non-text parts carry no text to score).
+    pub fn last_user_prompt(&self) -> Result<String, Error> {
+        let (index, message) = self
+            .messages
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, message)| message.role == "user")
+            .ok_or_else(|| {
+                Error::invalid_param(
+                    "Invalid 'messages': routing needs at least one message with role 'user'.",
+                    "messages",
+                )
+            })?;
+        let Some(raw) = message.content else {
+            return Ok(String::new());
+        };
+        let content = Content::deserialize(raw).map_err(|_| {
+            Error::InvalidRequest {
+                message: format!(
+                    "Invalid type for 'messages[{index}].content': expected a string or an array of content parts, but got {} instead.",
+                    json_type_name(raw)
+                ),
+                param: Some("messages"),
+                code: None,
+            }
+        })?;
+        Ok(content.into_text())
+    }
+
+    /// The body to send upstream: the original fields, in order and byte for byte, with
+    /// every `model` field replaced by `upstream_model`.
+    #[must_use]
+    pub fn rewrite_model(&self, upstream_model: &str) -> Vec<u8> {
+        let capacity = self
+            .fields
+            .iter()
+            .map(|(key, value)| key.len() + value.get().len() + 4)
+            .sum::<usize>()
+            + upstream_model.len()
+            + 2;
+        let mut out = Vec::with_capacity(capacity);
+        out.push(b'{');
+        for (position, (key, value)) in self.fields.iter().enumerate() {
+            if position > 0 {
+                out.push(b',');
+            }
+            write_json_string(&mut out, key);
+            out.push(b':');
+            if key == "model" {
+                write_json_string(&mut out, upstream_model);
+            } else {
+                out.extend_from_slice(value.get().as_bytes());
+            }
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+/// The messages, checked for shape: a non-empty array of objects with a string `role`.
+fn parse_messages(raw: Option<&RawValue>) -> Result<Vec<Message<'_>>, Error> {
+    let raw = raw.ok_or(Error::missing_param("messages"))?;
+    let messages = Vec::<Message<'_>>::deserialize(raw).map_err(|error| {
+        Error::invalid_param(
+            format!(
+                "Invalid 'messages': expected an array of message objects, each with a string 'role' ({error})."
+            ),
+            "messages",
+        )
+    })?;
+    if messages.is_empty() {
+        return Err(Error::invalid_param(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            "messages",
+        ));
+    }
+    Ok(messages)
+}
+
+/// JSON objects may repeat a key; like most parsers (and OpenAI), the last one wins.
+fn last_field<'a>(fields: &[(Cow<'a, str>, &'a RawValue)], name: &str) -> Option<&'a RawValue> {
+    fields
+        .iter()
+        .rev()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| *value)
+}
+
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+fn json_type_name(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'"') => "a string",
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// The top-level object as an ordered list of raw fields.
+struct TopLevel<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = TopLevel<'de>;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    fields.push((key, value));
+                }
+                Ok(TopLevel(fields))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(default)]
+    r#type: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+impl Content {
+    fn into_text(self) -> String {
+        match self {
+            Content::Text(text) => text,
+            Content::Parts(parts) => {
+                let texts: Vec<String> = parts
+                    .into_iter()
+                    .filter(|part| matches!(part.r#type.as_deref(), Some("text") | None))
+                    .filter_map(|part| part.text)
+                    .collect();
+                texts.join("\n")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(body: &str) -> Error {
+        ChatRequest::parse(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn rewrite_replaces_only_model_and_keeps_bytes() {
+        let body = r#"{"model":"router-mf-0.1","temperature":1.0,"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"x":{"type":"number"}}}}}],"x_vendor":{"a":[1,2e3]}}"#;
+        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let out = String::from_utf8(request.rewrite_model("gpt-4o")).unwrap();
+        assert_eq!(out, body.replace("router-mf-0.1", "gpt-4o"));
+    }
+
+    #[test]
+    fn rewrite_escapes_the_new_model_name() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let out = request.rewrite_model("a\"b");
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(value["model"], "a\"b");
+    }
+
+    #[test]
+    fn prompt_is_last_user_message() {
+        let body = r#"{"model":"m","messages":[
+            {"role":"system","content":"be brief"},
+            {"role":"user","content":"first"},
+            {"role":"assistant","content":"ok"},
+            {"role":"user","content":"second \u00e9"},
+            {"role":"tool","content":"result","tool_call_id":"x"}]}"#;
+        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert_eq!(request.last_user_prompt().unwrap(), "second é");
+    }
+
+    #[test]
+    fn content_parts_join_text_and_skip_images() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"look at"},
+            {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},
+            {"type":"text","text":"this"}]}]}"#;
+        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert_eq!(request.last_user_prompt().unwrap(), "look at\nthis");
+    }
+
+    #[test]
+    fn null_content_scores_as_empty() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":null}]}"#;
+        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert_eq!(request.last_user_prompt().unwrap(), "");
+    }
+
+    #[test]
+    fn stream_flag_is_read() {
+        let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}"#;
+        assert!(ChatRequest::parse(body.as_bytes()).unwrap().stream());
+        let body = r#"{"model":"m","stream":null,"messages":[{"role":"user","content":"x"}]}"#;
+        assert!(!ChatRequest::parse(body.as_bytes()).unwrap().stream());
+    }
+
+    #[test]
+    fn malformed_bodies_are_explained() {
+        assert!(
+            error_of("{not json")
+                .to_string()
+                .contains("could not parse the JSON body")
+        );
+        assert!(
+            error_of("")
+                .to_string()
+                .contains("could not parse the JSON body")
+        );
+        assert!(
+            error_of("[1,2]")
+                .to_string()
+                .contains("must be a JSON object")
+        );
+        assert!(
+            error_of(r#"{"messages":[]}"#)
+                .to_string()
+                .contains("must provide a model")
+        );
+        assert!(
+            error_of(r#"{"model":"m"}"#)
+                .to_string()
+                .contains("'messages'")
+        );
+        assert!(
+            error_of(r#"{"model":3,"messages":[]}"#)
+                .to_string()
+                .contains("got a number")
+        );
+        assert!(
+            error_of(r#"{"model":"m","messages":[]}"#)
+                .to_string()
+                .contains("empty array")
+        );
+        assert!(
+            error_of(r#"{"model":"m","messages":"hi"}"#)
+                .to_string()
+                .contains("array of message objects")
+        );
+        assert!(
+            error_of(r#"{"model":"m","messages":[{"content":"x"}]}"#)
+                .to_string()
+                .contains("'role'")
+        );
+        assert!(
+            error_of(r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#)
+                .to_string()
+                .contains("'stream'")
+        );
+    }
+
+    #[test]
+    fn routing_needs_a_user_message() {
+        let body = r#"{"model":"m","messages":[{"role":"system","content":"x"}]}"#;
+        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert!(
+            request
+                .last_user_prompt()
+                .unwrap_err()
+                .to_string()
+                .contains("role 'user'")
+        );
+        let body = r#"{"model":"m","messages":[{"role":"user","content":5}]}"#;
+        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert!(
+            request
+                .last_user_prompt()
+                .unwrap_err()
+                .to_string()
+                .contains("content")
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! The router trait and the registry that builds routers by name.
+//!
+//! A router maps a prompt to the strong model's predicted win rate in [0, 1]. The
+//! proxy sends a request to the strong model when that rate is at or above the
+//! threshold in the model name (RouteLLM's rule). Routers load their artifacts once,
+//! in [`build`]; a router that cannot load fails start-up instead of serving guesses.
+
+mod random;
+
+use std::sync::Arc;
+
+pub use random::RandomRouter;
+
+/// Why a router could not score a prompt or could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("{0}")]
+    Load(String),
+    #[error("{0}")]
+    Score(String),
+}
+
+/// Where a router's scoring may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoringCost {
+    /// Nanoseconds to a few microseconds: scoring on the async worker is cheaper than a thread hop.
+    Inline,
+    /// Anything that would stall other connections: scored on the blocking pool.
+    Blocking,
+}
+
+/// A prompt scorer: the strong model's win rate against the weak model.
+pub trait Router: Send + Sync {
+    /// The strong model's predicted win rate for `prompt`, in [0, 1].
+    fn strong_win_rate(&self, prompt: &str) -> Result<f64, RouterError>;
+
+    /// Whether scoring is cheap enough to run on an async worker.
+    fn scoring_cost(&self) -> ScoringCost {
+        ScoringCost::Blocking
+    }
+}
+
+/// The routers this build can serve, in the order they are listed to users.
+pub const AVAILABLE: &[&str] = &["random"];
+
+/// Builds the router called `name`, loading its artifacts.
+pub fn build(name: &str) -> Result<Arc<dyn Router>, RouterError> {
+    match name {
+        "random" => Ok(Arc::new(RandomRouter::from_entropy())),
+        other => Err(RouterError::Load(format!(
+            "unknown router `{other}`; available routers: {}",
+            AVAILABLE.join(", ")
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_router_builds() {
+        for name in AVAILABLE {
+            let router = build(name).unwrap();
+            let rate = router.strong_win_rate("What is 2 + 2?").unwrap();
+            assert!((0.0..=1.0).contains(&rate), "{name} gave {rate}");
+        }
+    }
+
+    #[test]
+    fn unknown_router_lists_the_available_ones() {
+        let Err(error) = build("nope") else {
+            panic!("an unknown router must not build")
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains("nope") && message.contains("random"),
+            "{message}"
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! The OpenAI-compatible HTTP server: `POST /v1/chat/completions`, `GET /v1/models`,
+//! `GET /health`, with OpenAI-shaped errors for everything else.
+//!
+//! [`run`] serves on a listener it is given and never binds one itself, so the binary
+//! chooses the address and tests use `127.0.0.1:0`.
+
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::error::Error;
+use crate::gateway::{Completion, Gateway};
+use crate::upstream::Reply;
+
+/// Shared, cheaply clonable server state.
+#[derive(Clone)]
+pub struct AppState(Arc<Gateway>);
+
+impl AppState {
+    #[must_use]
+    pub fn new(gateway: Gateway) -> Self {
+        Self(Arc::new(gateway))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Gateway;
+
+    fn deref(&self) -> &Gateway {
+        &self.0
+    }
+}
+
+/// Response headers that tell the client what the proxy decided.
+pub const HEADER_ROUTER: &str = "x-routellm-router";
+pub const HEADER_THRESHOLD: &str = "x-routellm-threshold";
+pub const HEADER_WIN_RATE: &str = "x-routellm-win-rate";
+pub const HEADER_TIER: &str = "x-routellm-tier";
+pub const HEADER_MODEL: &str = "x-routellm-model";
+/// Microseconds the proxy itself spent on the request, outside the upstream call.
+pub const HEADER_OVERHEAD: &str = "x-routellm-overhead-us";
+
+/// Builds the HTTP routes over `state`.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/models", get(list_models))
+        .route("/health", get(health))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(unknown_route)
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then drains open requests.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The raw request body, read under the configured limit, with an OpenAI-shaped error otherwise.
+pub struct BodyBytes(pub Bytes);
+
+impl FromRequest<AppState> for BodyBytes {
+    type Rejection = Error;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Error> {
+        let limit = state.max_request_bytes();
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<usize>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            return Err(Error::PayloadTooLarge { limit });
+        }
+        axum::body::to_bytes(request.into_body(), limit)
+            .await
+            .map(BodyBytes)
+            .map_err(|error| {
+                if std::error::Error::source(&error)
+                    .is_some_and(<dyn std::error::Error>::is::<http_body_util::LengthLimitError>)
+                {
+                    Error::PayloadTooLarge { limit }
+                } else {
+                    Error::invalid(format!("Could not read the request body: {error}"))
+                }
+            })
+    }
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> Response {
+    let received = Instant::now();
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    if let Err(error) = state.authorize(authorization) {
+        return error.into_response();
+    }
+    match state.chat_completion(&body).await {
+        Ok(completion) => respond(completion, received),
+        Err(error) => error.into_response(),
+    }
+}
+
+fn respond(completion: Completion, received: Instant) -> Response {
+    let Completion {
+        decision,
+        model,
+        reply,
+        upstream_time,
+    } = completion;
+    let overhead = received.elapsed().saturating_sub(upstream_time);
+    let status = reply.status();
+    tracing::info!(
+        router = decision.as_ref().map(|d| d.router.as_str()),
+        win_rate = decision.as_ref().map(|d| d.win_rate),
+        threshold = decision.as_ref().map(|d| d.threshold),
+        model = %model,
+        status = status.as_u16(),
+        upstream_ms = upstream_time.as_secs_f64() * 1e3,
+        overhead_us = overhead.as_micros(),
+        "chat completion"
+    );
+    let (mut response, mut extra) = match reply {
+        Reply::Complete {
+            status,
+            headers,
+            body,
+        } => {
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = status;
+            (response, headers)
+        }
+        Reply::Stream {
+            status,
+            headers,
+            body,
+        } => {
+            let mut response = Response::new(Body::from_stream(body));
+            *response.status_mut() = status;
+            (response, headers)
+        }
+    };
+    if let Some(decision) = &decision {
+        insert(&mut extra, HEADER_ROUTER, &decision.router);
+        insert(
+            &mut extra,
+            HEADER_THRESHOLD,
+            &decision.threshold.to_string(),
+        );
+        insert(&mut extra, HEADER_WIN_RATE, &decision.win_rate.to_string());
+        insert(&mut extra, HEADER_TIER, decision.tier.as_str());
+    }
+    insert(&mut extra, HEADER_MODEL, &model);
+    insert(
+        &mut extra,
+        HEADER_OVERHEAD,
+        &overhead.as_micros().to_string(),
+    );
+    let headers = response.headers_mut();
+    for (name, value) in extra {
+        if let Some(name) = name {
+            headers.append(name, value);
+        }
+    }
+    response
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    // Model and router names come from our own validated config; a value that is not a
+    // valid header (control characters) is left out rather than failing the response.
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    if let Err(error) = state.authorize(authorization) {
+        return error.into_response();
+    }
+    let created = state.started_at();
+    let mut data = Vec::new();
+    for name in state.routers().keys() {
+        let threshold = state.default_threshold(name);
+        let id = match threshold {
+            Some(threshold) => format!("router-{name}-{threshold}"),
+            None => format!("router-{name}"),
+        };
+        data.push(json!({
+            "id": id,
+            "object": "model",
+            "created": created,
+            "owned_by": "routellm",
+            "router": name,
+            "default_threshold": threshold,
+        }));
+    }
+    for (tier, upstream) in [("strong", state.strong()), ("weak", state.weak())] {
+        data.push(json!({
+            "id": upstream.model.name,
+            "object": "model",
+            "created": created,
+            "owned_by": upstream.model.provider,
+            "tier": tier,
+        }));
+    }
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "online"}))
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> Error {
+    Error::UnknownUrl {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}

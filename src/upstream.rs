@@ -1,0 +1,318 @@
+//! Forwarding a rewritten request to the chosen model and bringing its answer back.
+//!
+//! Non-streaming answers are read whole (bounded) so a broken upstream becomes a clean
+//! 502 instead of a truncated body. Streams wait for the upstream's first bytes before
+//! a status is committed, then pass bytes through as they arrive; a failure after that
+//! point is sent to the client as an SSE error event, never as a silent truncation.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt, stream};
+
+use crate::echo;
+use crate::error::Error;
+use crate::providers::{Endpoint, ResolvedModel};
+
+/// A body stream handed to the HTTP layer; errors have already become SSE events.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Infallible>> + Send>>;
+
+/// Non-streaming answers larger than this are refused rather than held in memory.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Response headers that describe one hop, not the message, and are not forwarded.
+const HOP_BY_HOP: &[header::HeaderName] = &[
+    header::CONNECTION,
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// What came back from the model.
+pub enum Reply {
+    /// A whole body: a non-streaming answer, or any error status.
+    Complete {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+    /// A stream whose first bytes have arrived.
+    Stream {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: ByteStream,
+    },
+}
+
+impl Reply {
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Reply::Complete { status, .. } | Reply::Stream { status, .. } => *status,
+        }
+    }
+}
+
+/// What the offline echo provider needs to describe the decision it stands for.
+pub struct EchoInput<'a> {
+    pub prompt: &'a str,
+    pub route_note: &'a str,
+    pub include_usage: bool,
+}
+
+/// One of the two configured models, ready to receive requests.
+pub struct Upstream {
+    pub model: ResolvedModel,
+    target: Target,
+}
+
+enum Target {
+    Http {
+        url: reqwest::Url,
+        authorization: Option<HeaderValue>,
+    },
+    Echo,
+}
+
+impl Upstream {
+    /// Prepares the endpoint: URL parsed and credentials encoded once, not per request.
+    pub fn new(model: ResolvedModel) -> Result<Self, Error> {
+        let target = match &model.endpoint {
+            Endpoint::Echo => Target::Echo,
+            Endpoint::Http { base_url, api_key } => {
+                let url = reqwest::Url::parse(&format!("{base_url}/chat/completions"))
+                    .map_err(|error| Error::Config(format!("{}: {error}", model.name)))?;
+                let authorization = api_key
+                    .as_ref()
+                    .map(|key| {
+                        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                            .map_err(|_| {
+                                Error::Config(format!(
+                                    "the API key of `{}` is not a valid header",
+                                    model.name
+                                ))
+                            })?;
+                        value.set_sensitive(true);
+                        Ok::<_, Error>(value)
+                    })
+                    .transpose()?;
+                Target::Http { url, authorization }
+            }
+        };
+        Ok(Self { model, target })
+    }
+
+    /// Whether answers come from the built-in offline provider.
+    #[must_use]
+    pub fn is_echo(&self) -> bool {
+        matches!(self.target, Target::Echo)
+    }
+
+    /// Sends `body` (already rewritten for this model) and returns the model's answer.
+    pub async fn send(
+        &self,
+        client: &reqwest::Client,
+        body: Vec<u8>,
+        stream: bool,
+        timeout: Duration,
+        echo: &EchoInput<'_>,
+    ) -> Result<Reply, Error> {
+        let (url, authorization) = match &self.target {
+            Target::Echo => return Ok(echo::reply(&self.model.provider_model, stream, echo)),
+            Target::Http { url, authorization } => (url, authorization),
+        };
+        let mut request = client
+            .post(url.clone())
+            .header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )
+            .body(body);
+        if let Some(authorization) = authorization {
+            request = request.header(header::AUTHORIZATION, authorization.clone());
+        }
+        if stream {
+            request = request.header(
+                header::ACCEPT,
+                HeaderValue::from_static("text/event-stream"),
+            );
+        } else {
+            // A stream may legitimately run longer than any fixed budget; a single answer may not.
+            request = request.timeout(timeout);
+        }
+        let response = tokio::time::timeout(timeout, request.send())
+            .await
+            .map_err(|_| self.timed_out("no response headers in time"))?
+            .map_err(|error| self.transport_error(&error))?;
+        let status = response.status();
+        let headers = forwarded_headers(response.headers());
+        if !stream || !status.is_success() {
+            let body = tokio::time::timeout(timeout, read_bounded(response))
+                .await
+                .map_err(|_| self.timed_out("the response body did not arrive in time"))?
+                .map_err(|error| match error {
+                    ReadError::Transport(error) => self.transport_error(&error),
+                    ReadError::TooLarge => Error::UpstreamProtocol {
+                        model: self.model.name.clone(),
+                        reason: format!("the response exceeds {MAX_RESPONSE_BYTES} bytes"),
+                    },
+                })?;
+            return Ok(Reply::Complete {
+                status,
+                headers,
+                body,
+            });
+        }
+
+        let mut chunks = response.bytes_stream();
+        let first = loop {
+            match tokio::time::timeout(timeout, chunks.next()).await {
+                Err(_) => return Err(self.timed_out("no stream event in time")),
+                Ok(None) => {
+                    return Err(Error::UpstreamProtocol {
+                        model: self.model.name.clone(),
+                        reason: "the stream ended before its first event".into(),
+                    });
+                }
+                Ok(Some(Err(error))) => return Err(self.transport_error(&error)),
+                Ok(Some(Ok(chunk))) if chunk.is_empty() => {}
+                Ok(Some(Ok(chunk))) => break chunk,
+            }
+        };
+        let model_name = self.model.name.clone();
+        let rest = chunks.scan(false, move |failed, item| {
+            let next = if *failed {
+                None
+            } else {
+                match item {
+                    Ok(chunk) => Some(Ok(chunk)),
+                    Err(error) => {
+                        *failed = true;
+                        tracing::warn!(model = %model_name, error = %error_chain(&error), "upstream stream broke");
+                        let error = Error::UpstreamUnreachable {
+                            model: model_name.clone(),
+                            reason: format!("the stream broke: {}", error_chain(&error)),
+                        };
+                        Some(Ok(sse_error_event(&error)))
+                    }
+                }
+            };
+            std::future::ready(next)
+        });
+        let body: ByteStream = Box::pin(stream::once(std::future::ready(Ok(first))).chain(rest));
+        Ok(Reply::Stream {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    fn timed_out(&self, reason: &str) -> Error {
+        Error::UpstreamTimeout {
+            model: self.model.name.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn transport_error(&self, error: &reqwest::Error) -> Error {
+        if error.is_timeout() {
+            self.timed_out(&error_chain(error))
+        } else {
+            Error::UpstreamUnreachable {
+                model: self.model.name.clone(),
+                reason: error_chain(error),
+            }
+        }
+    }
+}
+
+/// An SSE event carrying an OpenAI-shaped error; the OpenAI SDKs raise it as an API error.
+/// The leading blank line closes any event the upstream left half-written.
+#[must_use]
+pub fn sse_error_event(error: &Error) -> Bytes {
+    Bytes::from(format!("\n\ndata: {}\n\n", error.to_json()))
+}
+
+enum ReadError {
+    Transport(reqwest::Error),
+    TooLarge,
+}
+
+async fn read_bounded(response: reqwest::Response) -> Result<Bytes, ReadError> {
+    let expected = response.content_length().unwrap_or(0);
+    if expected > MAX_RESPONSE_BYTES as u64 {
+        return Err(ReadError::TooLarge);
+    }
+    let mut chunks = response.bytes_stream();
+    let mut body = BytesMut::with_capacity(usize::try_from(expected).unwrap_or(0));
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(ReadError::Transport)?;
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(ReadError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn forwarded_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut headers = upstream.clone();
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    headers
+}
+
+/// An error with its causes, which reqwest's own `Display` leaves out.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_others_kept() {
+        let mut upstream = HeaderMap::new();
+        upstream.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        upstream.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        upstream.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        upstream.insert("x-request-id", HeaderValue::from_static("abc"));
+        upstream.insert("openai-processing-ms", HeaderValue::from_static("12"));
+        let headers = forwarded_headers(&upstream);
+        assert!(headers.get(header::CONNECTION).is_none());
+        assert!(headers.get(header::TRANSFER_ENCODING).is_none());
+        assert!(headers.get(header::CONTENT_LENGTH).is_none());
+        assert_eq!(headers["x-request-id"], "abc");
+        assert_eq!(headers["openai-processing-ms"], "12");
+    }
+
+    #[test]
+    fn sse_error_event_is_one_parseable_data_line() {
+        let event = sse_error_event(&Error::invalid("boom"));
+        let text = std::str::from_utf8(&event).unwrap();
+        let data = text.trim().strip_prefix("data: ").unwrap();
+        let json: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(json["error"]["message"], "boom");
+        assert!(text.ends_with("\n\n"));
+    }
+}
