@@ -277,12 +277,6 @@ impl Config {
             }
         }
         for (router, threshold) in &self.thresholds {
-            if !self.routers.contains(router) {
-                return Err(Error::Config(format!(
-                    "thresholds.{router}: `{router}` is not among the served routers ({})",
-                    self.routers.join(", ")
-                )));
-            }
             if !threshold.is_finite() || !(0.0..=1.0).contains(threshold) {
                 return Err(Error::Config(format!(
                     "thresholds.{router} = {threshold} is outside [0, 1]"
@@ -371,7 +365,6 @@ mod tests {
             "routers: [nope]\n",
             "routers: []\n",
             "thresholds: {random: 1.5}\n",
-            "thresholds: {mf: 0.5}\n",
             "upstream: {request_timeout_secs: 0}\n",
             "max_request_bytes: 10\n",
             "api_keys: ['']\n",

@@ -82,6 +82,12 @@ impl Gateway {
         config: &Config,
         routers: BTreeMap<String, Arc<dyn Router>>,
     ) -> Result<Self, Error> {
+        if let Some(router) = config.thresholds.keys().find(|name| !routers.contains_key(*name)) {
+            return Err(Error::Config(format!(
+                "thresholds.{router}: `{router}` is not among the served routers ({})",
+                routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+            )));
+        }
         let env = |name: &str| std::env::var(name).ok();
         let strong = providers::resolve(
             &config.strong_model,
@@ -433,6 +439,15 @@ mod tests {
             error.status(),
             axum::http::StatusCode::INTERNAL_SERVER_ERROR
         );
+    }
+
+    #[test]
+    fn thresholds_must_name_served_routers() {
+        let config = Config::merge(FileConfig::from_yaml("thresholds: {mf: 0.5}\n").unwrap(), Overrides::default()).unwrap();
+        let Err(error) = Gateway::from_config(&config) else {
+            panic!("a threshold for an unserved router must fail start-up")
+        };
+        assert!(error.to_string().contains("thresholds.mf"), "{error}");
     }
 
     #[test]

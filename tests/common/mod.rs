@@ -1,0 +1,251 @@
+//! Mock upstreams and a proxy on `127.0.0.1:0`, shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use routellm::config::{Config, FileConfig, Overrides};
+use routellm::routers::{Router as RouterTrait, RouterError};
+use routellm::server::{self, AppState};
+use routellm::Gateway;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+
+/// One request as the mock upstream received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub body: Bytes,
+    pub headers: HeaderMap,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// A fake OpenAI-compatible upstream. Its behaviour is chosen per request by the
+/// vendor field `mock` in the body, which also proves unknown fields pass through.
+#[derive(Clone, Default)]
+pub struct MockState {
+    pub name: &'static str,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    /// Released by the test to let a gated stream send its second chunk.
+    pub gate: Arc<Notify>,
+    /// Fires when a stream body is dropped (client went away).
+    pub dropped: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub state: MockState,
+}
+
+impl MockUpstream {
+    pub async fn start(name: &'static str) -> Self {
+        let state = MockState {
+            name,
+            ..MockState::default()
+        };
+        let app = Router::new()
+            .route("/v1/chat/completions", post(mock_chat))
+            .with_state(state.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, state }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+}
+
+struct DropSignal(Option<oneshot::Sender<()>>);
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(sender) = self.0.take() {
+            let _ = sender.send(());
+        }
+    }
+}
+
+fn chunk(model: &str, content: &str) -> Bytes {
+    let event = json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}],
+    });
+    Bytes::from(format!("data: {event}\n\n"))
+}
+
+async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    state.received.lock().unwrap().push(Received {
+        body: body.clone(),
+        headers,
+    });
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = request["model"].as_str().unwrap_or("?").to_owned();
+    let behaviour = request["mock"].as_str().unwrap_or("ok").to_owned();
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    match behaviour.as_str() {
+        "rate_limited" => {
+            let error = json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}});
+            return (StatusCode::TOO_MANY_REQUESTS, [("x-ratelimit-remaining-requests", "0")], axum::Json(error))
+                .into_response();
+        }
+        "bad_request" => {
+            let error = json!({"error": {"message": "Invalid 'temperature'", "type": "invalid_request_error", "param": "temperature", "code": null}});
+            return (StatusCode::BAD_REQUEST, axum::Json(error)).into_response();
+        }
+        "slow" => tokio::time::sleep(Duration::from_secs(5)).await,
+        _ => {}
+    }
+    if !stream {
+        let answer = json!({
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("answer from {}", state.name)}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+        });
+        return ([("x-request-id", "req-mock")], axum::Json(answer)).into_response();
+    }
+    let first = chunk(&model, &format!("from {}", state.name));
+    let second = chunk(&model, " done");
+    let gate = state.gate.clone();
+    let drop_signal = DropSignal(state.dropped.lock().unwrap().take());
+    let frames = futures_util::stream::unfold(0_u8, move |step| {
+        let gate = gate.clone();
+        let first = first.clone();
+        let second = second.clone();
+        let behaviour = behaviour.clone();
+        async move {
+            let frame: Result<Bytes, std::io::Error> = match (step, behaviour.as_str()) {
+                (0, _) => Ok(first),
+                (1, "gated") => {
+                    gate.notified().await;
+                    Ok(second)
+                }
+                (1, "endless") => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(Bytes::from_static(b": keep-alive\n\n"))
+                }
+                (1, "break_soon") => {
+                    // Long enough for the first chunk to be flushed before the connection dies.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Err(std::io::Error::other("upstream died"))
+                }
+                (1, "break") => {
+                    gate.notified().await;
+                    Err(std::io::Error::other("upstream died"))
+                }
+                (1, _) => Ok(second),
+                (2, "endless") => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(Bytes::from_static(b": keep-alive\n\n"))
+                }
+                (2, _) => Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                _ => return None,
+            };
+            let next = if behaviour == "endless" && step >= 1 { 2 } else { step + 1 };
+            Some((frame, next))
+        }
+    });
+    let frames = futures_util::StreamExt::map(frames, move |frame| {
+        let _keep = &drop_signal;
+        frame
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(frames))
+        .unwrap()
+}
+
+/// A router that always answers the same win rate, so tests choose the tier exactly.
+pub struct FixedRouter(pub f64);
+impl RouterTrait for FixedRouter {
+    fn strong_win_rate(&self, _prompt: &str) -> Result<f64, RouterError> {
+        Ok(self.0)
+    }
+}
+
+/// The proxy under test, on its own port, in front of `strong` and `weak` base URLs.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+}
+
+impl Proxy {
+    pub async fn start(strong: &str, weak: &str, yaml: &str) -> Self {
+        let file = FileConfig::from_yaml(&format!(
+            "strong_model: {{name: openai/strong-model, base_url: '{strong}', api_key: sk-strong}}\n\
+             weak_model: {{name: together_ai/weak-model, base_url: '{weak}', api_key: sk-weak}}\n{yaml}"
+        ))
+        .unwrap();
+        let config = Config::merge(file, Overrides::default()).unwrap();
+        let mut routers: BTreeMap<String, Arc<dyn RouterTrait>> = BTreeMap::new();
+        routers.insert("random".into(), Arc::new(routellm::routers::RandomRouter::with_seed(3)));
+        routers.insert("fixed_high".into(), Arc::new(FixedRouter(0.8)));
+        Self::with_gateway(Gateway::with_routers(&config, routers).unwrap()).await
+    }
+
+    pub async fn with_gateway(gateway: Gateway) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(server::run(listener, AppState::new(gateway), std::future::pending()));
+        Self {
+            addr,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post_chat(&self, body: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// Asserts the OpenAI error shape and returns the error object.
+pub async fn openai_error(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    let error = body["error"].clone();
+    for key in ["message", "type", "param", "code"] {
+        assert!(error.get(key).is_some(), "missing {key} in {body}");
+    }
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    error
+}
+
+/// A port nothing listens on.
+pub async fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}

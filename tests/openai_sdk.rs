@@ -1,0 +1,102 @@
+//! The real `routellm` binary driven by the official OpenAI Python SDK (`pip install openai`).
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::MockUpstream;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Starts the binary on an OS-chosen port and returns it with its base URL.
+async fn start_binary(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_routellm"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(args)
+        .env_remove("ROUTELLM_CONFIG")
+        .env("RUST_LOG", "routellm=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the routellm binary starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let address = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("address=").nth(1).filter(|_| line.contains("listening")) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("routellm exited before listening")
+    })
+    .await
+    .expect("routellm reports its address");
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, format!("http://{address}/v1"))
+}
+
+async fn run_sdk_script(base_url: &str, mode: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_client.py");
+    let output = Command::new("python3")
+        .args([script, base_url, mode])
+        .output()
+        .await
+        .expect("python3 runs (the SDK tests need python3 with `pip install openai`)");
+    assert!(
+        output.status.success(),
+        "OpenAI SDK checks failed ({mode}):\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn official_sdk_against_mock_upstreams() {
+    let upstream = MockUpstream::start("mock").await;
+    let config = tempfile(
+        "thresholds: {random: 0.5}\nstrong_model: openai/gpt-4o\nweak_model: groq/llama3-8b\n",
+    );
+    let (_child, base_url) = start_binary(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--routers",
+        "random",
+        "--base-url",
+        &upstream.base_url(),
+        "--api-key",
+        "sk-upstream",
+    ])
+    .await;
+    run_sdk_script(&base_url, "mock").await;
+
+    let received = upstream.received();
+    assert!(received.iter().all(|r| r.headers["authorization"] == "Bearer sk-upstream"));
+    let with_tools = received
+        .iter()
+        .map(common::Received::json)
+        .find(|body| body.get("tools").is_some())
+        .expect("the tools request reached the upstream");
+    assert_eq!(with_tools["model"], "gpt-4o");
+    assert_eq!(with_tools["tools"][0]["function"]["name"], "lookup");
+    assert_eq!(with_tools["response_format"]["json_schema"]["strict"], true);
+    assert_eq!(with_tools["seed_marker"], 42);
+    assert!(with_tools.get("temperature").is_none(), "nothing is injected");
+}
+
+#[tokio::test]
+async fn official_sdk_against_offline_echo_models() {
+    let (_child, base_url) =
+        start_binary(&["--routers", "random", "--strong-model", "echo/gpt-4o", "--weak-model", "echo/mixtral"]).await;
+    run_sdk_script(&base_url, "echo").await;
+}
+
+/// A config file in the target directory, unique per call.
+fn tempfile(contents: &str) -> std::path::PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("routellm-test-{}-{n}.yaml", std::process::id()));
+    std::fs::write(&path, contents).unwrap();
+    path
+}

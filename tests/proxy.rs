@@ -1,0 +1,318 @@
+//! The proxy end to end: mock upstreams and the server on `127.0.0.1:0`, asserting which
+//! upstream received each request, what it received, and what the client got back.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{MockUpstream, Proxy, closed_port, openai_error};
+use futures_util::StreamExt;
+use serde_json::Value;
+
+const HELLO: &str = r#"{"role":"user","content":"Hello"}"#;
+
+fn body(model: &str, extra: &str) -> String {
+    format!(r#"{{"model":"{model}","messages":[{HELLO}]{extra}}}"#)
+}
+
+async fn pair() -> (MockUpstream, MockUpstream) {
+    (MockUpstream::start("strong").await, MockUpstream::start("weak").await)
+}
+
+#[tokio::test]
+async fn threshold_zero_goes_strong_and_one_goes_weak() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+
+    let response = proxy.post_chat(&body("router-random-0", "")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-model"], "openai/strong-model");
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    assert_eq!(response.headers()["x-routellm-router"], "random");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "answer from strong");
+    assert_eq!(answer["model"], "strong-model");
+
+    let response = proxy.post_chat(&body("router-random-1", "")).await;
+    assert_eq!(response.headers()["x-routellm-tier"], "weak");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "answer from weak");
+
+    assert_eq!(strong.received().len(), 1);
+    assert_eq!(weak.received().len(), 1);
+}
+
+#[tokio::test]
+async fn forwarded_body_is_unchanged_except_model_and_nothing_is_injected() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let original = r#"{"model":"router-fixed_high-0.5","messages":[{"role":"user","content":[{"type":"text","text":"Describe"},{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBOR"}}]}],"temperature":1.0,"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"},"units":{"enum":["c","f"]}},"required":["city"],"additionalProperties":false},"strict":true}}],"tool_choice":"auto","response_format":{"type":"json_schema","json_schema":{"name":"w","schema":{"type":"object","properties":{"t":{"type":"number"}}},"strict":true}},"logprobs":true,"top_logprobs":2,"x_vendor_extension":{"nested":[1,2.50,null]}}"#;
+    let response = proxy.post_chat(original).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-win-rate"], "0.8");
+    assert_eq!(response.headers()["x-routellm-threshold"], "0.5");
+
+    let received = strong.received();
+    assert_eq!(received.len(), 1);
+    assert!(weak.received().is_empty());
+    let expected = original.replace("router-fixed_high-0.5", "strong-model");
+    assert_eq!(std::str::from_utf8(&received[0].body).unwrap(), expected);
+    assert_eq!(received[0].headers["authorization"], "Bearer sk-strong");
+}
+
+#[tokio::test]
+async fn weak_upstream_gets_its_own_key_and_provider_model_name() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    proxy.post_chat(&body("router-fixed_high-0.9", "")).await;
+    let received = weak.received();
+    assert_eq!(received[0].json()["model"], "weak-model");
+    assert_eq!(received[0].headers["authorization"], "Bearer sk-weak");
+}
+
+#[tokio::test]
+async fn configured_model_names_are_forwarded_without_routing() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let response = proxy.post_chat(&body("together_ai/weak-model", "")).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("x-routellm-router").is_none());
+    assert_eq!(response.headers()["x-routellm-model"], "together_ai/weak-model");
+    let response = proxy.post_chat(&body("strong-model", "")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(weak.received().len(), 1);
+    assert_eq!(strong.received().len(), 1);
+}
+
+#[tokio::test]
+async fn default_threshold_from_config_serves_bare_router_name() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "thresholds: {fixed_high: 0.9}\n").await;
+    let response = proxy.post_chat(&body("router-fixed_high", "")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-threshold"], "0.9");
+    assert_eq!(weak.received().len(), 1);
+}
+
+#[tokio::test]
+async fn streams_pass_through_chunk_by_chunk() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let response = proxy
+        .post_chat(&body("router-random-0", r#","stream":true,"mock":"gated""#))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    let mut chunks = response.bytes_stream();
+    // The upstream holds its second chunk until we release it: receiving the first one
+    // here proves the proxy forwards without waiting for the whole stream.
+    let first = tokio::time::timeout(Duration::from_secs(10), chunks.next())
+        .await
+        .expect("first chunk must arrive before the upstream finishes")
+        .unwrap()
+        .unwrap();
+    assert!(std::str::from_utf8(&first).unwrap().contains("from strong"));
+    strong.state.gate.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.contains(" done"), "{rest}");
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    assert_eq!(strong.received()[0].headers["accept"], "text/event-stream");
+}
+
+#[tokio::test]
+async fn upstream_error_before_first_byte_keeps_status_and_body() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    for extra in [r#","mock":"rate_limited""#, r#","stream":true,"mock":"rate_limited""#] {
+        let response = proxy.post_chat(&body("router-random-0", extra)).await;
+        assert_eq!(response.status(), 429, "{extra}");
+        assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(response.headers()["x-routellm-tier"], "strong");
+        let error = openai_error(response, 429).await;
+        assert_eq!(error["code"], "rate_limit_exceeded");
+    }
+    let response = proxy.post_chat(&body("router-random-0", r#","mock":"bad_request""#)).await;
+    let error = openai_error(response, 400).await;
+    assert_eq!(error["param"], "temperature");
+}
+
+#[tokio::test]
+async fn mid_stream_failure_ends_with_an_sse_error_event() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let response = proxy
+        .post_chat(&body("router-random-1", r#","stream":true,"mock":"break""#))
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut chunks = response.bytes_stream();
+    let first = chunks.next().await.unwrap().unwrap();
+    weak.state.gate.notify_one();
+    let mut text = String::from_utf8(first.to_vec()).unwrap();
+    while let Some(chunk) = chunks.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(text.contains("from weak"), "{text}");
+    let last_event = text.trim_end().rsplit("\n\n").next().unwrap();
+    let error: Value = serde_json::from_str(last_event.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_unreachable");
+    assert!(!text.contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_stream() {
+    let (strong, weak) = pair().await;
+    let (sender, dropped) = tokio::sync::oneshot::channel();
+    *strong.state.dropped.lock().unwrap() = Some(sender);
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let response = proxy
+        .post_chat(&body("router-random-0", r#","stream":true,"mock":"endless""#))
+        .await;
+    let mut chunks = response.bytes_stream();
+    chunks.next().await.unwrap().unwrap();
+    drop(chunks);
+    tokio::time::timeout(Duration::from_secs(10), dropped)
+        .await
+        .expect("the upstream stream must be dropped after the client leaves")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_and_slow_one_is_504() {
+    let strong = MockUpstream::start("strong").await;
+    let dead = format!("http://127.0.0.1:{}/v1", closed_port().await);
+    let proxy = Proxy::start(
+        &strong.base_url(),
+        &dead,
+        "upstream: {request_timeout_secs: 0.5}\n",
+    )
+    .await;
+    for extra in ["", r#","stream":true"#] {
+        let response = proxy.post_chat(&body("router-random-1", extra)).await;
+        let error = openai_error(response, 502).await;
+        assert_eq!(error["code"], "upstream_unreachable");
+        assert!(error["message"].as_str().unwrap().contains("weak-model"));
+    }
+    for extra in [r#","mock":"slow""#, r#","stream":true,"mock":"slow""#] {
+        let response = proxy.post_chat(&body("router-random-0", extra)).await;
+        let error = openai_error(response, 504).await;
+        assert_eq!(error["code"], "upstream_timeout");
+    }
+}
+
+#[tokio::test]
+async fn client_mistakes_are_400s_with_openai_errors() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let cases: &[(&str, &str)] = &[
+        ("{\"model\": ", "could not parse the JSON body"),
+        ("not json at all", "could not parse the JSON body"),
+        ("[]", "JSON object"),
+        (r#"{"messages":[{"role":"user","content":"x"}]}"#, "model"),
+        (r#"{"model":"router-random-0.5"}"#, "'messages'"),
+        (r#"{"model":"router-random-0.5","messages":[]}"#, "empty array"),
+        (r#"{"model":"router-random-0.5","messages":[{"role":"system","content":"x"}]}"#, "role 'user'"),
+        (r#"{"model":"router-random-1.5","messages":[{"role":"user","content":"x"}]}"#, "outside [0, 1]"),
+        (r#"{"model":"router-random-abc","messages":[{"role":"user","content":"x"}]}"#, "not a number"),
+        (r#"{"model":"router-random","messages":[{"role":"user","content":"x"}]}"#, "no default threshold"),
+        (r#"{"model":"router-mf-0.5","messages":[{"role":"user","content":"x"}]}"#, "Available routers: fixed_high, random"),
+        (r#"{"model":"router-random-0.5","stream":"yes","messages":[{"role":"user","content":"x"}]}"#, "'stream'"),
+        (r#"{"model":7,"messages":[{"role":"user","content":"x"}]}"#, "'model'"),
+    ];
+    for (request, fragment) in cases {
+        let response = proxy.post_chat(request).await;
+        let error = openai_error(response, 400).await;
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(fragment), "{request}: {message}");
+        assert_eq!(error["type"], "invalid_request_error");
+    }
+    assert!(strong.received().is_empty() && weak.received().is_empty());
+}
+
+#[tokio::test]
+async fn unknown_model_and_url_are_404() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let error = openai_error(proxy.post_chat(&body("gpt-9", "")).await, 404).await;
+    assert_eq!(error["code"], "model_not_found");
+    let response = proxy.client.post(proxy.url("/v1/embeddings")).body("{}").send().await.unwrap();
+    let error = openai_error(response, 404).await;
+    assert_eq!(error["message"], "Invalid URL (POST /v1/embeddings)");
+    let response = proxy.client.get(proxy.url("/v1/chat/completions")).send().await.unwrap();
+    openai_error(response, 404).await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "max_request_bytes: 2048\n").await;
+    let big = body("router-random-0", &format!(r#","pad":"{}""#, "x".repeat(4096)));
+    let error = openai_error(proxy.post_chat(&big).await, 413).await;
+    assert_eq!(error["code"], "request_too_large");
+    let response = proxy.post_chat(&body("router-random-0", "")).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn api_keys_guard_the_proxy() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "api_keys: [team-key]\n").await;
+    let error = openai_error(proxy.post_chat(&body("router-random-0", "")).await, 401).await;
+    assert_eq!(error["code"], "invalid_api_key");
+    let response = proxy
+        .client
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth("team-key")
+        .body(body("router-random-0", ""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The client's key is for the proxy only; the upstream gets the provider key.
+    assert_eq!(strong.received()[0].headers["authorization"], "Bearer sk-strong");
+    let response = proxy.client.get(proxy.url("/health")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "health stays open for orchestrators");
+}
+
+#[tokio::test]
+async fn models_and_health_endpoints() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "thresholds: {random: 0.25}\n").await;
+    let health: Value = proxy.client.get(proxy.url("/health")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health, serde_json::json!({"status": "online"}));
+    let models: Value = proxy.client.get(proxy.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        vec!["router-fixed_high", "router-random-0.25", "openai/strong-model", "together_ai/weak-model"]
+    );
+    assert!(models["data"].as_array().unwrap().iter().all(|m| m["object"] == "model"));
+}
+
+#[tokio::test]
+async fn proxy_reports_its_own_overhead() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let response = proxy.post_chat(&body("router-random-0", "")).await;
+    let overhead: u64 = response.headers()["x-routellm-overhead-us"].to_str().unwrap().parse().unwrap();
+    assert!(overhead < 10_000_000, "{overhead}");
+}
+
+#[tokio::test]
+async fn random_router_splits_traffic_by_threshold() {
+    let (strong, weak) = pair().await;
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    for _ in 0..200 {
+        let response = proxy.post_chat(&body("router-random-0.75", "")).await;
+        assert_eq!(response.status(), 200);
+    }
+    let strong_calls = strong.received().len();
+    assert_eq!(strong_calls + weak.received().len(), 200);
+    // About a quarter should be strong; 200 draws keep this far from chance failures.
+    assert!((25..=80).contains(&strong_calls), "{strong_calls}");
+}

@@ -1,0 +1,99 @@
+"""Drives a running routellm server with the official OpenAI Python SDK.
+
+Usage: openai_client.py BASE_URL MODE, MODE being `mock` (both models behind the test's
+mock upstream) or `echo` (the built-in offline models). Exits non-zero on any failure.
+"""
+import sys
+
+import openai
+
+base_url, mode = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base_url, api_key="sk-client", max_retries=0)
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def expect(condition, what):
+    if not condition:
+        raise AssertionError(what)
+
+
+def stream_text(model, **extra):
+    stream = client.chat.completions.create(model=model, messages=messages, stream=True, **extra)
+    pieces, models = [], set()
+    for chunk in stream:
+        models.add(chunk.model)
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    return "".join(pieces), models
+
+
+if mode == "mock":
+    raw = client.chat.completions.with_raw_response.create(model="router-random-0", messages=messages)
+    expect(raw.headers["x-routellm-tier"] == "strong", raw.headers)
+    expect(raw.headers["x-routellm-model"] == "openai/gpt-4o", raw.headers)
+    completion = raw.parse()
+    expect(completion.model == "gpt-4o", completion.model)
+    expect(completion.choices[0].message.content == "answer from mock", completion)
+
+    text, models = stream_text("router-random-1")
+    expect(text == "from mock done", text)
+    expect(models == {"llama3-8b"}, models)
+
+    tools = [{
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+        },
+    }]
+    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": True}}
+    completion = client.chat.completions.create(
+        model="router-random-0.0", messages=messages, tools=tools, tool_choice="auto", response_format=schema,
+        extra_body={"mock": "ok", "seed_marker": 42},
+    )
+    expect(completion.choices[0].message.content == "answer from mock", completion)
+
+    try:
+        client.chat.completions.create(model="router-random-2", messages=messages)
+        raise AssertionError("a threshold above 1 must fail")
+    except openai.BadRequestError as error:
+        expect(error.status_code == 400, error)
+        expect("outside [0, 1]" in error.message, error.message)
+
+    try:
+        client.chat.completions.create(model="router-nope-0.5", messages=messages)
+        raise AssertionError("an unknown router must fail")
+    except openai.BadRequestError as error:
+        expect("Available routers: random" in error.message, error.message)
+
+    try:
+        client.chat.completions.create(model="gpt-5-imaginary", messages=messages)
+        raise AssertionError("an unknown model must fail")
+    except openai.NotFoundError as error:
+        expect(error.code == "model_not_found", error)
+
+    try:
+        client.chat.completions.create(model="router-random-0", messages=messages, extra_body={"mock": "rate_limited"})
+        raise AssertionError("the upstream's 429 must reach the client")
+    except openai.RateLimitError as error:
+        expect(error.code == "rate_limit_exceeded", error)
+
+    try:
+        stream_text("router-random-0", extra_body={"mock": "break_soon"})
+        raise AssertionError("a broken stream must raise")
+    except openai.APIError as error:
+        expect("stream broke" in str(error.message), error.message)
+
+    ids = [model.id for model in client.models.list()]
+    expect("router-random-0.5" in ids and "openai/gpt-4o" in ids, ids)
+elif mode == "echo":
+    completion = client.chat.completions.create(model="router-random-0", messages=messages)
+    content = completion.choices[0].message.content
+    expect("echo/gpt-4o" in content and "capital of France" in content, content)
+    expect(completion.usage.total_tokens > 0, completion.usage)
+    text, models = stream_text("router-random-1", stream_options={"include_usage": True})
+    expect("echo/mixtral" in text and "capital of France" in text, text)
+    expect(models == {"mixtral"}, models)
+else:
+    raise SystemExit(f"unknown mode {mode}")
+print("sdk checks passed")
