@@ -26,6 +26,93 @@ pub enum Command {
     Serve(ServeArgs),
     /// Score one prompt and print which model it would be routed to.
     Route(RouteArgs),
+    /// Measure routers on a benchmark: APGR with confidence intervals, CPT, a plot.
+    Eval(EvalArgs),
+    /// Print the threshold that sends a chosen share of prompts to the strong model.
+    Calibrate(CalibrateArgs),
+    /// Score a file of prompts with each router, one JSON line per prompt and router.
+    Score(ScoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Routers to evaluate; the `random` and `length` baselines are always added.
+    #[arg(long, num_args = 1.., default_value = "random")]
+    pub routers: Vec<String>,
+    /// `mmlu`, `gsm8k`, `mt-bench`, or a JSONL file of `{"prompt", "scores": {model: number}}`.
+    #[arg(long)]
+    pub benchmark: String,
+    /// A folder laid out like RouteLLM's `routellm/evals` (`mmlu/`, `gsm8k/`, `mt_bench/`).
+    #[arg(long, env = "ROUTELLM_EVAL_DATA")]
+    pub data_dir: Option<PathBuf>,
+    /// Where `<benchmark>.json`, `-scores.jsonl` and `.png` are written.
+    #[arg(long, default_value = ".")]
+    pub output: PathBuf,
+    /// Number of quantile bins; thresholds are their `num_results + 1` edges.
+    #[arg(long, default_value_t = 10)]
+    pub num_results: usize,
+    /// Runs of the random router averaged into its curve.
+    #[arg(long, default_value_t = 10)]
+    pub random_iters: usize,
+    /// Bootstrap replicates for the APGR confidence intervals (0 disables them).
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// The benchmark's strong model (column or key); defaults to the benchmark's own.
+    #[arg(long)]
+    pub strong_model: Option<String>,
+    /// The benchmark's weak model (column or key); defaults to the benchmark's own.
+    #[arg(long)]
+    pub weak_model: Option<String>,
+    /// Rescore even when cached scores exist.
+    #[arg(long)]
+    pub overwrite_cache: bool,
+    /// Seed for the random router and the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Config file (router artifacts folder and settings).
+    #[arg(long, env = "ROUTELLM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Folder holding trained router artifacts. [default: routers]
+    #[arg(long, env = "ROUTELLM_ROUTERS_DIR")]
+    pub routers_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// Routers to calibrate.
+    #[arg(long, num_args = 1.., required = true)]
+    pub routers: Vec<String>,
+    /// Share of prompts to send to the strong model, in [0, 1].
+    #[arg(long)]
+    pub strong_model_pct: f64,
+    /// Your traffic: JSONL with `prompt` or `messages`, or plain text, one prompt per line.
+    /// [default: the calibration set shipped in routers/calibration/prompts.jsonl]
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, env = "ROUTELLM_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "ROUTELLM_ROUTERS_DIR")]
+    pub routers_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Routers to score with.
+    #[arg(long, num_args = 1.., required = true)]
+    pub routers: Vec<String>,
+    /// Prompts: JSONL with `prompt` or `messages`, or plain text, one prompt per line.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output JSONL file. [default: standard output]
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Seed for the random router, for reproducible output.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, env = "ROUTELLM_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "ROUTELLM_ROUTERS_DIR")]
+    pub routers_dir: Option<PathBuf>,
 }
 
 /// Settings shared by every command that loads routers and models.
@@ -102,7 +189,118 @@ pub async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Route(args) => route(args).await,
+        Command::Eval(args) => tokio::task::spawn_blocking(move || eval(&args)).await?,
+        Command::Calibrate(args) => tokio::task::spawn_blocking(move || calibrate(&args)).await?,
+        Command::Score(args) => tokio::task::spawn_blocking(move || score(&args)).await?,
     }
+}
+
+/// The config that offline commands load routers with: the file plus `--routers-dir`.
+fn offline_config(file: Option<&std::path::Path>, routers_dir: Option<PathBuf>) -> anyhow::Result<Config> {
+    let overrides = Overrides {
+        routers_dir,
+        ..Overrides::default()
+    };
+    Ok(Config::load(file, overrides)?)
+}
+
+fn eval(args: &EvalArgs) -> anyhow::Result<()> {
+    let config = offline_config(args.config.as_deref(), args.routers_dir.clone())?;
+    let options = crate::eval::EvalOptions {
+        routers: args.routers.clone(),
+        benchmark: crate::eval::benchmark::BenchmarkKind::parse(&args.benchmark),
+        data_dir: args.data_dir.clone(),
+        output: args.output.clone(),
+        num_results: args.num_results,
+        random_iters: args.random_iters,
+        bootstrap: args.bootstrap,
+        strong_model: args.strong_model.clone(),
+        weak_model: args.weak_model.clone(),
+        overwrite_cache: args.overwrite_cache,
+        seed: args.seed,
+    };
+    let report = crate::eval::run(&options, &config)?;
+    print!("{}", crate::eval::format_table(&report));
+    eprintln!(
+        "wrote {0}/{1}.json, {0}/{1}-scores.jsonl and {0}/{1}.png",
+        args.output.display(),
+        report.benchmark
+    );
+    Ok(())
+}
+
+/// The calibration prompts that ship with the project, used when `--prompts` is absent.
+pub const DEFAULT_CALIBRATION_PROMPTS: &str = "calibration/prompts.jsonl";
+
+fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
+    let config = offline_config(args.config.as_deref(), args.routers_dir.clone())?;
+    let path = args
+        .prompts
+        .clone()
+        .unwrap_or_else(|| config.routers_dir.join(DEFAULT_CALIBRATION_PROMPTS));
+    let prompts = crate::prompts::read(&path)?;
+    for name in &args.routers {
+        let calibration = if name == "random" {
+            // Its scores are uniform by construction: the exact answer needs no sample.
+            let threshold = 1.0 - args.strong_model_pct;
+            if !(0.0..=1.0).contains(&threshold) {
+                anyhow::bail!("--strong-model-pct {} is outside [0, 1]", args.strong_model_pct);
+            }
+            crate::scoring::Calibration {
+                threshold,
+                achieved_share: args.strong_model_pct,
+                display: format!("{threshold:.5}"),
+            }
+        } else {
+            let router = crate::routers::build(name, &config)?;
+            let scores = crate::scoring::score_all(router.as_ref(), name, &prompts)?;
+            crate::scoring::calibrate(&scores, args.strong_model_pct)?
+        };
+        println!(
+            "For {:.1}% strong model calls for {name}, threshold = {}",
+            args.strong_model_pct * 100.0,
+            calibration.display
+        );
+        #[allow(clippy::cast_precision_loss)]
+        let half_prompt = 0.5 / prompts.len().max(1) as f64;
+        if (calibration.achieved_share - args.strong_model_pct).abs() > half_prompt {
+            eprintln!(
+                "note: tied scores allow {:.1}% rather than {:.1}% on these {} prompts",
+                calibration.achieved_share * 100.0,
+                args.strong_model_pct * 100.0,
+                prompts.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn score(args: &ScoreArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let config = offline_config(args.config.as_deref(), args.routers_dir.clone())?;
+    let prompts = crate::prompts::read(&args.input)?;
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    for name in &args.routers {
+        let router: std::sync::Arc<dyn crate::routers::Router> = match (name.as_str(), args.seed) {
+            ("random", Some(seed)) => std::sync::Arc::new(crate::routers::RandomRouter::with_seed(seed)),
+            _ => crate::routers::build(name, &config)?,
+        };
+        let scores = crate::scoring::score_all(router.as_ref(), name, &prompts)?;
+        for (index, win_rate) in scores.iter().enumerate() {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"index": index, "router": name, "win_rate": win_rate})
+            )?;
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -112,8 +310,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         log_format: args.log_format,
         ..args.common.overrides()
     };
-    let config = Config::load(args.common.config.as_deref(), overrides)
-        .context("loading the configuration")?;
+    let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;
     init_tracing(config.log_format);
     let gateway = Gateway::from_config(&config).context("starting the routers")?;
     tracing::info!(
@@ -143,15 +340,8 @@ async fn route(args: RouteArgs) -> anyhow::Result<()> {
     let threshold = args
         .threshold
         .or_else(|| config.thresholds.get(&args.router).copied())
-        .with_context(|| {
-            format!(
-                "give --threshold: router `{}` has no configured default",
-                args.router
-            )
-        })?;
-    let decision = controller
-        .route(&args.prompt, &args.router, threshold)
-        .await?;
+        .with_context(|| format!("give --threshold: router `{}` has no configured default", args.router))?;
+    let decision = controller.route(&args.prompt, &args.router, threshold).await?;
     println!(
         "{}",
         serde_json::json!({
@@ -244,10 +434,7 @@ mod tests {
         let Command::Serve(args) = cli.command else {
             panic!("expected serve")
         };
-        assert_eq!(
-            args.common.routers,
-            Some(vec!["random".to_owned(), "mf".to_owned()])
-        );
+        assert_eq!(args.common.routers, Some(vec!["random".to_owned(), "mf".to_owned()]));
         assert_eq!(args.port, Some(7000));
         assert_eq!(args.common.weak_model.as_deref(), Some("groq/llama3"));
     }

@@ -154,10 +154,8 @@ impl FileConfig {
 
     /// Reads and parses a config file.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| Error::io(path.display().to_string(), error))?;
-        Self::from_yaml(&text)
-            .map_err(|error| Error::Config(format!("{}: {error}", path.display())))
+        let text = std::fs::read_to_string(path).map_err(|error| Error::io(path.display().to_string(), error))?;
+        Self::from_yaml(&text).map_err(|error| Error::Config(format!("{}: {error}", path.display())))
     }
 }
 
@@ -221,10 +219,7 @@ impl Config {
             .or(file.weak_model.map(ModelConfig::from))
             .unwrap_or_else(|| ModelConfig::named(DEFAULT_WEAK_MODEL.to_owned()));
         let config = Self {
-            host: overrides
-                .host
-                .or(file.host)
-                .unwrap_or_else(|| DEFAULT_HOST.to_owned()),
+            host: overrides.host.or(file.host).unwrap_or_else(|| DEFAULT_HOST.to_owned()),
             port: overrides.port.or(file.port).unwrap_or(DEFAULT_PORT),
             routers: overrides
                 .routers
@@ -287,14 +282,10 @@ impl Config {
             tracing::warn!(model = %self.strong_model.name, "strong and weak model are the same");
         }
         if self.max_request_bytes < 1024 {
-            return Err(Error::Config(
-                "max_request_bytes must be at least 1024".into(),
-            ));
+            return Err(Error::Config("max_request_bytes must be at least 1024".into()));
         }
         if self.api_keys.iter().any(|key| key.expose().is_empty()) {
-            return Err(Error::Config(
-                "api_keys must not contain an empty key".into(),
-            ));
+            return Err(Error::Config("api_keys must not contain an empty key".into()));
         }
         Ok(())
     }
@@ -302,9 +293,7 @@ impl Config {
 
 fn seconds(key: &str, value: f64) -> Result<Duration, Error> {
     if !value.is_finite() || value <= 0.0 {
-        return Err(Error::Config(format!(
-            "{key} must be a positive number of seconds"
-        )));
+        return Err(Error::Config(format!("{key} must be a positive number of seconds")));
     }
     Ok(Duration::from_secs_f64(value))
 }
@@ -315,9 +304,7 @@ mod tests {
 
     #[test]
     fn example_config_parses_and_validates() {
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml"))
-                .unwrap();
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")).unwrap();
         let file = FileConfig::from_yaml(&text).unwrap();
         let config = Config::merge(file, Overrides::default()).unwrap();
         assert_eq!(config.port, 6060);
@@ -376,8 +363,7 @@ mod tests {
 
     #[test]
     fn secrets_are_not_debug_printed() {
-        let file =
-            FileConfig::from_yaml("api_key: sk-very-secret\napi_keys: [proxy-secret]\n").unwrap();
+        let file = FileConfig::from_yaml("api_key: sk-very-secret\napi_keys: [proxy-secret]\n").unwrap();
         let config = Config::merge(file, Overrides::default()).unwrap();
         let printed = format!("{config:?}");
         assert!(

@@ -51,31 +51,20 @@ impl Controller {
     }
 
     /// Which model `router` would send `prompt` to at `threshold`.
-    pub async fn route(
-        &self,
-        prompt: &str,
-        router: &str,
-        threshold: f64,
-    ) -> Result<RouteDecision, Error> {
+    pub async fn route(&self, prompt: &str, router: &str, threshold: f64) -> Result<RouteDecision, Error> {
         if !threshold.is_finite() || !(0.0..=1.0).contains(&threshold) {
             return Err(Error::invalid_param(
                 format!("threshold {threshold} is outside [0, 1]"),
                 "threshold",
             ));
         }
-        self.gateway
-            .route(router, Some(threshold), prompt.to_owned())
-            .await
+        self.gateway.route(router, Some(threshold), prompt.to_owned()).await
     }
 
     /// A non-streaming chat completion; `request["model"]` is `router-<name>-<threshold>`
     /// or a configured model. Upstream error statuses become [`Error::UpstreamStatus`].
-    pub async fn chat_completion(
-        &self,
-        request: &serde_json::Value,
-    ) -> Result<serde_json::Value, Error> {
-        let body =
-            serde_json::to_vec(request).map_err(|error| Error::Internal(error.to_string()))?;
+    pub async fn chat_completion(&self, request: &serde_json::Value) -> Result<serde_json::Value, Error> {
+        let body = serde_json::to_vec(request).map_err(|error| Error::Internal(error.to_string()))?;
         let completion = self.gateway.chat_completion(&body).await?;
         let model = completion.model;
         let body = match completion.reply {
@@ -110,8 +99,7 @@ impl Controller {
         if let Some(object) = request.as_object_mut() {
             object.insert("stream".into(), serde_json::Value::Bool(true));
         }
-        let body =
-            serde_json::to_vec(&request).map_err(|error| Error::Internal(error.to_string()))?;
+        let body = serde_json::to_vec(&request).map_err(|error| Error::Internal(error.to_string()))?;
         let completion = self.gateway.chat_completion(&body).await?;
         let model = completion.model;
         let bytes = match completion.reply {
@@ -125,60 +113,53 @@ impl Controller {
             }
         };
         Ok(
-            sse_events(bytes.map(|chunk| chunk.unwrap_or_else(|never| match never {}))).map(
-                move |data| {
-                    let event: serde_json::Value =
-                        serde_json::from_slice(&data).map_err(|error| Error::UpstreamProtocol {
-                            model: model.clone(),
-                            reason: format!("a stream event is not JSON: {error}"),
-                        })?;
-                    match event.get("error") {
-                        Some(error) => Err(Error::UpstreamProtocol {
-                            model: model.clone(),
-                            reason: error.to_string(),
-                        }),
-                        None => Ok(event),
-                    }
-                },
-            ),
+            sse_events(bytes.map(|chunk| chunk.unwrap_or_else(|never| match never {}))).map(move |data| {
+                let event: serde_json::Value =
+                    serde_json::from_slice(&data).map_err(|error| Error::UpstreamProtocol {
+                        model: model.clone(),
+                        reason: format!("a stream event is not JSON: {error}"),
+                    })?;
+                match event.get("error") {
+                    Some(error) => Err(Error::UpstreamProtocol {
+                        model: model.clone(),
+                        reason: error.to_string(),
+                    }),
+                    None => Ok(event),
+                }
+            }),
         )
     }
 }
 
 /// The `data:` payloads of an SSE byte stream, up to (not including) `[DONE]`.
-fn sse_events(
-    bytes: impl Stream<Item = Bytes> + Send + 'static,
-) -> impl Stream<Item = Bytes> + Send {
+fn sse_events(bytes: impl Stream<Item = Bytes> + Send + 'static) -> impl Stream<Item = Bytes> + Send {
     let source: Option<std::pin::Pin<Box<dyn Stream<Item = Bytes> + Send>>> = Some(Box::pin(bytes));
-    stream::unfold(
-        (source, BytesMut::new()),
-        |(mut source, mut buffer)| async move {
-            loop {
-                if let Some((event_end, separator_end)) = find_event_end(&buffer) {
-                    let event = buffer.split_to(separator_end);
-                    let data = event_data(&event[..event_end]);
-                    if data.as_ref() == b"[DONE]" {
-                        return None;
-                    }
-                    if !data.is_empty() {
-                        return Some((data, (source, buffer)));
-                    }
-                    continue;
+    stream::unfold((source, BytesMut::new()), |(mut source, mut buffer)| async move {
+        loop {
+            if let Some((event_end, separator_end)) = find_event_end(&buffer) {
+                let event = buffer.split_to(separator_end);
+                let data = event_data(&event[..event_end]);
+                if data.as_ref() == b"[DONE]" {
+                    return None;
                 }
-                let next = source.as_mut()?.next().await;
-                if let Some(chunk) = next {
-                    buffer.extend_from_slice(&chunk);
-                } else {
-                    // A last event without its blank line still counts.
-                    source = None;
-                    if buffer.iter().all(u8::is_ascii_whitespace) {
-                        return None;
-                    }
-                    buffer.extend_from_slice(b"\n\n");
+                if !data.is_empty() {
+                    return Some((data, (source, buffer)));
                 }
+                continue;
             }
-        },
-    )
+            let next = source.as_mut()?.next().await;
+            if let Some(chunk) = next {
+                buffer.extend_from_slice(&chunk);
+            } else {
+                // A last event without its blank line still counts.
+                source = None;
+                if buffer.iter().all(u8::is_ascii_whitespace) {
+                    return None;
+                }
+                buffer.extend_from_slice(b"\n\n");
+            }
+        }
+    })
 }
 
 /// The joined `data:` lines of one event; comments and other fields are skipped.
@@ -233,14 +214,8 @@ mod tests {
     #[tokio::test]
     async fn route_respects_extreme_thresholds() {
         let controller = controller();
-        assert_eq!(
-            controller.route("x", "random", 0.0).await.unwrap().model,
-            "echo/big"
-        );
-        assert_eq!(
-            controller.route("x", "random", 1.0).await.unwrap().model,
-            "echo/small"
-        );
+        assert_eq!(controller.route("x", "random", 0.0).await.unwrap().model, "echo/big");
+        assert_eq!(controller.route("x", "random", 1.0).await.unwrap().model, "echo/small");
         assert!(controller.route("x", "random", 2.0).await.is_err());
         assert!(controller.route("x", "nope", 0.5).await.is_err());
     }
@@ -274,10 +249,7 @@ mod tests {
             .map(|chunk| chunk.as_ref().unwrap())
             .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
             .collect();
-        assert!(
-            text.contains("echo/small") && text.contains("hello world"),
-            "{text}"
-        );
+        assert!(text.contains("echo/small") && text.contains("hello world"), "{text}");
     }
 
     #[tokio::test]
@@ -287,10 +259,7 @@ mod tests {
             Bytes::from_static(b":1}\n\n: comment\n\ndata: {\"b\":2}\r\n\r\ndata: {\"c\":3}"),
         ];
         let events: Vec<Bytes> = sse_events(stream::iter(pieces)).collect().await;
-        assert_eq!(
-            events,
-            vec![&b"{\"a\":1}"[..], &b"{\"b\":2}"[..], &b"{\"c\":3}"[..]]
-        );
+        assert_eq!(events, vec![&b"{\"a\":1}"[..], &b"{\"b\":2}"[..], &b"{\"c\":3}"[..]]);
         let done = vec![Bytes::from_static(
             b"data: {\"a\":1}\n\ndata: [DONE]\n\ndata: {\"late\":1}\n\n",
         )];

@@ -19,20 +19,14 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// The answer text: which model answered, why, and what it was asked.
 #[must_use]
 pub fn answer_text(model: &str, input: &EchoInput<'_>) -> String {
-    format!(
-        "[echo/{model}] {}. Your message: {}",
-        input.route_note, input.prompt
-    )
+    format!("[echo/{model}] {}. Your message: {}", input.route_note, input.prompt)
 }
 
 /// A complete answer (or a stream of it) from the echo model `model`.
 #[must_use]
 pub fn reply(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
     let text = answer_text(model, input);
-    let id = format!(
-        "chatcmpl-echo-{:016x}",
-        NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    );
+    let id = format!("chatcmpl-echo-{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
@@ -59,10 +53,7 @@ pub fn reply(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
             "usage": usage,
             "system_fingerprint": null,
         });
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return Reply::Complete {
             status: StatusCode::OK,
             headers,
@@ -84,8 +75,10 @@ pub fn reply(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
         json!({"role": "assistant", "content": "", "refusal": null}),
         None,
     )];
-    for piece in text.split_inclusive(' ') {
-        events.push(chunk(json!({"content": piece}), None));
+    // A few words per event, like a real model's token stream, without one event per word.
+    let pieces: Vec<&str> = text.split_inclusive(' ').collect();
+    for group in pieces.chunks(8) {
+        events.push(chunk(json!({"content": group.concat()}), None));
     }
     events.push(chunk(json!({}), Some("stop")));
     if input.include_usage {
@@ -159,19 +152,12 @@ mod tests {
             panic!("expected a stream")
         };
         let frames: Vec<Bytes> = body.map(|frame| frame.unwrap()).collect().await;
-        let text: String = frames
-            .iter()
-            .map(|f| std::str::from_utf8(f).unwrap())
-            .collect();
+        let text: String = frames.iter().map(|f| std::str::from_utf8(f).unwrap()).collect();
         assert!(text.ends_with("data: [DONE]\n\n"));
         let mut content = String::new();
         let mut saw_usage = false;
-        for event in text
-            .split("\n\n")
-            .filter(|e| !e.is_empty() && *e != "data: [DONE]")
-        {
-            let json: serde_json::Value =
-                serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap();
+        for event in text.split("\n\n").filter(|e| !e.is_empty() && *e != "data: [DONE]") {
+            let json: serde_json::Value = serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap();
             assert_eq!(json["object"], "chat.completion.chunk");
             if let Some(piece) = json["choices"][0]["delta"]["content"].as_str() {
                 content.push_str(piece);

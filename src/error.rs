@@ -113,9 +113,7 @@ impl Error {
             Error::ModelNotFound(_) | Error::UnknownUrl { .. } => StatusCode::NOT_FOUND,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::UpstreamStatus { status, .. } => *status,
             Error::Router { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => {
@@ -136,9 +134,7 @@ impl Error {
             | Error::UpstreamTimeout { .. }
             | Error::UpstreamStatus { .. }
             | Error::UpstreamProtocol { .. } => "upstream_error",
-            Error::Router { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => {
-                "server_error"
-            }
+            Error::Router { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => "server_error",
         }
     }
 
@@ -161,9 +157,7 @@ impl Error {
             Error::UpstreamStatus { .. } => Some("upstream_status"),
             Error::UpstreamProtocol { .. } => Some("upstream_invalid_response"),
             Error::Router { .. } => Some("router_error"),
-            Error::UnknownUrl { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => {
-                None
-            }
+            Error::UnknownUrl { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => None,
         }
     }
 
@@ -192,8 +186,7 @@ impl Error {
         };
         // Serialising a struct of strings cannot fail; the fallback only keeps us panic-free.
         serde_json::to_string(&body).unwrap_or_else(|_| {
-            r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#
-                .to_owned()
+            r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_owned()
         })
     }
 }
@@ -207,10 +200,9 @@ impl IntoResponse for Error {
             tracing::debug!(error = %self, "request rejected");
         }
         let mut response = (status, self.to_json()).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response
     }
 }
@@ -228,10 +220,7 @@ mod tests {
         let error = Error::missing_param("messages");
         assert_eq!(error.status(), StatusCode::BAD_REQUEST);
         let json = parsed(&error);
-        assert_eq!(
-            json["error"]["message"],
-            "Missing required parameter: 'messages'."
-        );
+        assert_eq!(json["error"]["message"], "Missing required parameter: 'messages'.");
         assert_eq!(json["error"]["type"], "invalid_request_error");
         assert_eq!(json["error"]["param"], "messages");
         assert_eq!(json["error"]["code"], "missing_required_parameter");

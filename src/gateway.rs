@@ -70,18 +70,15 @@ impl Gateway {
     pub fn from_config(config: &Config) -> Result<Self, Error> {
         let mut routers = BTreeMap::new();
         for name in &config.routers {
-            let router = routers::build(name)
-                .map_err(|source| Error::Config(format!("router `{name}`: {source}")))?;
+            let router =
+                routers::build(name, config).map_err(|source| Error::Config(format!("router `{name}`: {source}")))?;
             routers.insert(name.clone(), router);
         }
         Self::with_routers(config, routers)
     }
 
     /// Like [`Gateway::from_config`] with routers built by the caller (tests, custom routers).
-    pub fn with_routers(
-        config: &Config,
-        routers: BTreeMap<String, Arc<dyn Router>>,
-    ) -> Result<Self, Error> {
+    pub fn with_routers(config: &Config, routers: BTreeMap<String, Arc<dyn Router>>) -> Result<Self, Error> {
         if let Some(router) = config.thresholds.keys().find(|name| !routers.contains_key(*name)) {
             return Err(Error::Config(format!(
                 "thresholds.{router}: `{router}` is not among the served routers ({})",
@@ -89,12 +86,7 @@ impl Gateway {
             )));
         }
         let env = |name: &str| std::env::var(name).ok();
-        let strong = providers::resolve(
-            &config.strong_model,
-            &config.global,
-            &config.providers,
-            &env,
-        )?;
+        let strong = providers::resolve(&config.strong_model, &config.global, &config.providers, &env)?;
         let weak = providers::resolve(&config.weak_model, &config.global, &config.providers, &env)?;
         install_crypto_provider();
         let client = reqwest::Client::builder()
@@ -182,31 +174,24 @@ impl Gateway {
         threshold: Option<f64>,
         prompt: String,
     ) -> Result<RouteDecision, Error> {
-        let router = self
-            .routers
-            .get(router_name)
+        let router = self.routers.get(router_name).ok_or_else(|| Error::InvalidRequest {
+            message: format!(
+                "Unknown router `{router_name}`. Available routers: {}.",
+                self.routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+            ),
+            param: Some("model"),
+            code: Some("invalid_model"),
+        })?;
+        let threshold = threshold
+            .or_else(|| self.default_threshold(router_name))
             .ok_or_else(|| Error::InvalidRequest {
-                message: format!(
-                    "Unknown router `{router_name}`. Available routers: {}.",
-                    self.routers
-                        .keys()
-                        .map(String::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                param: Some("model"),
-                code: Some("invalid_model"),
-            })?;
-        let threshold = threshold.or_else(|| self.default_threshold(router_name)).ok_or_else(|| {
-            Error::InvalidRequest {
                 message: format!(
                     "Router `{router_name}` has no default threshold: use `router-{router_name}-<threshold>` with a \
                      threshold in [0, 1], or set `thresholds.{router_name}` in the config (see `routellm calibrate`)."
                 ),
                 param: Some("model"),
                 code: Some("invalid_model"),
-            }
-        })?;
+            })?;
         let win_rate = score(router, router_name, prompt).await?;
         let tier = if win_rate >= threshold {
             Tier::Strong
@@ -241,9 +226,7 @@ impl Gateway {
         let request = ChatRequest::parse(body)?;
         let (decision, upstream) = match model_name::parse(request.model())? {
             ModelTarget::Routed { router, threshold } => {
-                let decision = self
-                    .route(router, threshold, request.last_user_prompt()?)
-                    .await?;
+                let decision = self.route(router, threshold, request.last_user_prompt()?).await?;
                 let upstream = self.upstream(decision.tier);
                 (Some(decision), upstream)
             }
@@ -274,13 +257,7 @@ impl Gateway {
         };
         let started = Instant::now();
         let reply = upstream
-            .send(
-                &self.client,
-                forwarded,
-                request.stream(),
-                self.request_timeout,
-                &echo,
-            )
+            .send(&self.client, forwarded, request.stream(), self.request_timeout, &echo)
             .await?;
         Ok(Completion {
             decision,
@@ -326,10 +303,7 @@ fn describe(decision: Option<&RouteDecision>, upstream: &Upstream) -> String {
             decision.tier.as_str(),
             upstream.model.name
         ),
-        None => format!(
-            "{} was requested directly, without routing",
-            upstream.model.name
-        ),
+        None => format!("{} was requested directly, without routing", upstream.model.name),
     }
 }
 
@@ -397,19 +371,10 @@ mod tests {
     #[tokio::test]
     async fn threshold_is_inclusive_for_strong() {
         let gateway = gateway(0.5, "");
-        let at = gateway
-            .route("random", Some(0.5), String::new())
-            .await
-            .unwrap();
+        let at = gateway.route("random", Some(0.5), String::new()).await.unwrap();
         assert_eq!((at.tier, at.model.as_str()), (Tier::Strong, "echo/strong"));
-        let above = gateway
-            .route("random", Some(0.500_001), String::new())
-            .await
-            .unwrap();
-        assert_eq!(
-            (above.tier, above.model.as_str()),
-            (Tier::Weak, "echo/weak")
-        );
+        let above = gateway.route("random", Some(0.500_001), String::new()).await.unwrap();
+        assert_eq!((above.tier, above.model.as_str()), (Tier::Weak, "echo/weak"));
     }
 
     #[tokio::test]
@@ -418,32 +383,24 @@ mod tests {
         let decision = gateway.route("random", None, String::new()).await.unwrap();
         assert_eq!((decision.threshold, decision.tier), (0.2, Tier::Strong));
         let without = self::gateway(0.3, "");
-        let error = without
-            .route("random", None, String::new())
-            .await
-            .unwrap_err();
-        assert!(
-            error.to_string().contains("no default threshold"),
-            "{error}"
-        );
+        let error = without.route("random", None, String::new()).await.unwrap_err();
+        assert!(error.to_string().contains("no default threshold"), "{error}");
     }
 
     #[tokio::test]
     async fn out_of_range_scores_are_server_errors_not_routes() {
         let gateway = gateway(1.5, "");
-        let error = gateway
-            .route("random", Some(0.5), String::new())
-            .await
-            .unwrap_err();
-        assert_eq!(
-            error.status(),
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR
-        );
+        let error = gateway.route("random", Some(0.5), String::new()).await.unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]
     fn thresholds_must_name_served_routers() {
-        let config = Config::merge(FileConfig::from_yaml("thresholds: {mf: 0.5}\n").unwrap(), Overrides::default()).unwrap();
+        let config = Config::merge(
+            FileConfig::from_yaml("thresholds: {mf: 0.5}\n").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
         let Err(error) = Gateway::from_config(&config) else {
             panic!("a threshold for an unserved router must fail start-up")
         };

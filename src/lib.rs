@@ -11,6 +11,10 @@
 //! - [`providers`]: LiteLLM-style `<provider>/<model>` names resolved to OpenAI-compatible endpoints.
 //! - [`upstream`]: forwarding to a model, streaming passthrough, SSE error events.
 //! - [`echo`]: the offline `echo/<name>` provider for trying the router without keys.
+//! - [`eval`]: `routellm eval`: benchmarks, metrics (APGR, AUC, CPT, bootstrap CIs), plots.
+//! - [`scoring`]: batch scoring on all cores and threshold calibration (`score`, `calibrate`).
+//! - [`prompts`]: reading prompt files (JSONL `prompt`/`messages`, or plain text).
+//! - [`progress`]: a progress bar for long scoring runs.
 //! - [`config`]: YAML, environment and flags merged and validated once.
 //! - [`error`]: the one error enum and its OpenAI-shaped JSON.
 //! - [`cli`]: the `routellm` command line.
@@ -20,11 +24,15 @@ pub mod config;
 pub mod controller;
 pub mod echo;
 pub mod error;
+pub mod eval;
 pub mod gateway;
 pub mod model_name;
+pub mod progress;
+pub mod prompts;
 pub mod providers;
 pub mod request;
 pub mod routers;
+pub mod scoring;
 pub mod server;
 pub mod upstream;
 

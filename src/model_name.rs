@@ -7,10 +7,7 @@ use crate::error::Error;
 pub enum ModelTarget<'a> {
     /// `router-<name>[-<threshold>]`: score the prompt with `router` and compare to `threshold`
     /// (`None`: the router's configured default threshold).
-    Routed {
-        router: &'a str,
-        threshold: Option<f64>,
-    },
+    Routed { router: &'a str, threshold: Option<f64> },
     /// Any other name: forwarded to the configured model of that name, without routing.
     Direct(&'a str),
 }
@@ -70,27 +67,15 @@ mod tests {
     #[test]
     fn parses_router_and_threshold() {
         assert_eq!(parse("router-mf-0.116").unwrap(), routed("mf", Some(0.116)));
-        assert_eq!(
-            parse("router-sw_ranking-0.5").unwrap(),
-            routed("sw_ranking", Some(0.5))
-        );
-        assert_eq!(
-            parse("router-random-1").unwrap(),
-            routed("random", Some(1.0))
-        );
-        assert_eq!(
-            parse("router-random-0").unwrap(),
-            routed("random", Some(0.0))
-        );
+        assert_eq!(parse("router-sw_ranking-0.5").unwrap(), routed("sw_ranking", Some(0.5)));
+        assert_eq!(parse("router-random-1").unwrap(), routed("random", Some(1.0)));
+        assert_eq!(parse("router-random-0").unwrap(), routed("random", Some(0.0)));
     }
 
     #[test]
     fn scientific_notation_keeps_its_minus() {
         assert_eq!(parse("router-mf-1e-3").unwrap(), routed("mf", Some(0.001)));
-        assert_eq!(
-            parse("router-bert-2.5E-1").unwrap(),
-            routed("bert", Some(0.25))
-        );
+        assert_eq!(parse("router-bert-2.5E-1").unwrap(), routed("bert", Some(0.25)));
     }
 
     #[test]
@@ -101,10 +86,7 @@ mod tests {
     #[test]
     fn other_names_are_direct() {
         assert_eq!(parse("gpt-4o").unwrap(), ModelTarget::Direct("gpt-4o"));
-        assert_eq!(
-            parse("routerx-mf-0.5").unwrap(),
-            ModelTarget::Direct("routerx-mf-0.5")
-        );
+        assert_eq!(parse("routerx-mf-0.5").unwrap(), ModelTarget::Direct("routerx-mf-0.5"));
     }
 
     #[test]
@@ -120,11 +102,7 @@ mod tests {
             ("router-", "router name is empty"),
         ] {
             let error = parse(model).unwrap_err();
-            assert_eq!(
-                error.status(),
-                axum::http::StatusCode::BAD_REQUEST,
-                "{model}"
-            );
+            assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST, "{model}");
             let message = error.to_string();
             assert!(message.contains(fragment), "{model}: {message}");
             assert!(message.contains("router-<router>-<threshold>"), "{message}");

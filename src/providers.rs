@@ -33,11 +33,7 @@ pub const BUILTIN: &[BuiltinProvider] = &[
     BuiltinProvider {
         prefixes: &["together", "together_ai"],
         default_base_url: "https://api.together.xyz/v1",
-        key_vars: &[
-            "TOGETHER_API_KEY",
-            "TOGETHERAI_API_KEY",
-            "TOGETHER_AI_API_KEY",
-        ],
+        key_vars: &["TOGETHER_API_KEY", "TOGETHERAI_API_KEY", "TOGETHER_AI_API_KEY"],
         base_url_var: "TOGETHER_BASE_URL",
     },
     BuiltinProvider {
@@ -189,9 +185,7 @@ pub fn resolve(
         (None, None) => ("openai", name, Some(openai)),
     };
     if provider_model.is_empty() {
-        return Err(Error::Config(format!(
-            "`{name}` names a provider but no model"
-        )));
+        return Err(Error::Config(format!("`{name}` names a provider but no model")));
     }
     let file_provider = providers.get(provider);
 
@@ -202,9 +196,7 @@ pub fn resolve(
         .or_else(|| builtin.and_then(|b| env(b.base_url_var)))
         .or_else(|| file_provider.and_then(|p| p.base_url.clone()))
         .or_else(|| builtin.map(|b| b.default_base_url.to_owned()))
-        .ok_or_else(|| {
-            Error::Config(format!("provider `{provider}` of `{name}` has no base_url"))
-        })?;
+        .ok_or_else(|| Error::Config(format!("provider `{provider}` of `{name}` has no base_url")))?;
     let api_key = global
         .api_key
         .clone()
@@ -266,9 +258,7 @@ mod tests {
 
     fn http(resolved: &ResolvedModel) -> (&str, Option<&str>) {
         match &resolved.endpoint {
-            Endpoint::Http { base_url, api_key } => {
-                (base_url.as_str(), api_key.as_ref().map(Secret::expose))
-            }
+            Endpoint::Http { base_url, api_key } => (base_url.as_str(), api_key.as_ref().map(Secret::expose)),
             Endpoint::Echo => panic!("expected http"),
         }
     }
@@ -276,13 +266,7 @@ mod tests {
     #[test]
     fn bare_and_openai_prefixed_names_use_openai() {
         for name in ["gpt-4o", "openai/gpt-4o"] {
-            let resolved = resolve(
-                &model(name),
-                &GlobalOverrides::default(),
-                &BTreeMap::new(),
-                &no_env,
-            )
-            .unwrap();
+            let resolved = resolve(&model(name), &GlobalOverrides::default(), &BTreeMap::new(), &no_env).unwrap();
             assert_eq!(resolved.provider_model, "gpt-4o");
             assert_eq!(http(&resolved), ("https://api.openai.com/v1", None));
         }
@@ -298,10 +282,7 @@ mod tests {
             &env,
         )
         .unwrap();
-        assert_eq!(
-            resolved.provider_model,
-            "mistralai/Mixtral-8x7B-Instruct-v0.1"
-        );
+        assert_eq!(resolved.provider_model, "mistralai/Mixtral-8x7B-Instruct-v0.1");
         assert_eq!(http(&resolved), ("https://api.together.xyz/v1", Some("tk")));
     }
 
@@ -340,15 +321,8 @@ mod tests {
 
     #[test]
     fn base_url_variable_overrides_default_and_global_overrides_all() {
-        let env =
-            |var: &str| (var == "OPENAI_BASE_URL").then(|| "http://127.0.0.1:9/v1/".to_owned());
-        let resolved = resolve(
-            &model("gpt-4o"),
-            &GlobalOverrides::default(),
-            &BTreeMap::new(),
-            &env,
-        )
-        .unwrap();
+        let env = |var: &str| (var == "OPENAI_BASE_URL").then(|| "http://127.0.0.1:9/v1/".to_owned());
+        let resolved = resolve(&model("gpt-4o"), &GlobalOverrides::default(), &BTreeMap::new(), &env).unwrap();
         assert_eq!(http(&resolved).0, "http://127.0.0.1:9/v1");
         let global = GlobalOverrides {
             base_url: Some("http://10.0.0.1/v1".into()),
@@ -372,18 +346,9 @@ mod tests {
             },
         );
         let env = |var: &str| (var == "ACME_KEY").then(|| "secret".to_owned());
-        let resolved = resolve(
-            &model("acme/big"),
-            &GlobalOverrides::default(),
-            &providers,
-            &env,
-        )
-        .unwrap();
+        let resolved = resolve(&model("acme/big"), &GlobalOverrides::default(), &providers, &env).unwrap();
         assert_eq!(resolved.provider, "acme");
-        assert_eq!(
-            http(&resolved),
-            ("https://llm.acme.test/v1", Some("secret"))
-        );
+        assert_eq!(http(&resolved), ("https://llm.acme.test/v1", Some("secret")));
     }
 
     #[test]
@@ -416,13 +381,7 @@ mod tests {
     fn bad_names_and_urls_are_config_errors() {
         for name in ["", "echo/", "groq/"] {
             assert!(
-                resolve(
-                    &model(name),
-                    &GlobalOverrides::default(),
-                    &BTreeMap::new(),
-                    &no_env
-                )
-                .is_err(),
+                resolve(&model(name), &GlobalOverrides::default(), &BTreeMap::new(), &no_env).is_err(),
                 "{name}"
             );
         }

@@ -150,14 +150,27 @@ impl<'a> ChatRequest<'a> {
     }
 }
 
+/// The text of the last user message in a `messages` array (chat logs, prompt files),
+/// read exactly as routed requests are; `None` if there is no user message.
+#[must_use]
+pub fn last_user_text(messages: &serde_json::Value) -> Option<String> {
+    let message = messages
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|message| message.get("role").and_then(serde_json::Value::as_str) == Some("user"))?;
+    match message.get("content") {
+        None | Some(serde_json::Value::Null) => Some(String::new()),
+        Some(content) => Content::deserialize(content).ok().map(Content::into_text),
+    }
+}
+
 /// The messages, checked for shape: a non-empty array of objects with a string `role`.
 fn parse_messages(raw: Option<&RawValue>) -> Result<Vec<Message<'_>>, Error> {
     let raw = raw.ok_or(Error::missing_param("messages"))?;
     let messages = Vec::<Message<'_>>::deserialize(raw).map_err(|error| {
         Error::invalid_param(
-            format!(
-                "Invalid 'messages': expected an array of message objects, each with a string 'role' ({error})."
-            ),
+            format!("Invalid 'messages': expected an array of message objects, each with a string 'role' ({error})."),
             "messages",
         )
     })?;
@@ -315,6 +328,20 @@ mod tests {
     }
 
     #[test]
+    fn last_user_text_from_a_chat_log() {
+        let messages = serde_json::json!([
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ]);
+        assert_eq!(last_user_text(&messages).as_deref(), Some("a\nb"));
+        assert_eq!(
+            last_user_text(&serde_json::json!([{"role": "system", "content": "x"}])),
+            None
+        );
+    }
+
+    #[test]
     fn stream_flag_is_read() {
         let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}"#;
         assert!(ChatRequest::parse(body.as_bytes()).unwrap().stream());
@@ -329,26 +356,14 @@ mod tests {
                 .to_string()
                 .contains("could not parse the JSON body")
         );
-        assert!(
-            error_of("")
-                .to_string()
-                .contains("could not parse the JSON body")
-        );
-        assert!(
-            error_of("[1,2]")
-                .to_string()
-                .contains("must be a JSON object")
-        );
+        assert!(error_of("").to_string().contains("could not parse the JSON body"));
+        assert!(error_of("[1,2]").to_string().contains("must be a JSON object"));
         assert!(
             error_of(r#"{"messages":[]}"#)
                 .to_string()
                 .contains("must provide a model")
         );
-        assert!(
-            error_of(r#"{"model":"m"}"#)
-                .to_string()
-                .contains("'messages'")
-        );
+        assert!(error_of(r#"{"model":"m"}"#).to_string().contains("'messages'"));
         assert!(
             error_of(r#"{"model":3,"messages":[]}"#)
                 .to_string()
@@ -389,12 +404,6 @@ mod tests {
         );
         let body = r#"{"model":"m","messages":[{"role":"user","content":5}]}"#;
         let request = ChatRequest::parse(body.as_bytes()).unwrap();
-        assert!(
-            request
-                .last_user_prompt()
-                .unwrap_err()
-                .to_string()
-                .contains("content")
-        );
+        assert!(request.last_user_prompt().unwrap_err().to_string().contains("content"));
     }
 }

@@ -70,9 +70,7 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
 }
 
 /// The raw request body, read under the configured limit, with an OpenAI-shaped error otherwise.
@@ -106,15 +104,9 @@ impl FromRequest<AppState> for BodyBytes {
     }
 }
 
-async fn chat_completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    BodyBytes(body): BodyBytes,
-) -> Response {
+async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, BodyBytes(body): BodyBytes) -> Response {
     let received = Instant::now();
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok());
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
     if let Err(error) = state.authorize(authorization) {
         return error.into_response();
     }
@@ -144,20 +136,12 @@ fn respond(completion: Completion, received: Instant) -> Response {
         "chat completion"
     );
     let (mut response, mut extra) = match reply {
-        Reply::Complete {
-            status,
-            headers,
-            body,
-        } => {
+        Reply::Complete { status, headers, body } => {
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
             (response, headers)
         }
-        Reply::Stream {
-            status,
-            headers,
-            body,
-        } => {
+        Reply::Stream { status, headers, body } => {
             let mut response = Response::new(Body::from_stream(body));
             *response.status_mut() = status;
             (response, headers)
@@ -165,20 +149,12 @@ fn respond(completion: Completion, received: Instant) -> Response {
     };
     if let Some(decision) = &decision {
         insert(&mut extra, HEADER_ROUTER, &decision.router);
-        insert(
-            &mut extra,
-            HEADER_THRESHOLD,
-            &decision.threshold.to_string(),
-        );
+        insert(&mut extra, HEADER_THRESHOLD, &decision.threshold.to_string());
         insert(&mut extra, HEADER_WIN_RATE, &decision.win_rate.to_string());
         insert(&mut extra, HEADER_TIER, decision.tier.as_str());
     }
     insert(&mut extra, HEADER_MODEL, &model);
-    insert(
-        &mut extra,
-        HEADER_OVERHEAD,
-        &overhead.as_micros().to_string(),
-    );
+    insert(&mut extra, HEADER_OVERHEAD, &overhead.as_micros().to_string());
     let headers = response.headers_mut();
     for (name, value) in extra {
         if let Some(name) = name {
@@ -197,9 +173,7 @@ fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
 }
 
 async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok());
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
     if let Err(error) = state.authorize(authorization) {
         return error.into_response();
     }

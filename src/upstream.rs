@@ -91,13 +91,9 @@ impl Upstream {
                 let authorization = api_key
                     .as_ref()
                     .map(|key| {
-                        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                            .map_err(|_| {
-                                Error::Config(format!(
-                                    "the API key of `{}` is not a valid header",
-                                    model.name
-                                ))
-                            })?;
+                        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                            Error::Config(format!("the API key of `{}` is not a valid header", model.name))
+                        })?;
                         value.set_sensitive(true);
                         Ok::<_, Error>(value)
                     })
@@ -129,19 +125,13 @@ impl Upstream {
         };
         let mut request = client
             .post(url.clone())
-            .header(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )
+            .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);
         if let Some(authorization) = authorization {
             request = request.header(header::AUTHORIZATION, authorization.clone());
         }
         if stream {
-            request = request.header(
-                header::ACCEPT,
-                HeaderValue::from_static("text/event-stream"),
-            );
+            request = request.header(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
         } else {
             // A stream may legitimately run longer than any fixed budget; a single answer may not.
             request = request.timeout(timeout);
@@ -163,11 +153,7 @@ impl Upstream {
                         reason: format!("the response exceeds {MAX_RESPONSE_BYTES} bytes"),
                     },
                 })?;
-            return Ok(Reply::Complete {
-                status,
-                headers,
-                body,
-            });
+            return Ok(Reply::Complete { status, headers, body });
         }
 
         let mut chunks = response.bytes_stream();
@@ -206,11 +192,7 @@ impl Upstream {
             std::future::ready(next)
         });
         let body: ByteStream = Box::pin(stream::once(std::future::ready(Ok(first))).chain(rest));
-        Ok(Reply::Stream {
-            status,
-            headers,
-            body,
-        })
+        Ok(Reply::Stream { status, headers, body })
     }
 
     fn timed_out(&self, reason: &str) -> Error {
@@ -291,10 +273,7 @@ mod tests {
     fn hop_by_hop_headers_are_dropped_others_kept() {
         let mut upstream = HeaderMap::new();
         upstream.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        upstream.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        upstream.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         upstream.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
         upstream.insert("x-request-id", HeaderValue::from_static("abc"));
         upstream.insert("openai-processing-ms", HeaderValue::from_static("12"));

@@ -1,5 +1,7 @@
 //! The real `routellm` binary driven by the official OpenAI Python SDK (`pip install openai`).
 
+#![allow(clippy::unwrap_used, clippy::format_collect)] // test code: a panic is the failure report
+
 mod common;
 
 use std::process::Stdio;
@@ -55,9 +57,7 @@ async fn run_sdk_script(base_url: &str, mode: &str) {
 #[tokio::test]
 async fn official_sdk_against_mock_upstreams() {
     let upstream = MockUpstream::start("mock").await;
-    let config = tempfile(
-        "thresholds: {random: 0.5}\nstrong_model: openai/gpt-4o\nweak_model: groq/llama3-8b\n",
-    );
+    let config = tempfile("thresholds: {random: 0.5}\nstrong_model: openai/gpt-4o\nweak_model: groq/llama3-8b\n");
     let (_child, base_url) = start_binary(&[
         "--config",
         config.to_str().unwrap(),
@@ -72,7 +72,11 @@ async fn official_sdk_against_mock_upstreams() {
     run_sdk_script(&base_url, "mock").await;
 
     let received = upstream.received();
-    assert!(received.iter().all(|r| r.headers["authorization"] == "Bearer sk-upstream"));
+    assert!(
+        received
+            .iter()
+            .all(|r| r.headers["authorization"] == "Bearer sk-upstream")
+    );
     let with_tools = received
         .iter()
         .map(common::Received::json)
@@ -87,8 +91,15 @@ async fn official_sdk_against_mock_upstreams() {
 
 #[tokio::test]
 async fn official_sdk_against_offline_echo_models() {
-    let (_child, base_url) =
-        start_binary(&["--routers", "random", "--strong-model", "echo/gpt-4o", "--weak-model", "echo/mixtral"]).await;
+    let (_child, base_url) = start_binary(&[
+        "--routers",
+        "random",
+        "--strong-model",
+        "echo/gpt-4o",
+        "--weak-model",
+        "echo/mixtral",
+    ])
+    .await;
     run_sdk_script(&base_url, "echo").await;
 }
 

@@ -1,6 +1,8 @@
 //! The proxy end to end: mock upstreams and the server on `127.0.0.1:0`, asserting which
 //! upstream received each request, what it received, and what the client got back.
 
+#![allow(clippy::unwrap_used, clippy::format_collect)] // test code: a panic is the failure report
+
 mod common;
 
 use std::time::Duration;
@@ -136,7 +138,9 @@ async fn upstream_error_before_first_byte_keeps_status_and_body() {
         let error = openai_error(response, 429).await;
         assert_eq!(error["code"], "rate_limit_exceeded");
     }
-    let response = proxy.post_chat(&body("router-random-0", r#","mock":"bad_request""#)).await;
+    let response = proxy
+        .post_chat(&body("router-random-0", r#","mock":"bad_request""#))
+        .await;
     let error = openai_error(response, 400).await;
     assert_eq!(error["param"], "temperature");
 }
@@ -185,12 +189,7 @@ async fn client_disconnect_cancels_the_upstream_stream() {
 async fn unreachable_upstream_is_502_and_slow_one_is_504() {
     let strong = MockUpstream::start("strong").await;
     let dead = format!("http://127.0.0.1:{}/v1", closed_port().await);
-    let proxy = Proxy::start(
-        &strong.base_url(),
-        &dead,
-        "upstream: {request_timeout_secs: 0.5}\n",
-    )
-    .await;
+    let proxy = Proxy::start(&strong.base_url(), &dead, "upstream: {request_timeout_secs: 0.5}\n").await;
     for extra in ["", r#","stream":true"#] {
         let response = proxy.post_chat(&body("router-random-1", extra)).await;
         let error = openai_error(response, 502).await;
@@ -215,12 +214,30 @@ async fn client_mistakes_are_400s_with_openai_errors() {
         (r#"{"messages":[{"role":"user","content":"x"}]}"#, "model"),
         (r#"{"model":"router-random-0.5"}"#, "'messages'"),
         (r#"{"model":"router-random-0.5","messages":[]}"#, "empty array"),
-        (r#"{"model":"router-random-0.5","messages":[{"role":"system","content":"x"}]}"#, "role 'user'"),
-        (r#"{"model":"router-random-1.5","messages":[{"role":"user","content":"x"}]}"#, "outside [0, 1]"),
-        (r#"{"model":"router-random-abc","messages":[{"role":"user","content":"x"}]}"#, "not a number"),
-        (r#"{"model":"router-random","messages":[{"role":"user","content":"x"}]}"#, "no default threshold"),
-        (r#"{"model":"router-mf-0.5","messages":[{"role":"user","content":"x"}]}"#, "Available routers: fixed_high, random"),
-        (r#"{"model":"router-random-0.5","stream":"yes","messages":[{"role":"user","content":"x"}]}"#, "'stream'"),
+        (
+            r#"{"model":"router-random-0.5","messages":[{"role":"system","content":"x"}]}"#,
+            "role 'user'",
+        ),
+        (
+            r#"{"model":"router-random-1.5","messages":[{"role":"user","content":"x"}]}"#,
+            "outside [0, 1]",
+        ),
+        (
+            r#"{"model":"router-random-abc","messages":[{"role":"user","content":"x"}]}"#,
+            "not a number",
+        ),
+        (
+            r#"{"model":"router-random","messages":[{"role":"user","content":"x"}]}"#,
+            "no default threshold",
+        ),
+        (
+            r#"{"model":"router-mf-0.5","messages":[{"role":"user","content":"x"}]}"#,
+            "Available routers: fixed_high, random",
+        ),
+        (
+            r#"{"model":"router-random-0.5","stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
+            "'stream'",
+        ),
         (r#"{"model":7,"messages":[{"role":"user","content":"x"}]}"#, "'model'"),
     ];
     for (request, fragment) in cases {
@@ -239,10 +256,21 @@ async fn unknown_model_and_url_are_404() {
     let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
     let error = openai_error(proxy.post_chat(&body("gpt-9", "")).await, 404).await;
     assert_eq!(error["code"], "model_not_found");
-    let response = proxy.client.post(proxy.url("/v1/embeddings")).body("{}").send().await.unwrap();
+    let response = proxy
+        .client
+        .post(proxy.url("/v1/embeddings"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     let error = openai_error(response, 404).await;
     assert_eq!(error["message"], "Invalid URL (POST /v1/embeddings)");
-    let response = proxy.client.get(proxy.url("/v1/chat/completions")).send().await.unwrap();
+    let response = proxy
+        .client
+        .get(proxy.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
     openai_error(response, 404).await;
 }
 
@@ -282,16 +310,48 @@ async fn api_keys_guard_the_proxy() {
 async fn models_and_health_endpoints() {
     let (strong, weak) = pair().await;
     let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "thresholds: {random: 0.25}\n").await;
-    let health: Value = proxy.client.get(proxy.url("/health")).send().await.unwrap().json().await.unwrap();
+    let health: Value = proxy
+        .client
+        .get(proxy.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health, serde_json::json!({"status": "online"}));
-    let models: Value = proxy.client.get(proxy.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let models: Value = proxy
+        .client
+        .get(proxy.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["object"], "list");
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(
         ids,
-        vec!["router-fixed_high", "router-random-0.25", "openai/strong-model", "together_ai/weak-model"]
+        vec![
+            "router-fixed_high",
+            "router-random-0.25",
+            "openai/strong-model",
+            "together_ai/weak-model"
+        ]
     );
-    assert!(models["data"].as_array().unwrap().iter().all(|m| m["object"] == "model"));
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["object"] == "model")
+    );
 }
 
 #[tokio::test]
@@ -299,7 +359,11 @@ async fn proxy_reports_its_own_overhead() {
     let (strong, weak) = pair().await;
     let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
     let response = proxy.post_chat(&body("router-random-0", "")).await;
-    let overhead: u64 = response.headers()["x-routellm-overhead-us"].to_str().unwrap().parse().unwrap();
+    let overhead: u64 = response.headers()["x-routellm-overhead-us"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(overhead < 10_000_000, "{overhead}");
 }
 

@@ -5,11 +5,15 @@
 //! threshold in the model name (RouteLLM's rule). Routers load their artifacts once,
 //! in [`build`]; a router that cannot load fails start-up instead of serving guesses.
 
+mod length;
 mod random;
 
 use std::sync::Arc;
 
+pub use length::LengthRouter;
 pub use random::RandomRouter;
+
+use crate::config::Config;
 
 /// Why a router could not score a prompt or could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -38,15 +42,22 @@ pub trait Router: Send + Sync {
     fn scoring_cost(&self) -> ScoringCost {
         ScoringCost::Blocking
     }
+
+    /// Identifies the router's artifacts, so cached benchmark scores are reused only for
+    /// the same model; `None` (scores that change between runs) disables caching.
+    fn cache_key(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The routers this build can serve, in the order they are listed to users.
-pub const AVAILABLE: &[&str] = &["random"];
+pub const AVAILABLE: &[&str] = &["random", "length"];
 
-/// Builds the router called `name`, loading its artifacts.
-pub fn build(name: &str) -> Result<Arc<dyn Router>, RouterError> {
+/// Builds the router called `name`, loading its artifacts as `config` says.
+pub fn build(name: &str, _config: &Config) -> Result<Arc<dyn Router>, RouterError> {
     match name {
         "random" => Ok(Arc::new(RandomRouter::from_entropy())),
+        "length" => Ok(Arc::new(LengthRouter)),
         other => Err(RouterError::Load(format!(
             "unknown router `{other}`; available routers: {}",
             AVAILABLE.join(", ")
@@ -60,8 +71,13 @@ mod tests {
 
     #[test]
     fn every_listed_router_builds() {
+        let config = Config::merge(
+            crate::config::FileConfig::default(),
+            crate::config::Overrides::default(),
+        )
+        .unwrap();
         for name in AVAILABLE {
-            let router = build(name).unwrap();
+            let router = build(name, &config).unwrap();
             let rate = router.strong_win_rate("What is 2 + 2?").unwrap();
             assert!((0.0..=1.0).contains(&rate), "{name} gave {rate}");
         }
@@ -69,13 +85,15 @@ mod tests {
 
     #[test]
     fn unknown_router_lists_the_available_ones() {
-        let Err(error) = build("nope") else {
+        let config = Config::merge(
+            crate::config::FileConfig::default(),
+            crate::config::Overrides::default(),
+        )
+        .unwrap();
+        let Err(error) = build("nope", &config) else {
             panic!("an unknown router must not build")
         };
         let message = error.to_string();
-        assert!(
-            message.contains("nope") && message.contains("random"),
-            "{message}"
-        );
+        assert!(message.contains("nope") && message.contains("random"), "{message}");
     }
 }

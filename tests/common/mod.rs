@@ -1,5 +1,5 @@
 //! Mock upstreams and a proxy on `127.0.0.1:0`, shared by the integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)] // shared test helpers: a panic is the failure report
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,10 +12,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use routellm::Gateway;
 use routellm::config::{Config, FileConfig, Overrides};
 use routellm::routers::{Router as RouterTrait, RouterError};
 use routellm::server::{self, AppState};
-use routellm::Gateway;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
@@ -106,7 +106,11 @@ async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Byt
     match behaviour.as_str() {
         "rate_limited" => {
             let error = json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}});
-            return (StatusCode::TOO_MANY_REQUESTS, [("x-ratelimit-remaining-requests", "0")], axum::Json(error))
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("x-ratelimit-remaining-requests", "0")],
+                axum::Json(error),
+            )
                 .into_response();
         }
         "bad_request" => {
@@ -143,7 +147,7 @@ async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Byt
                     gate.notified().await;
                     Ok(second)
                 }
-                (1, "endless") => {
+                (1 | 2, "endless") => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     Ok(Bytes::from_static(b": keep-alive\n\n"))
                 }
@@ -157,14 +161,14 @@ async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Byt
                     Err(std::io::Error::other("upstream died"))
                 }
                 (1, _) => Ok(second),
-                (2, "endless") => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    Ok(Bytes::from_static(b": keep-alive\n\n"))
-                }
                 (2, _) => Ok(Bytes::from_static(b"data: [DONE]\n\n")),
                 _ => return None,
             };
-            let next = if behaviour == "endless" && step >= 1 { 2 } else { step + 1 };
+            let next = if behaviour == "endless" && step >= 1 {
+                2
+            } else {
+                step + 1
+            };
             Some((frame, next))
         }
     });

@@ -1,0 +1,26 @@
+# Multi-stage build: compile in the Rust image, run from a slim Debian with only CA certificates.
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock clippy.toml ./
+COPY src src
+COPY benches benches
+COPY tests tests
+RUN cargo build --release --locked --bin routellm
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin routellm
+WORKDIR /app
+COPY --from=build /src/target/release/routellm /usr/local/bin/routellm
+COPY routers /app/routers
+COPY config.example.yaml /app/config.example.yaml
+USER routellm
+ENV ROUTELLM_HOST=0.0.0.0 \
+    ROUTELLM_PORT=6060 \
+    ROUTELLM_ROUTERS_DIR=/app/routers
+EXPOSE 6060
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["routellm"]
+CMD ["serve"]

@@ -1,0 +1,206 @@
+//! Batch scoring and threshold calibration: what `routellm score`, `calibrate` and `eval`
+//! build on.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::Error;
+use crate::progress::Progress;
+use crate::routers::Router;
+
+/// Scores every prompt with `router`, on all cores, in prompt order.
+pub fn score_all(router: &dyn Router, name: &str, prompts: &[String]) -> Result<Vec<f64>, Error> {
+    // Small chunks handed out dynamically keep both cores busy when prompt lengths vary.
+    const CHUNK: usize = 64;
+    let progress = Progress::new(format!("scoring {name}"), prompts.len());
+    let workers = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(prompts.len().max(1));
+    let mut scores = vec![0.0; prompts.len()];
+    let next_chunk = AtomicUsize::new(0);
+    let results: Vec<Result<Vec<(usize, f64)>, Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut finished = Vec::new();
+                    loop {
+                        let start = next_chunk.fetch_add(CHUNK, Ordering::Relaxed);
+                        if start >= prompts.len() {
+                            return Ok(finished);
+                        }
+                        let end = (start + CHUNK).min(prompts.len());
+                        for (index, prompt) in prompts.iter().enumerate().take(end).skip(start) {
+                            let score = router.strong_win_rate(prompt).map_err(|source| Error::Router {
+                                router: name.to_owned(),
+                                source,
+                            })?;
+                            if !score.is_finite() || !(0.0..=1.0).contains(&score) {
+                                return Err(Error::Internal(format!(
+                                    "router `{name}` returned {score} for prompt {index}, outside [0, 1]"
+                                )));
+                            }
+                            finished.push((index, score));
+                        }
+                        progress.advance(end - start);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Internal(format!("router `{name}` panicked while scoring"))))
+            })
+            .collect()
+    });
+    for result in results {
+        for (index, score) in result? {
+            scores[index] = score;
+        }
+    }
+    Ok(scores)
+}
+
+/// A threshold that sends `strong_share` of `scores` to the strong model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    pub threshold: f64,
+    /// The share actually achieved on these prompts (ties can make it differ).
+    pub achieved_share: f64,
+    /// The threshold as printed: the fewest decimals (at least 5) that keep the same split.
+    pub display: String,
+}
+
+/// Picks the threshold between the k-th and (k+1)-th highest scores, k = round(share * n),
+/// so exactly that share of these prompts scores at or above it. Where ties make the exact
+/// share impossible, the achievable share nearest to it is chosen.
+pub fn calibrate(scores: &[f64], strong_share: f64) -> Result<Calibration, Error> {
+    if !(0.0..=1.0).contains(&strong_share) {
+        return Err(Error::invalid(format!(
+            "--strong-model-pct {strong_share} is outside [0, 1]"
+        )));
+    }
+    if scores.is_empty() {
+        return Err(Error::invalid("no prompts to calibrate on"));
+    }
+    let mut descending = scores.to_vec();
+    descending.sort_by(|a, b| b.total_cmp(a));
+    let n = descending.len();
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let wanted = (strong_share * n as f64).round() as usize;
+    let share_at = |threshold: f64| {
+        #[allow(clippy::cast_precision_loss)]
+        let share = descending.partition_point(|score| *score >= threshold) as f64 / n as f64;
+        share
+    };
+    let threshold_for = |k: usize| -> f64 {
+        if k == 0 {
+            next_up(descending[0]).min(1.0)
+        } else if k == n {
+            descending[n - 1]
+        } else if descending[k] < descending[k - 1] {
+            f64::midpoint(descending[k], descending[k - 1])
+        } else {
+            descending[k - 1]
+        }
+    };
+    let mut threshold = threshold_for(wanted);
+    if wanted > 0 && wanted < n && descending[wanted] == descending[wanted - 1] {
+        // Tied at the cut: either include the whole tie or exclude it, whichever is closer.
+        let tied = descending[wanted];
+        let include = tied;
+        let exclude = next_up(tied);
+        #[allow(clippy::cast_precision_loss)]
+        let target = wanted as f64 / n as f64;
+        threshold = if (share_at(include) - target).abs() <= (share_at(exclude) - target).abs() {
+            include
+        } else {
+            exclude
+        };
+    }
+    let achieved_share = share_at(threshold);
+    let display = shortest_display(threshold, |candidate| {
+        (share_at(candidate) - achieved_share).abs() < f64::EPSILON
+    });
+    Ok(Calibration {
+        threshold,
+        achieved_share,
+        display,
+    })
+}
+
+/// The fewest decimals (5 to 17) whose rounded value still satisfies `keeps_split`.
+fn shortest_display(value: f64, keeps_split: impl Fn(f64) -> bool) -> String {
+    for decimals in 5..=17 {
+        let text = format!("{value:.decimals$}");
+        if text.parse::<f64>().is_ok_and(&keeps_split) {
+            return text;
+        }
+    }
+    format!("{value}")
+}
+
+/// The smallest f64 greater than `value` (for non-negative finite values).
+fn next_up(value: f64) -> f64 {
+    if value.is_nan() || value == f64::INFINITY {
+        return value;
+    }
+    if value == 0.0 {
+        return f64::from_bits(1);
+    }
+    let bits = value.to_bits();
+    f64::from_bits(if value > 0.0 { bits + 1 } else { bits - 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routers::LengthRouter;
+
+    #[test]
+    fn calibration_hits_the_requested_share() {
+        let scores: Vec<f64> = (0..1000).map(|i| f64::from(i) / 1000.0).collect();
+        for share in [0.0, 0.1, 0.25, 0.5, 0.8, 1.0] {
+            let calibration = calibrate(&scores, share).unwrap();
+            assert!(
+                (calibration.achieved_share - share).abs() < 1e-9,
+                "{share}: {calibration:?}"
+            );
+            let printed: f64 = calibration.display.parse().unwrap();
+            #[allow(clippy::cast_precision_loss)]
+            let printed_share = scores.iter().filter(|s| **s >= printed).count() as f64 / 1000.0;
+            assert!((printed_share - share).abs() < 1e-9, "{share}: {printed}");
+        }
+    }
+
+    #[test]
+    fn close_scores_get_more_decimals() {
+        let scores = [0.116_000_1, 0.116_000_2, 0.9, 0.1];
+        let calibration = calibrate(&scores, 0.5).unwrap();
+        assert_eq!(calibration.achieved_share, 0.5);
+        assert!(calibration.display.len() > 7, "{}", calibration.display);
+    }
+
+    #[test]
+    fn ties_choose_the_nearest_achievable_share() {
+        let scores = [0.5, 0.5, 0.5, 0.5, 0.1];
+        let calibration = calibrate(&scores, 0.4).unwrap();
+        // Either all four tied prompts (80%) or none (0%) go strong: 80% is nearer to 40%.
+        assert_eq!(calibration.achieved_share, 0.8);
+        assert!(calibrate(&scores, 1.5).is_err());
+        assert!(calibrate(&[], 0.5).is_err());
+    }
+
+    #[test]
+    fn score_all_keeps_prompt_order() {
+        let prompts: Vec<String> = (0..300).map(|i| "x".repeat(i)).collect();
+        let scores = score_all(&LengthRouter, "length", &prompts).unwrap();
+        assert_eq!(scores.len(), 300);
+        assert!(scores.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+}

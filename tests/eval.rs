@@ -1,0 +1,243 @@
+//! `routellm eval`, `calibrate` and `score` on RouteLLM's real eval data (read from
+//! `../shared/data/routellm`) and on fixtures in RouteLLM's formats.
+
+#![allow(clippy::unwrap_used, clippy::format_collect)] // test code: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use routellm::config::{Config, FileConfig, Overrides};
+use routellm::eval::benchmark::{self, BenchmarkKind};
+use routellm::eval::{self, EvalOptions};
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/routellm")
+}
+
+fn out_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("routellm-eval-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn config() -> Config {
+    Config::merge(FileConfig::default(), Overrides::default()).unwrap()
+}
+
+fn options(benchmark: BenchmarkKind, output: PathBuf) -> EvalOptions {
+    EvalOptions {
+        routers: vec!["random".into()],
+        benchmark,
+        data_dir: Some(data_dir()),
+        output,
+        num_results: 10,
+        random_iters: 10,
+        bootstrap: 200,
+        strong_model: None,
+        weak_model: None,
+        overwrite_cache: false,
+        seed: 0,
+    }
+}
+
+#[test]
+fn mmlu_and_gsm8k_reproduce_routellm_model_scores() {
+    let mmlu = benchmark::load(&BenchmarkKind::Mmlu, &data_dir(), None, None).unwrap();
+    assert_eq!(mmlu.prompts.len(), 14_037);
+    assert_eq!(mmlu.dropped, 5);
+    let strong = eval::metrics::model_score(&mmlu.outcomes, true, 100.0);
+    let weak = eval::metrics::model_score(&mmlu.outcomes, false, 100.0);
+    assert_eq!(
+        (format!("{strong:.3}"), format!("{weak:.3}")),
+        ("80.587".into(), "68.091".into())
+    );
+    // RouteLLM concatenates domains in ALL_MMLU_DOMAINS order: European history comes first.
+    assert!(
+        mmlu.prompts[0].contains("This question refers to the following information"),
+        "{}",
+        mmlu.prompts[0]
+    );
+
+    let gsm8k = benchmark::load(&BenchmarkKind::Gsm8k, &data_dir(), None, None).unwrap();
+    assert_eq!(gsm8k.prompts.len(), 1_307);
+    let strong = eval::metrics::model_score(&gsm8k.outcomes, true, 100.0);
+    let weak = eval::metrics::model_score(&gsm8k.outcomes, false, 100.0);
+    assert_eq!(
+        (format!("{strong:.3}"), format!("{weak:.3}")),
+        ("85.769".into(), "63.734".into())
+    );
+}
+
+#[test]
+fn mmlu_eval_reports_baselines_with_intervals_and_writes_files() {
+    let output = out_dir("mmlu");
+    let report = eval::run(&options(BenchmarkKind::Mmlu, output.clone()), &config()).unwrap();
+    let random = &report.routers["random"];
+    assert!((random.apgr - 0.5).abs() < 0.03, "random APGR {}", random.apgr);
+    let [lo, hi] = random.apgr_ci95.unwrap();
+    assert!(lo < random.apgr && random.apgr < hi && hi - lo < 0.08, "{lo} {hi}");
+    let length = &report.routers["length"];
+    assert!((0.55..0.62).contains(&length.apgr), "length APGR {}", length.apgr);
+    assert_eq!(random.curve.len(), 11);
+    // The curve spans 0% to 100% strong calls and ends at the two models' scores.
+    let ends: Vec<f64> = [0.0, 100.0]
+        .iter()
+        .map(|pct| {
+            length
+                .curve
+                .iter()
+                .find(|p| (p.strong_pct - pct).abs() < 1e-9)
+                .unwrap()
+                .score
+        })
+        .collect();
+    assert!((ends[0] - report.weak_score).abs() < 1e-9 && (ends[1] - report.strong_score).abs() < 1e-9);
+    assert_eq!(report.optimal.len(), 11);
+    assert!(report.optimal[10].score >= report.strong_score);
+
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(output.join("mmlu.json")).unwrap()).unwrap();
+    for key in [
+        "benchmark",
+        "strong_model",
+        "weak_model",
+        "strong_score",
+        "weak_score",
+        "n_prompts",
+        "routers",
+        "optimal",
+    ] {
+        assert!(json.get(key).is_some(), "{key}");
+    }
+    let router = &json["routers"]["length"];
+    for key in ["apgr", "apgr_ci95", "auc", "cpt", "curve"] {
+        assert!(router.get(key).is_some(), "{key}");
+    }
+    assert!(router["cpt"]["50"].is_number());
+    assert!(router["curve"][0].get("threshold").is_some());
+    let lines = std::fs::read_to_string(output.join("mmlu-scores.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2 * 14_037);
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (first["router"].as_str(), first["index"].as_u64()),
+        (Some("random"), Some(0))
+    );
+    let png = std::fs::read(output.join("mmlu.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // Scores are cached per benchmark and router.
+    assert!(output.join(".cache/mmlu/length.json").exists());
+}
+
+fn write_generic(dir: &Path, rows: &[(&str, f64, f64)]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("team.jsonl");
+    let text: String = rows
+        .iter()
+        .map(|(prompt, big, small)| {
+            format!(
+                "{}\n",
+                serde_json::json!({"prompt": prompt, "scores": {"big": big, "small": small}})
+            )
+        })
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn tied_scores_do_not_crash_and_generic_benchmarks_work() {
+    let output = out_dir("ties");
+    // Every prompt has the same length: the length router's edges all coincide, which
+    // makes pd.qcut raise in RouteLLM.
+    let rows: Vec<(&str, f64, f64)> = (0..40).map(|i| ("same", 8.0 + f64::from(i % 2), 5.0)).collect();
+    let path = write_generic(&output, &rows);
+    let mut opts = options(BenchmarkKind::Generic(path), output.join("out"));
+    opts.strong_model = Some("big".into());
+    opts.weak_model = Some("small".into());
+    let report = eval::run(&opts, &config()).unwrap();
+    assert_eq!(report.benchmark, "team");
+    assert_eq!(report.strong_score, 8.5);
+    assert_eq!(report.weak_score, 5.0);
+    let length = &report.routers["length"];
+    assert_eq!(length.curve.len(), 11);
+    assert!(output.join("out/team.png").exists());
+}
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_routellm"))
+}
+
+#[test]
+fn calibrate_hits_the_share_on_a_prompts_file_and_score_agrees() {
+    let dir = out_dir("calibrate");
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("traffic.jsonl");
+    let text: String = (0..200)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("{}\n", serde_json::json!({"prompt": "x".repeat(i * 7 + 1)}))
+            } else {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"messages": [{"role": "user", "content": "y".repeat(i * 7 + 1)}]})
+                )
+            }
+        })
+        .collect();
+    std::fs::write(&prompts, text).unwrap();
+    let output = binary()
+        .args([
+            "calibrate",
+            "--routers",
+            "length",
+            "random",
+            "--strong-model-pct",
+            "0.3",
+            "--prompts",
+        ])
+        .arg(&prompts)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let mut lines = stdout.lines();
+    let length_line = lines.next().unwrap();
+    assert!(
+        length_line.starts_with("For 30.0% strong model calls for length, threshold = "),
+        "{length_line}"
+    );
+    assert_eq!(
+        lines.next().unwrap(),
+        "For 30.0% strong model calls for random, threshold = 0.70000"
+    );
+    let threshold: f64 = length_line.rsplit(' ').next().unwrap().parse().unwrap();
+
+    let scored = binary()
+        .args(["score", "--routers", "length", "--input"])
+        .arg(&prompts)
+        .output()
+        .unwrap();
+    assert!(scored.status.success());
+    let rates: Vec<f64> = String::from_utf8(scored.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["win_rate"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(rates.len(), 200);
+    let strong = rates.iter().filter(|rate| **rate >= threshold).count();
+    assert_eq!(strong, 60, "30% of 200 prompts");
+}
+
+#[test]
+fn eval_cli_reports_missing_data_dir_clearly() {
+    let output = binary()
+        .args(["eval", "--benchmark", "gsm8k"])
+        .env_remove("ROUTELLM_EVAL_DATA")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--data-dir is required"));
+}
