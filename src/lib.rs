@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod echo;
+pub mod embed;
 pub mod error;
 pub mod eval;
 pub mod gateway;

@@ -1,0 +1,82 @@
+//! Prompt embeddings behind one trait, with three backends:
+//! - [`StaticEmbedder`]: a token-embedding table distilled from MiniLM by `routellm distill`
+//!   (Model2Vec's recipe); microseconds per prompt, no forward pass, shipped in `routers/`.
+//! - [`MiniLm`]: all-MiniLM-L6-v2 in-process with candle, matching sentence-transformers.
+//! - [`OpenAiEmbedder`]: any OpenAI-compatible `/v1/embeddings` endpoint (RouteLLM's setting).
+
+mod minilm;
+mod openai;
+mod table;
+
+use std::path::PathBuf;
+
+pub use minilm::MiniLm;
+pub use openai::OpenAiEmbedder;
+pub use table::{StaticEmbedder, TableBuilder};
+
+/// Why an embedder could not load or embed.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("{0}")]
+    Load(String),
+    #[error("{0}")]
+    Embed(String),
+}
+
+/// Text to a fixed-size vector.
+pub trait Embedder: Send + Sync {
+    /// The vector size.
+    fn dim(&self) -> usize;
+    /// One prompt's embedding, L2-normalised.
+    fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError>;
+    /// Identifies the embedder and its weights (name and content hash), so artifacts
+    /// trained on one embedder are never served with another.
+    fn id(&self) -> &str;
+}
+
+/// Which embedder a router uses, as configured.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum EmbedderConfig {
+    /// The distilled table in the router's artifact folder (the default).
+    Static,
+    /// MiniLM from a local folder, or a Hugging Face Hub id fetched once into the cache.
+    Minilm {
+        #[serde(default)]
+        path: Option<PathBuf>,
+        #[serde(default)]
+        hub_id: Option<String>,
+    },
+    /// An OpenAI-compatible embeddings endpoint.
+    Openai {
+        #[serde(default = "openai::default_model")]
+        model: String,
+        #[serde(default)]
+        base_url: Option<String>,
+        #[serde(default)]
+        api_key_env: Option<String>,
+    },
+}
+
+impl Default for EmbedderConfig {
+    fn default() -> Self {
+        Self::Static
+    }
+}
+
+/// L2-normalises in place; a zero vector stays zero.
+pub fn normalize(vector: &mut [f32]) {
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        for x in vector {
+            *x /= norm;
+        }
+    }
+}
+
+/// The sha256 of a file, for manifests and embedder ids.
+pub fn sha256_file(path: &std::path::Path) -> Result<String, EmbedError> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(|error| EmbedError::Load(format!("{}: {error}", path.display())))?;
+    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
+}

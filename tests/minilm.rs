@@ -1,0 +1,43 @@
+//! The in-process MiniLM matches sentence-transformers: vectors pinned by an independent
+//! float64 numpy implementation (`tests/fixtures/minilm_reference.py`), cosine >= 0.999.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+
+use routellm::embed::{Embedder, MiniLm};
+
+fn model_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/all-MiniLM-L6-v2")
+}
+
+#[test]
+fn minilm_matches_the_reference_vectors() {
+    let minilm = MiniLm::load(&model_dir()).unwrap();
+    assert_eq!(minilm.dim(), 384);
+    let reference: Vec<serde_json::Value> =
+        serde_json::from_str(include_str!("fixtures/minilm_reference.json")).unwrap();
+    let texts: Vec<&str> = reference.iter().map(|row| row["text"].as_str().unwrap()).collect();
+    // Batched (padded to the longest) and one at a time must both match.
+    let batched = minilm.embed_batch(&texts).unwrap();
+    for (row, batch_vector) in reference.iter().zip(&batched) {
+        let expected: Vec<f32> =
+            row["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let single = minilm.embed(row["text"].as_str().unwrap()).unwrap();
+        for vector in [&single, batch_vector] {
+            let cosine: f32 = vector.iter().zip(&expected).map(|(a, b)| a * b).sum();
+            assert!(cosine >= 0.999, "{}: cosine {cosine}", row["text"]);
+            let norm: f32 = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4);
+        }
+    }
+}
+
+#[test]
+fn missing_weights_say_how_to_get_them() {
+    let Err(error) = MiniLm::load(Path::new("/nonexistent/minilm")) else {
+        panic!("loading from a missing folder must fail")
+    };
+    let message = error.to_string();
+    assert!(message.contains("model.safetensors") && message.contains("embedder.path"), "{message}");
+}
