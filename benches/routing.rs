@@ -69,9 +69,22 @@ fn request_parsing(c: &mut Criterion) {
 }
 
 fn router_scoring(c: &mut Criterion) {
-    let routers: Vec<(&str, Box<dyn Router>)> = vec![
-        ("random", Box::new(RandomRouter::with_seed(1))),
-        ("length", Box::new(LengthRouter)),
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = Config::merge(
+        FileConfig::default(),
+        Overrides {
+            routers_dir: Some(repo.join("routers")),
+            ..Overrides::default()
+        },
+    )
+    .expect("config");
+    let routers: Vec<(&str, Arc<dyn Router>)> = vec![
+        ("random", Arc::new(RandomRouter::with_seed(1))),
+        ("length", Arc::new(LengthRouter)),
+        (
+            "mf_static",
+            routellm::routers::build("mf", &config).expect("the shipped mf artifact loads"),
+        ),
     ];
     let mut group = c.benchmark_group("router");
     for (name, router) in &routers {
@@ -83,6 +96,21 @@ fn router_scoring(c: &mut Criterion) {
         }
     }
     group.finish();
+
+    // MiniLM's latency budget is for 128 tokens; the model folder is outside the repo.
+    let minilm_dir = repo.join("../shared/models/all-MiniLM-L6-v2");
+    match routellm::embed::MiniLm::load(&minilm_dir) {
+        Ok(minilm) => {
+            let mut group = c.benchmark_group("embed");
+            group.sample_size(20);
+            let prompt = words(100);
+            group.bench_function("minilm/128_tokens", |b| {
+                b.iter(|| routellm::embed::Embedder::embed(&minilm, black_box(&prompt)).expect("embeds"));
+            });
+            group.finish();
+        }
+        Err(error) => eprintln!("skipping MiniLM benches: {error}"),
+    }
 }
 
 fn gateway(strong: &str, weak: &str) -> Gateway {

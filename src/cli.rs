@@ -32,6 +32,77 @@ pub enum Command {
     Calibrate(CalibrateArgs),
     /// Score a file of prompts with each router, one JSON line per prompt and router.
     Score(ScoreArgs),
+    /// Train a router on your own data.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Distil MiniLM into the static token-embedding table (Model2Vec's recipe).
+    Distill(DistillArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrainCommand {
+    /// RouteLLM's matrix factorisation on pairwise battles and correctness data.
+    Mf(TrainMfArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainMfArgs {
+    /// Training files or folders of `.jsonl` (battles or correctness; see ../shared/data/README.md).
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Where the artifact (model.safetensors, manifest.json) is written.
+    #[arg(long, default_value = "routers/mf")]
+    pub out: PathBuf,
+    /// `static` (the distilled table in --routers-dir/static) or `minilm`.
+    #[arg(long, default_value = "static")]
+    pub embedder: String,
+    /// MiniLM folder, for `--embedder minilm`.
+    #[arg(long)]
+    pub minilm_path: Option<PathBuf>,
+    #[arg(long, default_value = "routers")]
+    pub routers_dir: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    pub learning_rate: f32,
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f32,
+    /// Battles drawn per correctness prompt (pairs of a right and a wrong model).
+    #[arg(long, default_value_t = 32)]
+    pub max_pairs: usize,
+    #[arg(long, default_value_t = 0.2)]
+    pub validation_fraction: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// The default strong identity to score.
+    #[arg(long, default_value = "gpt-4-1106-preview")]
+    pub strong: String,
+    /// The default weak identity to score.
+    #[arg(long, default_value = "mixtral-8x7b-instruct-v0.1")]
+    pub weak: String,
+    /// Use prompt features only, without the embedding.
+    #[arg(long)]
+    pub features_only: bool,
+    /// Hold one source (file stem) out of training entirely and validate on it.
+    #[arg(long)]
+    pub holdout_source: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DistillArgs {
+    /// The MiniLM folder (config.json, tokenizer.json, model.safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt files whose token frequencies set the SIF weights.
+    #[arg(long, num_args = 1.., required = true)]
+    pub corpus: Vec<PathBuf>,
+    /// Dimensions kept by PCA.
+    #[arg(long, default_value_t = 256)]
+    pub dim: usize,
+    #[arg(long, default_value = "routers/static")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -192,7 +263,76 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Eval(args) => tokio::task::spawn_blocking(move || eval(&args)).await?,
         Command::Calibrate(args) => tokio::task::spawn_blocking(move || calibrate(&args)).await?,
         Command::Score(args) => tokio::task::spawn_blocking(move || score(&args)).await?,
+        Command::Train(TrainCommand::Mf(args)) => tokio::task::spawn_blocking(move || train_mf(&args)).await?,
+        Command::Distill(args) => tokio::task::spawn_blocking(move || distill(&args)).await?,
     }
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+fn train_mf(args: &TrainMfArgs) -> anyhow::Result<()> {
+    let embedder_config = match args.embedder.as_str() {
+        "static" => crate::embed::EmbedderConfig::Static,
+        "minilm" => crate::embed::EmbedderConfig::Minilm {
+            path: args.minilm_path.clone(),
+            hub_id: None,
+        },
+        other => anyhow::bail!("--embedder must be static or minilm, not `{other}`"),
+    };
+    let embedder = crate::embed::build(&embedder_config, &args.routers_dir)?;
+    let files = crate::train::data::expand(&args.data)?;
+    let options = crate::train::MfOptions {
+        hidden: args.hidden,
+        epochs: args.epochs,
+        learning_rate: args.learning_rate,
+        weight_decay: args.weight_decay,
+        batch_prompts: 64,
+        max_pairs: args.max_pairs,
+        validation_fraction: args.validation_fraction,
+        seed: args.seed,
+        strong: args.strong.clone(),
+        weak: args.weak.clone(),
+        use_embedding: !args.features_only,
+        holdout_source: args.holdout_source.clone(),
+    };
+    crate::train::train_mf(&files, &embedder, &args.embedder, &options, &args.out, &command_line())?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn distill(args: &DistillArgs) -> anyhow::Result<()> {
+    let minilm = crate::embed::MiniLm::load(&args.model)?;
+    let mut corpus = Vec::new();
+    for path in &args.corpus {
+        if crate::train::data::is_eval_data(path) {
+            anyhow::bail!("{} is evaluation data; distil on training prompts only", path.display());
+        }
+        corpus.extend(crate::prompts::read(path)?);
+    }
+    // Battle files repeat each prompt once per opponent; frequencies should count text once.
+    corpus.sort_unstable();
+    corpus.dedup();
+    let digest = crate::embed::TableBuilder::distill(&minilm, &corpus, args.dim, &args.out)?;
+    let manifest = serde_json::json!({
+        "embedder": "static",
+        "id": format!("static:{}", &digest[..16]),
+        "sha256": digest,
+        "source_model": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0)",
+        "source_model_id": crate::embed::Embedder::id(&minilm),
+        "dim": args.dim,
+        "recipe": "Model2Vec: each vocabulary token through MiniLM as [CLS] token [SEP], output at the token; PCA; SIF weights a/(a+p) with a=1e-3 from corpus token frequencies",
+        "corpus": args.corpus.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "corpus_prompts": corpus.len(),
+        "command": command_line(),
+    });
+    std::fs::write(
+        args.out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )?;
+    eprintln!("wrote {} (static:{})", args.out.display(), &digest[..16]);
+    Ok(())
 }
 
 /// The config that offline commands load routers with: the file plus `--routers-dir`.

@@ -141,6 +141,16 @@ pub struct FileConfig {
     api_keys: Vec<Secret>,
     routers_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    #[serde(default)]
+    router_settings: RouterSettings,
+}
+
+/// Per-router settings (`router_settings:` in the file).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSettings {
+    #[serde(default)]
+    pub mf: crate::routers::mf::MfSettings,
 }
 
 impl FileConfig {
@@ -194,6 +204,7 @@ pub struct Config {
     /// Where trained router artifacts live.
     pub routers_dir: PathBuf,
     pub log_format: LogFormat,
+    pub router_settings: RouterSettings,
 }
 
 impl Config {
@@ -252,6 +263,7 @@ impl Config {
                 .or(file.routers_dir)
                 .unwrap_or_else(|| PathBuf::from("routers")),
             log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
+            router_settings: file.router_settings,
         };
         config.validate()?;
         Ok(config)

@@ -15,6 +15,9 @@
 //! - [`scoring`]: batch scoring on all cores and threshold calibration (`score`, `calibrate`).
 //! - [`prompts`]: reading prompt files (JSONL `prompt`/`messages`, or plain text).
 //! - [`progress`]: a progress bar for long scoring runs.
+//! - [`embed`]: the `Embedder` trait: static table (default), MiniLM (candle), OpenAI-compatible API.
+//! - [`features`]: hand-made prompt features (length, structure, code/maths markers).
+//! - [`train`]: `routellm train mf`: battles and correctness data, MF fitting, validation, artifacts.
 //! - [`config`]: YAML, environment and flags merged and validated once.
 //! - [`error`]: the one error enum and its OpenAI-shaped JSON.
 //! - [`cli`]: the `routellm` command line.
@@ -26,6 +29,7 @@ pub mod echo;
 pub mod embed;
 pub mod error;
 pub mod eval;
+pub mod features;
 pub mod gateway;
 pub mod model_name;
 pub mod progress;
@@ -35,6 +39,7 @@ pub mod request;
 pub mod routers;
 pub mod scoring;
 pub mod server;
+pub mod train;
 pub mod upstream;
 
 pub use config::Config;

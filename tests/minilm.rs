@@ -1,7 +1,7 @@
 //! The in-process MiniLM matches sentence-transformers: vectors pinned by an independent
 //! float64 numpy implementation (`tests/fixtures/minilm_reference.py`), cosine >= 0.999.
 
-#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: a panic is the failure report
 
 use std::path::Path;
 
@@ -21,8 +21,12 @@ fn minilm_matches_the_reference_vectors() {
     // Batched (padded to the longest) and one at a time must both match.
     let batched = minilm.embed_batch(&texts).unwrap();
     for (row, batch_vector) in reference.iter().zip(&batched) {
-        let expected: Vec<f32> =
-            row["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let expected: Vec<f32> = row["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         let single = minilm.embed(row["text"].as_str().unwrap()).unwrap();
         for vector in [&single, batch_vector] {
             let cosine: f32 = vector.iter().zip(&expected).map(|(a, b)| a * b).sum();
@@ -39,5 +43,8 @@ fn missing_weights_say_how_to_get_them() {
         panic!("loading from a missing folder must fail")
     };
     let message = error.to_string();
-    assert!(message.contains("model.safetensors") && message.contains("embedder.path"), "{message}");
+    assert!(
+        message.contains("model.safetensors") && message.contains("embedder.path"),
+        "{message}"
+    );
 }

@@ -48,7 +48,8 @@ impl MiniLm {
         }
         let config_text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| load_error("config.json", e))?;
         let config: Config = serde_json::from_str(&config_text).map_err(|e| load_error("config.json", e))?;
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| load_error("tokenizer.json", e))?;
+        let mut tokenizer =
+            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| load_error("tokenizer.json", e))?;
         tokenizer.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::BatchLongest,
             ..PaddingParams::default()
@@ -104,9 +105,19 @@ impl MiniLm {
         let ids = matrix(ids, &self.device)?;
         let mask = matrix(mask, &self.device)?;
         let token_types = ids.zeros_like().map_err(embed_error)?;
-        let output = self.model.forward(&ids, &token_types, Some(&mask)).map_err(embed_error)?;
-        let mask = mask.to_dtype(DType::F32).map_err(embed_error)?.unsqueeze(2).map_err(embed_error)?;
-        let summed = output.broadcast_mul(&mask).and_then(|masked| masked.sum(1)).map_err(embed_error)?;
+        let output = self
+            .model
+            .forward(&ids, &token_types, Some(&mask))
+            .map_err(embed_error)?;
+        let mask = mask
+            .to_dtype(DType::F32)
+            .map_err(embed_error)?
+            .unsqueeze(2)
+            .map_err(embed_error)?;
+        let summed = output
+            .broadcast_mul(&mask)
+            .and_then(|masked| masked.sum(1))
+            .map_err(embed_error)?;
         let counts = mask.sum(1).map_err(embed_error)?;
         let mean = summed.broadcast_div(&counts).map_err(embed_error)?;
         let norms = mean
@@ -114,7 +125,9 @@ impl MiniLm {
             .and_then(|squares| squares.sum_keepdim(1))
             .and_then(|sums| sums.sqrt())
             .map_err(embed_error)?;
-        mean.broadcast_div(&norms).and_then(|unit| unit.to_vec2::<f32>()).map_err(embed_error)
+        mean.broadcast_div(&norms)
+            .and_then(|unit| unit.to_vec2::<f32>())
+            .map_err(embed_error)
     }
 
     /// The encoder's output at position 1 for inputs `[CLS] token [SEP]`: one vector per
@@ -126,8 +139,15 @@ impl MiniLm {
         let ids = matrix(&ids, &self.device)?;
         let token_types = ids.zeros_like().map_err(embed_error)?;
         let mask = ids.ones_like().map_err(embed_error)?;
-        let output = self.model.forward(&ids, &token_types, Some(&mask)).map_err(embed_error)?;
-        output.narrow(1, 1, 1).and_then(|o| o.squeeze(1)).and_then(|o| o.to_vec2::<f32>()).map_err(embed_error)
+        let output = self
+            .model
+            .forward(&ids, &token_types, Some(&mask))
+            .map_err(embed_error)?;
+        output
+            .narrow(1, 1, 1)
+            .and_then(|o| o.squeeze(1))
+            .and_then(|o| o.to_vec2::<f32>())
+            .map_err(embed_error)
     }
 
     fn token_id(&self, token: &str) -> Result<u32, EmbedError> {

@@ -7,6 +7,7 @@
 mod minilm;
 mod openai;
 mod table;
+pub mod wordpiece;
 
 use std::path::PathBuf;
 
@@ -35,10 +36,11 @@ pub trait Embedder: Send + Sync {
 }
 
 /// Which embedder a router uses, as configured.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum EmbedderConfig {
     /// The distilled table in the router's artifact folder (the default).
+    #[default]
     Static,
     /// MiniLM from a local folder, or a Hugging Face Hub id fetched once into the cache.
     Minilm {
@@ -58,10 +60,32 @@ pub enum EmbedderConfig {
     },
 }
 
-impl Default for EmbedderConfig {
-    fn default() -> Self {
-        Self::Static
-    }
+/// The static table's folder under `routers_dir`.
+pub const STATIC_DIR: &str = "static";
+
+/// Builds the configured embedder; the static table is read from `routers_dir/static`.
+pub fn build(
+    config: &EmbedderConfig,
+    routers_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Embedder>, EmbedError> {
+    Ok(match config {
+        EmbedderConfig::Static => std::sync::Arc::new(StaticEmbedder::load(&routers_dir.join(STATIC_DIR))?),
+        EmbedderConfig::Minilm { path, hub_id } => {
+            std::sync::Arc::new(MiniLm::from_config(path.as_deref(), hub_id.as_deref())?)
+        }
+        EmbedderConfig::Openai {
+            model,
+            base_url,
+            api_key_env,
+        } => {
+            let variable = api_key_env.as_deref().unwrap_or("OPENAI_API_KEY");
+            std::sync::Arc::new(OpenAiEmbedder::connect(
+                model,
+                base_url.as_deref(),
+                std::env::var(variable).ok(),
+            )?)
+        }
+    })
 }
 
 /// L2-normalises in place; a zero vector stays zero.

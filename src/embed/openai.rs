@@ -90,7 +90,11 @@ impl Embedder for OpenAiEmbedder {
     fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
         let vector = self.request(text)?;
         if vector.len() != self.dim {
-            return Err(EmbedError::Embed(format!("expected {} dimensions, got {}", self.dim, vector.len())));
+            return Err(EmbedError::Embed(format!(
+                "expected {} dimensions, got {}",
+                self.dim,
+                vector.len()
+            )));
         }
         Ok(vector)
     }

@@ -6,6 +6,7 @@
 //! in [`build`]; a router that cannot load fails start-up instead of serving guesses.
 
 mod length;
+pub mod mf;
 mod random;
 
 use std::sync::Arc;
@@ -51,11 +52,28 @@ pub trait Router: Send + Sync {
 }
 
 /// The routers this build can serve, in the order they are listed to users.
-pub const AVAILABLE: &[&str] = &["random", "length"];
+pub const AVAILABLE: &[&str] = &["random", "length", "mf"];
 
 /// Builds the router called `name`, loading its artifacts as `config` says.
-pub fn build(name: &str, _config: &Config) -> Result<Arc<dyn Router>, RouterError> {
+pub fn build(name: &str, config: &Config) -> Result<Arc<dyn Router>, RouterError> {
     match name {
+        "mf" => {
+            let settings = &config.router_settings.mf;
+            let embedder_config = settings.embedder.clone().unwrap_or_default();
+            let artifact = settings.artifact.clone().unwrap_or_else(|| match embedder_config {
+                crate::embed::EmbedderConfig::Static => "mf".to_owned(),
+                crate::embed::EmbedderConfig::Minilm { .. } => "mf-minilm".to_owned(),
+                crate::embed::EmbedderConfig::Openai { .. } => "mf-openai".to_owned(),
+            });
+            let embedder = crate::embed::build(&embedder_config, &config.routers_dir)
+                .map_err(|error| RouterError::Load(error.to_string()))?;
+            Ok(Arc::new(mf::MfRouter::load(
+                &config.routers_dir.join(artifact),
+                embedder,
+                settings.strong_identity.as_deref(),
+                settings.weak_identity.as_deref(),
+            )?))
+        }
         "random" => Ok(Arc::new(RandomRouter::from_entropy())),
         "length" => Ok(Arc::new(LengthRouter)),
         other => Err(RouterError::Load(format!(

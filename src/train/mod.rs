@@ -1,0 +1,516 @@
+//! `routellm train mf`: RouteLLM's matrix factorisation fitted on pairwise battles (and
+//! battles derived from correctness), seeded and reproducible, with a validation split
+//! on which every choice is measured and reported in the artifact's manifest.
+
+pub mod data;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::embed::Embedder;
+use crate::error::Error;
+use crate::eval::metrics::{self, Outcome, SplitMix};
+use crate::features;
+use crate::progress::Progress;
+use crate::routers::mf::{MfManifest, MfWeights};
+use data::{Battle, Dataset};
+
+/// Training settings; defaults are the shipped artifact's.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MfOptions {
+    pub hidden: usize,
+    pub epochs: usize,
+    pub learning_rate: f32,
+    pub weight_decay: f32,
+    pub batch_prompts: usize,
+    pub max_pairs: usize,
+    pub validation_fraction: f64,
+    pub seed: u64,
+    pub strong: String,
+    pub weak: String,
+    /// Whether the prompt embedding is part of the representation (else features only).
+    pub use_embedding: bool,
+    /// A source (file stem) held out entirely: trained on nothing of it, validated on all
+    /// of it, the closest proxy here for prompts from an unseen distribution.
+    pub holdout_source: Option<String>,
+}
+
+impl Default for MfOptions {
+    fn default() -> Self {
+        Self {
+            hidden: 64,
+            epochs: 30,
+            learning_rate: 3e-3,
+            weight_decay: 1e-4,
+            batch_prompts: 64,
+            max_pairs: 32,
+            validation_fraction: 0.2,
+            seed: 42,
+            strong: "gpt-4-1106-preview".into(),
+            weak: "mixtral-8x7b-instruct-v0.1".into(),
+            use_embedding: true,
+            holdout_source: None,
+        }
+    }
+}
+
+/// The representation of every prompt: embedding then features, with the mean and
+/// standard deviation (over training prompts) used to standardise them.
+pub struct Representations {
+    pub rows: Vec<Vec<f32>>,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// Embeds every prompt (on all cores) and standardises with training-split statistics.
+pub fn represent(
+    embedder: Option<&dyn Embedder>,
+    prompts: &[String],
+    is_train: &[bool],
+) -> Result<Representations, Error> {
+    let progress = Progress::new("embedding training prompts", prompts.len());
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let chunk = prompts.len().div_ceil(workers).max(1);
+    let results: Vec<Result<Vec<Vec<f32>>, Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .chunks(chunk)
+            .map(|part| {
+                let progress = &progress;
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|prompt| {
+                            let mut x = match embedder {
+                                Some(embedder) => embedder.embed(prompt).map_err(|e| Error::Internal(e.to_string()))?,
+                                None => Vec::new(),
+                            };
+                            x.extend_from_slice(&features::extract(prompt));
+                            progress.advance(1);
+                            Ok(x)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("embedding thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut rows = Vec::with_capacity(prompts.len());
+    for part in results {
+        rows.extend(part?);
+    }
+    let width = rows.first().map_or(0, Vec::len);
+    let mut mean = vec![0.0_f64; width];
+    let mut square = vec![0.0_f64; width];
+    let mut count = 0.0_f64;
+    for (row, train) in rows.iter().zip(is_train) {
+        if *train {
+            count += 1.0;
+            for ((m, s), x) in mean.iter_mut().zip(square.iter_mut()).zip(row) {
+                *m += f64::from(*x);
+                *s += f64::from(*x) * f64::from(*x);
+            }
+        }
+    }
+    let count = count.max(1.0);
+    #[allow(clippy::cast_possible_truncation)]
+    let mean_f32: Vec<f32> = mean.iter().map(|m| (m / count) as f32).collect();
+    #[allow(clippy::cast_possible_truncation)]
+    let std: Vec<f32> = mean
+        .iter()
+        .zip(&square)
+        .map(|(m, s)| {
+            let deviation = (s / count - (m / count).powi(2)).max(0.0).sqrt();
+            // A value that never varied in training carries no information; scaling it by a
+            // tiny deviation would turn any new value into an enormous input.
+            if deviation < 1e-6 { 1.0 } else { deviation as f32 }
+        })
+        .collect();
+    for row in &mut rows {
+        crate::routers::mf::standardize(row, &mean_f32, &std);
+    }
+    Ok(Representations {
+        rows,
+        mean: mean_f32,
+        std,
+    })
+}
+
+struct Adam {
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Adam {
+    fn new(size: usize) -> Self {
+        Self {
+            m: vec![0.0; size],
+            v: vec![0.0; size],
+        }
+    }
+
+    fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, decay: f32, t: i32) {
+        const B1: f32 = 0.9;
+        const B2: f32 = 0.999;
+        let c1 = 1.0 - B1.powi(t);
+        let c2 = 1.0 - B2.powi(t);
+        for i in 0..params.len() {
+            let g = grads[i] + decay * params[i];
+            self.m[i] = B1 * self.m[i] + (1.0 - B1) * g;
+            self.v[i] = B2 * self.v[i] + (1.0 - B2) * g * g;
+            params[i] -= lr * (self.m[i] / c1) / ((self.v[i] / c2).sqrt() + 1e-8);
+        }
+    }
+}
+
+fn normal(rng: &mut SplitMix, scale: f32) -> f32 {
+    #[allow(clippy::cast_precision_loss)]
+    let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / (1_u64 << 53) as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let u2 = (rng.next_u64() >> 11) as f64 / (1_u64 << 53) as f64;
+    #[allow(clippy::cast_possible_truncation)]
+    let z = ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
+    z * scale
+}
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Mean log-loss and accuracy of `weights` on `battles`.
+fn battle_metrics(weights: &MfWeights, rows: &[Vec<f32>], battles: &[&Battle]) -> (f64, f64) {
+    if battles.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut pairs: BTreeMap<(usize, usize), Vec<f32>> = BTreeMap::new();
+    let (mut loss, mut correct) = (0.0_f64, 0.0_f64);
+    for battle in battles {
+        let v = pairs
+            .entry((battle.a, battle.b))
+            .or_insert_with(|| weights.pair_vector(battle.a, battle.b));
+        let z: f32 = rows[battle.prompt].iter().zip(v.iter()).map(|(x, w)| x * w).sum();
+        let p = f64::from(sigmoid(z)).clamp(1e-7, 1.0 - 1e-7);
+        let y = f64::from(battle.label);
+        loss -= y * p.ln() + (1.0 - y) * (1.0 - p).ln();
+        if (p >= 0.5) == (y >= 0.5) {
+            correct += 1.0;
+        }
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let n = battles.len() as f64;
+    (loss / n, correct / n)
+}
+
+/// Gradients of the mean battle log-loss over the battles of `batch`'s prompts, for the
+/// projection, the classifier and the (unnormalised) model embeddings.
+#[allow(clippy::many_single_char_names)] // the model's notation: u = W x, g = dL/dz, d = p̂_a − p̂_b
+fn batch_gradients(
+    weights: &MfWeights,
+    data: &Dataset,
+    reps: &Representations,
+    by_prompt: &[Vec<usize>],
+    batch: &[usize],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (hidden, input) = (weights.hidden, weights.input);
+    let models = data.models.len();
+    let mut grad_w = vec![0.0_f32; weights.projection.len()];
+    let mut grad_c = vec![0.0_f32; hidden];
+    let mut grad_unit = vec![0.0_f32; weights.model_embeddings.len()];
+    let units: Vec<Vec<f32>> = (0..models).map(|m| weights.unit_model(m)).collect();
+    let battles_in_batch: usize = batch.iter().map(|p| by_prompt[*p].len()).sum();
+    #[allow(clippy::cast_precision_loss)]
+    let scale = 1.0 / battles_in_batch.max(1) as f32;
+    for &prompt in batch {
+        let x = &reps.rows[prompt];
+        let u: Vec<f32> = (0..hidden)
+            .map(|k| {
+                weights.projection[k * input..(k + 1) * input]
+                    .iter()
+                    .zip(x)
+                    .map(|(w, v)| w * v)
+                    .sum()
+            })
+            .collect();
+        let mut grad_u = vec![0.0_f32; hidden];
+        for &index in &by_prompt[prompt] {
+            let battle = &data.battles[index];
+            let (pa, pb) = (&units[battle.a], &units[battle.b]);
+            let z: f32 = (0..hidden)
+                .map(|k| weights.classifier[k] * (pa[k] - pb[k]) * u[k])
+                .sum();
+            let g = (sigmoid(z) - battle.label) * scale;
+            for k in 0..hidden {
+                let d = pa[k] - pb[k];
+                grad_c[k] += g * d * u[k];
+                grad_u[k] += g * weights.classifier[k] * d;
+                let through = g * weights.classifier[k] * u[k];
+                grad_unit[battle.a * hidden + k] += through;
+                grad_unit[battle.b * hidden + k] -= through;
+            }
+        }
+        for k in 0..hidden {
+            if grad_u[k] != 0.0 {
+                for (gw, v) in grad_w[k * input..(k + 1) * input].iter_mut().zip(x) {
+                    *gw += grad_u[k] * v;
+                }
+            }
+        }
+    }
+    // Back through the normalisation p̂ = p / |p|: (I − p̂p̂ᵀ) g / |p|.
+    let mut grad_p = vec![0.0_f32; weights.model_embeddings.len()];
+    for m in 0..models {
+        let row = &weights.model_embeddings[m * hidden..(m + 1) * hidden];
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        let g = &grad_unit[m * hidden..(m + 1) * hidden];
+        let along: f32 = g.iter().zip(&units[m]).map(|(a, b)| a * b).sum();
+        for k in 0..hidden {
+            grad_p[m * hidden + k] = (g[k] - along * units[m][k]) / norm;
+        }
+    }
+    (grad_w, grad_c, grad_p)
+}
+
+/// Fits the MF model on the training split; returns weights and the per-epoch history.
+#[must_use]
+pub fn fit(
+    data: &Dataset,
+    reps: &Representations,
+    train: &[bool],
+    options: &MfOptions,
+) -> (MfWeights, Vec<serde_json::Value>) {
+    let input = reps.mean.len();
+    let hidden = options.hidden;
+    let models = data.models.len();
+    let mut rng = SplitMix::new(options.seed);
+    #[allow(clippy::cast_precision_loss)]
+    let projection_scale = 1.0 / (input as f32).sqrt();
+    let mut weights = MfWeights {
+        projection: (0..hidden * input)
+            .map(|_| normal(&mut rng, projection_scale))
+            .collect(),
+        classifier: (0..hidden).map(|_| normal(&mut rng, 0.1)).collect(),
+        model_embeddings: (0..models * hidden).map(|_| normal(&mut rng, 1.0)).collect(),
+        feature_mean: reps.mean.clone(),
+        feature_std: reps.std.clone(),
+        hidden,
+        input,
+    };
+    let mut by_prompt: Vec<Vec<usize>> = vec![Vec::new(); data.prompts.len()];
+    for (index, battle) in data.battles.iter().enumerate() {
+        if train[battle.prompt] {
+            by_prompt[battle.prompt].push(index);
+        }
+    }
+    let mut order: Vec<usize> = (0..data.prompts.len()).filter(|p| !by_prompt[*p].is_empty()).collect();
+    let validation: Vec<&Battle> = data.battles.iter().filter(|b| !train[b.prompt]).collect();
+    let (mut adam_w, mut adam_c, mut adam_p) = (
+        Adam::new(weights.projection.len()),
+        Adam::new(hidden),
+        Adam::new(weights.model_embeddings.len()),
+    );
+    let progress = Progress::new("training mf (epochs)", options.epochs);
+    let mut history = Vec::new();
+    let mut step = 0_i32;
+    for epoch in 0..options.epochs {
+        for slot in 0..order.len() {
+            let pick = slot + rng.below(order.len() - slot);
+            order.swap(slot, pick);
+        }
+        for batch in order.chunks(options.batch_prompts.max(1)) {
+            let (grad_w, grad_c, grad_p) = batch_gradients(&weights, data, reps, &by_prompt, batch);
+            step += 1;
+            adam_w.step(
+                &mut weights.projection,
+                &grad_w,
+                options.learning_rate,
+                options.weight_decay,
+                step,
+            );
+            adam_c.step(&mut weights.classifier, &grad_c, options.learning_rate, 0.0, step);
+            adam_p.step(&mut weights.model_embeddings, &grad_p, options.learning_rate, 0.0, step);
+        }
+        let (loss, accuracy) = battle_metrics(&weights, &reps.rows, &validation);
+        history.push(
+            serde_json::json!({"epoch": epoch + 1, "validation_log_loss": loss, "validation_accuracy": accuracy}),
+        );
+        progress.advance(1);
+    }
+    (weights, history)
+}
+
+#[must_use]
+/// Routing quality on held-out correctness prompts of each source: APGR of the trained
+/// pair and of the length baseline, for the source's own strong/weak pair.
+pub fn validation_report(
+    data: &Dataset,
+    reps: &Representations,
+    train: &[bool],
+    weights: &MfWeights,
+    pairs: &[(&str, &str)],
+) -> BTreeMap<String, serde_json::Value> {
+    let mut report = BTreeMap::new();
+    for (file_number, file) in data.files.iter().enumerate() {
+        let held_out: Vec<usize> = (0..data.prompts.len())
+            .filter(|p| data.prompt_source[*p] == file_number && !train[*p] && data.correctness.contains_key(p))
+            .collect();
+        if held_out.is_empty() {
+            let battles: Vec<&Battle> = data
+                .battles
+                .iter()
+                .filter(|b| data.prompt_source[b.prompt] == file_number && !train[b.prompt])
+                .collect();
+            let (loss, accuracy) = battle_metrics(weights, &reps.rows, &battles);
+            report.insert(
+                file.name.clone(),
+                serde_json::json!({"held_out_battles": battles.len(), "log_loss": loss, "accuracy": accuracy}),
+            );
+            continue;
+        }
+        let Some((strong, weak)) = pairs.iter().find_map(|(s, w)| {
+            let (s, w) = (data.model(s)?, data.model(w)?);
+            held_out
+                .iter()
+                .any(|p| data.correctness[p].contains_key(&s) && data.correctness[p].contains_key(&w))
+                .then_some((s, w))
+        }) else {
+            continue;
+        };
+        let held_out: Vec<usize> = held_out
+            .into_iter()
+            .filter(|p| data.correctness[p].contains_key(&strong) && data.correctness[p].contains_key(&weak))
+            .collect();
+        let outcomes: Vec<Outcome> = held_out
+            .iter()
+            .map(|p| {
+                Outcome::single(
+                    f64::from(data.correctness[p][&strong]),
+                    f64::from(data.correctness[p][&weak]),
+                )
+            })
+            .collect();
+        let v = weights.pair_vector(strong, weak);
+        let mf_scores: Vec<f64> = held_out
+            .iter()
+            .map(|p| f64::from(reps.rows[*p].iter().zip(&v).map(|(x, w)| x * w).sum::<f32>()))
+            .collect();
+        #[allow(clippy::cast_precision_loss)]
+        let length_scores: Vec<f64> = held_out
+            .iter()
+            .map(|p| data.prompts[*p].chars().count() as f64)
+            .collect();
+        let (weak_score, strong_score) = (
+            metrics::model_score(&outcomes, false, 100.0),
+            metrics::model_score(&outcomes, true, 100.0),
+        );
+        let apgr = |scores: &[f64]| {
+            if (strong_score - weak_score).abs() < 1e-9 {
+                return f64::NAN;
+            }
+            metrics::apgr(&metrics::curve(scores, &outcomes, 10, 100.0), weak_score, strong_score)
+        };
+        report.insert(
+            file.name.clone(),
+            serde_json::json!({
+                "held_out_prompts": held_out.len(),
+                "pair": [data.models[strong], data.models[weak]],
+                "strong_score": strong_score,
+                "weak_score": weak_score,
+                "mf_apgr": apgr(&mf_scores),
+                "length_apgr": apgr(&length_scores),
+            }),
+        );
+    }
+    report
+}
+
+/// Everything `routellm train mf` does: read, split, embed, fit, validate, write.
+pub fn train_mf(
+    files: &[PathBuf],
+    embedder: &Arc<dyn Embedder>,
+    embedder_kind: &str,
+    options: &MfOptions,
+    out: &std::path::Path,
+    command: &str,
+) -> Result<MfManifest, Error> {
+    if let Some(path) = files.iter().find(|path| data::is_eval_data(path)) {
+        return Err(Error::invalid(format!(
+            "{} is evaluation data: training on it would make eval numbers meaningless",
+            path.display()
+        )));
+    }
+    let data = Dataset::read(files, options.max_pairs, options.seed)?;
+    let held_out_file = options
+        .holdout_source
+        .as_ref()
+        .map(|name| {
+            data.files.iter().position(|file| file.name == *name).ok_or_else(|| {
+                Error::invalid(format!(
+                    "--holdout-source {name}: no such source; sources: {}",
+                    data.files
+                        .iter()
+                        .map(|f| f.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+        })
+        .transpose()?;
+    let train: Vec<bool> = (0..data.prompts.len())
+        .map(|p| {
+            Some(data.prompt_source[p]) != held_out_file
+                && !data.is_validation(p, options.validation_fraction, options.seed)
+        })
+        .collect();
+    eprintln!(
+        "{} prompts ({} for training), {} battles, {} models",
+        data.prompts.len(),
+        train.iter().filter(|t| **t).count(),
+        data.battles.len(),
+        data.models.len()
+    );
+    let reps = represent(
+        options.use_embedding.then_some(embedder.as_ref()),
+        &data.prompts,
+        &train,
+    )?;
+    let (weights, history) = fit(&data, &reps, &train, options);
+    let pairs = [
+        (options.strong.as_str(), options.weak.as_str()),
+        ("gpt-4o-2024-05-13", options.weak.as_str()),
+    ];
+    let validation = validation_report(&data, &reps, &train, &weights, &pairs);
+    for (source, metrics) in &validation {
+        eprintln!("validation {source}: {metrics}");
+    }
+    if data.model(&options.strong).is_none() || data.model(&options.weak).is_none() {
+        return Err(Error::invalid(format!(
+            "the training data has no model `{}` or `{}`; choose --strong/--weak among: {}",
+            options.strong,
+            options.weak,
+            data.models.join(", ")
+        )));
+    }
+    let manifest = MfManifest {
+        router: "mf".into(),
+        embedder: embedder.id().to_owned(),
+        embedder_kind: embedder_kind.to_owned(),
+        models: data.models.clone(),
+        default_strong: data::canonical_model(&options.strong),
+        default_weak: data::canonical_model(&options.weak),
+        features: features::NAMES.iter().map(|name| (*name).to_owned()).collect(),
+        uses_embedding: options.use_embedding,
+        hyperparameters: serde_json::to_value(options).unwrap_or_default(),
+        data: serde_json::to_value(&data.files).unwrap_or_default(),
+        validation: serde_json::json!({"per_source": validation, "history": history}),
+        command: command.to_owned(),
+    };
+    weights
+        .save(out, &manifest)
+        .map_err(|error| Error::Internal(error.to_string()))?;
+    Ok(manifest)
+}
