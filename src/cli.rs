@@ -37,6 +37,17 @@ pub enum Command {
     Train(TrainCommand),
     /// Distil MiniLM into the static token-embedding table (Model2Vec's recipe).
     Distill(DistillArgs),
+    /// Serve canned chat completions instantly, as an upstream for load tests.
+    MockUpstream(MockUpstreamArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MockUpstreamArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start-up).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
 }
 
 #[derive(Debug, Subcommand)]
@@ -265,7 +276,18 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Score(args) => tokio::task::spawn_blocking(move || score(&args)).await?,
         Command::Train(TrainCommand::Mf(args)) => tokio::task::spawn_blocking(move || train_mf(&args)).await?,
         Command::Distill(args) => tokio::task::spawn_blocking(move || distill(&args)).await?,
+        Command::MockUpstream(args) => mock_upstream(&args).await,
     }
+}
+
+async fn mock_upstream(args: &MockUpstreamArgs) -> anyhow::Result<()> {
+    let address: SocketAddr = format!("{}:{}", bracket_ipv6(&args.host), args.port).parse()?;
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    eprintln!("mock upstream listening address={}", listener.local_addr()?);
+    axum::serve(listener, crate::mock_upstream::app())
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
 }
 
 fn command_line() -> String {

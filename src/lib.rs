@@ -20,6 +20,7 @@
 //! - [`train`]: `routellm train mf`: battles and correctness data, MF fitting, validation, artifacts.
 //! - [`config`]: YAML, environment and flags merged and validated once.
 //! - [`error`]: the one error enum and its OpenAI-shaped JSON.
+//! - [`mock_upstream`]: a canned upstream for load tests (`routellm mock-upstream`).
 //! - [`cli`]: the `routellm` command line.
 
 pub mod cli;
@@ -31,6 +32,7 @@ pub mod error;
 pub mod eval;
 pub mod features;
 pub mod gateway;
+pub mod mock_upstream;
 pub mod model_name;
 pub mod progress;
 pub mod prompts;

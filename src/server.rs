@@ -125,7 +125,9 @@ fn respond(completion: Completion, received: Instant) -> Response {
     } = completion;
     let overhead = received.elapsed().saturating_sub(upstream_time);
     let status = reply.status();
-    tracing::info!(
+    // Per-request lines at debug: at thousands of requests a second, an info line each
+    // would cost more than the routing itself. Errors are logged where they happen.
+    tracing::debug!(
         router = decision.as_ref().map(|d| d.router.as_str()),
         win_rate = decision.as_ref().map(|d| d.win_rate),
         threshold = decision.as_ref().map(|d| d.threshold),

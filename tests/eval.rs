@@ -241,3 +241,22 @@ fn eval_cli_reports_missing_data_dir_clearly() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--data-dir is required"));
 }
+
+#[test]
+fn mt_bench_fixture_evaluates_in_its_own_units() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mt_bench");
+    let output = out_dir("mt-bench");
+    let mut opts = options(BenchmarkKind::MtBench, output.clone());
+    opts.data_dir = Some(fixture);
+    let report = eval::run(&opts, &config()).unwrap();
+    assert_eq!(report.benchmark, "mt-bench");
+    // 10 questions, one dropped because its second turn is contaminated.
+    assert_eq!(report.n_prompts, 9);
+    assert!((1.0..=10.0).contains(&report.strong_score) && (1.0..=10.0).contains(&report.weak_score));
+    assert!(report.strong_score > report.weak_score);
+    let length = &report.routers["length"];
+    assert!(length.apgr_ci95.is_some());
+    // Scores stay in MT Bench's 1-10 unit at both ends of the curve.
+    assert!(length.curve.iter().all(|p| (1.0..=10.0).contains(&p.score)));
+    assert!(output.join("mt-bench.png").exists());
+}

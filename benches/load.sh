@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Load benchmark: the same wrk load straight at a mock upstream and through the proxy, in
+# one run, on loopback. Reports requests/s, p50/p99 latency, the latency the proxy adds,
+# streaming time to first byte, and the proxy's peak RSS. See benches/README.md.
+#
+# Usage: benches/load.sh [seconds per run, default 10] [connections, default 64]
+# Needs: wrk (apt-get install wrk), curl, a release build (built here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration="${1:-10}"
+connections="${2:-64}"
+threads=2
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+cargo build --release --quiet
+bin="$CARGO_TARGET_DIR/release/routellm"
+work="$(mktemp -d)"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+wait_for_address() { # log file -> host:port once the process reports it
+  for _ in $(seq 1 200); do
+    if address=$(grep -o 'address=[0-9.:]*' "$1" 2>/dev/null | head -1 | cut -d= -f2) && [ -n "$address" ]; then
+      echo "$address"; return 0
+    fi
+    sleep 0.05
+  done
+  echo "no address in $1" >&2; cat "$1" >&2; return 1
+}
+
+"$bin" mock-upstream --port 0 2>"$work/mock.log" & pids+=($!)
+upstream=$(wait_for_address "$work/mock.log")
+"$bin" serve --host 127.0.0.1 --port 0 --routers random mf \
+  --strong-model openai/strong --weak-model openai/weak --base-url "http://$upstream/v1" --api-key sk-bench \
+  2>"$work/proxy.log" & proxy_pid=$!; pids+=($proxy_pid)
+proxy=$(wait_for_address "$work/proxy.log")
+
+prompt=$(python3 -c 'print(" ".join(["explain the difference between threads and processes"] * 40))')
+lua() { # model, stream -> wrk script
+  cat > "$work/$1-$2.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"$1","stream":$2,"messages":[{"role":"user","content":"$prompt"}]}'
+LUA
+  echo "$work/$1-$2.lua"
+}
+
+run() { # label, url, model, stream
+  local out
+  out=$(wrk -t"$threads" -c"$connections" -d"${duration}s" --latency -s "$(lua "$3" "$4")" "$2/v1/chat/completions")
+  local rps p50 p99 errors
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
+  p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+  errors=$(echo "$out" | awk '/Non-2xx/ {print $5}')
+  printf '| %-28s | %10s | %8s | %8s | %6s |\n' "$1" "$rps" "$p50" "$p99" "${errors:-0}"
+}
+
+ttfb() { # url, model -> median time to first byte in ms over 50 streamed requests
+  for _ in $(seq 1 50); do
+    curl -s -o /dev/null -w '%{time_starttransfer}\n' -H 'content-type: application/json' \
+      -d "{\"model\":\"$2\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}" "$1/v1/chat/completions"
+  done | sort -n | awk '{a[NR]=$1} END {printf "%.3f", a[int(NR/2)+1]*1000}'
+}
+
+echo "routellm load benchmark: $(nproc) cores, $connections connections, ${duration}s per run, wrk $threads threads"
+echo
+echo "| run                          |  req/s     |  p50     |  p99     | non-2xx |"
+echo "|------------------------------|------------|----------|----------|--------|"
+run "direct to upstream" "http://$upstream" "mock" false
+run "proxy, router-random-0.5" "http://$proxy" "router-random-0.5" false
+run "proxy, router-mf-0.5 (static)" "http://$proxy" "router-mf-0.5" false
+run "direct, streaming" "http://$upstream" "mock" true
+run "proxy, streaming, random" "http://$proxy" "router-random-0.5" true
+echo
+echo "streaming time to first byte (median of 50, ms): direct $(ttfb "http://$upstream" mock), proxy $(ttfb "http://$proxy" router-random-0.5)"
+echo "proxy peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$proxy_pid/status)"
