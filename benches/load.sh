@@ -45,9 +45,9 @@ LUA
   echo "$work/$1-$2.lua"
 }
 
-run() { # label, url, model, stream
-  local out
-  out=$(wrk -t"$threads" -c"$connections" -d"${duration}s" --latency -s "$(lua "$3" "$4")" "$2/v1/chat/completions")
+run() { # label, url, model, stream [connections]
+  local out c="${5:-$connections}"
+  out=$(wrk -t"$(( c < threads ? c : threads ))" -c"$c" -d"${duration}s" --latency -s "$(lua "$3" "$4")" "$2/v1/chat/completions")
   local rps p50 p99 errors
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
@@ -72,6 +72,10 @@ run "proxy, router-random-0.5" "http://$proxy" "router-random-0.5" false
 run "proxy, router-mf-0.5 (static)" "http://$proxy" "router-mf-0.5" false
 run "direct, streaming" "http://$upstream" "mock" true
 run "proxy, streaming, random" "http://$proxy" "router-random-0.5" true
+# One connection: latency without queueing, so proxy minus direct is the added latency.
+run "direct, 1 connection" "http://$upstream" "mock" false 1
+run "proxy random, 1 connection" "http://$proxy" "router-random-0.5" false 1
+run "proxy mf, 1 connection" "http://$proxy" "router-mf-0.5" false 1
 echo
 echo "streaming time to first byte (median of 50, ms): direct $(ttfb "http://$upstream" mock), proxy $(ttfb "http://$proxy" router-random-0.5)"
 echo "proxy peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$proxy_pid/status)"
