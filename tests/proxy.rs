@@ -17,14 +17,16 @@ fn body(model: &str, extra: &str) -> String {
     format!(r#"{{"model":"{model}","messages":[{HELLO}]{extra}}}"#)
 }
 
-async fn pair() -> (MockUpstream, MockUpstream) {
-    (MockUpstream::start("strong").await, MockUpstream::start("weak").await)
+/// A strong and a weak mock upstream with the proxy in front, configured by `yaml`.
+async fn setup(yaml: &str) -> (MockUpstream, MockUpstream, Proxy) {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), yaml).await;
+    (strong, weak, proxy)
 }
 
 #[tokio::test]
 async fn threshold_zero_goes_strong_and_one_goes_weak() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (strong, weak, proxy) = setup("").await;
 
     let response = proxy.post_chat(&body("router-random-0", "")).await;
     assert_eq!(response.status(), 200);
@@ -46,8 +48,7 @@ async fn threshold_zero_goes_strong_and_one_goes_weak() {
 
 #[tokio::test]
 async fn forwarded_body_is_unchanged_except_model_and_nothing_is_injected() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (strong, weak, proxy) = setup("").await;
     let original = r#"{"model":"router-fixed_high-0.5","messages":[{"role":"user","content":[{"type":"text","text":"Describe"},{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBOR"}}]}],"temperature":1.0,"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"},"units":{"enum":["c","f"]}},"required":["city"],"additionalProperties":false},"strict":true}}],"tool_choice":"auto","response_format":{"type":"json_schema","json_schema":{"name":"w","schema":{"type":"object","properties":{"t":{"type":"number"}}},"strict":true}},"logprobs":true,"top_logprobs":2,"x_vendor_extension":{"nested":[1,2.50,null]}}"#;
     let response = proxy.post_chat(original).await;
     assert_eq!(response.status(), 200);
@@ -64,8 +65,7 @@ async fn forwarded_body_is_unchanged_except_model_and_nothing_is_injected() {
 
 #[tokio::test]
 async fn weak_upstream_gets_its_own_key_and_provider_model_name() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (_strong, weak, proxy) = setup("").await;
     proxy.post_chat(&body("router-fixed_high-0.9", "")).await;
     let received = weak.received();
     assert_eq!(received[0].json()["model"], "weak-model");
@@ -74,8 +74,7 @@ async fn weak_upstream_gets_its_own_key_and_provider_model_name() {
 
 #[tokio::test]
 async fn configured_model_names_are_forwarded_without_routing() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (strong, weak, proxy) = setup("").await;
     let response = proxy.post_chat(&body("together_ai/weak-model", "")).await;
     assert_eq!(response.status(), 200);
     assert!(response.headers().get("x-routellm-router").is_none());
@@ -88,8 +87,7 @@ async fn configured_model_names_are_forwarded_without_routing() {
 
 #[tokio::test]
 async fn default_threshold_from_config_serves_bare_router_name() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "thresholds: {fixed_high: 0.9}\n").await;
+    let (_strong, weak, proxy) = setup("thresholds: {fixed_high: 0.9}\n").await;
     let response = proxy.post_chat(&body("router-fixed_high", "")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-routellm-threshold"], "0.9");
@@ -98,8 +96,7 @@ async fn default_threshold_from_config_serves_bare_router_name() {
 
 #[tokio::test]
 async fn streams_pass_through_chunk_by_chunk() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (strong, _weak, proxy) = setup("").await;
     let response = proxy
         .post_chat(&body("router-random-0", r#","stream":true,"mock":"gated""#))
         .await;
@@ -128,8 +125,7 @@ async fn streams_pass_through_chunk_by_chunk() {
 
 #[tokio::test]
 async fn upstream_error_before_first_byte_keeps_status_and_body() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (_strong, _weak, proxy) = setup("").await;
     for extra in [r#","mock":"rate_limited""#, r#","stream":true,"mock":"rate_limited""#] {
         let response = proxy.post_chat(&body("router-random-0", extra)).await;
         assert_eq!(response.status(), 429, "{extra}");
@@ -147,8 +143,7 @@ async fn upstream_error_before_first_byte_keeps_status_and_body() {
 
 #[tokio::test]
 async fn mid_stream_failure_ends_with_an_sse_error_event() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (_strong, weak, proxy) = setup("").await;
     let response = proxy
         .post_chat(&body("router-random-1", r#","stream":true,"mock":"break""#))
         .await;
@@ -169,10 +164,9 @@ async fn mid_stream_failure_ends_with_an_sse_error_event() {
 
 #[tokio::test]
 async fn client_disconnect_cancels_the_upstream_stream() {
-    let (strong, weak) = pair().await;
+    let (strong, _weak, proxy) = setup("").await;
     let (sender, dropped) = tokio::sync::oneshot::channel();
     *strong.state.dropped.lock().unwrap() = Some(sender);
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
     let response = proxy
         .post_chat(&body("router-random-0", r#","stream":true,"mock":"endless""#))
         .await;
@@ -205,8 +199,7 @@ async fn unreachable_upstream_is_502_and_slow_one_is_504() {
 
 #[tokio::test]
 async fn client_mistakes_are_400s_with_openai_errors() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (strong, weak, proxy) = setup("").await;
     let cases: &[(&str, &str)] = &[
         ("{\"model\": ", "could not parse the JSON body"),
         ("not json at all", "could not parse the JSON body"),
@@ -252,8 +245,7 @@ async fn client_mistakes_are_400s_with_openai_errors() {
 
 #[tokio::test]
 async fn unknown_model_and_url_are_404() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (_strong, _weak, proxy) = setup("").await;
     let error = openai_error(proxy.post_chat(&body("gpt-9", "")).await, 404).await;
     assert_eq!(error["code"], "model_not_found");
     let response = proxy
@@ -276,8 +268,7 @@ async fn unknown_model_and_url_are_404() {
 
 #[tokio::test]
 async fn oversized_bodies_are_413() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "max_request_bytes: 2048\n").await;
+    let (_strong, _weak, proxy) = setup("max_request_bytes: 2048\n").await;
     let big = body("router-random-0", &format!(r#","pad":"{}""#, "x".repeat(4096)));
     let error = openai_error(proxy.post_chat(&big).await, 413).await;
     assert_eq!(error["code"], "request_too_large");
@@ -287,8 +278,7 @@ async fn oversized_bodies_are_413() {
 
 #[tokio::test]
 async fn api_keys_guard_the_proxy() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "api_keys: [team-key]\n").await;
+    let (strong, _weak, proxy) = setup("api_keys: [team-key]\n").await;
     let error = openai_error(proxy.post_chat(&body("router-random-0", "")).await, 401).await;
     assert_eq!(error["code"], "invalid_api_key");
     let response = proxy
@@ -308,8 +298,7 @@ async fn api_keys_guard_the_proxy() {
 
 #[tokio::test]
 async fn models_and_health_endpoints() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "thresholds: {random: 0.25}\n").await;
+    let (_strong, _weak, proxy) = setup("thresholds: {random: 0.25}\n").await;
     let health: Value = proxy
         .client
         .get(proxy.url("/health"))
@@ -356,8 +345,7 @@ async fn models_and_health_endpoints() {
 
 #[tokio::test]
 async fn proxy_reports_its_own_overhead() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (_strong, _weak, proxy) = setup("").await;
     let response = proxy.post_chat(&body("router-random-0", "")).await;
     let overhead: u64 = response.headers()["x-routellm-overhead-us"]
         .to_str()
@@ -369,8 +357,7 @@ async fn proxy_reports_its_own_overhead() {
 
 #[tokio::test]
 async fn random_router_splits_traffic_by_threshold() {
-    let (strong, weak) = pair().await;
-    let proxy = Proxy::start(&strong.base_url(), &weak.base_url(), "").await;
+    let (strong, weak, proxy) = setup("").await;
     for _ in 0..200 {
         let response = proxy.post_chat(&body("router-random-0.75", "")).await;
         assert_eq!(response.status(), 200);

@@ -87,13 +87,17 @@ pub fn build(name: &str, config: &Config) -> Result<Arc<dyn Router>, RouterError
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_listed_router_builds() {
-        let config = Config::merge(
+    fn default_config() -> Config {
+        Config::merge(
             crate::config::FileConfig::default(),
             crate::config::Overrides::default(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn every_listed_router_builds() {
+        let config = default_config();
         for name in AVAILABLE {
             let router = build(name, &config).unwrap();
             let rate = router.strong_win_rate("What is 2 + 2?").unwrap();
@@ -103,11 +107,7 @@ mod tests {
 
     #[test]
     fn unknown_router_lists_the_available_ones() {
-        let config = Config::merge(
-            crate::config::FileConfig::default(),
-            crate::config::Overrides::default(),
-        )
-        .unwrap();
+        let config = default_config();
         let Err(error) = build("nope", &config) else {
             panic!("an unknown router must not build")
         };
