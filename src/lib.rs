@@ -5,6 +5,7 @@
 //! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/models`, `/health`) and [`server::run`].
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward.
 //! - [`controller`]: routing from Rust code without HTTP ([`Controller`]).
+//! - [`metrics`]: Prometheus counters and the overhead histogram at `GET /metrics`.
 //! - [`routers`]: the [`Router`] trait and the routers (`random`, ...), one file each.
 //! - [`request`]: reading a chat request just enough to route it; rewriting `model` byte-exactly.
 //! - [`model_name`]: parsing `router-<name>-<threshold>`.
@@ -32,6 +33,7 @@ pub mod error;
 pub mod eval;
 pub mod features;
 pub mod gateway;
+pub mod metrics;
 pub mod mock_upstream;
 pub mod model_name;
 pub mod progress;

@@ -20,17 +20,31 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::error::Error;
-use crate::gateway::{Completion, Gateway};
+use crate::gateway::{Completion, Gateway, Tier};
+use crate::metrics::{Metrics, TierLabel};
 use crate::upstream::Reply;
 
 /// Shared, cheaply clonable server state.
 #[derive(Clone)]
-pub struct AppState(Arc<Gateway>);
+pub struct AppState(Arc<Shared>);
+
+struct Shared {
+    gateway: Gateway,
+    metrics: Metrics,
+}
 
 impl AppState {
     #[must_use]
     pub fn new(gateway: Gateway) -> Self {
-        Self(Arc::new(gateway))
+        Self(Arc::new(Shared {
+            gateway,
+            metrics: Metrics::default(),
+        }))
+    }
+
+    #[must_use]
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
     }
 }
 
@@ -38,7 +52,7 @@ impl Deref for AppState {
     type Target = Gateway;
 
     fn deref(&self) -> &Gateway {
-        &self.0
+        &self.0.gateway
     }
 }
 
@@ -59,6 +73,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/models", get(list_models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(unknown_route)
         .with_state(state)
@@ -108,15 +123,19 @@ async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, Bod
     let received = Instant::now();
     let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
     if let Err(error) = state.authorize(authorization) {
+        state.metrics().record(TierLabel::None, error.status().as_u16(), None);
         return error.into_response();
     }
     match state.chat_completion(&body).await {
-        Ok(completion) => respond(completion, received),
-        Err(error) => error.into_response(),
+        Ok(completion) => respond(completion, received, state.metrics()),
+        Err(error) => {
+            state.metrics().record(TierLabel::None, error.status().as_u16(), None);
+            error.into_response()
+        }
     }
 }
 
-fn respond(completion: Completion, received: Instant) -> Response {
+fn respond(completion: Completion, received: Instant, metrics: &Metrics) -> Response {
     let Completion {
         decision,
         model,
@@ -125,6 +144,12 @@ fn respond(completion: Completion, received: Instant) -> Response {
     } = completion;
     let overhead = received.elapsed().saturating_sub(upstream_time);
     let status = reply.status();
+    let tier = match decision.as_ref().map(|d| d.tier) {
+        Some(Tier::Strong) => TierLabel::Strong,
+        Some(Tier::Weak) => TierLabel::Weak,
+        None => TierLabel::Direct,
+    };
+    metrics.record(tier, status.as_u16(), Some(overhead));
     // Per-request lines at debug: at thousands of requests a second, an info line each
     // would cost more than the routing itself. Errors are logged where they happen.
     tracing::debug!(
@@ -206,6 +231,15 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
         }));
     }
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut response = state.metrics().render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -367,3 +367,33 @@ async fn random_router_splits_traffic_by_threshold() {
     // About a quarter should be strong; 200 draws keep this far from chance failures.
     assert!((25..=80).contains(&strong_calls), "{strong_calls}");
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_tier_and_status() {
+    let (_strong, _weak, proxy) = setup("").await;
+    proxy.post_chat(&body("router-random-0", "")).await;
+    proxy.post_chat(&body("router-random-1", "")).await;
+    proxy.post_chat(&body("router-random-1", "")).await;
+    proxy.post_chat("{not json").await;
+    let response = proxy.client.get(proxy.url("/metrics")).send().await.unwrap();
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("routellm_requests_total{tier=\"strong\",status=\"2xx\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("routellm_requests_total{tier=\"weak\",status=\"2xx\"} 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("routellm_requests_total{tier=\"none\",status=\"4xx\"} 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("routellm_overhead_seconds_count 3\n"), "{text}");
+}

@@ -7,7 +7,6 @@
 //! collapses to one vector `v = Wᵀ (c ⊙ (p̂_strong − p̂_weak))` and scoring is an
 //! embedding plus a dot product.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -298,15 +297,6 @@ pub struct MfSettings {
     #[serde(default)]
     pub weak_identity: Option<String>,
 }
-
-/// Summary for `BTreeMap`-valued manifest sections.
-#[must_use]
-pub fn as_json<T: Serialize>(value: &T) -> serde_json::Value {
-    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
-}
-
-#[doc(hidden)]
-pub type Metrics = BTreeMap<String, serde_json::Value>;
 
 #[cfg(test)]
 mod tests {
