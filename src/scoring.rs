@@ -9,36 +9,47 @@ use crate::routers::Router;
 
 /// Scores every prompt with `router`, on all cores, in prompt order.
 pub fn score_all(router: &dyn Router, name: &str, prompts: &[String]) -> Result<Vec<f64>, Error> {
-    // Small chunks handed out dynamically keep both cores busy when prompt lengths vary.
-    const CHUNK: usize = 64;
     let progress = Progress::new(format!("scoring {name}"), prompts.len());
+    parallel_map(prompts, &progress, |index, prompt| {
+        let score = router.strong_win_rate(prompt).map_err(|source| Error::Router {
+            router: name.to_owned(),
+            source,
+        })?;
+        if !score.is_finite() || !(0.0..=1.0).contains(&score) {
+            return Err(Error::Internal(format!(
+                "router `{name}` returned {score} for prompt {index}, outside [0, 1]"
+            )));
+        }
+        Ok(score)
+    })
+}
+
+/// Applies `work` to every item on all cores and returns the results in item order; the
+/// first error wins. Small chunks are handed out dynamically, which keeps both cores busy
+/// when items vary in cost (prompt lengths do).
+pub fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    progress: &Progress,
+    work: impl Fn(usize, &T) -> Result<R, Error> + Sync,
+) -> Result<Vec<R>, Error> {
+    const CHUNK: usize = 64;
     let workers = std::thread::available_parallelism()
         .map_or(1, std::num::NonZero::get)
-        .min(prompts.len().max(1));
-    let mut scores = vec![0.0; prompts.len()];
+        .min(items.len().div_ceil(CHUNK).max(1));
     let next_chunk = AtomicUsize::new(0);
-    let results: Vec<Result<Vec<(usize, f64)>, Error>> = std::thread::scope(|scope| {
+    let parts: Vec<Result<Vec<(usize, R)>, Error>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(|| {
                     let mut finished = Vec::new();
                     loop {
                         let start = next_chunk.fetch_add(CHUNK, Ordering::Relaxed);
-                        if start >= prompts.len() {
+                        if start >= items.len() {
                             return Ok(finished);
                         }
-                        let end = (start + CHUNK).min(prompts.len());
-                        for (index, prompt) in prompts.iter().enumerate().take(end).skip(start) {
-                            let score = router.strong_win_rate(prompt).map_err(|source| Error::Router {
-                                router: name.to_owned(),
-                                source,
-                            })?;
-                            if !score.is_finite() || !(0.0..=1.0).contains(&score) {
-                                return Err(Error::Internal(format!(
-                                    "router `{name}` returned {score} for prompt {index}, outside [0, 1]"
-                                )));
-                            }
-                            finished.push((index, score));
+                        let end = (start + CHUNK).min(items.len());
+                        for (index, item) in items.iter().enumerate().take(end).skip(start) {
+                            finished.push((index, work(index, item)?));
                         }
                         progress.advance(end - start);
                     }
@@ -50,16 +61,20 @@ pub fn score_all(router: &dyn Router, name: &str, prompts: &[String]) -> Result<
             .map(|handle| {
                 handle
                     .join()
-                    .unwrap_or_else(|_| Err(Error::Internal(format!("router `{name}` panicked while scoring"))))
+                    .unwrap_or_else(|_| Err(Error::Internal("a worker thread panicked".into())))
             })
             .collect()
     });
-    for result in results {
-        for (index, score) in result? {
-            scores[index] = score;
+    let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+    for part in parts {
+        for (index, result) in part? {
+            slots[index] = Some(result);
         }
     }
-    Ok(scores)
+    slots
+        .into_iter()
+        .map(|slot| slot.ok_or_else(|| Error::Internal("an item was not processed".into())))
+        .collect()
 }
 
 /// A threshold that sends `strong_share` of `scores` to the strong model.

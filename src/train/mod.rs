@@ -70,40 +70,14 @@ pub fn represent(
     is_train: &[bool],
 ) -> Result<Representations, Error> {
     let progress = Progress::new("embedding training prompts", prompts.len());
-    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let chunk = prompts.len().div_ceil(workers).max(1);
-    let results: Vec<Result<Vec<Vec<f32>>, Error>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = prompts
-            .chunks(chunk)
-            .map(|part| {
-                let progress = &progress;
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|prompt| {
-                            let mut x = match embedder {
-                                Some(embedder) => embedder.embed(prompt).map_err(|e| Error::Internal(e.to_string()))?,
-                                None => Vec::new(),
-                            };
-                            x.extend_from_slice(&features::extract(prompt));
-                            progress.advance(1);
-                            Ok(x)
-                        })
-                        .collect()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Internal("embedding thread panicked".into())))
-            })
-            .collect()
-    });
-    let mut rows = Vec::with_capacity(prompts.len());
-    for part in results {
-        rows.extend(part?);
-    }
+    let mut rows = crate::scoring::parallel_map(prompts, &progress, |_, prompt| {
+        let mut x = match embedder {
+            Some(embedder) => embedder.embed(prompt).map_err(|e| Error::Internal(e.to_string()))?,
+            None => Vec::new(),
+        };
+        x.extend_from_slice(&features::extract(prompt));
+        Ok(x)
+    })?;
     let width = rows.first().map_or(0, Vec::len);
     let mut mean = vec![0.0_f64; width];
     let mut square = vec![0.0_f64; width];
