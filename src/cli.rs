@@ -151,7 +151,14 @@ pub struct EvalArgs {
     /// Seed for the random router and the bootstrap.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Config file (router artifacts folder and settings).
+    #[command(flatten)]
+    pub artifacts: ArtifactArgs,
+}
+
+/// Where offline commands find router settings and artifacts.
+#[derive(Debug, Args)]
+pub struct ArtifactArgs {
+    /// Config file (router settings and the artifacts folder).
     #[arg(long, env = "ROUTELLM_CONFIG")]
     pub config: Option<PathBuf>,
     /// Folder holding trained router artifacts. [default: routers]
@@ -171,10 +178,8 @@ pub struct CalibrateArgs {
     /// [default: the calibration set shipped in routers/calibration/prompts.jsonl]
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    #[arg(long, env = "ROUTELLM_CONFIG")]
-    pub config: Option<PathBuf>,
-    #[arg(long, env = "ROUTELLM_ROUTERS_DIR")]
-    pub routers_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub artifacts: ArtifactArgs,
 }
 
 #[derive(Debug, Args)]
@@ -191,10 +196,8 @@ pub struct ScoreArgs {
     /// Seed for the random router, for reproducible output.
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long, env = "ROUTELLM_CONFIG")]
-    pub config: Option<PathBuf>,
-    #[arg(long, env = "ROUTELLM_ROUTERS_DIR")]
-    pub routers_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub artifacts: ArtifactArgs,
 }
 
 /// Settings shared by every command that loads routers and models.
@@ -358,16 +361,16 @@ fn distill(args: &DistillArgs) -> anyhow::Result<()> {
 }
 
 /// The config that offline commands load routers with: the file plus `--routers-dir`.
-fn offline_config(file: Option<&std::path::Path>, routers_dir: Option<PathBuf>) -> anyhow::Result<Config> {
+fn offline_config(artifacts: &ArtifactArgs) -> anyhow::Result<Config> {
     let overrides = Overrides {
-        routers_dir,
+        routers_dir: artifacts.routers_dir.clone(),
         ..Overrides::default()
     };
-    Ok(Config::load(file, overrides)?)
+    Ok(Config::load(artifacts.config.as_deref(), overrides)?)
 }
 
 fn eval(args: &EvalArgs) -> anyhow::Result<()> {
-    let config = offline_config(args.config.as_deref(), args.routers_dir.clone())?;
+    let config = offline_config(&args.artifacts)?;
     let options = crate::eval::EvalOptions {
         routers: args.routers.clone(),
         benchmark: crate::eval::benchmark::BenchmarkKind::parse(&args.benchmark),
@@ -395,7 +398,7 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 pub const DEFAULT_CALIBRATION_PROMPTS: &str = "calibration/prompts.jsonl";
 
 fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
-    let config = offline_config(args.config.as_deref(), args.routers_dir.clone())?;
+    let config = offline_config(&args.artifacts)?;
     let path = args
         .prompts
         .clone()
@@ -439,7 +442,7 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
 
 fn score(args: &ScoreArgs) -> anyhow::Result<()> {
     use std::io::Write;
-    let config = offline_config(args.config.as_deref(), args.routers_dir.clone())?;
+    let config = offline_config(&args.artifacts)?;
     let prompts = crate::prompts::read(&args.input)?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
