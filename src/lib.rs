@@ -22,6 +22,7 @@
 //! - [`config`]: YAML, environment and flags merged and validated once.
 //! - [`error`]: the one error enum and its OpenAI-shaped JSON.
 //! - [`mock_upstream`]: a canned upstream for load tests (`routellm mock-upstream`).
+//! - [`rng`]: SplitMix64 and FNV-1a, the deterministic draws and hashes everything shares.
 //! - [`cli`]: the `routellm` command line.
 
 pub mod cli;
@@ -40,6 +41,7 @@ pub mod progress;
 pub mod prompts;
 pub mod providers;
 pub mod request;
+pub mod rng;
 pub mod routers;
 pub mod scoring;
 pub mod server;

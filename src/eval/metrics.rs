@@ -8,6 +8,8 @@
 
 use serde::Serialize;
 
+use crate::rng::SplitMix;
+
 /// One prompt's outcome under each model. A score is `sum / count`, so a benchmark whose
 /// prompts carry several judgement rows (MT Bench: two turns) averages rows, as pandas does.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -286,32 +288,6 @@ pub fn optimal_curve(outcomes: &[Outcome], calls: OracleCalls, scale: f64) -> Ve
         .collect()
 }
 
-/// A small, seedable generator for resampling; statistical quality far beyond what a
-/// bootstrap needs, and reproducible across platforms.
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    #[must_use]
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..bound` (Lemire's multiply-shift; bias is negligible for our sizes).
-    pub fn below(&mut self, bound: usize) -> usize {
-        #[allow(clippy::cast_possible_truncation)]
-        let index = ((u128::from(self.next_u64()) * bound as u128) >> 64) as usize;
-        index
-    }
-}
-
 /// A 95% percentile-bootstrap interval for APGR: prompts resampled with replacement; each
 /// replicate recomputes thresholds, the curve and both models' scores on its sample.
 /// `score_sets` holds one score vector per router run (several for the random router, so
@@ -511,8 +487,7 @@ mod tests {
         let outcomes: Vec<Outcome> = (0..n)
             .map(|i| Outcome::single(f64::from(u8::from(i % 3 != 0)), f64::from(u8::from(i % 2 == 0))))
             .collect();
-        #[allow(clippy::cast_precision_loss)]
-        let scores: Vec<f64> = (0..n).map(|_| rng.next_u64() as f64 / u64::MAX as f64).collect();
+        let scores: Vec<f64> = (0..n).map(|_| rng.next_unit()).collect();
         let points = curve(&scores, &outcomes, 10, 1.0);
         let estimate = apgr(
             &points,

@@ -225,13 +225,10 @@ struct CacheFile {
 
 /// FNV-1a over the prompts: detects any change to the benchmark's prompts or order.
 fn prompts_hash(prompts: &[String]) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for prompt in prompts {
-        for byte in prompt.bytes().chain([0xff]) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    // 0xff never occurs in UTF-8, so it separates prompts unambiguously.
+    let hash = prompts.iter().fold(crate::rng::FNV_OFFSET, |hash, prompt| {
+        crate::rng::fnv1a(crate::rng::fnv1a(hash, prompt.as_bytes()), &[0xff])
+    });
     format!("{hash:016x}-{}", prompts.len())
 }
 

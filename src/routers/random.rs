@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{Router, RouterError, ScoringCost};
+use crate::rng::{GOLDEN_GAMMA, mix, unit};
 
 /// Lock-free uniform scores from a SplitMix64 sequence shared by all requests.
 pub struct RandomRouter {
@@ -38,18 +39,12 @@ impl RandomRouter {
     /// The next uniform draw in [0, 1).
     #[must_use]
     pub fn next_uniform(&self) -> f64 {
-        const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut z = self
+        // SplitMix64 with an atomic state, so concurrent requests never share a draw.
+        let state = self
             .state
             .fetch_add(GOLDEN_GAMMA, Ordering::Relaxed)
             .wrapping_add(GOLDEN_GAMMA);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        // The top 53 bits fill an f64 mantissa exactly, giving an unbiased value in [0, 1).
-        #[allow(clippy::cast_precision_loss)]
-        let unit = (z >> 11) as f64 / (1_u64 << 53) as f64;
-        unit
+        unit(mix(state))
     }
 }
 

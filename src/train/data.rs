@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::Error;
-use crate::eval::metrics::SplitMix;
+use crate::rng::{FNV_OFFSET, SplitMix, fnv1a};
 
 /// One pairwise comparison: `label` is the probability that `a` beat `b`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -195,15 +195,8 @@ impl Dataset {
     /// split is stable across runs and identical prompts never straddle it.
     #[must_use]
     pub fn is_validation(&self, prompt: usize, fraction: f64, seed: u64) -> bool {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-        for byte in self.prompts[prompt].bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        let mut mixer = SplitMix::new(hash);
-        #[allow(clippy::cast_precision_loss)]
-        let unit = (mixer.next_u64() >> 11) as f64 / (1_u64 << 53) as f64;
-        unit < fraction
+        let hash = fnv1a(FNV_OFFSET ^ seed, self.prompts[prompt].as_bytes());
+        SplitMix::new(hash).next_unit() < fraction
     }
 }
 

@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use crate::embed::Embedder;
 use crate::error::Error;
-use crate::eval::metrics::{self, Outcome, SplitMix};
+use crate::eval::metrics::{self, Outcome};
 use crate::features;
 use crate::progress::Progress;
+use crate::rng::SplitMix;
 use crate::routers::mf::{MfManifest, MfWeights};
 use data::{Battle, Dataset};
 
@@ -143,10 +144,9 @@ impl Adam {
 }
 
 fn normal(rng: &mut SplitMix, scale: f32) -> f32 {
-    #[allow(clippy::cast_precision_loss)]
-    let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / (1_u64 << 53) as f64;
-    #[allow(clippy::cast_precision_loss)]
-    let u2 = (rng.next_u64() >> 11) as f64 / (1_u64 << 53) as f64;
+    // Shifted by half an ulp of 1 into (0, 1], so the logarithm is finite.
+    let u1 = rng.next_unit() + f64::EPSILON / 2.0;
+    let u2 = rng.next_unit();
     #[allow(clippy::cast_possible_truncation)]
     let z = ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
     z * scale
