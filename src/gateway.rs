@@ -88,7 +88,7 @@ impl Gateway {
         let env = |name: &str| std::env::var(name).ok();
         let strong = providers::resolve(&config.strong_model, &config.global, &config.providers, &env)?;
         let weak = providers::resolve(&config.weak_model, &config.global, &config.providers, &env)?;
-        install_crypto_provider();
+        crate::upstream::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -331,13 +331,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
-}
-
-/// reqwest is built without a default TLS provider (ring instead of aws-lc keeps builds
-/// lean); rustls needs one chosen process-wide before the first TLS connection.
-fn install_crypto_provider() {
-    // Err only means a provider is already installed, which is what we want.
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 #[cfg(test)]

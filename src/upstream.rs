@@ -214,6 +214,14 @@ impl Upstream {
     }
 }
 
+/// reqwest is built without a default TLS provider (ring instead of aws-lc keeps builds
+/// lean); rustls needs one chosen process-wide before the first TLS connection, by every
+/// client the process makes (upstreams, embeddings API, Hub downloads).
+pub fn install_crypto_provider() {
+    // Err only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// An SSE event carrying an OpenAI-shaped error; the OpenAI SDKs raise it as an API error.
 /// The leading blank line closes any event the upstream left half-written.
 #[must_use]

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::{EmbedError, Embedder, sha256_file};
+use super::{EmbedError, Embedder, sha256_hex};
 
 /// sentence-transformers' `max_seq_length` for this model (its tokenizer.json says 128,
 /// padded; sentence-transformers overrides both).
@@ -63,10 +63,10 @@ impl MiniLm {
         let device = Device::Cpu;
         let weights_path = dir.join("model.safetensors");
         let weights = std::fs::read(&weights_path).map_err(|e| load_error("model.safetensors", e))?;
+        let digest = sha256_hex(&weights);
         let builder = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
             .map_err(|e| load_error("model.safetensors", e))?;
         let model = BertModel::load(builder, &config).map_err(|e| load_error("model.safetensors", e))?;
-        let digest = sha256_file(&weights_path)?;
         Ok(Self {
             model,
             tokenizer,
@@ -197,7 +197,7 @@ fn fetch_from_hub(hub_id: &str) -> Result<PathBuf, EmbedError> {
         return Ok(dir);
     }
     std::fs::create_dir_all(&dir).map_err(|e| load_error(&dir.display().to_string(), e))?;
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::upstream::install_crypto_provider();
     let client = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(300))
         .build()

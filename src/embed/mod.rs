@@ -100,7 +100,13 @@ pub fn normalize(vector: &mut [f32]) {
 
 /// The sha256 of a file, for manifests and embedder ids.
 pub fn sha256_file(path: &std::path::Path) -> Result<String, EmbedError> {
-    use sha2::Digest;
     let bytes = std::fs::read(path).map_err(|error| EmbedError::Load(format!("{}: {error}", path.display())))?;
-    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
+    Ok(sha256_hex(&bytes))
+}
+
+/// The sha256 of bytes already in memory, so a file loaded once is not read again to hash it.
+#[must_use]
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
 }

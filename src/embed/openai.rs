@@ -35,7 +35,7 @@ impl OpenAiEmbedder {
     /// Connects to `base_url` (default `https://api.openai.com/v1`) and learns the vector
     /// size with one probe request, so a wrong endpoint fails at start-up, not per request.
     pub fn connect(model: &str, base_url: Option<&str>, api_key: Option<String>) -> Result<Self, EmbedError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::upstream::install_crypto_provider();
         let base_url = base_url.unwrap_or("https://api.openai.com/v1").trim_end_matches('/');
         let client = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(30))

@@ -13,7 +13,7 @@ use half::f16;
 use safetensors::tensor::{Dtype, TensorView};
 use tokenizers::Tokenizer;
 
-use super::{EmbedError, Embedder, MiniLm, normalize, sha256_file};
+use super::{EmbedError, Embedder, MiniLm, normalize, sha256_file, sha256_hex};
 use crate::progress::Progress;
 
 const TABLE_FILE: &str = "embeddings.safetensors";
@@ -71,7 +71,7 @@ impl StaticEmbedder {
         // No length limit: the whole prompt counts, however long (few-shot prefixes included).
         let tokenizer = super::wordpiece::WordPiece::new(&full.get_vocab(false))
             .ok_or_else(|| EmbedError::Load(format!("{}: no [UNK] token", dir.join(TOKENIZER_FILE).display())))?;
-        let digest = sha256_file(&table_path)?;
+        let digest = sha256_hex(&bytes);
         Ok(Self {
             table,
             dim,

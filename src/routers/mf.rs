@@ -115,7 +115,8 @@ impl MfWeights {
         std::fs::write(dir.join(MANIFEST_FILE), text + "\n").map_err(|e| RouterError::Load(e.to_string()))
     }
 
-    pub fn load(dir: &Path) -> Result<(Self, MfManifest), RouterError> {
+    /// Loads weights and manifest from `dir`, with the weights file's sha256.
+    pub fn load(dir: &Path) -> Result<(Self, MfManifest, String), RouterError> {
         let load_error =
             |what: &str, e: &dyn std::fmt::Display| RouterError::Load(format!("{}: {what}: {e}", dir.display()));
         let manifest: MfManifest = serde_json::from_str(
@@ -123,6 +124,7 @@ impl MfWeights {
         )
         .map_err(|e| load_error(MANIFEST_FILE, &e))?;
         let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).map_err(|e| load_error(WEIGHTS_FILE, &e))?;
+        let digest = crate::embed::sha256_hex(&bytes);
         let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| load_error(WEIGHTS_FILE, &e))?;
         let read = |name: &str| -> Result<(Vec<f32>, Vec<usize>), RouterError> {
             let view = tensors.tensor(name).map_err(|e| load_error(name, &e))?;
@@ -160,7 +162,7 @@ impl MfWeights {
                 &"tensor shapes disagree with each other or the manifest",
             ));
         }
-        Ok((weights, manifest))
+        Ok((weights, manifest, digest))
     }
 }
 
@@ -214,7 +216,7 @@ impl MfRouter {
         strong: Option<&str>,
         weak: Option<&str>,
     ) -> Result<Self, RouterError> {
-        let (weights, manifest) = MfWeights::load(dir)?;
+        let (weights, manifest, digest) = MfWeights::load(dir)?;
         if manifest.uses_embedding && manifest.embedder != embedder.id() {
             return Err(RouterError::Load(format!(
                 "{} was trained with embedder `{}` but `{}` is configured; use the matching embedder or retrain \
@@ -246,11 +248,7 @@ impl MfRouter {
             pair,
             mean: weights.feature_mean,
             std: weights.feature_std,
-            cache_key: format!(
-                "mf:{}:{strong_name}:{weak_name}:{}",
-                manifest.embedder,
-                weights_digest(dir)
-            ),
+            cache_key: format!("mf:{}:{strong_name}:{weak_name}:{}", manifest.embedder, &digest[..16]),
         })
     }
 
@@ -260,10 +258,6 @@ impl MfRouter {
             .map_err(|e| RouterError::Load(format!("{}: {e}", dir.join(MANIFEST_FILE).display())))?;
         serde_json::from_str(&text).map_err(|e| RouterError::Load(format!("{}: {e}", dir.display())))
     }
-}
-
-fn weights_digest(dir: &Path) -> String {
-    crate::embed::sha256_file(&dir.join(WEIGHTS_FILE)).map_or_else(|_| "unknown".to_owned(), |d| d[..16].to_owned())
 }
 
 impl Router for MfRouter {
