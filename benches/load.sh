@@ -30,7 +30,7 @@ wait_for_address() { # log file -> host:port once the process reports it
 
 "$bin" mock-upstream --port 0 2>"$work/mock.log" & pids+=($!)
 upstream=$(wait_for_address "$work/mock.log")
-"$bin" serve --host 127.0.0.1 --port 0 --routers random mf \
+"$bin" serve --host 127.0.0.1 --port 0 --routers random mf sw_ranking \
   --strong-model openai/strong --weak-model openai/weak --base-url "http://$upstream/v1" --api-key sk-bench \
   2>"$work/proxy.log" & proxy_pid=$!; pids+=($proxy_pid)
 proxy=$(wait_for_address "$work/proxy.log")
@@ -70,12 +70,14 @@ echo "|------------------------------|------------|----------|----------|-------
 run "direct to upstream" "http://$upstream" "mock" false
 run "proxy, router-random-0.5" "http://$proxy" "router-random-0.5" false
 run "proxy, router-mf-0.5 (static)" "http://$proxy" "router-mf-0.5" false
+run "proxy, router-sw_ranking-0.5" "http://$proxy" "router-sw_ranking-0.5" false
 run "direct, streaming" "http://$upstream" "mock" true
 run "proxy, streaming, random" "http://$proxy" "router-random-0.5" true
 # One connection: latency without queueing, so proxy minus direct is the added latency.
 run "direct, 1 connection" "http://$upstream" "mock" false 1
 run "proxy random, 1 connection" "http://$proxy" "router-random-0.5" false 1
 run "proxy mf, 1 connection" "http://$proxy" "router-mf-0.5" false 1
+run "proxy sw_ranking, 1 connection" "http://$proxy" "router-sw_ranking-0.5" false 1
 echo
 echo "streaming time to first byte (median of 50, ms): direct $(ttfb "http://$upstream" mock), proxy $(ttfb "http://$proxy" router-random-0.5)"
-echo "proxy peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$proxy_pid/status)"
+echo "proxy peak RSS (random + mf + sw_ranking loaded): $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$proxy_pid/status)"

@@ -85,6 +85,10 @@ fn router_scoring(c: &mut Criterion) {
             "mf_static",
             routellm::routers::build("mf", &config).expect("the shipped mf artifact loads"),
         ),
+        (
+            "sw_ranking_static",
+            routellm::routers::build("sw_ranking", &config).expect("the shipped sw_ranking artifact loads"),
+        ),
     ];
     let mut group = c.benchmark_group("router");
     for (name, router) in &routers {

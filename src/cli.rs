@@ -54,24 +54,132 @@ pub struct MockUpstreamArgs {
 pub enum TrainCommand {
     /// RouteLLM's matrix factorisation on pairwise battles and correctness data.
     Mf(TrainMfArgs),
+    /// RouteLLM's similarity-weighted ranking: the index of training prompts and tier results.
+    #[command(name = "sw_ranking", alias = "sw-ranking")]
+    SwRanking(TrainSwRankingArgs),
+    /// The BERT classifier: a three-label head over the frozen MiniLM encoder.
+    Bert(TrainBertArgs),
 }
 
 #[derive(Debug, Args)]
-pub struct TrainMfArgs {
+pub struct TrainBertArgs {
     /// Training files or folders of `.jsonl` (battles or correctness; see ../shared/data/README.md).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
-    /// Where the artifact (model.safetensors, manifest.json) is written.
-    #[arg(long, default_value = "routers/mf")]
+    /// The all-MiniLM-L6-v2 folder (the encoder).
+    #[arg(long)]
+    pub minilm_path: PathBuf,
+    /// What the encoder sees of prompts over 256 tokens: `head` (sentence-transformers) or `head_tail`.
+    #[arg(long, default_value = "head_tail", value_parser = parse_truncation)]
+    pub truncation: crate::embed::Truncation,
+    #[arg(long, default_value = "routers/bert")]
     pub out: PathBuf,
+    /// L2 strengths tried; the best on the validation split ships.
+    #[arg(long, num_args = 1.., default_values_t = [1e-4_f32, 1e-3, 1e-2, 1e-1])]
+    pub l2: Vec<f32>,
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// One shared bias instead of one per training source.
+    #[arg(long)]
+    pub shared_bias: bool,
+    #[arg(long, default_value_t = 0.2)]
+    pub validation_fraction: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value = "gpt-4-1106-preview")]
+    pub strong: String,
+    #[arg(long, default_value = "mixtral-8x7b-instruct-v0.1")]
+    pub weak: String,
+    #[arg(long)]
+    pub holdout_source: Option<String>,
+    /// Folder caching MiniLM's outputs between runs (default ~/.cache/routellm/embeddings).
+    #[arg(long)]
+    pub embedding_cache: Option<PathBuf>,
+}
+
+/// What every `train` command shares: data, output, embedder, split.
+#[derive(Debug, Args)]
+pub struct TrainCommon {
+    /// Training files or folders of `.jsonl` (battles or correctness; see ../shared/data/README.md).
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
     /// `static` (the distilled table in --routers-dir/static) or `minilm`.
     #[arg(long, default_value = "static")]
     pub embedder: String,
     /// MiniLM folder, for `--embedder minilm`.
     #[arg(long)]
     pub minilm_path: Option<PathBuf>,
+    /// What MiniLM sees of prompts over 256 tokens: `head` (sentence-transformers) or `head_tail`.
+    #[arg(long, default_value = "head", value_parser = parse_truncation)]
+    pub truncation: crate::embed::Truncation,
     #[arg(long, default_value = "routers")]
     pub routers_dir: PathBuf,
+    #[arg(long, default_value_t = 0.2)]
+    pub validation_fraction: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// The default strong identity to score.
+    #[arg(long, default_value = "gpt-4-1106-preview")]
+    pub strong: String,
+    /// The default weak identity to score.
+    #[arg(long, default_value = "mixtral-8x7b-instruct-v0.1")]
+    pub weak: String,
+    /// Hold one source (file stem) out of training entirely and validate on it.
+    #[arg(long)]
+    pub holdout_source: Option<String>,
+    /// Folder caching slow embedders' outputs between runs (default ~/.cache/routellm/embeddings;
+    /// the static embedder is never cached: recomputing is faster than reading).
+    #[arg(long)]
+    pub embedding_cache: Option<PathBuf>,
+}
+
+impl TrainCommon {
+    fn embedder(&self) -> anyhow::Result<std::sync::Arc<dyn crate::embed::Embedder>> {
+        let config = match self.embedder.as_str() {
+            "static" => crate::embed::EmbedderConfig::Static,
+            "minilm" => crate::embed::EmbedderConfig::Minilm {
+                path: self.minilm_path.clone(),
+                hub_id: None,
+                truncation: Some(self.truncation),
+            },
+            other => anyhow::bail!("--embedder must be static or minilm, not `{other}`"),
+        };
+        Ok(crate::embed::build(&config, &self.routers_dir)?)
+    }
+
+    fn embedding_cache(&self) -> Option<PathBuf> {
+        if self.embedder == "static" {
+            return None;
+        }
+        self.embedding_cache
+            .clone()
+            .or_else(crate::train::default_embedding_cache)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TrainSwRankingArgs {
+    #[command(flatten)]
+    pub common: TrainCommon,
+    /// Where the artifact (model.safetensors, manifest.json) is written.
+    #[arg(long, default_value = "routers/sw_ranking")]
+    pub out: PathBuf,
+    /// Model tiers (RouteLLM: 10).
+    #[arg(long, default_value_t = crate::routers::sw_ranking::DEFAULT_TIERS)]
+    pub tiers: usize,
+    /// Weighting sharpnesses tried: battles weigh `10 * 10^(sharpness * sim / max_sim)`
+    /// (RouteLLM: 1); the best on the validation split ships.
+    #[arg(long, num_args = 1.., default_values_t = [1.0, 2.0, 3.0, 5.0, 10.0])]
+    pub sharpness: Vec<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainMfArgs {
+    #[command(flatten)]
+    pub common: TrainCommon,
+    /// Where the artifact (model.safetensors, manifest.json) is written.
+    #[arg(long, default_value = "routers/mf")]
+    pub out: PathBuf,
     #[arg(long, default_value_t = 64)]
     pub hidden: usize,
     #[arg(long, default_value_t = 30)]
@@ -83,22 +191,9 @@ pub struct TrainMfArgs {
     /// Battles drawn per correctness prompt (pairs of a right and a wrong model).
     #[arg(long, default_value_t = 32)]
     pub max_pairs: usize,
-    #[arg(long, default_value_t = 0.2)]
-    pub validation_fraction: f64,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// The default strong identity to score.
-    #[arg(long, default_value = "gpt-4-1106-preview")]
-    pub strong: String,
-    /// The default weak identity to score.
-    #[arg(long, default_value = "mixtral-8x7b-instruct-v0.1")]
-    pub weak: String,
     /// Use prompt features only, without the embedding.
     #[arg(long)]
     pub features_only: bool,
-    /// Hold one source (file stem) out of training entirely and validate on it.
-    #[arg(long)]
-    pub holdout_source: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -278,6 +373,10 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Calibrate(args) => tokio::task::spawn_blocking(move || calibrate(&args)).await?,
         Command::Score(args) => tokio::task::spawn_blocking(move || score(&args)).await?,
         Command::Train(TrainCommand::Mf(args)) => tokio::task::spawn_blocking(move || train_mf(&args)).await?,
+        Command::Train(TrainCommand::SwRanking(args)) => {
+            tokio::task::spawn_blocking(move || train_sw_ranking(&args)).await?
+        }
+        Command::Train(TrainCommand::Bert(args)) => tokio::task::spawn_blocking(move || train_bert(&args)).await?,
         Command::Distill(args) => tokio::task::spawn_blocking(move || distill(&args)).await?,
         Command::MockUpstream(args) => mock_upstream(&args).await,
     }
@@ -298,16 +397,9 @@ fn command_line() -> String {
 }
 
 fn train_mf(args: &TrainMfArgs) -> anyhow::Result<()> {
-    let embedder_config = match args.embedder.as_str() {
-        "static" => crate::embed::EmbedderConfig::Static,
-        "minilm" => crate::embed::EmbedderConfig::Minilm {
-            path: args.minilm_path.clone(),
-            hub_id: None,
-        },
-        other => anyhow::bail!("--embedder must be static or minilm, not `{other}`"),
-    };
-    let embedder = crate::embed::build(&embedder_config, &args.routers_dir)?;
-    let files = crate::train::data::expand(&args.data)?;
+    let common = &args.common;
+    let embedder = common.embedder()?;
+    let files = crate::train::data::expand(&common.data)?;
     let options = crate::train::MfOptions {
         hidden: args.hidden,
         epochs: args.epochs,
@@ -315,14 +407,73 @@ fn train_mf(args: &TrainMfArgs) -> anyhow::Result<()> {
         weight_decay: args.weight_decay,
         batch_prompts: 64,
         max_pairs: args.max_pairs,
+        validation_fraction: common.validation_fraction,
+        seed: common.seed,
+        strong: common.strong.clone(),
+        weak: common.weak.clone(),
+        use_embedding: !args.features_only,
+        holdout_source: common.holdout_source.clone(),
+        embedding_cache: common.embedding_cache(),
+    };
+    crate::train::train_mf(&files, &embedder, &common.embedder, &options, &args.out, &command_line())?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn train_sw_ranking(args: &TrainSwRankingArgs) -> anyhow::Result<()> {
+    let common = &args.common;
+    let embedder = common.embedder()?;
+    let files = crate::train::data::expand(&common.data)?;
+    let options = crate::train::sw_ranking::SwOptions {
+        tiers: args.tiers,
+        sharpness_grid: args.sharpness.clone(),
+        validation_fraction: common.validation_fraction,
+        seed: common.seed,
+        strong: common.strong.clone(),
+        weak: common.weak.clone(),
+        holdout_source: common.holdout_source.clone(),
+        embedding_cache: common.embedding_cache(),
+    };
+    crate::train::sw_ranking::train_sw_ranking(
+        &files,
+        &embedder,
+        &common.embedder,
+        &options,
+        &args.out,
+        &command_line(),
+    )?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn parse_truncation(text: &str) -> Result<crate::embed::Truncation, String> {
+    match text {
+        "head" => Ok(crate::embed::Truncation::Head),
+        "head_tail" | "head-tail" => Ok(crate::embed::Truncation::HeadTail),
+        other => Err(format!("`{other}`: expected head or head_tail")),
+    }
+}
+
+fn train_bert(args: &TrainBertArgs) -> anyhow::Result<()> {
+    let encoder: std::sync::Arc<dyn crate::embed::Embedder> =
+        std::sync::Arc::new(crate::embed::MiniLm::load(&args.minilm_path)?.with_truncation(args.truncation));
+    let files = crate::train::data::expand(&args.data)?;
+    let options = crate::train::bert::BertOptions {
+        l2_grid: args.l2.clone(),
+        steps: args.steps,
+        learning_rate: 0.01,
+        per_source_bias: !args.shared_bias,
         validation_fraction: args.validation_fraction,
         seed: args.seed,
         strong: args.strong.clone(),
         weak: args.weak.clone(),
-        use_embedding: !args.features_only,
         holdout_source: args.holdout_source.clone(),
+        embedding_cache: args
+            .embedding_cache
+            .clone()
+            .or_else(crate::train::default_embedding_cache),
     };
-    crate::train::train_mf(&files, &embedder, &args.embedder, &options, &args.out, &command_line())?;
+    crate::train::bert::train_bert(&files, &encoder, &options, &args.out, &command_line())?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -150,7 +150,11 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct RouterSettings {
     #[serde(default)]
-    pub mf: crate::routers::mf::MfSettings,
+    pub mf: crate::routers::EmbeddingRouterSettings,
+    #[serde(default)]
+    pub sw_ranking: crate::routers::EmbeddingRouterSettings,
+    #[serde(default)]
+    pub bert: crate::routers::BertSettings,
 }
 
 impl FileConfig {

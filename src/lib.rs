@@ -23,8 +23,10 @@
 //! - [`error`]: the one error enum and its OpenAI-shaped JSON.
 //! - [`mock_upstream`]: a canned upstream for load tests (`routellm mock-upstream`).
 //! - [`rng`]: SplitMix64 and FNV-1a, the deterministic draws and hashes everything shares.
+//! - [`artifact`]: safetensors reading and writing shared by every artifact under `routers/`.
 //! - [`cli`]: the `routellm` command line.
 
+pub mod artifact;
 pub mod cli;
 pub mod config;
 pub mod controller;

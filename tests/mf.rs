@@ -162,7 +162,7 @@ fn training_is_reproducible_and_learns_a_planted_signal() {
         "same seed, same bytes"
     );
     let validation = &first.validation["per_source"]["planted"];
-    assert!(validation["mf_apgr"].as_f64().unwrap() > 0.8, "{validation}");
+    assert!(validation["apgr"].as_f64().unwrap() > 0.8, "{validation}");
 
     let router = MfRouter::load(&dir.join("a"), embedder, None, None).unwrap();
     let hard = router

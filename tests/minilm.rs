@@ -48,3 +48,27 @@ fn missing_weights_say_how_to_get_them() {
         "{message}"
     );
 }
+
+#[test]
+fn head_tail_truncation_keeps_the_final_question_of_long_prompts() {
+    let head = MiniLm::load(&model_dir()).unwrap();
+    let head_tail = MiniLm::load(&model_dir())
+        .unwrap()
+        .with_truncation(routellm::embed::Truncation::HeadTail);
+    assert_ne!(head.id(), head_tail.id(), "artifacts must not mix truncations");
+    let cosine = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    // Short prompts: identical to sentence-transformers.
+    let short = "What is the boiling point of water at sea level?";
+    assert!(cosine(&head.embed(short).unwrap(), &head_tail.embed(short).unwrap()) > 0.9999);
+    // A shared few-shot prefix beyond 256 tokens: only head+tail sees the different questions.
+    let prefix = "Question: name a primary colour. Answer: red.\n\n".repeat(40);
+    let volcano = format!("{prefix}Question: which process formed Mount St. Helens?");
+    let poetry = format!("{prefix}Question: who wrote the sonnet Ozymandias?");
+    assert!(cosine(&head.embed(&volcano).unwrap(), &head.embed(&poetry).unwrap()) > 0.9999);
+    let (a, b) = (head_tail.embed(&volcano).unwrap(), head_tail.embed(&poetry).unwrap());
+    assert!(cosine(&a, &b) < 0.99, "cosine {}", cosine(&a, &b));
+    // Batched with a short text (padding) gives the same vectors as one at a time.
+    let batched = head_tail.embed_batch(&[volcano.as_str(), short]).unwrap();
+    assert!(cosine(&batched[0], &a) > 0.9999);
+    assert!(cosine(&batched[1], &head_tail.embed(short).unwrap()) > 0.9999);
+}

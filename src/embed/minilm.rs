@@ -16,9 +16,25 @@ use super::{EmbedError, Embedder, sha256_hex};
 pub const MAX_TOKENS: usize = 256;
 const FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
 
+/// Which tokens of a prompt longer than [`MAX_TOKENS`] the encoder sees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// The first 256 tokens, exactly as sentence-transformers.
+    #[default]
+    Head,
+    /// The first and the last 128: a long prompt's instruction and its final question (the
+    /// "head+tail" of Sun et al., 2019). Few-shot prompts whose shared examples fill the
+    /// first 256 tokens stay distinguishable, which routing needs.
+    HeadTail,
+}
+
 pub struct MiniLm {
     model: BertModel,
     tokenizer: Tokenizer,
+    /// The same tokenizer with neither truncation nor padding, for [`Truncation::HeadTail`].
+    untruncated: Tokenizer,
+    truncation: Truncation,
     device: Device,
     hidden: usize,
     id: String,
@@ -50,6 +66,11 @@ impl MiniLm {
         let config: Config = serde_json::from_str(&config_text).map_err(|e| load_error("config.json", e))?;
         let mut tokenizer =
             Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| load_error("tokenizer.json", e))?;
+        let mut untruncated = tokenizer.clone();
+        untruncated.with_padding(None);
+        untruncated
+            .with_truncation(None)
+            .map_err(|e| load_error("tokenizer.json", e))?;
         tokenizer.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::BatchLongest,
             ..PaddingParams::default()
@@ -70,10 +91,25 @@ impl MiniLm {
         Ok(Self {
             model,
             tokenizer,
+            untruncated,
+            truncation: Truncation::Head,
             device,
             hidden: config.hidden_size,
             id: format!("minilm:{}", &digest[..16]),
         })
+    }
+
+    /// The same model seeing long prompts' tokens as `truncation` says; the id says so too,
+    /// so artifacts trained on one truncation are not served with another.
+    #[must_use]
+    pub fn with_truncation(mut self, truncation: Truncation) -> Self {
+        let digest = self.id.rsplit(':').next().unwrap_or_default().to_owned();
+        self.id = match truncation {
+            Truncation::Head => format!("minilm:{digest}"),
+            Truncation::HeadTail => format!("minilm-headtail:{digest}"),
+        };
+        self.truncation = truncation;
+        self
     }
 
     /// Loads from `path`, or fetches `hub_id` from the Hugging Face Hub into the cache first.
@@ -93,6 +129,20 @@ impl MiniLm {
     pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.truncation == Truncation::HeadTail {
+            let encodings = self.untruncated.encode_batch(texts.to_vec(), true).map_err(embed_error)?;
+            let mut ids: Vec<Vec<u32>> = encodings.iter().map(|e| head_tail(e.get_ids())).collect();
+            let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
+            let mask: Vec<Vec<u32>> = ids
+                .iter()
+                .map(|row| (0..longest).map(|i| u32::from(i < row.len())).collect())
+                .collect();
+            for row in &mut ids {
+                // [PAD] is id 0 in BERT vocabularies; masked out of attention and pooling.
+                row.resize(longest, 0);
+            }
+            return self.pooled(&ids, &mask);
         }
         let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(embed_error)?;
         let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
@@ -177,6 +227,16 @@ impl Embedder for MiniLm {
     fn id(&self) -> &str {
         &self.id
     }
+}
+
+/// The first and last `MAX_TOKENS / 2` of an encoding (special tokens included) when it is
+/// longer than `MAX_TOKENS`.
+fn head_tail(ids: &[u32]) -> Vec<u32> {
+    if ids.len() <= MAX_TOKENS {
+        return ids.to_vec();
+    }
+    let half = MAX_TOKENS / 2;
+    ids[..half].iter().chain(&ids[ids.len() - half..]).copied().collect()
 }
 
 /// Equal-length rows as a 2-D tensor.

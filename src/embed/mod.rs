@@ -11,7 +11,7 @@ pub mod wordpiece;
 
 use std::path::PathBuf;
 
-pub use minilm::MiniLm;
+pub use minilm::{MiniLm, Truncation};
 pub use openai::OpenAiEmbedder;
 pub use table::{StaticEmbedder, TableBuilder};
 
@@ -48,6 +48,10 @@ pub enum EmbedderConfig {
         path: Option<PathBuf>,
         #[serde(default)]
         hub_id: Option<String>,
+        /// `head` (sentence-transformers) or `head_tail`; default: what the artifact was
+        /// trained with.
+        #[serde(default)]
+        truncation: Option<Truncation>,
     },
     /// An OpenAI-compatible embeddings endpoint.
     Openai {
@@ -70,9 +74,13 @@ pub fn build(
 ) -> Result<std::sync::Arc<dyn Embedder>, EmbedError> {
     Ok(match config {
         EmbedderConfig::Static => std::sync::Arc::new(StaticEmbedder::load(&routers_dir.join(STATIC_DIR))?),
-        EmbedderConfig::Minilm { path, hub_id } => {
-            std::sync::Arc::new(MiniLm::from_config(path.as_deref(), hub_id.as_deref())?)
-        }
+        EmbedderConfig::Minilm {
+            path,
+            hub_id,
+            truncation,
+        } => std::sync::Arc::new(
+            MiniLm::from_config(path.as_deref(), hub_id.as_deref())?.with_truncation(truncation.unwrap_or_default()),
+        ),
         EmbedderConfig::Openai {
             model,
             base_url,
@@ -109,4 +117,14 @@ pub fn sha256_file(path: &std::path::Path) -> Result<String, EmbedError> {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+/// The truncation an artifact's embedder id implies (`minilm-headtail:` or `minilm:`).
+#[must_use]
+pub fn truncation_of(embedder_id: &str) -> Truncation {
+    if embedder_id.starts_with("minilm-headtail:") {
+        Truncation::HeadTail
+    } else {
+        Truncation::Head
+    }
 }

@@ -13,7 +13,7 @@ use half::f16;
 use safetensors::tensor::{Dtype, TensorView};
 use tokenizers::Tokenizer;
 
-use super::{EmbedError, Embedder, MiniLm, normalize, sha256_file, sha256_hex};
+use super::{EmbedError, Embedder, MiniLm, normalize, sha256_file};
 use crate::progress::Progress;
 
 const TABLE_FILE: &str = "embeddings.safetensors";
@@ -34,44 +34,20 @@ impl StaticEmbedder {
     /// Loads `embeddings.safetensors` and `tokenizer.json` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, EmbedError> {
         let table_path = dir.join(TABLE_FILE);
-        let bytes = std::fs::read(&table_path)
-            .map_err(|error| EmbedError::Load(format!("{}: {error}", table_path.display())))?;
-        let tensors = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|error| EmbedError::Load(format!("{}: {error}", table_path.display())))?;
-        let view = tensors
-            .tensor(TENSOR)
-            .map_err(|error| EmbedError::Load(format!("{}: {error}", table_path.display())))?;
-        let [vocab, dim] = view.shape() else {
+        let file = crate::artifact::Loaded::read(&table_path).map_err(EmbedError::Load)?;
+        let (table, shape) = file.tensor(TENSOR).map_err(EmbedError::Load)?;
+        let [vocab, dim] = shape[..] else {
             return Err(EmbedError::Load(format!(
                 "{}: `{TENSOR}` must be 2-D",
                 table_path.display()
             )));
-        };
-        let (vocab, dim) = (*vocab, *dim);
-        let table: Vec<f32> = match view.dtype() {
-            Dtype::F16 => view
-                .data()
-                .chunks_exact(2)
-                .map(|pair| f16::from_le_bytes([pair[0], pair[1]]).to_f32())
-                .collect(),
-            Dtype::F32 => view
-                .data()
-                .chunks_exact(4)
-                .map(|quad| f32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]))
-                .collect(),
-            other => {
-                return Err(EmbedError::Load(format!(
-                    "{}: unsupported dtype {other:?}",
-                    table_path.display()
-                )));
-            }
         };
         let full = Tokenizer::from_file(dir.join(TOKENIZER_FILE))
             .map_err(|error| EmbedError::Load(format!("{}: {error}", dir.join(TOKENIZER_FILE).display())))?;
         // No length limit: the whole prompt counts, however long (few-shot prefixes included).
         let tokenizer = super::wordpiece::WordPiece::new(&full.get_vocab(false))
             .ok_or_else(|| EmbedError::Load(format!("{}: no [UNK] token", dir.join(TOKENIZER_FILE).display())))?;
-        let digest = sha256_hex(&bytes);
+        let digest = file.sha256;
         Ok(Self {
             table,
             dim,

@@ -10,10 +10,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use super::{Router, RouterError, ScoringCost};
+use crate::artifact;
 use crate::embed::Embedder;
 use crate::features;
 
@@ -88,59 +88,30 @@ impl MfWeights {
 
     pub fn save(&self, dir: &Path, manifest: &MfManifest) -> Result<(), RouterError> {
         std::fs::create_dir_all(dir).map_err(|e| RouterError::Load(format!("{}: {e}", dir.display())))?;
-        let to_bytes = |values: &[f32]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
         let models = self.model_embeddings.len() / self.hidden.max(1);
-        let tensors = [
-            ("projection", to_bytes(&self.projection), vec![self.hidden, self.input]),
-            ("classifier", to_bytes(&self.classifier), vec![self.hidden]),
-            (
-                "model_embeddings",
-                to_bytes(&self.model_embeddings),
-                vec![models, self.hidden],
-            ),
-            ("feature_mean", to_bytes(&self.feature_mean), vec![self.input]),
-            ("feature_std", to_bytes(&self.feature_std), vec![self.input]),
-        ];
-        let views: Vec<(&str, TensorView<'_>)> = tensors
-            .iter()
-            .map(|(name, bytes, shape)| {
-                TensorView::new(Dtype::F32, shape.clone(), bytes)
-                    .map(|view| (*name, view))
-                    .map_err(|e| RouterError::Load(e.to_string()))
-            })
-            .collect::<Result<_, _>>()?;
-        safetensors::serialize_to_file(views, None, &dir.join(WEIGHTS_FILE))
-            .map_err(|e| RouterError::Load(e.to_string()))?;
-        let text = serde_json::to_string_pretty(manifest).map_err(|e| RouterError::Load(e.to_string()))?;
-        std::fs::write(dir.join(MANIFEST_FILE), text + "\n").map_err(|e| RouterError::Load(e.to_string()))
+        let tensor = artifact::Tensor::f32;
+        artifact::write(
+            &dir.join(WEIGHTS_FILE),
+            &[
+                tensor("projection", &self.projection, vec![self.hidden, self.input]),
+                tensor("classifier", &self.classifier, vec![self.hidden]),
+                tensor("model_embeddings", &self.model_embeddings, vec![models, self.hidden]),
+                tensor("feature_mean", &self.feature_mean, vec![self.input]),
+                tensor("feature_std", &self.feature_std, vec![self.input]),
+            ],
+        )
+        .map_err(RouterError::Load)?;
+        write_manifest(dir, manifest)
     }
 
     /// Loads weights and manifest from `dir`, with the weights file's sha256.
     pub fn load(dir: &Path) -> Result<(Self, MfManifest, String), RouterError> {
-        let load_error =
-            |what: &str, e: &dyn std::fmt::Display| RouterError::Load(format!("{}: {what}: {e}", dir.display()));
-        let manifest: MfManifest = serde_json::from_str(
-            &std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|e| load_error(MANIFEST_FILE, &e))?,
-        )
-        .map_err(|e| load_error(MANIFEST_FILE, &e))?;
-        let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).map_err(|e| load_error(WEIGHTS_FILE, &e))?;
-        let digest = crate::embed::sha256_hex(&bytes);
-        let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| load_error(WEIGHTS_FILE, &e))?;
-        let read = |name: &str| -> Result<(Vec<f32>, Vec<usize>), RouterError> {
-            let view = tensors.tensor(name).map_err(|e| load_error(name, &e))?;
-            if view.dtype() != Dtype::F32 {
-                return Err(load_error(name, &"expected f32"));
-            }
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]]))
-                .collect();
-            Ok((values, view.shape().to_vec()))
-        };
+        let manifest: MfManifest = read_manifest(dir)?;
+        let file = artifact::Loaded::read(&dir.join(WEIGHTS_FILE)).map_err(RouterError::Load)?;
+        let read = |name: &str| file.tensor(name).map_err(RouterError::Load);
         let (projection, shape) = read("projection")?;
         let [hidden, input] = shape[..] else {
-            return Err(load_error("projection", &"must be 2-D"));
+            return Err(RouterError::Load(format!("{}: projection must be 2-D", dir.display())));
         };
         let weights = Self {
             projection,
@@ -157,13 +128,27 @@ impl MfWeights {
             || weights.feature_mean.len() != input
             || weights.feature_std.len() != input
         {
-            return Err(load_error(
-                WEIGHTS_FILE,
-                &"tensor shapes disagree with each other or the manifest",
-            ));
+            return Err(RouterError::Load(format!(
+                "{}: tensor shapes disagree with each other or the manifest",
+                dir.display()
+            )));
         }
-        Ok((weights, manifest, digest))
+        Ok((weights, manifest, file.sha256))
     }
+}
+
+/// Writes an artifact's manifest as pretty JSON.
+pub fn write_manifest(dir: &Path, manifest: &impl Serialize) -> Result<(), RouterError> {
+    let text = serde_json::to_string_pretty(manifest).map_err(|e| RouterError::Load(e.to_string()))?;
+    std::fs::write(dir.join(MANIFEST_FILE), text + "\n")
+        .map_err(|e| RouterError::Load(format!("{}: {e}", dir.join(MANIFEST_FILE).display())))
+}
+
+/// Reads an artifact's manifest.
+pub fn read_manifest<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, RouterError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| RouterError::Load(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| RouterError::Load(format!("{}: {e}", path.display())))
 }
 
 /// The prompt representation the weights expect: embedding then features, standardised.
@@ -254,9 +239,7 @@ impl MfRouter {
 
     /// The manifest of the artifact in `dir`, to pick its embedder before loading.
     pub fn manifest(dir: &Path) -> Result<MfManifest, RouterError> {
-        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
-            .map_err(|e| RouterError::Load(format!("{}: {e}", dir.join(MANIFEST_FILE).display())))?;
-        serde_json::from_str(&text).map_err(|e| RouterError::Load(format!("{}: {e}", dir.display())))
+        read_manifest(dir)
     }
 }
 
@@ -274,22 +257,6 @@ impl Router for MfRouter {
     fn cache_key(&self) -> Option<String> {
         Some(self.cache_key.clone())
     }
-}
-
-/// Per-router settings from the config file's `router_settings.mf`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MfSettings {
-    /// Artifact folder, relative to `routers_dir` (default `mf`, or `mf-minilm` for MiniLM).
-    #[serde(default)]
-    pub artifact: Option<String>,
-    #[serde(default)]
-    pub embedder: Option<crate::embed::EmbedderConfig>,
-    /// The identities to score (RouteLLM always uses gpt-4-1106-preview vs Mixtral).
-    #[serde(default)]
-    pub strong_identity: Option<String>,
-    #[serde(default)]
-    pub weak_identity: Option<String>,
 }
 
 #[cfg(test)]

@@ -178,8 +178,8 @@ impl Dataset {
                 rows,
             });
         }
-        if data.battles.is_empty() {
-            return Err(Error::invalid("the training files hold no battles"));
+        if data.battles.is_empty() && data.correctness.is_empty() {
+            return Err(Error::invalid("the training files hold no battles and no correctness rows"));
         }
         Ok(data)
     }

@@ -2,15 +2,17 @@
 //! battles derived from correctness), seeded and reproducible, with a validation split
 //! on which every choice is measured and reported in the artifact's manifest.
 
+pub mod bert;
 pub mod data;
+pub mod sw_ranking;
+pub mod validation;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::embed::Embedder;
 use crate::error::Error;
-use crate::eval::metrics::{self, Outcome};
 use crate::features;
 use crate::progress::Progress;
 use crate::rng::SplitMix;
@@ -35,6 +37,9 @@ pub struct MfOptions {
     /// A source (file stem) held out entirely: trained on nothing of it, validated on all
     /// of it, the closest proxy here for prompts from an unseen distribution.
     pub holdout_source: Option<String>,
+    /// Where slow embedders' outputs are cached between runs (see [`embed_all`]).
+    #[serde(skip)]
+    pub embedding_cache: Option<PathBuf>,
 }
 
 impl Default for MfOptions {
@@ -52,6 +57,7 @@ impl Default for MfOptions {
             weak: "mixtral-8x7b-instruct-v0.1".into(),
             use_embedding: true,
             holdout_source: None,
+            embedding_cache: None,
         }
     }
 }
@@ -64,48 +70,81 @@ pub struct Representations {
     pub std: Vec<f32>,
 }
 
-/// Embeds every prompt (on all cores) and standardises with training-split statistics.
+/// Every prompt's embedding, computed on all cores, or read from `cache` (a folder) when
+/// the same embedder already embedded the same prompts there: MiniLM takes minutes over the
+/// training prompts, and experiments repeat it.
+pub fn embed_all(embedder: &dyn Embedder, prompts: &[String], cache: Option<&Path>) -> Result<Vec<Vec<f32>>, Error> {
+    let key = prompts.iter().fold(crate::rng::FNV_OFFSET, |hash, prompt| {
+        crate::rng::fnv1a(crate::rng::fnv1a(hash, prompt.as_bytes()), &[0])
+    });
+    let file = cache.map(|dir| {
+        let id: String = embedder
+            .id()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        dir.join(format!("{id}-{}-{key:016x}.safetensors", prompts.len()))
+    });
+    if let Some(file) = file.as_deref().filter(|file| file.is_file()) {
+        let loaded = crate::artifact::Loaded::read(file).map_err(Error::Internal)?;
+        let (values, shape) = loaded.tensor("embeddings").map_err(Error::Internal)?;
+        if shape == [prompts.len(), embedder.dim()] {
+            eprintln!("embeddings read from {}", file.display());
+            return Ok(values.chunks_exact(embedder.dim().max(1)).map(<[f32]>::to_vec).collect());
+        }
+    }
+    let progress = Progress::new("embedding training prompts", prompts.len());
+    let rows = crate::scoring::parallel_map(prompts, &progress, |_, prompt| {
+        embedder.embed(prompt).map_err(|e| Error::Internal(e.to_string()))
+    })?;
+    if let Some(file) = file {
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let written = file
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                crate::artifact::write(
+                    &file,
+                    &[crate::artifact::Tensor::f32("embeddings", &flat, vec![rows.len(), embedder.dim()])],
+                )
+            });
+        // A cache that cannot be written only costs time next run.
+        if let Err(error) = written {
+            eprintln!("embedding cache not written: {error}");
+        }
+    }
+    Ok(rows)
+}
+
+/// The default embedding cache folder: `$XDG_CACHE_HOME/routellm/embeddings` or `~/.cache/...`.
+#[must_use]
+pub fn default_embedding_cache() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("routellm").join("embeddings"))
+}
+
+/// Appends the prompt features to each embedding (or uses features alone) and standardises
+/// with training-split statistics.
 pub fn represent(
-    embedder: Option<&dyn Embedder>,
+    embeddings: Option<Vec<Vec<f32>>>,
     prompts: &[String],
     is_train: &[bool],
 ) -> Result<Representations, Error> {
-    let progress = Progress::new("embedding training prompts", prompts.len());
-    let mut rows = crate::scoring::parallel_map(prompts, &progress, |_, prompt| {
-        let mut x = match embedder {
-            Some(embedder) => embedder.embed(prompt).map_err(|e| Error::Internal(e.to_string()))?,
-            None => Vec::new(),
-        };
-        x.extend_from_slice(&features::extract(prompt));
-        Ok(x)
-    })?;
-    let width = rows.first().map_or(0, Vec::len);
-    let mut mean = vec![0.0_f64; width];
-    let mut square = vec![0.0_f64; width];
-    let mut count = 0.0_f64;
-    for (row, train) in rows.iter().zip(is_train) {
-        if *train {
-            count += 1.0;
-            for ((m, s), x) in mean.iter_mut().zip(square.iter_mut()).zip(row) {
-                *m += f64::from(*x);
-                *s += f64::from(*x) * f64::from(*x);
-            }
-        }
+    let mut rows: Vec<Vec<f32>> = match embeddings {
+        Some(embeddings) => embeddings,
+        None => vec![Vec::new(); prompts.len()],
+    };
+    for (row, prompt) in rows.iter_mut().zip(prompts) {
+        row.extend_from_slice(&features::extract(prompt));
     }
-    let count = count.max(1.0);
-    #[allow(clippy::cast_possible_truncation)]
-    let mean_f32: Vec<f32> = mean.iter().map(|m| (m / count) as f32).collect();
-    #[allow(clippy::cast_possible_truncation)]
-    let std: Vec<f32> = mean
-        .iter()
-        .zip(&square)
-        .map(|(m, s)| {
-            let deviation = (s / count - (m / count).powi(2)).max(0.0).sqrt();
-            // A value that never varied in training carries no information; scaling it by a
-            // tiny deviation would turn any new value into an enormous input.
-            if deviation < 1e-6 { 1.0 } else { deviation as f32 }
-        })
-        .collect();
+    let width = rows.first().map_or(0, Vec::len);
+    let (mean_f32, std) = column_stats(
+        rows.iter().zip(is_train).filter(|(_, train)| **train).map(|(row, _)| row.as_slice()),
+        width,
+    );
     for row in &mut rows {
         crate::routers::mf::standardize(row, &mean_f32, &std);
     }
@@ -116,20 +155,48 @@ pub fn represent(
     })
 }
 
-struct Adam {
+/// Column means and standard deviations over `rows`, for standardising inputs.
+pub(crate) fn column_stats<'a>(rows: impl Iterator<Item = &'a [f32]>, dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut sum, mut square, mut count) = (vec![0.0_f64; dim], vec![0.0_f64; dim], 0.0_f64);
+    for row in rows {
+        count += 1.0;
+        for ((s, q), x) in sum.iter_mut().zip(square.iter_mut()).zip(row) {
+            *s += f64::from(*x);
+            *q += f64::from(*x) * f64::from(*x);
+        }
+    }
+    let count = count.max(1.0);
+    #[allow(clippy::cast_possible_truncation)]
+    let mean: Vec<f32> = sum.iter().map(|s| (s / count) as f32).collect();
+    #[allow(clippy::cast_possible_truncation)]
+    let std: Vec<f32> = sum
+        .iter()
+        .zip(&square)
+        .map(|(s, q)| {
+            let deviation = (q / count - (s / count).powi(2)).max(0.0).sqrt();
+            // A value that never varied in training carries no information; scaling it by a
+            // tiny deviation would turn any new value into an enormous input.
+            if deviation < 1e-6 { 1.0 } else { deviation as f32 }
+        })
+        .collect();
+    (mean, std)
+}
+
+/// Adam with bias correction and decoupled-from-nothing L2 (`decay` is added to the gradient).
+pub(crate) struct Adam {
     m: Vec<f32>,
     v: Vec<f32>,
 }
 
 impl Adam {
-    fn new(size: usize) -> Self {
+    pub(crate) fn new(size: usize) -> Self {
         Self {
             m: vec![0.0; size],
             v: vec![0.0; size],
         }
     }
 
-    fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, decay: f32, t: i32) {
+    pub(crate) fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, decay: f32, t: i32) {
         const B1: f32 = 0.9;
         const B2: f32 = 0.999;
         let c1 = 1.0 - B1.powi(t);
@@ -317,89 +384,54 @@ pub fn fit(
     (weights, history)
 }
 
-#[must_use]
-/// Routing quality on held-out correctness prompts of each source: APGR of the trained
-/// pair and of the length baseline, for the source's own strong/weak pair.
+/// Routing quality on held-out prompts: APGR per correctness source (see [`validation`]),
+/// log-loss and accuracy on held-out battles of battle-only sources.
 pub fn validation_report(
     data: &Dataset,
     reps: &Representations,
     train: &[bool],
     weights: &MfWeights,
     pairs: &[(&str, &str)],
-) -> BTreeMap<String, serde_json::Value> {
-    let mut report = BTreeMap::new();
+) -> Result<BTreeMap<String, serde_json::Value>, Error> {
+    let sets = validation::held_out_sets(data, train, pairs);
+    let mut report = validation::report_all(data, &sets, &|prompt, strong, weak| {
+        let v = weights.pair_vector(strong, weak);
+        Ok(f64::from(reps.rows[prompt].iter().zip(&v).map(|(x, w)| x * w).sum::<f32>()))
+    })?;
     for (file_number, file) in data.files.iter().enumerate() {
-        let held_out: Vec<usize> = (0..data.prompts.len())
-            .filter(|p| data.prompt_source[*p] == file_number && !train[*p] && data.correctness.contains_key(p))
+        let battles: Vec<&Battle> = data
+            .battles
+            .iter()
+            .filter(|b| {
+                data.prompt_source[b.prompt] == file_number && !train[b.prompt] && !data.correctness.contains_key(&b.prompt)
+            })
             .collect();
-        if held_out.is_empty() {
-            let battles: Vec<&Battle> = data
-                .battles
-                .iter()
-                .filter(|b| data.prompt_source[b.prompt] == file_number && !train[b.prompt])
-                .collect();
+        if !battles.is_empty() {
             let (loss, accuracy) = battle_metrics(weights, &reps.rows, &battles);
             report.insert(
                 file.name.clone(),
                 serde_json::json!({"held_out_battles": battles.len(), "log_loss": loss, "accuracy": accuracy}),
             );
-            continue;
         }
-        let Some((strong, weak)) = pairs.iter().find_map(|(s, w)| {
-            let (s, w) = (data.model(s)?, data.model(w)?);
-            held_out
-                .iter()
-                .any(|p| data.correctness[p].contains_key(&s) && data.correctness[p].contains_key(&w))
-                .then_some((s, w))
-        }) else {
-            continue;
-        };
-        let held_out: Vec<usize> = held_out
-            .into_iter()
-            .filter(|p| data.correctness[p].contains_key(&strong) && data.correctness[p].contains_key(&weak))
-            .collect();
-        let outcomes: Vec<Outcome> = held_out
-            .iter()
-            .map(|p| {
-                Outcome::single(
-                    f64::from(data.correctness[p][&strong]),
-                    f64::from(data.correctness[p][&weak]),
-                )
-            })
-            .collect();
-        let v = weights.pair_vector(strong, weak);
-        let mf_scores: Vec<f64> = held_out
-            .iter()
-            .map(|p| f64::from(reps.rows[*p].iter().zip(&v).map(|(x, w)| x * w).sum::<f32>()))
-            .collect();
-        #[allow(clippy::cast_precision_loss)]
-        let length_scores: Vec<f64> = held_out
-            .iter()
-            .map(|p| data.prompts[*p].chars().count() as f64)
-            .collect();
-        let (weak_score, strong_score) = (
-            metrics::model_score(&outcomes, false, 100.0),
-            metrics::model_score(&outcomes, true, 100.0),
-        );
-        let apgr = |scores: &[f64]| {
-            if (strong_score - weak_score).abs() < 1e-9 {
-                return f64::NAN;
-            }
-            metrics::apgr(&metrics::curve(scores, &outcomes, 10, 100.0), weak_score, strong_score)
-        };
-        report.insert(
-            file.name.clone(),
-            serde_json::json!({
-                "held_out_prompts": held_out.len(),
-                "pair": [data.models[strong], data.models[weak]],
-                "strong_score": strong_score,
-                "weak_score": weak_score,
-                "mf_apgr": apgr(&mf_scores),
-                "length_apgr": apgr(&length_scores),
-            }),
-        );
     }
-    report
+    Ok(report)
+}
+
+/// The index of the source named `name` (a file stem), which training leaves out entirely.
+pub fn held_out_source(data: &Dataset, name: Option<&str>) -> Result<Option<usize>, Error> {
+    name.map(|name| {
+        data.files.iter().position(|file| file.name == name).ok_or_else(|| {
+            Error::invalid(format!(
+                "--holdout-source {name}: no such source; sources: {}",
+                data.files
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    })
+    .transpose()
 }
 
 /// Everything `routellm train mf` does: read, split, embed, fit, validate, write.
@@ -418,22 +450,12 @@ pub fn train_mf(
         )));
     }
     let data = Dataset::read(files, options.max_pairs, options.seed)?;
-    let held_out_file = options
-        .holdout_source
-        .as_ref()
-        .map(|name| {
-            data.files.iter().position(|file| file.name == *name).ok_or_else(|| {
-                Error::invalid(format!(
-                    "--holdout-source {name}: no such source; sources: {}",
-                    data.files
-                        .iter()
-                        .map(|f| f.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })
-        })
-        .transpose()?;
+    if data.battles.is_empty() {
+        return Err(Error::invalid(
+            "the training files yield no battles (no prompt where one model won and another lost)",
+        ));
+    }
+    let held_out_file = held_out_source(&data, options.holdout_source.as_deref())?;
     let train: Vec<bool> = (0..data.prompts.len())
         .map(|p| {
             Some(data.prompt_source[p]) != held_out_file
@@ -447,17 +469,15 @@ pub fn train_mf(
         data.battles.len(),
         data.models.len()
     );
-    let reps = represent(
-        options.use_embedding.then_some(embedder.as_ref()),
-        &data.prompts,
-        &train,
-    )?;
+    let embeddings = if options.use_embedding {
+        Some(embed_all(embedder.as_ref(), &data.prompts, options.embedding_cache.as_deref())?)
+    } else {
+        None
+    };
+    let reps = represent(embeddings, &data.prompts, &train)?;
     let (weights, history) = fit(&data, &reps, &train, options);
-    let pairs = [
-        (options.strong.as_str(), options.weak.as_str()),
-        ("gpt-4o-2024-05-13", options.weak.as_str()),
-    ];
-    let validation = validation_report(&data, &reps, &train, &weights, &pairs);
+    let pairs = validation::candidate_pairs(&options.strong, &options.weak);
+    let validation = validation_report(&data, &reps, &train, &weights, &pairs)?;
     for (source, metrics) in &validation {
         eprintln!("validation {source}: {metrics}");
     }
