@@ -49,10 +49,7 @@ pub fn write(path: &Path, tensors: &[Tensor<'_>]) -> Result<(), String> {
     let encoded: Vec<(Vec<u8>, Dtype)> = tensors
         .iter()
         .map(|tensor| match tensor.storage {
-            Storage::F32 => (
-                tensor.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                Dtype::F32,
-            ),
+            Storage::F32 => (tensor.values.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32),
             Storage::F16 => (
                 tensor
                     .values
@@ -95,7 +92,9 @@ impl Loaded {
     /// The tensor `name` as `f32` values (from f32 or f16 storage) and its shape.
     pub fn tensor(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), String> {
         let tensors = safetensors::SafeTensors::deserialize(&self.bytes).map_err(|e| format!("{}: {e}", self.path))?;
-        let view = tensors.tensor(name).map_err(|e| format!("{}: {name}: {e}", self.path))?;
+        let view = tensors
+            .tensor(name)
+            .map_err(|e| format!("{}: {name}: {e}", self.path))?;
         let values = match view.dtype() {
             Dtype::F32 => view
                 .data()

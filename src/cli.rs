@@ -396,10 +396,33 @@ fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
-fn train_mf(args: &TrainMfArgs) -> anyhow::Result<()> {
-    let common = &args.common;
+/// The signature `train_mf` and `train_sw_ranking` share: files, embedder, its kind,
+/// options, output folder, the command line for the manifest.
+type Trainer<O, M> = fn(
+    &[PathBuf],
+    &std::sync::Arc<dyn crate::embed::Embedder>,
+    &str,
+    &O,
+    &std::path::Path,
+    &str,
+) -> Result<M, crate::Error>;
+
+/// Reads the data and the embedder of `common`, runs `trainer`, reports where it wrote.
+fn run_trainer<O, M>(
+    common: &TrainCommon,
+    out: &std::path::Path,
+    options: &O,
+    trainer: Trainer<O, M>,
+) -> anyhow::Result<()> {
     let embedder = common.embedder()?;
     let files = crate::train::data::expand(&common.data)?;
+    trainer(&files, &embedder, &common.embedder, options, out, &command_line())?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+fn train_mf(args: &TrainMfArgs) -> anyhow::Result<()> {
+    let common = &args.common;
     let options = crate::train::MfOptions {
         hidden: args.hidden,
         epochs: args.epochs,
@@ -415,15 +438,11 @@ fn train_mf(args: &TrainMfArgs) -> anyhow::Result<()> {
         holdout_source: common.holdout_source.clone(),
         embedding_cache: common.embedding_cache(),
     };
-    crate::train::train_mf(&files, &embedder, &common.embedder, &options, &args.out, &command_line())?;
-    eprintln!("wrote {}", args.out.display());
-    Ok(())
+    run_trainer(common, &args.out, &options, crate::train::train_mf)
 }
 
 fn train_sw_ranking(args: &TrainSwRankingArgs) -> anyhow::Result<()> {
     let common = &args.common;
-    let embedder = common.embedder()?;
-    let files = crate::train::data::expand(&common.data)?;
     let options = crate::train::sw_ranking::SwOptions {
         tiers: args.tiers,
         sharpness_grid: args.sharpness.clone(),
@@ -434,16 +453,7 @@ fn train_sw_ranking(args: &TrainSwRankingArgs) -> anyhow::Result<()> {
         holdout_source: common.holdout_source.clone(),
         embedding_cache: common.embedding_cache(),
     };
-    crate::train::sw_ranking::train_sw_ranking(
-        &files,
-        &embedder,
-        &common.embedder,
-        &options,
-        &args.out,
-        &command_line(),
-    )?;
-    eprintln!("wrote {}", args.out.display());
-    Ok(())
+    run_trainer(common, &args.out, &options, crate::train::sw_ranking::train_sw_ranking)
 }
 
 fn parse_truncation(text: &str) -> Result<crate::embed::Truncation, String> {

@@ -72,13 +72,18 @@ fn training_learns_a_planted_signal_and_the_head_refuses_other_encoders() {
     let manifest = train_bert(std::slice::from_ref(&data), &encoder, &options, &dir.join("a"), "test").unwrap();
     assert_eq!(manifest.encoder_training, "frozen");
     let validation = &manifest.validation["per_source"]["planted"];
-    // Half the prompts are hard: a perfect ranking reaches APGR 0.75.
-    assert!(validation["apgr"].as_f64().unwrap() > 0.7, "{validation}");
+    // The strong model is always right, so a share `hard = 1 - weak/100` of held-out prompts
+    // needs it; a perfect ranking then reaches APGR `1 - hard/2` (the curve's best area).
+    let hard = 1.0 - validation["weak_score"].as_f64().unwrap() / 100.0;
+    let perfect = 1.0 - hard / 2.0;
+    assert!(validation["apgr"].as_f64().unwrap() > perfect - 0.02, "{validation}");
     let router = BertRouter::load(&dir.join("a"), encoder.clone()).unwrap();
     let hard = router
         .strong_win_rate("Solve the differential equation y'' - y = 0 on [0, 1]")
         .unwrap();
-    let easy = router.strong_win_rate("Recommend a cosy novel for a long train ride").unwrap();
+    let easy = router
+        .strong_win_rate("Recommend a cosy novel for a long train ride")
+        .unwrap();
     assert!(hard > easy + 0.2, "{hard} vs {easy}");
 
     let other: Arc<dyn Embedder> = Arc::new(StaticEmbedder::load(&repo().join("routers/static")).unwrap());

@@ -253,3 +253,27 @@ fn fast_wordpiece_matches_the_tokenizers_crate() {
         assert_eq!(table.token_ids(text).unwrap(), expected, "{text:?}");
     }
 }
+
+#[test]
+fn minilm_artifact_takes_its_truncation_from_the_manifest() {
+    let yaml = |extra: &str| {
+        format!(
+            "routers_dir: {}\nrouter_settings:\n  mf:\n    embedder: {{kind: minilm, path: {}{extra}}}\n",
+            repo().join("routers").display(),
+            repo().join("../shared/models/all-MiniLM-L6-v2").display()
+        )
+    };
+    let config =
+        |extra: &str| Config::merge(FileConfig::from_yaml(&yaml(extra)).unwrap(), Overrides::default()).unwrap();
+    // Naming the folder is enough: routers/mf-minilm was trained with head+tail truncation.
+    let router = routellm::routers::build("mf", &config("")).unwrap();
+    let rate = router
+        .strong_win_rate("Explain the proof of the spectral theorem")
+        .unwrap();
+    assert!((0.0..=1.0).contains(&rate));
+    // Asking for the other truncation is a different embedder: refused, not served wrong.
+    let Err(error) = routellm::routers::build("mf", &config(", truncation: head")) else {
+        panic!("an artifact must not load with an embedder it was not trained with")
+    };
+    assert!(error.to_string().contains("minilm-headtail"), "{error}");
+}

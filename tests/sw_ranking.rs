@@ -1,4 +1,4 @@
-//! The sw_ranking router end to end: the shipped artifact, training on planted data, and
+//! The `sw_ranking` router end to end: the shipped artifact, training on planted data, and
 //! the checks that keep it honest (embedder match, distinct tiers, no eval data).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -31,7 +31,10 @@ fn shipped_artifact_loads_and_separates_its_default_pair() {
     let manifest: SwManifest =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let tier = |name: &str| manifest.model_tiers[manifest.models.iter().position(|m| m == name).unwrap()];
-    assert!(tier(&manifest.default_strong) < tier(&manifest.default_weak), "strong must rank above weak");
+    assert!(
+        tier(&manifest.default_strong) < tier(&manifest.default_weak),
+        "strong must rank above weak"
+    );
     // Built from MIT-licensed data only.
     for source in manifest.data.as_array().unwrap() {
         assert!(source["licence"].as_str().unwrap().starts_with("MIT"), "{source}");
@@ -71,7 +74,7 @@ impl Embedder for OtherEmbedder {
     fn embed(&self, _: &str) -> Result<Vec<f32>, routellm::embed::EmbedError> {
         Ok(vec![1.0 / 16.0; 256])
     }
-    fn id(&self) -> &str {
+    fn id(&self) -> &'static str {
         "static:0123456789abcdef"
     }
 }
@@ -156,8 +159,11 @@ fn training_learns_a_planted_signal_reproducibly_and_refuses_eval_data() {
     // About 80% of prompts are indexed; the rest validate.
     assert!((140..=180).contains(&manifest.prompts), "{}", manifest.prompts);
     let validation = &manifest.validation["per_source"]["planted"];
-    // With ~60% hard prompts a perfect ranking reaches APGR 0.7 (the curve's best area).
-    assert!(validation["apgr"].as_f64().unwrap() > 0.69, "{validation}");
+    // The strong model is always right, so a share `hard = 1 - weak/100` of held-out prompts
+    // needs it; a perfect ranking then reaches APGR `1 - hard/2` (the curve's best area).
+    let hard = 1.0 - validation["weak_score"].as_f64().unwrap() / 100.0;
+    let perfect = 1.0 - hard / 2.0;
+    assert!(validation["apgr"].as_f64().unwrap() > perfect - 0.02, "{validation}");
 
     let router = SwRankingRouter::load(&dir.join("a"), embedder.clone(), None, None).unwrap();
     let hard = router

@@ -131,7 +131,10 @@ impl MiniLm {
             return Ok(Vec::new());
         }
         if self.truncation == Truncation::HeadTail {
-            let encodings = self.untruncated.encode_batch(texts.to_vec(), true).map_err(embed_error)?;
+            let encodings = self
+                .untruncated
+                .encode_batch(texts.to_vec(), true)
+                .map_err(embed_error)?;
             let mut ids: Vec<Vec<u32>> = encodings.iter().map(|e| head_tail(e.get_ids())).collect();
             let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
             let mask: Vec<Vec<u32>> = ids

@@ -169,9 +169,7 @@ pub fn build(name: &str, config: &Config) -> Result<Arc<dyn Router>, RouterError
                     ));
                 }
             };
-            let dir = config
-                .routers_dir
-                .join(settings.artifact.as_deref().unwrap_or("bert"));
+            let dir = config.routers_dir.join(settings.artifact.as_deref().unwrap_or("bert"));
             let encoder_config = with_artifact_truncation(encoder_config, &dir, "encoder");
             let encoder = crate::embed::build(&encoder_config, &config.routers_dir)
                 .map_err(|error| RouterError::Load(format!("bert: {error}")))?;

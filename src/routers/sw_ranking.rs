@@ -74,7 +74,7 @@ impl SwIndex {
         tiers: usize,
         sharpness: f64,
     ) -> Result<Self, RouterError> {
-        let prompts = if dim == 0 { 0 } else { embeddings.len() / dim };
+        let prompts = embeddings.len().checked_div(dim).unwrap_or(0);
         if dim == 0 || tiers < 2 || embeddings.len() != prompts * dim || wins.len() != prompts * tiers * tiers {
             return Err(RouterError::Load(format!(
                 "sw_ranking index shapes disagree: {} embedding values at dim {dim}, {} win counts for {tiers} tiers",
@@ -83,7 +83,9 @@ impl SwIndex {
             )));
         }
         if !(sharpness.is_finite() && sharpness >= 0.0) {
-            return Err(RouterError::Load(format!("sw_ranking sharpness must be >= 0, not {sharpness}")));
+            return Err(RouterError::Load(format!(
+                "sw_ranking sharpness must be >= 0, not {sharpness}"
+            )));
         }
         Ok(Self {
             embeddings,
@@ -112,7 +114,11 @@ impl SwIndex {
     /// RouteLLM's battle weights for a request embedding: `10 * 10^(sharpness * sim / max_sim)`.
     #[must_use]
     pub fn weights(&self, query: &[f32]) -> Vec<f64> {
-        let similarities: Vec<f32> = self.embeddings.chunks_exact(self.dim).map(|row| dot(row, query)).collect();
+        let similarities: Vec<f32> = self
+            .embeddings
+            .chunks_exact(self.dim)
+            .map(|row| dot(row, query))
+            .collect();
         let max = similarities.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         // RouteLLM divides by the largest similarity; were it not positive, that would turn
         // the weighting upside down (the least similar prompts weighted most). No training
@@ -139,7 +145,12 @@ impl SwIndex {
     pub fn weighted_wins_over(&self, query: &[f32], keep: Option<&[bool]>) -> Vec<f64> {
         let block = self.tiers * self.tiers;
         let mut total = vec![0.0_f64; block];
-        for (prompt, (weight, wins)) in self.weights(query).iter().zip(self.wins.chunks_exact(block)).enumerate() {
+        for (prompt, (weight, wins)) in self
+            .weights(query)
+            .iter()
+            .zip(self.wins.chunks_exact(block))
+            .enumerate()
+        {
             if keep.is_some_and(|keep| !keep[prompt]) {
                 continue;
             }
@@ -328,8 +339,8 @@ pub fn compute_tiers(sorted_ratings: &[f64], tiers: usize) -> Vec<usize> {
     // the last group starts.
     let mut cost = vec![vec![f64::INFINITY; n]; tiers];
     let mut cut = vec![vec![0_usize; n]; tiers];
-    for j in 0..n {
-        cost[0][j] = variance(0, j);
+    for (j, slot) in cost[0].iter_mut().enumerate() {
+        *slot = variance(0, j);
     }
     for t in 1..tiers {
         for j in t..n {

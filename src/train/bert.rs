@@ -203,7 +203,13 @@ pub fn train_bert(
     let train_targets: Vec<[f32; 3]> = training.iter().filter_map(|p| targets[*p]).collect();
     let groups: Vec<usize> = training
         .iter()
-        .map(|p| if options.per_source_bias { data.prompt_source[*p] } else { 0 })
+        .map(|p| {
+            if options.per_source_bias {
+                data.prompt_source[*p]
+            } else {
+                0
+            }
+        })
         .collect();
     let sets = validation::held_out_sets(&data, &train, &pairs);
     let mut grid = Vec::new();

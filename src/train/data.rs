@@ -179,7 +179,9 @@ impl Dataset {
             });
         }
         if data.battles.is_empty() && data.correctness.is_empty() {
-            return Err(Error::invalid("the training files hold no battles and no correctness rows"));
+            return Err(Error::invalid(
+                "the training files hold no battles and no correctness rows",
+            ));
         }
         Ok(data)
     }

@@ -90,7 +90,10 @@ pub fn embed_all(embedder: &dyn Embedder, prompts: &[String], cache: Option<&Pat
         let (values, shape) = loaded.tensor("embeddings").map_err(Error::Internal)?;
         if shape == [prompts.len(), embedder.dim()] {
             eprintln!("embeddings read from {}", file.display());
-            return Ok(values.chunks_exact(embedder.dim().max(1)).map(<[f32]>::to_vec).collect());
+            return Ok(values
+                .chunks_exact(embedder.dim().max(1))
+                .map(<[f32]>::to_vec)
+                .collect());
         }
     }
     let progress = Progress::new("embedding training prompts", prompts.len());
@@ -106,7 +109,11 @@ pub fn embed_all(embedder: &dyn Embedder, prompts: &[String], cache: Option<&Pat
             .and_then(|()| {
                 crate::artifact::write(
                     &file,
-                    &[crate::artifact::Tensor::f32("embeddings", &flat, vec![rows.len(), embedder.dim()])],
+                    &[crate::artifact::Tensor::f32(
+                        "embeddings",
+                        &flat,
+                        vec![rows.len(), embedder.dim()],
+                    )],
                 )
             });
         // A cache that cannot be written only costs time next run.
@@ -142,7 +149,10 @@ pub fn represent(
     }
     let width = rows.first().map_or(0, Vec::len);
     let (mean_f32, std) = column_stats(
-        rows.iter().zip(is_train).filter(|(_, train)| **train).map(|(row, _)| row.as_slice()),
+        rows.iter()
+            .zip(is_train)
+            .filter(|(_, train)| **train)
+            .map(|(row, _)| row.as_slice()),
         width,
     );
     for row in &mut rows {
@@ -396,14 +406,18 @@ pub fn validation_report(
     let sets = validation::held_out_sets(data, train, pairs);
     let mut report = validation::report_all(data, &sets, &|prompt, strong, weak| {
         let v = weights.pair_vector(strong, weak);
-        Ok(f64::from(reps.rows[prompt].iter().zip(&v).map(|(x, w)| x * w).sum::<f32>()))
+        Ok(f64::from(
+            reps.rows[prompt].iter().zip(&v).map(|(x, w)| x * w).sum::<f32>(),
+        ))
     })?;
     for (file_number, file) in data.files.iter().enumerate() {
         let battles: Vec<&Battle> = data
             .battles
             .iter()
             .filter(|b| {
-                data.prompt_source[b.prompt] == file_number && !train[b.prompt] && !data.correctness.contains_key(&b.prompt)
+                data.prompt_source[b.prompt] == file_number
+                    && !train[b.prompt]
+                    && !data.correctness.contains_key(&b.prompt)
             })
             .collect();
         if !battles.is_empty() {
@@ -470,7 +484,11 @@ pub fn train_mf(
         data.models.len()
     );
     let embeddings = if options.use_embedding {
-        Some(embed_all(embedder.as_ref(), &data.prompts, options.embedding_cache.as_deref())?)
+        Some(embed_all(
+            embedder.as_ref(),
+            &data.prompts,
+            options.embedding_cache.as_deref(),
+        )?)
     } else {
         None
     };

@@ -88,6 +88,81 @@ fn global_ratings(data: &Dataset, results: &[Vec<(usize, usize, f64, f64)>], tra
     sw_ranking::bradley_terry(&wins, n)
 }
 
+/// Per prompt, the `tiers x tiers` wins of each tier over each other tier. Same-tier
+/// results carry no information about tier ratings (RouteLLM's design-matrix row is zero
+/// for them) and are dropped.
+fn tier_wins(results: &[Vec<(usize, usize, f64, f64)>], model_tiers: &[usize], tiers: usize) -> Vec<f32> {
+    let block = tiers * tiers;
+    let mut all_wins = vec![0.0_f32; results.len() * block];
+    for (prompt, rows) in results.iter().enumerate() {
+        let wins = &mut all_wins[prompt * block..(prompt + 1) * block];
+        for &(a, b, wa, wb) in rows {
+            let (ta, tb) = (model_tiers[a], model_tiers[b]);
+            if ta != tb {
+                #[allow(clippy::cast_possible_truncation)]
+                {
+                    wins[ta * tiers + tb] += wa as f32;
+                    wins[tb * tiers + ta] += wb as f32;
+                }
+            }
+        }
+    }
+    all_wins
+}
+
+/// Everything validation needs: held-out prompts are scored against the training prompts only.
+struct Validated<'a> {
+    data: &'a Dataset,
+    train: &'a [bool],
+    embeddings: &'a [Vec<f32>],
+    all_wins: &'a [f32],
+    model_tiers: &'a [usize],
+    tiers: usize,
+}
+
+impl Validated<'_> {
+    /// The sharpness of `options.sharpness_grid` with the best mean validation APGR, its
+    /// report, and the whole grid's scores.
+    fn choose_sharpness(&self, options: &SwOptions) -> Result<(f64, serde_json::Value, Vec<serde_json::Value>), Error> {
+        let pairs = validation::candidate_pairs(&options.strong, &options.weak);
+        let sets = validation::held_out_sets(self.data, self.train, &pairs);
+        let dim = self.embeddings.first().map_or(0, Vec::len);
+        let mut grid = Vec::new();
+        let mut best: Option<(f64, f64, serde_json::Value)> = None;
+        for &sharpness in &options.sharpness_grid {
+            let full = SwIndex::new(
+                self.embeddings.concat(),
+                self.all_wins.to_vec(),
+                dim,
+                self.tiers,
+                sharpness,
+            )
+            .map_err(|e| Error::invalid(e.to_string()))?;
+            let report = validation::report_all(self.data, &sets, &|prompt, strong, weak| {
+                let wins = full.weighted_wins_over(&self.embeddings[prompt], Some(self.train));
+                let fitted = sw_ranking::bradley_terry(&wins, self.tiers);
+                let (ts, tw) = (self.model_tiers[strong], self.model_tiers[weak]);
+                Ok(if ts == tw {
+                    0.5
+                } else {
+                    sw_ranking::expected_score(fitted[ts], fitted[tw])
+                })
+            })?;
+            let score = validation::mean_apgr(&report);
+            eprintln!("sharpness {sharpness}: mean validation APGR {score:.4}");
+            for (source, metrics) in &report {
+                eprintln!("  {source}: {metrics}");
+            }
+            grid.push(serde_json::json!({"sharpness": sharpness, "mean_apgr": score}));
+            if best.as_ref().is_none_or(|(top, _, _)| score > *top) {
+                best = Some((score, sharpness, serde_json::to_value(&report).unwrap_or_default()));
+            }
+        }
+        let (_, sharpness, report) = best.ok_or_else(|| Error::invalid("--sharpness needs at least one value"))?;
+        Ok((sharpness, report, grid))
+    }
+}
+
 /// Everything `routellm train sw_ranking` does: read, split, rate, tier, embed, validate, write.
 pub fn train_sw_ranking(
     files: &[PathBuf],
@@ -146,53 +221,17 @@ pub fn train_sw_ranking(
 
     let embeddings = super::embed_all(embedder.as_ref(), &data.prompts, options.embedding_cache.as_deref())?;
     let block = tiers * tiers;
-    let mut all_wins = vec![0.0_f32; data.prompts.len() * block];
-    for (prompt, rows) in results.iter().enumerate() {
-        let wins = &mut all_wins[prompt * block..(prompt + 1) * block];
-        for &(a, b, wa, wb) in rows {
-            let (ta, tb) = (model_tiers[a], model_tiers[b]);
-            // Same-tier battles carry no information about tier ratings (RouteLLM's design
-            // matrix row is zero for them).
-            if ta != tb {
-                #[allow(clippy::cast_possible_truncation)]
-                {
-                    wins[ta * tiers + tb] += wa as f32;
-                    wins[tb * tiers + ta] += wb as f32;
-                }
-            }
-        }
-    }
+    let all_wins = tier_wins(&results, &model_tiers, tiers);
     let dim = embedder.dim();
-    let pairs = validation::candidate_pairs(&options.strong, &options.weak);
-    let sets = validation::held_out_sets(&data, &train, &pairs);
-    let mut grid = Vec::new();
-    let mut best: Option<(f64, f64, serde_json::Value)> = None;
-    for &sharpness in &options.sharpness_grid {
-        let full = SwIndex::new(embeddings.concat(), all_wins.clone(), dim, tiers, sharpness)
-            .map_err(|e| Error::invalid(e.to_string()))?;
-        let report = validation::report_all(&data, &sets, &|prompt, strong, weak| {
-            let wins = full.weighted_wins_over(&embeddings[prompt], Some(&train));
-            let fitted = sw_ranking::bradley_terry(&wins, tiers);
-            let (ts, tw) = (model_tiers[strong], model_tiers[weak]);
-            Ok(if ts == tw {
-                0.5
-            } else {
-                sw_ranking::expected_score(fitted[ts], fitted[tw])
-            })
-        })?;
-        let score = validation::mean_apgr(&report);
-        eprintln!("sharpness {sharpness}: mean validation APGR {score:.4}");
-        for (source, metrics) in &report {
-            eprintln!("  {source}: {metrics}");
-        }
-        grid.push(serde_json::json!({"sharpness": sharpness, "mean_apgr": score}));
-        if best.as_ref().is_none_or(|(top, _, _)| score > *top) {
-            best = Some((score, sharpness, serde_json::to_value(&report).unwrap_or_default()));
-        }
-    }
-    let Some((_, sharpness, report)) = best else {
-        return Err(Error::invalid("--sharpness needs at least one value"));
+    let validated = Validated {
+        data: &data,
+        train: &train,
+        embeddings: &embeddings,
+        all_wins: &all_wins,
+        model_tiers: &model_tiers,
+        tiers,
     };
+    let (sharpness, report, grid) = validated.choose_sharpness(options)?;
 
     // The shipped index holds the training prompts only, so the validation numbers in the
     // manifest describe exactly the artifact that serves.

@@ -66,7 +66,11 @@ pub fn report(data: &Dataset, set: &HeldOut, scores: &[f64]) -> serde_json::Valu
         })
         .collect();
     #[allow(clippy::cast_precision_loss)]
-    let length_scores: Vec<f64> = set.prompts.iter().map(|p| data.prompts[*p].chars().count() as f64).collect();
+    let length_scores: Vec<f64> = set
+        .prompts
+        .iter()
+        .map(|p| data.prompts[*p].chars().count() as f64)
+        .collect();
     let (weak_score, strong_score) = (
         metrics::model_score(&outcomes, false, 100.0),
         metrics::model_score(&outcomes, true, 100.0),
