@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::mf::{WEIGHTS_FILE, read_manifest, write_manifest};
-use super::{Router, RouterError, ScoringCost};
+use super::{Router, RouterError};
 use crate::artifact;
 use crate::embed::Embedder;
 
@@ -150,10 +150,6 @@ impl Router for BertRouter {
             .embed(prompt)
             .map_err(|e| RouterError::Score(e.to_string()))?;
         Ok(self.head.probabilities(&embedding)[0])
-    }
-
-    fn scoring_cost(&self) -> ScoringCost {
-        ScoringCost::Blocking
     }
 
     fn cache_key(&self) -> Option<String> {

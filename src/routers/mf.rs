@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Router, RouterError, ScoringCost};
+use super::{Router, RouterError};
 use crate::artifact;
 use crate::embed::Embedder;
 use crate::features;
@@ -248,10 +248,6 @@ impl Router for MfRouter {
         let x = representation(self.embedder.as_deref(), prompt, &self.mean, &self.std)?;
         let logit: f32 = x.iter().zip(&self.pair).map(|(a, b)| a * b).sum();
         Ok(1.0 / (1.0 + f64::from(-logit).exp()))
-    }
-
-    fn scoring_cost(&self) -> ScoringCost {
-        ScoringCost::Blocking
     }
 
     fn cache_key(&self) -> Option<String> {

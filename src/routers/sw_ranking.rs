@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::mf::{MANIFEST_FILE, WEIGHTS_FILE, read_manifest, write_manifest};
-use super::{Router, RouterError, ScoringCost};
+use super::{Router, RouterError};
 use crate::artifact;
 use crate::embed::Embedder;
 
@@ -444,10 +444,6 @@ impl Router for SwRankingRouter {
             .embed(prompt)
             .map_err(|e| RouterError::Score(e.to_string()))?;
         Ok(self.index.win_rate(&query, self.strong_tier, self.weak_tier))
-    }
-
-    fn scoring_cost(&self) -> ScoringCost {
-        ScoringCost::Blocking
     }
 
     fn cache_key(&self) -> Option<String> {

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::data::{self, Dataset};
+use super::data::Dataset;
 use super::validation;
 use crate::embed::Embedder;
 use crate::error::Error;
@@ -160,22 +160,15 @@ pub fn train_bert(
     out: &Path,
     command: &str,
 ) -> Result<BertManifest, Error> {
-    if let Some(path) = files.iter().find(|path| data::is_eval_data(path)) {
-        return Err(Error::invalid(format!(
-            "{} is evaluation data: training on it would make eval numbers meaningless",
-            path.display()
-        )));
-    }
-    let data = Dataset::read(files, 0, options.seed)?;
+    let (data, train) = super::read_split(
+        files,
+        0,
+        options.seed,
+        options.validation_fraction,
+        options.holdout_source.as_deref(),
+    )?;
     let pairs = validation::candidate_pairs(&options.strong, &options.weak);
     let targets = labels(&data, &pairs);
-    let held_out_file = super::held_out_source(&data, options.holdout_source.as_deref())?;
-    let train: Vec<bool> = (0..data.prompts.len())
-        .map(|p| {
-            Some(data.prompt_source[p]) != held_out_file
-                && !data.is_validation(p, options.validation_fraction, options.seed)
-        })
-        .collect();
     let training: Vec<usize> = (0..data.prompts.len())
         .filter(|p| train[*p] && targets[*p].is_some())
         .collect();

@@ -431,8 +431,32 @@ pub fn validation_report(
     Ok(report)
 }
 
+/// What every trainer starts with: refuse evaluation data, read `files` (correctness rows
+/// sampled into at most `max_pairs` battles each), and mark the training prompts — not in
+/// the seeded validation split, not from the `holdout` source.
+pub fn read_split(
+    files: &[PathBuf],
+    max_pairs: usize,
+    seed: u64,
+    validation_fraction: f64,
+    holdout: Option<&str>,
+) -> Result<(Dataset, Vec<bool>), Error> {
+    if let Some(path) = files.iter().find(|path| data::is_eval_data(path)) {
+        return Err(Error::invalid(format!(
+            "{} is evaluation data: training on it would make eval numbers meaningless",
+            path.display()
+        )));
+    }
+    let data = Dataset::read(files, max_pairs, seed)?;
+    let held_out_file = held_out_source(&data, holdout)?;
+    let train = (0..data.prompts.len())
+        .map(|p| Some(data.prompt_source[p]) != held_out_file && !data.is_validation(p, validation_fraction, seed))
+        .collect();
+    Ok((data, train))
+}
+
 /// The index of the source named `name` (a file stem), which training leaves out entirely.
-pub fn held_out_source(data: &Dataset, name: Option<&str>) -> Result<Option<usize>, Error> {
+fn held_out_source(data: &Dataset, name: Option<&str>) -> Result<Option<usize>, Error> {
     name.map(|name| {
         data.files.iter().position(|file| file.name == name).ok_or_else(|| {
             Error::invalid(format!(
@@ -457,25 +481,18 @@ pub fn train_mf(
     out: &std::path::Path,
     command: &str,
 ) -> Result<MfManifest, Error> {
-    if let Some(path) = files.iter().find(|path| data::is_eval_data(path)) {
-        return Err(Error::invalid(format!(
-            "{} is evaluation data: training on it would make eval numbers meaningless",
-            path.display()
-        )));
-    }
-    let data = Dataset::read(files, options.max_pairs, options.seed)?;
+    let (data, train) = read_split(
+        files,
+        options.max_pairs,
+        options.seed,
+        options.validation_fraction,
+        options.holdout_source.as_deref(),
+    )?;
     if data.battles.is_empty() {
         return Err(Error::invalid(
             "the training files yield no battles (no prompt where one model won and another lost)",
         ));
     }
-    let held_out_file = held_out_source(&data, options.holdout_source.as_deref())?;
-    let train: Vec<bool> = (0..data.prompts.len())
-        .map(|p| {
-            Some(data.prompt_source[p]) != held_out_file
-                && !data.is_validation(p, options.validation_fraction, options.seed)
-        })
-        .collect();
     eprintln!(
         "{} prompts ({} for training), {} battles, {} models",
         data.prompts.len(),

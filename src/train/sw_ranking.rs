@@ -172,14 +172,14 @@ pub fn train_sw_ranking(
     out: &Path,
     command: &str,
 ) -> Result<SwManifest, Error> {
-    if let Some(path) = files.iter().find(|path| data::is_eval_data(path)) {
-        return Err(Error::invalid(format!(
-            "{} is evaluation data: training on it would make eval numbers meaningless",
-            path.display()
-        )));
-    }
     // Correctness rows are counted pair by pair below, not sampled into battles.
-    let data = Dataset::read(files, 0, options.seed)?;
+    let (data, train) = super::read_split(
+        files,
+        0,
+        options.seed,
+        options.validation_fraction,
+        options.holdout_source.as_deref(),
+    )?;
     for name in [&options.strong, &options.weak] {
         if data.model(name).is_none() {
             return Err(Error::invalid(format!(
@@ -188,13 +188,6 @@ pub fn train_sw_ranking(
             )));
         }
     }
-    let held_out_file = super::held_out_source(&data, options.holdout_source.as_deref())?;
-    let train: Vec<bool> = (0..data.prompts.len())
-        .map(|p| {
-            Some(data.prompt_source[p]) != held_out_file
-                && !data.is_validation(p, options.validation_fraction, options.seed)
-        })
-        .collect();
     let mut by_prompt: Vec<Vec<usize>> = vec![Vec::new(); data.prompts.len()];
     for (index, battle) in data.battles.iter().enumerate() {
         by_prompt[battle.prompt].push(index);
