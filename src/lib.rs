@@ -16,7 +16,7 @@
 //! - [`scoring`]: batch scoring on all cores and threshold calibration (`score`, `calibrate`).
 //! - [`prompts`]: reading prompt files (JSONL `prompt`/`messages`, or plain text).
 //! - [`progress`]: a progress bar for long scoring runs.
-//! - [`embed`]: the `Embedder` trait: static table (default), MiniLM (candle), OpenAI-compatible API.
+//! - [`embed`]: the `Embedder` trait: static table (default), MiniLM (own BERT forward pass), OpenAI-compatible API.
 //! - [`features`]: hand-made prompt features (length, structure, code/maths markers).
 //! - [`train`]: `routellm train mf`: battles and correctness data, MF fitting, validation, artifacts.
 //! - [`config`]: YAML, environment and flags merged and validated once.

@@ -1,5 +1,6 @@
 //! The in-process MiniLM matches sentence-transformers: vectors pinned by an independent
-//! float64 numpy implementation (`tests/fixtures/minilm_reference.py`), cosine >= 0.999.
+//! float64 numpy implementation (`tests/fixtures/minilm_reference.py`), cosine >= 0.99999 (the
+//! issue asks 0.999; our own forward pass keeps far closer, and this keeps it so).
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: a panic is the failure report
 
@@ -18,7 +19,7 @@ fn minilm_matches_the_reference_vectors() {
     let reference: Vec<serde_json::Value> =
         serde_json::from_str(include_str!("fixtures/minilm_reference.json")).unwrap();
     let texts: Vec<&str> = reference.iter().map(|row| row["text"].as_str().unwrap()).collect();
-    // Batched (padded to the longest) and one at a time must both match.
+    // Batched (packed into one forward pass) and one at a time must both match.
     let batched = minilm.embed_batch(&texts).unwrap();
     for (row, batch_vector) in reference.iter().zip(&batched) {
         let expected: Vec<f32> = row["embedding"]
@@ -30,7 +31,7 @@ fn minilm_matches_the_reference_vectors() {
         let single = minilm.embed(row["text"].as_str().unwrap()).unwrap();
         for vector in [&single, batch_vector] {
             let cosine: f32 = vector.iter().zip(&expected).map(|(a, b)| a * b).sum();
-            assert!(cosine >= 0.999, "{}: cosine {cosine}", row["text"]);
+            assert!(cosine >= 0.99999, "{}: cosine {cosine}", row["text"]);
             let norm: f32 = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-4);
         }

@@ -1,15 +1,13 @@
-//! all-MiniLM-L6-v2 in-process: candle's BERT, mean pooling over the attention mask, L2
-//! normalisation, inputs truncated at the model's 256 tokens, exactly as
-//! sentence-transformers computes it.
+//! all-MiniLM-L6-v2 in-process: our BERT forward pass ([`super::encoder`]), mean pooling
+//! over the real tokens, L2 normalisation, inputs truncated at the model's 256 tokens,
+//! exactly as sentence-transformers computes it.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
-use super::{EmbedError, Embedder, sha256_hex};
+use super::encoder::{BertConfig, Encoder};
+use super::{EmbedError, Embedder};
 
 /// sentence-transformers' `max_seq_length` for this model (its tokenizer.json says 128,
 /// padded; sentence-transformers overrides both).
@@ -30,13 +28,12 @@ pub enum Truncation {
 }
 
 pub struct MiniLm {
-    model: BertModel,
+    encoder: Encoder,
+    /// Truncates at [`MAX_TOKENS`]; never pads (the encoder packs sequences).
     tokenizer: Tokenizer,
-    /// The same tokenizer with neither truncation nor padding, for [`Truncation::HeadTail`].
+    /// The same tokenizer without truncation, for [`Truncation::HeadTail`].
     untruncated: Tokenizer,
     truncation: Truncation,
-    device: Device,
-    hidden: usize,
     id: String,
 }
 
@@ -63,39 +60,28 @@ impl MiniLm {
             )));
         }
         let config_text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| load_error("config.json", e))?;
-        let config: Config = serde_json::from_str(&config_text).map_err(|e| load_error("config.json", e))?;
+        let config: BertConfig = serde_json::from_str(&config_text).map_err(|e| load_error("config.json", e))?;
         let mut tokenizer =
             Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| load_error("tokenizer.json", e))?;
+        tokenizer.with_padding(None);
         let mut untruncated = tokenizer.clone();
-        untruncated.with_padding(None);
         untruncated
             .with_truncation(None)
             .map_err(|e| load_error("tokenizer.json", e))?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..PaddingParams::default()
-        }));
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: MAX_TOKENS,
                 ..TruncationParams::default()
             }))
             .map_err(|e| load_error("tokenizer.json", e))?;
-        let device = Device::Cpu;
-        let weights_path = dir.join("model.safetensors");
-        let weights = std::fs::read(&weights_path).map_err(|e| load_error("model.safetensors", e))?;
-        let digest = sha256_hex(&weights);
-        let builder = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
-            .map_err(|e| load_error("model.safetensors", e))?;
-        let model = BertModel::load(builder, &config).map_err(|e| load_error("model.safetensors", e))?;
+        let weights = crate::artifact::Loaded::read(&dir.join("model.safetensors")).map_err(EmbedError::Load)?;
+        let encoder = Encoder::load(&config, |name| weights.tensor(name))?;
         Ok(Self {
-            model,
+            encoder,
             tokenizer,
             untruncated,
             truncation: Truncation::Head,
-            device,
-            hidden: config.hidden_size,
-            id: format!("minilm:{}", &digest[..16]),
+            id: format!("minilm:{}", &weights.sha256[..16]),
         })
     }
 
@@ -125,62 +111,49 @@ impl MiniLm {
         }
     }
 
-    /// Embeddings of several texts in one forward pass (padded to the longest).
+    /// Embeddings of several texts in one forward pass (packed, not padded).
     pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        if self.truncation == Truncation::HeadTail {
-            let encodings = self
+        let ids: Vec<Vec<u32>> = match self.truncation {
+            Truncation::Head => self
+                .tokenizer
+                .encode_batch(texts.to_vec(), true)
+                .map_err(embed_error)?
+                .iter()
+                .map(|encoding| encoding.get_ids().to_vec())
+                .collect(),
+            Truncation::HeadTail => self
                 .untruncated
                 .encode_batch(texts.to_vec(), true)
-                .map_err(embed_error)?;
-            let mut ids: Vec<Vec<u32>> = encodings.iter().map(|e| head_tail(e.get_ids())).collect();
-            let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
-            let mask: Vec<Vec<u32>> = ids
+                .map_err(embed_error)?
                 .iter()
-                .map(|row| (0..longest).map(|i| u32::from(i < row.len())).collect())
-                .collect();
-            for row in &mut ids {
-                // [PAD] is id 0 in BERT vocabularies; masked out of attention and pooling.
-                row.resize(longest, 0);
-            }
-            return self.pooled(&ids, &mask);
-        }
-        let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(embed_error)?;
-        let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
-        let mask: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_attention_mask().to_vec()).collect();
-        self.pooled(&ids, &mask)
-    }
-
-    /// Mean-pooled, normalised outputs for pre-tokenised, equal-length inputs.
-    pub fn pooled(&self, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let ids = matrix(ids, &self.device)?;
-        let mask = matrix(mask, &self.device)?;
-        let token_types = ids.zeros_like().map_err(embed_error)?;
-        let output = self
-            .model
-            .forward(&ids, &token_types, Some(&mask))
-            .map_err(embed_error)?;
-        let mask = mask
-            .to_dtype(DType::F32)
-            .map_err(embed_error)?
-            .unsqueeze(2)
-            .map_err(embed_error)?;
-        let summed = output
-            .broadcast_mul(&mask)
-            .and_then(|masked| masked.sum(1))
-            .map_err(embed_error)?;
-        let counts = mask.sum(1).map_err(embed_error)?;
-        let mean = summed.broadcast_div(&counts).map_err(embed_error)?;
-        let norms = mean
-            .sqr()
-            .and_then(|squares| squares.sum_keepdim(1))
-            .and_then(|sums| sums.sqrt())
-            .map_err(embed_error)?;
-        mean.broadcast_div(&norms)
-            .and_then(|unit| unit.to_vec2::<f32>())
-            .map_err(embed_error)
+                .map(|encoding| head_tail(encoding.get_ids()))
+                .collect(),
+        };
+        let sequences: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let states = self.encoder.forward(&sequences)?;
+        let hidden = self.encoder.hidden();
+        let mut rows = states.chunks_exact(hidden);
+        Ok(sequences
+            .iter()
+            .map(|sequence| {
+                let mut mean = vec![0.0_f32; hidden];
+                for row in rows.by_ref().take(sequence.len()) {
+                    for (sum, value) in mean.iter_mut().zip(row) {
+                        *sum += value;
+                    }
+                }
+                // Mean then L2 normalisation; dividing by the count first is what
+                // sentence-transformers does, and the norm makes it immaterial.
+                let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+                for value in &mut mean {
+                    *value /= norm;
+                }
+                mean
+            })
+            .collect())
     }
 
     /// The encoder's output at position 1 for inputs `[CLS] token [SEP]`: one vector per
@@ -188,19 +161,14 @@ impl MiniLm {
     pub fn token_vectors(&self, token_ids: &[u32]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let cls = self.token_id("[CLS]")?;
         let sep = self.token_id("[SEP]")?;
-        let ids: Vec<Vec<u32>> = token_ids.iter().map(|&id| vec![cls, id, sep]).collect();
-        let ids = matrix(&ids, &self.device)?;
-        let token_types = ids.zeros_like().map_err(embed_error)?;
-        let mask = ids.ones_like().map_err(embed_error)?;
-        let output = self
-            .model
-            .forward(&ids, &token_types, Some(&mask))
-            .map_err(embed_error)?;
-        output
-            .narrow(1, 1, 1)
-            .and_then(|o| o.squeeze(1))
-            .and_then(|o| o.to_vec2::<f32>())
-            .map_err(embed_error)
+        let ids: Vec<[u32; 3]> = token_ids.iter().map(|&id| [cls, id, sep]).collect();
+        let sequences: Vec<&[u32]> = ids.iter().map(<[u32; 3]>::as_slice).collect();
+        let states = self.encoder.forward(&sequences)?;
+        let hidden = self.encoder.hidden();
+        Ok(states
+            .chunks_exact(3 * hidden)
+            .map(|triple| triple[hidden..2 * hidden].to_vec())
+            .collect())
     }
 
     fn token_id(&self, token: &str) -> Result<u32, EmbedError> {
@@ -218,7 +186,7 @@ impl MiniLm {
 
 impl Embedder for MiniLm {
     fn dim(&self) -> usize {
-        self.hidden
+        self.encoder.hidden()
     }
 
     fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
@@ -240,13 +208,6 @@ fn head_tail(ids: &[u32]) -> Vec<u32> {
     }
     let half = MAX_TOKENS / 2;
     ids[..half].iter().chain(&ids[ids.len() - half..]).copied().collect()
-}
-
-/// Equal-length rows as a 2-D tensor.
-fn matrix(rows: &[Vec<u32>], device: &Device) -> Result<Tensor, EmbedError> {
-    let width = rows.first().map_or(0, Vec::len);
-    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
-    Tensor::from_vec(flat, (rows.len(), width), device).map_err(embed_error)
 }
 
 /// Downloads the model files of `hub_id` into `$HF_HOME`-like cache once; offline, says how to proceed.

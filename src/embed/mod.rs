@@ -1,9 +1,11 @@
 //! Prompt embeddings behind one trait, with three backends:
 //! - [`StaticEmbedder`]: a token-embedding table distilled from MiniLM by `routellm distill`
 //!   (Model2Vec's recipe); microseconds per prompt, no forward pass, shipped in `routers/`.
-//! - [`MiniLm`]: all-MiniLM-L6-v2 in-process with candle, matching sentence-transformers.
+//! - [`MiniLm`]: all-MiniLM-L6-v2 in-process (our own BERT forward pass, `encoder`),
+//!   matching sentence-transformers.
 //! - [`OpenAiEmbedder`]: any OpenAI-compatible `/v1/embeddings` endpoint (RouteLLM's setting).
 
+mod encoder;
 mod minilm;
 mod openai;
 mod table;
