@@ -82,19 +82,8 @@ pub struct TrainBertArgs {
     /// One shared bias instead of one per training source.
     #[arg(long)]
     pub shared_bias: bool,
-    #[arg(long, default_value_t = 0.2)]
-    pub validation_fraction: f64,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    #[arg(long, default_value = "gpt-4-1106-preview")]
-    pub strong: String,
-    #[arg(long, default_value = "mixtral-8x7b-instruct-v0.1")]
-    pub weak: String,
-    #[arg(long)]
-    pub holdout_source: Option<String>,
-    /// Folder caching MiniLM's outputs between runs (default ~/.cache/routellm/embeddings).
-    #[arg(long)]
-    pub embedding_cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub split: crate::train::SplitOptions,
 }
 
 /// What every `train` command shares: data, output, embedder, split.
@@ -114,23 +103,8 @@ pub struct TrainCommon {
     pub truncation: crate::embed::Truncation,
     #[arg(long, default_value = "routers")]
     pub routers_dir: PathBuf,
-    #[arg(long, default_value_t = 0.2)]
-    pub validation_fraction: f64,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// The default strong identity to score.
-    #[arg(long, default_value = "gpt-4-1106-preview")]
-    pub strong: String,
-    /// The default weak identity to score.
-    #[arg(long, default_value = "mixtral-8x7b-instruct-v0.1")]
-    pub weak: String,
-    /// Hold one source (file stem) out of training entirely and validate on it.
-    #[arg(long)]
-    pub holdout_source: Option<String>,
-    /// Folder caching slow embedders' outputs between runs (default ~/.cache/routellm/embeddings;
-    /// the static embedder is never cached: recomputing is faster than reading).
-    #[arg(long)]
-    pub embedding_cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub split: crate::train::SplitOptions,
 }
 
 impl TrainCommon {
@@ -147,13 +121,15 @@ impl TrainCommon {
         Ok(crate::embed::build(&config, &self.routers_dir)?)
     }
 
-    fn embedding_cache(&self) -> Option<PathBuf> {
-        if self.embedder == "static" {
-            return None;
-        }
-        self.embedding_cache
-            .clone()
-            .or_else(crate::train::default_embedding_cache)
+    /// The split flags, with the embedding cache defaulted for slow embedders.
+    fn split(&self) -> crate::train::SplitOptions {
+        let mut split = self.split.clone();
+        split.embedding_cache = if self.embedder == "static" {
+            None
+        } else {
+            split.embedding_cache.or_else(crate::train::default_embedding_cache)
+        };
+        split
     }
 }
 
@@ -430,13 +406,8 @@ fn train_mf(args: &TrainMfArgs) -> anyhow::Result<()> {
         weight_decay: args.weight_decay,
         batch_prompts: 64,
         max_pairs: args.max_pairs,
-        validation_fraction: common.validation_fraction,
-        seed: common.seed,
-        strong: common.strong.clone(),
-        weak: common.weak.clone(),
         use_embedding: !args.features_only,
-        holdout_source: common.holdout_source.clone(),
-        embedding_cache: common.embedding_cache(),
+        split: common.split(),
     };
     run_trainer(common, &args.out, &options, crate::train::train_mf)
 }
@@ -446,12 +417,7 @@ fn train_sw_ranking(args: &TrainSwRankingArgs) -> anyhow::Result<()> {
     let options = crate::train::sw_ranking::SwOptions {
         tiers: args.tiers,
         sharpness_grid: args.sharpness.clone(),
-        validation_fraction: common.validation_fraction,
-        seed: common.seed,
-        strong: common.strong.clone(),
-        weak: common.weak.clone(),
-        holdout_source: common.holdout_source.clone(),
-        embedding_cache: common.embedding_cache(),
+        split: common.split(),
     };
     run_trainer(common, &args.out, &options, crate::train::sw_ranking::train_sw_ranking)
 }
@@ -473,15 +439,14 @@ fn train_bert(args: &TrainBertArgs) -> anyhow::Result<()> {
         steps: args.steps,
         learning_rate: 0.01,
         per_source_bias: !args.shared_bias,
-        validation_fraction: args.validation_fraction,
-        seed: args.seed,
-        strong: args.strong.clone(),
-        weak: args.weak.clone(),
-        holdout_source: args.holdout_source.clone(),
-        embedding_cache: args
-            .embedding_cache
-            .clone()
-            .or_else(crate::train::default_embedding_cache),
+        split: crate::train::SplitOptions {
+            embedding_cache: args
+                .split
+                .embedding_cache
+                .clone()
+                .or_else(crate::train::default_embedding_cache),
+            ..args.split.clone()
+        },
     };
     crate::train::bert::train_bert(&files, &encoder, &options, &args.out, &command_line())?;
     eprintln!("wrote {}", args.out.display());

@@ -12,6 +12,10 @@ use routellm::embed::{Embedder, MiniLm, StaticEmbedder};
 use routellm::routers::bert::BertRouter;
 use routellm::train::bert::{BertOptions, train_bert};
 
+#[path = "common/planted.rs"]
+mod planted;
+use planted::planted_pair;
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -61,11 +65,9 @@ fn training_learns_a_planted_signal_and_the_head_refuses_other_encoders() {
     let data = dir.join("planted.jsonl");
     std::fs::write(&data, lines).unwrap();
     let options = BertOptions {
-        strong: "big-model".into(),
-        weak: "small-model".into(),
         l2_grid: vec![1e-3, 1e-1],
         steps: 100,
-        embedding_cache: None,
+        split: planted_pair(),
         ..BertOptions::default()
     };
     let encoder = minilm();

@@ -12,6 +12,10 @@ use routellm::embed::{Embedder, EmbedderConfig, OpenAiEmbedder, StaticEmbedder};
 use routellm::routers::mf::MfRouter;
 use routellm::train::{self, MfOptions};
 
+#[path = "common/planted.rs"]
+mod planted;
+use planted::planted_pair;
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -133,8 +137,7 @@ fn training_is_reproducible_and_learns_a_planted_signal() {
     let options = MfOptions {
         epochs: 15,
         hidden: 16,
-        strong: "big-model".into(),
-        weak: "small-model".into(),
+        split: planted_pair(),
         ..MfOptions::default()
     };
     let embedder = static_embedder();
@@ -276,4 +279,24 @@ fn minilm_artifact_takes_its_truncation_from_the_manifest() {
         panic!("an artifact must not load with an embedder it was not trained with")
     };
     assert!(error.to_string().contains("minilm-headtail"), "{error}");
+}
+
+#[test]
+fn an_artifact_trained_on_other_prompt_features_is_refused() {
+    let dir = std::env::temp_dir().join(format!("routellm-mf-features-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = repo().join("routers/mf");
+    std::fs::copy(shipped.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shipped.join("manifest.json")).unwrap()).unwrap();
+    // An artifact from a build whose feature list was one shorter: the weights would be
+    // silently misaligned with this build's features, so loading must fail.
+    manifest["features"].as_array_mut().unwrap().pop();
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    let Err(error) = MfRouter::load(&dir, static_embedder(), None, None) else {
+        panic!("an artifact trained on other features must not load")
+    };
+    assert!(error.to_string().contains("retrain"), "{error}");
+    // The untouched artifact loads with the same embedder.
+    MfRouter::load(&shipped, static_embedder(), None, None).unwrap();
 }

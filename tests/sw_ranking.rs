@@ -9,7 +9,12 @@ use std::sync::Arc;
 use routellm::Router;
 use routellm::embed::{Embedder, StaticEmbedder};
 use routellm::routers::sw_ranking::{SwManifest, SwRankingRouter};
+use routellm::train::SplitOptions;
 use routellm::train::sw_ranking::{SwOptions, train_sw_ranking};
+
+#[path = "common/planted.rs"]
+mod planted;
+use planted::planted_pair;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -128,8 +133,7 @@ fn training_learns_a_planted_signal_reproducibly_and_refuses_eval_data() {
     std::fs::write(&data, lines).unwrap();
     let options = SwOptions {
         tiers: 4,
-        strong: "big-model".into(),
-        weak: "small-model".into(),
+        split: planted_pair(),
         ..SwOptions::default()
     };
     let embedder = static_embedder();
@@ -180,7 +184,10 @@ fn training_learns_a_planted_signal_reproducibly_and_refuses_eval_data() {
         &embedder,
         "static",
         &SwOptions {
-            strong: "gpt-9".into(),
+            split: SplitOptions {
+                strong: "gpt-9".into(),
+                ..options.split.clone()
+            },
             ..options
         },
         &dir.join("d"),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::data::Dataset;
-use super::validation;
+use super::{SplitOptions, validation};
 use crate::embed::Embedder;
 use crate::error::Error;
 use crate::routers::bert::{BertHead, BertManifest, LABELS};
@@ -25,13 +25,8 @@ pub struct BertOptions {
     pub learning_rate: f32,
     /// One bias per training source (see [`fit`]).
     pub per_source_bias: bool,
-    pub validation_fraction: f64,
-    pub seed: u64,
-    pub strong: String,
-    pub weak: String,
-    pub holdout_source: Option<String>,
-    #[serde(skip)]
-    pub embedding_cache: Option<PathBuf>,
+    #[serde(flatten)]
+    pub split: SplitOptions,
 }
 
 impl Default for BertOptions {
@@ -41,12 +36,7 @@ impl Default for BertOptions {
             steps: 300,
             learning_rate: 0.01,
             per_source_bias: true,
-            validation_fraction: 0.2,
-            seed: 42,
-            strong: "gpt-4-1106-preview".into(),
-            weak: "mixtral-8x7b-instruct-v0.1".into(),
-            holdout_source: None,
-            embedding_cache: None,
+            split: SplitOptions::default(),
         }
     }
 }
@@ -163,11 +153,11 @@ pub fn train_bert(
     let (data, train) = super::read_split(
         files,
         0,
-        options.seed,
-        options.validation_fraction,
-        options.holdout_source.as_deref(),
+        options.split.seed,
+        options.split.validation_fraction,
+        options.split.holdout_source.as_deref(),
     )?;
-    let pairs = validation::candidate_pairs(&options.strong, &options.weak);
+    let pairs = validation::candidate_pairs(&options.split.strong, &options.split.weak);
     let targets = labels(&data, &pairs);
     let training: Vec<usize> = (0..data.prompts.len())
         .filter(|p| train[*p] && targets[*p].is_some())
@@ -175,8 +165,8 @@ pub fn train_bert(
     if training.is_empty() {
         return Err(Error::invalid(format!(
             "no training prompt compares `{}` with `{}`; choose --strong/--weak among: {}",
-            options.strong,
-            options.weak,
+            options.split.strong,
+            options.split.weak,
             data.models.join(", ")
         )));
     }
@@ -185,7 +175,11 @@ pub fn train_bert(
         data.prompts.len(),
         training.len()
     );
-    let embeddings = super::embed_all(encoder.as_ref(), &data.prompts, options.embedding_cache.as_deref())?;
+    let embeddings = super::embed_all(
+        encoder.as_ref(),
+        &data.prompts,
+        options.split.embedding_cache.as_deref(),
+    )?;
     let dim = encoder.dim();
     let (mean, std) = super::column_stats(training.iter().map(|p| embeddings[*p].as_slice()), dim);
     let standardised: Vec<Vec<f32>> = embeddings

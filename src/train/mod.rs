@@ -19,6 +19,45 @@ use crate::rng::SplitMix;
 use crate::routers::mf::{MfManifest, MfWeights};
 use data::{Battle, Dataset};
 
+/// What every trainer shares: the train/validation split, the pair scored by default and
+/// where slow embedders' outputs are cached. Also the `train` commands' flags.
+#[derive(Debug, Clone, serde::Serialize, clap::Args)]
+pub struct SplitOptions {
+    /// Share of prompts held out for validation (by a seeded hash of the text).
+    #[arg(long, default_value_t = 0.2)]
+    pub validation_fraction: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// The default strong identity to score.
+    #[arg(long, default_value = "gpt-4-1106-preview")]
+    pub strong: String,
+    /// The default weak identity to score.
+    #[arg(long, default_value = "mixtral-8x7b-instruct-v0.1")]
+    pub weak: String,
+    /// Hold one source (file stem) out of training entirely and validate on it: the closest
+    /// proxy here for prompts from an unseen distribution.
+    #[arg(long)]
+    pub holdout_source: Option<String>,
+    /// Folder caching slow embedders' outputs between runs (default ~/.cache/routellm/embeddings;
+    /// the static embedder is never cached: recomputing is faster than reading).
+    #[arg(long)]
+    #[serde(skip)]
+    pub embedding_cache: Option<PathBuf>,
+}
+
+impl Default for SplitOptions {
+    fn default() -> Self {
+        Self {
+            validation_fraction: 0.2,
+            seed: 42,
+            strong: "gpt-4-1106-preview".into(),
+            weak: "mixtral-8x7b-instruct-v0.1".into(),
+            holdout_source: None,
+            embedding_cache: None,
+        }
+    }
+}
+
 /// Training settings; defaults are the shipped artifact's.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MfOptions {
@@ -28,18 +67,10 @@ pub struct MfOptions {
     pub weight_decay: f32,
     pub batch_prompts: usize,
     pub max_pairs: usize,
-    pub validation_fraction: f64,
-    pub seed: u64,
-    pub strong: String,
-    pub weak: String,
     /// Whether the prompt embedding is part of the representation (else features only).
     pub use_embedding: bool,
-    /// A source (file stem) held out entirely: trained on nothing of it, validated on all
-    /// of it, the closest proxy here for prompts from an unseen distribution.
-    pub holdout_source: Option<String>,
-    /// Where slow embedders' outputs are cached between runs (see [`embed_all`]).
-    #[serde(skip)]
-    pub embedding_cache: Option<PathBuf>,
+    #[serde(flatten)]
+    pub split: SplitOptions,
 }
 
 impl Default for MfOptions {
@@ -51,13 +82,8 @@ impl Default for MfOptions {
             weight_decay: 1e-4,
             batch_prompts: 64,
             max_pairs: 32,
-            validation_fraction: 0.2,
-            seed: 42,
-            strong: "gpt-4-1106-preview".into(),
-            weak: "mixtral-8x7b-instruct-v0.1".into(),
             use_embedding: true,
-            holdout_source: None,
-            embedding_cache: None,
+            split: SplitOptions::default(),
         }
     }
 }
@@ -337,7 +363,7 @@ pub fn fit(
     let input = reps.mean.len();
     let hidden = options.hidden;
     let models = data.models.len();
-    let mut rng = SplitMix::new(options.seed);
+    let mut rng = SplitMix::new(options.split.seed);
     #[allow(clippy::cast_precision_loss)]
     let projection_scale = 1.0 / (input as f32).sqrt();
     let mut weights = MfWeights {
@@ -484,9 +510,9 @@ pub fn train_mf(
     let (data, train) = read_split(
         files,
         options.max_pairs,
-        options.seed,
-        options.validation_fraction,
-        options.holdout_source.as_deref(),
+        options.split.seed,
+        options.split.validation_fraction,
+        options.split.holdout_source.as_deref(),
     )?;
     if data.battles.is_empty() {
         return Err(Error::invalid(
@@ -504,23 +530,23 @@ pub fn train_mf(
         Some(embed_all(
             embedder.as_ref(),
             &data.prompts,
-            options.embedding_cache.as_deref(),
+            options.split.embedding_cache.as_deref(),
         )?)
     } else {
         None
     };
     let reps = represent(embeddings, &data.prompts, &train)?;
     let (weights, history) = fit(&data, &reps, &train, options);
-    let pairs = validation::candidate_pairs(&options.strong, &options.weak);
+    let pairs = validation::candidate_pairs(&options.split.strong, &options.split.weak);
     let validation = validation_report(&data, &reps, &train, &weights, &pairs)?;
     for (source, metrics) in &validation {
         eprintln!("validation {source}: {metrics}");
     }
-    if data.model(&options.strong).is_none() || data.model(&options.weak).is_none() {
+    if data.model(&options.split.strong).is_none() || data.model(&options.split.weak).is_none() {
         return Err(Error::invalid(format!(
             "the training data has no model `{}` or `{}`; choose --strong/--weak among: {}",
-            options.strong,
-            options.weak,
+            options.split.strong,
+            options.split.weak,
             data.models.join(", ")
         )));
     }
@@ -529,8 +555,8 @@ pub fn train_mf(
         embedder: embedder.id().to_owned(),
         embedder_kind: embedder_kind.to_owned(),
         models: data.models.clone(),
-        default_strong: data::canonical_model(&options.strong),
-        default_weak: data::canonical_model(&options.weak),
+        default_strong: data::canonical_model(&options.split.strong),
+        default_weak: data::canonical_model(&options.split.weak),
         features: features::NAMES.iter().map(|name| (*name).to_owned()).collect(),
         uses_embedding: options.use_embedding,
         hyperparameters: serde_json::to_value(options).unwrap_or_default(),

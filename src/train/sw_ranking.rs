@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::data::{self, Dataset};
-use super::validation;
+use super::{SplitOptions, validation};
 use crate::embed::Embedder;
 use crate::error::Error;
 use crate::routers::sw_ranking::{self, SwIndex, SwManifest};
@@ -22,13 +22,8 @@ pub struct SwOptions {
     pub tiers: usize,
     /// Weighting sharpnesses tried (1 is RouteLLM's); the best mean validation APGR ships.
     pub sharpness_grid: Vec<f64>,
-    pub validation_fraction: f64,
-    pub seed: u64,
-    pub strong: String,
-    pub weak: String,
-    pub holdout_source: Option<String>,
-    #[serde(skip)]
-    pub embedding_cache: Option<PathBuf>,
+    #[serde(flatten)]
+    pub split: SplitOptions,
 }
 
 impl Default for SwOptions {
@@ -36,12 +31,7 @@ impl Default for SwOptions {
         Self {
             tiers: sw_ranking::DEFAULT_TIERS,
             sharpness_grid: vec![1.0, 2.0, 3.0, 5.0, 10.0],
-            validation_fraction: 0.2,
-            seed: 42,
-            strong: "gpt-4-1106-preview".into(),
-            weak: "mixtral-8x7b-instruct-v0.1".into(),
-            holdout_source: None,
-            embedding_cache: None,
+            split: SplitOptions::default(),
         }
     }
 }
@@ -124,7 +114,7 @@ impl Validated<'_> {
     /// The sharpness of `options.sharpness_grid` with the best mean validation APGR, its
     /// report, and the whole grid's scores.
     fn choose_sharpness(&self, options: &SwOptions) -> Result<(f64, serde_json::Value, Vec<serde_json::Value>), Error> {
-        let pairs = validation::candidate_pairs(&options.strong, &options.weak);
+        let pairs = validation::candidate_pairs(&options.split.strong, &options.split.weak);
         let sets = validation::held_out_sets(self.data, self.train, &pairs);
         let dim = self.embeddings.first().map_or(0, Vec::len);
         let mut grid = Vec::new();
@@ -176,11 +166,11 @@ pub fn train_sw_ranking(
     let (data, train) = super::read_split(
         files,
         0,
-        options.seed,
-        options.validation_fraction,
-        options.holdout_source.as_deref(),
+        options.split.seed,
+        options.split.validation_fraction,
+        options.split.holdout_source.as_deref(),
     )?;
-    for name in [&options.strong, &options.weak] {
+    for name in [&options.split.strong, &options.split.weak] {
         if data.model(name).is_none() {
             return Err(Error::invalid(format!(
                 "the training data has no model `{name}`; choose --strong/--weak among: {}",
@@ -212,7 +202,11 @@ pub fn train_sw_ranking(
         data.models.len()
     );
 
-    let embeddings = super::embed_all(embedder.as_ref(), &data.prompts, options.embedding_cache.as_deref())?;
+    let embeddings = super::embed_all(
+        embedder.as_ref(),
+        &data.prompts,
+        options.split.embedding_cache.as_deref(),
+    )?;
     let block = tiers * tiers;
     let all_wins = tier_wins(&results, &model_tiers, tiers);
     let dim = embedder.dim();
@@ -248,8 +242,8 @@ pub fn train_sw_ranking(
         models: data.models.clone(),
         model_tiers,
         model_ratings: ratings.iter().map(|r| sw_ranking::to_elo(*r)).collect(),
-        default_strong: data::canonical_model(&options.strong),
-        default_weak: data::canonical_model(&options.weak),
+        default_strong: data::canonical_model(&options.split.strong),
+        default_weak: data::canonical_model(&options.split.weak),
         prompts: kept.len(),
         hyperparameters: serde_json::to_value(options).unwrap_or_default(),
         data: serde_json::to_value(&data.files).unwrap_or_default(),
