@@ -188,7 +188,22 @@ fn principal_components(rows: &[f64], count: usize, width: usize, k: usize) -> V
     order
         .into_iter()
         .take(k)
-        .map(|column| (0..width).map(|row| vectors[row * width + column]).collect())
+        .map(|column| {
+            let mut direction: Vec<f64> = (0..width).map(|row| vectors[row * width + column]).collect();
+            // An eigenvector's sign is arbitrary, and a last-bit difference in the encoder's
+            // output can flip it (half the table changes, though no cosine does). Fixing it
+            // (largest loading positive) keeps `distill` reproducible across such changes.
+            let largest = direction
+                .iter()
+                .copied()
+                .fold(0.0_f64, |best, v| if v.abs() > best.abs() { v } else { best });
+            if largest < 0.0 {
+                for value in &mut direction {
+                    *value = -*value;
+                }
+            }
+            direction
+        })
         .collect()
 }
 
@@ -306,6 +321,11 @@ mod tests {
         }
         let components = principal_components(&rows, 200, 3, 1);
         let c = &components[0];
+        let largest = c
+            .iter()
+            .copied()
+            .fold(0.0_f64, |best, v| if v.abs() > best.abs() { v } else { best });
+        assert!(largest > 0.0, "the sign convention: largest loading positive");
         assert!((c[0].abs() - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-4, "{c:?}");
         assert!(c[2].abs() < 1e-3, "{c:?}");
     }
