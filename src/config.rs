@@ -137,6 +137,7 @@ pub struct FileConfig {
     #[serde(default)]
     upstream: UpstreamFile,
     max_request_bytes: Option<usize>,
+    scoring_concurrency: Option<usize>,
     #[serde(default)]
     api_keys: Vec<Secret>,
     routers_dir: Option<PathBuf>,
@@ -203,6 +204,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub max_request_bytes: usize,
+    /// How many requests a CPU-bound router (MiniLM, `sw_ranking`) scores at once; the rest
+    /// wait their turn. Defaults to the machine's cores.
+    pub scoring_concurrency: usize,
     /// When non-empty, clients must send one of these as `Authorization: Bearer <key>`.
     pub api_keys: Vec<Secret>,
     /// Where trained router artifacts live.
@@ -261,6 +265,9 @@ impl Config {
                     .unwrap_or(DEFAULT_REQUEST_TIMEOUT_SECS),
             )?,
             max_request_bytes: file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+            scoring_concurrency: file
+                .scoring_concurrency
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get)),
             api_keys: file.api_keys,
             routers_dir: overrides
                 .routers_dir
@@ -299,6 +306,9 @@ impl Config {
         }
         if self.max_request_bytes < 1024 {
             return Err(Error::Config("max_request_bytes must be at least 1024".into()));
+        }
+        if self.scoring_concurrency == 0 {
+            return Err(Error::Config("scoring_concurrency must be at least 1".into()));
         }
         if self.api_keys.iter().any(|key| key.expose().is_empty()) {
             return Err(Error::Config("api_keys must not contain an empty key".into()));
@@ -352,6 +362,12 @@ mod tests {
         assert_eq!(config.port, DEFAULT_PORT);
         assert_eq!(config.strong_model.name, DEFAULT_STRONG_MODEL);
         assert_eq!(config.weak_model.name, DEFAULT_WEAK_MODEL);
+        assert!(config.scoring_concurrency >= 1);
+        let file = FileConfig::from_yaml("scoring_concurrency: 3\n").unwrap();
+        assert_eq!(
+            Config::merge(file, Overrides::default()).unwrap().scoring_concurrency,
+            3
+        );
     }
 
     #[test]
@@ -370,6 +386,7 @@ mod tests {
             "thresholds: {random: 1.5}\n",
             "upstream: {request_timeout_secs: 0}\n",
             "max_request_bytes: 10\n",
+            "scoring_concurrency: 0\n",
             "api_keys: ['']\n",
         ] {
             let file = FileConfig::from_yaml(yaml).unwrap();

@@ -62,6 +62,8 @@ pub struct Gateway {
     api_keys: Vec<Secret>,
     request_timeout: Duration,
     max_request_bytes: usize,
+    /// Permits for CPU-bound scoring (see [`score`]).
+    scoring_slots: Arc<tokio::sync::Semaphore>,
     started_at: u64,
 }
 
@@ -106,6 +108,7 @@ impl Gateway {
             api_keys: config.api_keys.clone(),
             request_timeout: config.request_timeout,
             max_request_bytes: config.max_request_bytes,
+            scoring_slots: Arc::new(tokio::sync::Semaphore::new(config.scoring_concurrency)),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
@@ -192,7 +195,7 @@ impl Gateway {
                 param: Some("model"),
                 code: Some("invalid_model"),
             })?;
-        let win_rate = score(router, router_name, prompt).await?;
+        let win_rate = score(router, router_name, prompt, &self.scoring_slots).await?;
         let tier = if win_rate >= threshold {
             Tier::Strong
         } else {
@@ -269,15 +272,31 @@ impl Gateway {
 }
 
 /// Runs the router where its cost allows: inline when trivial, else on the blocking pool
-/// so a slow model never stalls the async workers serving other connections.
-async fn score(router: &Arc<dyn Router>, name: &str, prompt: String) -> Result<f64, Error> {
+/// so a slow model never stalls the async workers serving other connections. Blocking
+/// scoring takes one of `slots` first: a burst then queues in arrival order (tokio's
+/// semaphore is fair), each request scored at full speed, and a request whose client has
+/// gone before its turn costs nothing, instead of hundreds of threads sharing two cores.
+async fn score(
+    router: &Arc<dyn Router>,
+    name: &str,
+    prompt: String,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Result<f64, Error> {
     let result = match router.scoring_cost() {
         ScoringCost::Inline => router.strong_win_rate(&prompt),
         ScoringCost::Blocking => {
-            let router = Arc::clone(router);
-            tokio::task::spawn_blocking(move || router.strong_win_rate(&prompt))
+            let permit = Arc::clone(slots)
+                .acquire_owned()
                 .await
-                .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
+                .map_err(|_| Error::Internal("the scoring pool is closed".into()))?;
+            let router = Arc::clone(router);
+            tokio::task::spawn_blocking(move || {
+                // Held until scoring ends, even if the request is dropped meanwhile.
+                let _permit = permit;
+                router.strong_win_rate(&prompt)
+            })
+            .await
+            .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
         }
     };
     let win_rate = result.map_err(|source| Error::Router {

@@ -397,3 +397,64 @@ async fn metrics_count_requests_by_tier_and_status() {
     );
     assert!(text.contains("routellm_overhead_seconds_count 3\n"), "{text}");
 }
+
+/// A CPU-bound stand-in: sleeps on the blocking pool and records how many run at once.
+struct SlowRouter {
+    running: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl routellm::routers::Router for SlowRouter {
+    fn strong_win_rate(&self, _prompt: &str) -> Result<f64, routellm::routers::RouterError> {
+        use std::sync::atomic::Ordering;
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Ok(0.9)
+    }
+}
+
+/// Sends `requests` concurrent requests through a proxy whose only router is slow, with
+/// `scoring_concurrency: slots`; returns how many were scored at once at most.
+async fn most_scored_at_once(slots: usize, requests: usize) -> usize {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let file = routellm::config::FileConfig::from_yaml(&format!(
+        "strong_model: {{name: openai/strong-model, base_url: '{}', api_key: sk-strong}}\n\
+         weak_model: {{name: together_ai/weak-model, base_url: '{}', api_key: sk-weak}}\n\
+         scoring_concurrency: {slots}\n",
+        strong.base_url(),
+        weak.base_url()
+    ))
+    .unwrap();
+    let config = routellm::config::Config::merge(file, routellm::config::Overrides::default()).unwrap();
+    let router = std::sync::Arc::new(SlowRouter {
+        running: 0.into(),
+        most: 0.into(),
+    });
+    let mut routers: std::collections::BTreeMap<String, std::sync::Arc<dyn routellm::routers::Router>> =
+        std::collections::BTreeMap::new();
+    routers.insert("slow".into(), router.clone());
+    let proxy = Proxy::with_gateway(routellm::Gateway::with_routers(&config, routers).unwrap()).await;
+    let request = body("router-slow-0.5", "");
+    let sends = (0..requests).map(|_| proxy.post_chat(&request));
+    for response in futures_util::future::join_all(sends).await {
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    }
+    assert_eq!(
+        strong.received().len(),
+        requests,
+        "every queued request is still answered"
+    );
+    router.most.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_bound_scoring_is_bounded_by_scoring_concurrency() {
+    assert_eq!(most_scored_at_once(1, 4).await, 1, "one slot: requests wait their turn");
+    assert!(
+        most_scored_at_once(4, 4).await >= 2,
+        "with four slots the same burst overlaps, so the bound above is what serialised it"
+    );
+}
