@@ -69,11 +69,36 @@ pub enum EmbedderConfig {
 /// The static table's folder under `routers_dir`.
 pub const STATIC_DIR: &str = "static";
 
-/// Builds the configured embedder; the static table is read from `routers_dir/static`.
+/// Builds the configured embedder (the static table is read from `routers_dir/static`), or
+/// hands out the one already alive for the same configuration: routers on one embedder (mf
+/// and `sw_ranking` on the static table, bert and mf on MiniLM) then share its weights rather
+/// than each loading a copy (31 MB for the table, 90 MB for MiniLM).
 pub fn build(
     config: &EmbedderConfig,
     routers_dir: &std::path::Path,
 ) -> Result<std::sync::Arc<dyn Embedder>, EmbedError> {
+    type Built = Vec<(EmbedderConfig, PathBuf, std::sync::Weak<dyn Embedder>)>;
+    // Weak references: an embedder no router uses any more is freed, not kept by this list.
+    static BUILT: std::sync::Mutex<Built> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    built.retain(|(_, _, embedder)| embedder.strong_count() > 0);
+    let shared = built
+        .iter()
+        .filter(|(built_config, dir, _)| built_config == config && dir == routers_dir)
+        .find_map(|(_, _, embedder)| embedder.upgrade());
+    if let Some(embedder) = shared {
+        return Ok(embedder);
+    }
+    let embedder = load(config, routers_dir)?;
+    built.push((
+        config.clone(),
+        routers_dir.to_path_buf(),
+        std::sync::Arc::downgrade(&embedder),
+    ));
+    Ok(embedder)
+}
+
+fn load(config: &EmbedderConfig, routers_dir: &std::path::Path) -> Result<std::sync::Arc<dyn Embedder>, EmbedError> {
     Ok(match config {
         EmbedderConfig::Static => std::sync::Arc::new(StaticEmbedder::load(&routers_dir.join(STATIC_DIR))?),
         EmbedderConfig::Minilm {
@@ -128,5 +153,30 @@ pub fn truncation_of(embedder_id: &str) -> Truncation {
         Truncation::HeadTail
     } else {
         Truncation::Head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_configuration_shares_one_embedder_while_it_is_in_use() {
+        let routers_dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/routers"));
+        let first = build(&EmbedderConfig::Static, routers_dir).unwrap();
+        let second = build(&EmbedderConfig::Static, routers_dir).unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&first, &second),
+            "the same table must not load twice"
+        );
+        let elsewhere = std::env::temp_dir().join(format!("routellm-no-routers-{}", std::process::id()));
+        assert!(
+            build(&EmbedderConfig::Static, &elsewhere).is_err(),
+            "another folder is another table, not the shared one"
+        );
+        let id = first.id().to_owned();
+        drop((first, second));
+        let again = build(&EmbedderConfig::Static, routers_dir).unwrap();
+        assert_eq!(again.id(), id, "freed when unused, then loaded afresh");
     }
 }
