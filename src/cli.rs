@@ -123,13 +123,14 @@ impl TrainCommon {
 
     /// The split flags, with the embedding cache defaulted for slow embedders.
     fn split(&self) -> crate::train::SplitOptions {
-        let mut split = self.split.clone();
-        split.embedding_cache = if self.embedder == "static" {
-            None
+        if self.embedder == "static" {
+            crate::train::SplitOptions {
+                embedding_cache: None,
+                ..self.split.clone()
+            }
         } else {
-            split.embedding_cache.or_else(crate::train::default_embedding_cache)
-        };
-        split
+            self.split.clone().caching_by_default()
+        }
     }
 }
 
@@ -439,14 +440,7 @@ fn train_bert(args: &TrainBertArgs) -> anyhow::Result<()> {
         steps: args.steps,
         learning_rate: 0.01,
         per_source_bias: !args.shared_bias,
-        split: crate::train::SplitOptions {
-            embedding_cache: args
-                .split
-                .embedding_cache
-                .clone()
-                .or_else(crate::train::default_embedding_cache),
-            ..args.split.clone()
-        },
+        split: args.split.clone().caching_by_default(),
     };
     crate::train::bert::train_bert(&files, &encoder, &options, &args.out, &command_line())?;
     eprintln!("wrote {}", args.out.display());

@@ -64,18 +64,11 @@ impl LayerNorm {
         #[allow(clippy::cast_precision_loss)]
         let inverse_width = 1.0 / width as f32;
         for row in rows.chunks_exact_mut(width) {
-            let mean = lane_sum(row) * inverse_width;
+            let mean = lane_sum(row, |v| v) * inverse_width;
             for value in row.iter_mut() {
                 *value -= mean;
             }
-            let mut lanes = [0.0_f32; 8];
-            for chunk in row.chunks_exact(8) {
-                for (lane, value) in lanes.iter_mut().zip(chunk) {
-                    *lane += value * value;
-                }
-            }
-            let tail: f32 = row.chunks_exact(8).remainder().iter().map(|v| v * v).sum();
-            let variance = (lanes.iter().sum::<f32>() + tail) * inverse_width;
+            let variance = lane_sum(row, |v| v * v) * inverse_width;
             let scale = 1.0 / (variance + self.eps).sqrt();
             for ((value, gamma), beta) in row.iter_mut().zip(&self.gamma).zip(&self.beta) {
                 *value = *value * scale * gamma + beta;
@@ -363,15 +356,16 @@ impl Encoder {
     }
 }
 
-/// Eight independent partial sums: a single running sum is one long dependency chain the
-/// compiler may not reorder, which made reductions the slowest loops here.
-fn lane_sum(values: &[f32]) -> f32 {
+/// The sum of `term(v)` over `values` in eight independent partial sums: a single running
+/// sum is one long dependency chain the compiler may not reorder, which made reductions the
+/// slowest loops here.
+fn lane_sum(values: &[f32], term: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0.0_f32; 8];
     let chunks = values.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
+    let tail: f32 = chunks.remainder().iter().map(|&v| term(v)).sum();
     for chunk in chunks {
-        for (lane, value) in lanes.iter_mut().zip(chunk) {
-            *lane += value;
+        for (lane, &value) in lanes.iter_mut().zip(chunk) {
+            *lane += term(value);
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -395,7 +389,7 @@ fn softmax(row: &mut [f32]) {
     for value in row.iter_mut() {
         *value = exp_non_positive(*value - max);
     }
-    let sum = lane_sum(row);
+    let sum = lane_sum(row, |v| v);
     let inverse = 1.0 / sum;
     for value in row.iter_mut() {
         *value *= inverse;
@@ -537,7 +531,12 @@ mod tests {
         for length in [0, 1, 7, 8, 9, 16, 37] {
             let part = &values[..length];
             let plain: f32 = part.iter().sum();
-            assert!((lane_sum(part) - plain).abs() < 1e-4, "sum of {length}");
+            assert!((lane_sum(part, |v| v) - plain).abs() < 1e-4, "sum of {length}");
+            let squares: f32 = part.iter().map(|v| v * v).sum();
+            assert!(
+                (lane_sum(part, |v| v * v) - squares).abs() < 1e-3,
+                "sum of squares of {length}"
+            );
             let max = part.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(lane_max(part), max, "max of {length}");
         }

@@ -145,12 +145,9 @@ impl MiniLm {
                         *sum += value;
                     }
                 }
-                // Mean then L2 normalisation; dividing by the count first is what
-                // sentence-transformers does, and the norm makes it immaterial.
-                let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
-                for value in &mut mean {
-                    *value /= norm;
-                }
+                // sentence-transformers divides the sum by the token count before
+                // normalising; the normalisation makes that division immaterial.
+                super::normalize(&mut mean);
                 mean
             })
             .collect())

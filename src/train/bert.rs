@@ -150,13 +150,7 @@ pub fn train_bert(
     out: &Path,
     command: &str,
 ) -> Result<BertManifest, Error> {
-    let (data, train) = super::read_split(
-        files,
-        0,
-        options.split.seed,
-        options.split.validation_fraction,
-        options.split.holdout_source.as_deref(),
-    )?;
+    let (data, train) = super::read_split(files, 0, &options.split)?;
     let pairs = validation::candidate_pairs(&options.split.strong, &options.split.weak);
     let targets = labels(&data, &pairs);
     let training: Vec<usize> = (0..data.prompts.len())

@@ -45,6 +45,15 @@ pub struct SplitOptions {
     pub embedding_cache: Option<PathBuf>,
 }
 
+impl SplitOptions {
+    /// These options with the embedding cache at its default place unless one is named.
+    #[must_use]
+    pub fn caching_by_default(mut self) -> Self {
+        self.embedding_cache = self.embedding_cache.or_else(default_embedding_cache);
+        self
+    }
+}
+
 impl Default for SplitOptions {
     fn default() -> Self {
         Self {
@@ -459,14 +468,9 @@ pub fn validation_report(
 
 /// What every trainer starts with: refuse evaluation data, read `files` (correctness rows
 /// sampled into at most `max_pairs` battles each), and mark the training prompts — not in
-/// the seeded validation split, not from the `holdout` source.
-pub fn read_split(
-    files: &[PathBuf],
-    max_pairs: usize,
-    seed: u64,
-    validation_fraction: f64,
-    holdout: Option<&str>,
-) -> Result<(Dataset, Vec<bool>), Error> {
+/// the seeded validation split, not from the held-out source.
+pub fn read_split(files: &[PathBuf], max_pairs: usize, split: &SplitOptions) -> Result<(Dataset, Vec<bool>), Error> {
+    let seed = split.seed;
     if let Some(path) = files.iter().find(|path| data::is_eval_data(path)) {
         return Err(Error::invalid(format!(
             "{} is evaluation data: training on it would make eval numbers meaningless",
@@ -474,9 +478,11 @@ pub fn read_split(
         )));
     }
     let data = Dataset::read(files, max_pairs, seed)?;
-    let held_out_file = held_out_source(&data, holdout)?;
+    let held_out_file = held_out_source(&data, split.holdout_source.as_deref())?;
     let train = (0..data.prompts.len())
-        .map(|p| Some(data.prompt_source[p]) != held_out_file && !data.is_validation(p, validation_fraction, seed))
+        .map(|p| {
+            Some(data.prompt_source[p]) != held_out_file && !data.is_validation(p, split.validation_fraction, seed)
+        })
         .collect();
     Ok((data, train))
 }
@@ -507,13 +513,7 @@ pub fn train_mf(
     out: &std::path::Path,
     command: &str,
 ) -> Result<MfManifest, Error> {
-    let (data, train) = read_split(
-        files,
-        options.max_pairs,
-        options.split.seed,
-        options.split.validation_fraction,
-        options.split.holdout_source.as_deref(),
-    )?;
+    let (data, train) = read_split(files, options.max_pairs, &options.split)?;
     if data.battles.is_empty() {
         return Err(Error::invalid(
             "the training files yield no battles (no prompt where one model won and another lost)",

@@ -163,13 +163,7 @@ pub fn train_sw_ranking(
     command: &str,
 ) -> Result<SwManifest, Error> {
     // Correctness rows are counted pair by pair below, not sampled into battles.
-    let (data, train) = super::read_split(
-        files,
-        0,
-        options.split.seed,
-        options.split.validation_fraction,
-        options.split.holdout_source.as_deref(),
-    )?;
+    let (data, train) = super::read_split(files, 0, &options.split)?;
     for name in [&options.split.strong, &options.split.weak] {
         if data.model(name).is_none() {
             return Err(Error::invalid(format!(
