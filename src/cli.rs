@@ -57,7 +57,7 @@ pub enum TrainCommand {
     /// RouteLLM's similarity-weighted ranking: the index of training prompts and tier results.
     #[command(name = "sw_ranking", alias = "sw-ranking")]
     SwRanking(TrainSwRankingArgs),
-    /// The BERT classifier: a three-label head over the frozen MiniLM encoder.
+    /// The BERT classifier: a three-label head over MiniLM, the encoder frozen or its top layer fine-tuned.
     Bert(TrainBertArgs),
 }
 
@@ -82,6 +82,16 @@ pub struct TrainBertArgs {
     /// One shared bias instead of one per training source.
     #[arg(long)]
     pub shared_bias: bool,
+    /// Epochs of fine-tuning MiniLM's top layer with the head (0: frozen encoder); the
+    /// fine-tuned layer ships only if it beats the frozen encoder on validation.
+    #[arg(long, default_value_t = 0)]
+    pub fine_tune_epochs: usize,
+    /// Adam's step size for the top layer (the head takes ten times that).
+    #[arg(long, default_value_t = 2e-5)]
+    pub fine_tune_learning_rate: f32,
+    /// Prompts per fine-tuning step.
+    #[arg(long, default_value_t = 16)]
+    pub fine_tune_batch: usize,
     #[command(flatten)]
     pub split: crate::train::SplitOptions,
 }
@@ -440,6 +450,9 @@ fn train_bert(args: &TrainBertArgs) -> anyhow::Result<()> {
         steps: args.steps,
         learning_rate: 0.01,
         per_source_bias: !args.shared_bias,
+        fine_tune_epochs: args.fine_tune_epochs,
+        fine_tune_learning_rate: args.fine_tune_learning_rate,
+        fine_tune_batch: args.fine_tune_batch,
         split: args.split.clone().caching_by_default(),
     };
     crate::train::bert::train_bert(&files, &encoder, &options, &args.out, &command_line())?;

@@ -16,9 +16,10 @@
 //! - [`scoring`]: batch scoring on all cores and threshold calibration (`score`, `calibrate`).
 //! - [`prompts`]: reading prompt files (JSONL `prompt`/`messages`, or plain text).
 //! - [`progress`]: a progress bar for long scoring runs.
-//! - [`embed`]: the `Embedder` trait: static table (default), MiniLM (own BERT forward pass), OpenAI-compatible API.
+//! - [`embed`]: the `Embedder` trait: static table (default), MiniLM (own BERT forward pass, and the
+//!   backward pass of its top layer for fine-tuning), OpenAI-compatible API.
 //! - [`features`]: hand-made prompt features (length, structure, code/maths markers).
-//! - [`train`]: `routellm train mf`: battles and correctness data, MF fitting, validation, artifacts.
+//! - [`train`]: `routellm train mf | sw_ranking | bert`: battles and correctness data, fitting, validation, artifacts.
 //! - [`config`]: YAML, environment and flags merged and validated once.
 //! - [`error`]: the one error enum and its OpenAI-shaped JSON.
 //! - [`mock_upstream`]: a canned upstream for load tests (`routellm mock-upstream`).

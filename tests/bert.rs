@@ -98,3 +98,128 @@ fn training_learns_a_planted_signal_and_the_head_refuses_other_encoders() {
     let error = train_bert(&[eval_path], &encoder, &options, &dir.join("b"), "test").unwrap_err();
     assert!(error.to_string().contains("evaluation data"), "{error}");
 }
+
+#[test]
+fn an_artifact_with_a_fine_tuned_top_layer_serves_through_that_layer() {
+    use routellm::routers::bert::{BertHead, BertManifest, FROZEN, LABELS};
+    let dir = std::env::temp_dir().join(format!("routellm-bert-tuned-{}", std::process::id()));
+    let encoder = minilm();
+    let base = encoder.as_minilm().unwrap();
+    let dim = encoder.dim();
+    #[allow(clippy::cast_precision_loss)]
+    let head = BertHead {
+        weight: (0..3 * dim).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect(),
+        bias: vec![0.1, 0.0, -0.1],
+        mean: vec![0.0; dim],
+        std: vec![1.0; dim],
+    };
+    let mut layer = base.top_layer_tensors();
+    for (name, values, _) in &mut layer {
+        if name.ends_with("intermediate.dense.weight") {
+            for v in values.iter_mut() {
+                *v *= 1.3;
+            }
+        }
+    }
+    let manifest = |training: &str| BertManifest {
+        router: "bert".into(),
+        encoder: encoder.id().to_owned(),
+        labels: LABELS.iter().map(|l| (*l).to_owned()).collect(),
+        encoder_training: training.into(),
+        hyperparameters: serde_json::Value::Null,
+        data: serde_json::Value::Null,
+        validation: serde_json::Value::Null,
+        command: String::new(),
+    };
+    head.save(
+        &dir.join("tuned"),
+        &manifest("top layer fine-tuned with the head"),
+        &layer,
+    )
+    .unwrap();
+    head.save(&dir.join("frozen"), &manifest(FROZEN), &[]).unwrap();
+    let tuned = BertRouter::load(&dir.join("tuned"), encoder.clone()).unwrap();
+    let frozen = BertRouter::load(&dir.join("frozen"), encoder.clone()).unwrap();
+
+    let expected_encoder = base
+        .with_top_layer_from("check", |name| {
+            layer
+                .iter()
+                .find(|(tensor, _, _)| tensor == name)
+                .map(|(_, values, shape)| (values.clone(), shape.clone()))
+                .ok_or_else(|| format!("{name} missing"))
+        })
+        .unwrap();
+    for prompt in ["Summarise the causes of the First World War.", "2 + 2 = ?"] {
+        let served = tuned.strong_win_rate(prompt).unwrap();
+        let expected = head.probabilities(&expected_encoder.embed(prompt).unwrap())[0];
+        assert!((served - expected).abs() < 1e-9, "{served} vs {expected}");
+        let published = head.probabilities(&encoder.embed(prompt).unwrap())[0];
+        assert!((frozen.strong_win_rate(prompt).unwrap() - published).abs() < 1e-9);
+        assert!(
+            (served - published).abs() > 1e-4,
+            "the tuned layer must be the one serving"
+        );
+    }
+    assert_ne!(tuned.cache_key(), frozen.cache_key());
+
+    // A manifest that promises a fine-tuned layer the weights file lacks fails to load.
+    head.save(
+        &dir.join("broken"),
+        &manifest("top layer fine-tuned with the head"),
+        &[],
+    )
+    .unwrap();
+    let Err(error) = BertRouter::load(&dir.join("broken"), encoder) else {
+        panic!("a missing fine-tuned layer must fail the load")
+    };
+    assert!(error.to_string().contains("encoder.layer.5"), "{error}");
+}
+
+#[test]
+fn fine_tuning_the_top_layer_lowers_the_training_loss_and_what_ships_serves() {
+    let dir = std::env::temp_dir().join(format!("routellm-bert-fine-tune-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut lines = String::new();
+    for i in 0..96 {
+        let maths = i % 2 == 0;
+        let prompt = if maths {
+            format!("Integrate x^{i} sin(x) over [0, pi] and justify each step")
+        } else {
+            format!("Write a short thank-you note to a neighbour, number {i}")
+        };
+        let row = serde_json::json!({"prompt": prompt, "correct": {
+            "big-model": 1.0, "small-model": if maths { 0.0 } else { 1.0 }}});
+        lines.push_str(&row.to_string());
+        lines.push('\n');
+    }
+    let data = dir.join("planted.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    // One step of the head alone leaves it far from fitted, so fine-tuning has work to do.
+    let options = BertOptions {
+        l2_grid: vec![1e-1],
+        steps: 1,
+        fine_tune_epochs: 3,
+        fine_tune_learning_rate: 1e-4,
+        split: planted_pair(),
+        ..BertOptions::default()
+    };
+    let encoder = minilm();
+    let manifest = train_bert(std::slice::from_ref(&data), &encoder, &options, &dir.join("a"), "test").unwrap();
+    let tuning = &manifest.validation["fine_tuning"];
+    let epochs = tuning["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 3, "{tuning}");
+    let losses: Vec<f64> = epochs.iter().map(|e| e["training_loss"].as_f64().unwrap()).collect();
+    assert!(losses[2] < losses[0] * 0.5, "training must lower the loss: {losses:?}");
+    let shipped = tuning["shipped"].as_bool().unwrap();
+    assert_eq!(shipped, manifest.encoder_training != routellm::routers::bert::FROZEN);
+    // Whichever ships loads and serves, and the hard prompts still rank above the easy ones.
+    let router = BertRouter::load(&dir.join("a"), encoder).unwrap();
+    let hard = router
+        .strong_win_rate("Integrate x^2 cos(x) over [0, pi] and justify each step")
+        .unwrap();
+    let easy = router
+        .strong_win_rate("Write a short thank-you note to a colleague")
+        .unwrap();
+    assert!(hard > easy, "{hard} vs {easy}");
+}

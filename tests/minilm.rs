@@ -73,3 +73,60 @@ fn head_tail_truncation_keeps_the_final_question_of_long_prompts() {
     assert!(cosine(&batched[0], &a) > 0.9999);
     assert!(cosine(&batched[1], &head_tail.embed(short).unwrap()) > 0.9999);
 }
+
+#[test]
+fn a_top_layer_round_trips_through_its_tensors_and_a_changed_one_changes_the_vectors() {
+    let minilm = MiniLm::load(&model_dir()).unwrap();
+    let texts = [
+        "What is the capital of France?",
+        "Prove that there are infinitely many primes.",
+    ];
+    let original = minilm.embed_batch(&texts).unwrap();
+    let tensors = minilm.top_layer_tensors();
+    assert_eq!(
+        tensors.len(),
+        16,
+        "Q, K, V, three dense layers and two norms, weight and bias each"
+    );
+    let lookup = |tensors: &[routellm::embed::NamedTensor], name: &str| {
+        tensors
+            .iter()
+            .find(|(tensor, _, _)| tensor == name)
+            .map(|(_, values, shape)| (values.clone(), shape.clone()))
+            .ok_or_else(|| format!("{name} missing"))
+    };
+    // Exported (Hugging Face layout, Q's scale undone) and read back: the same model.
+    let same = minilm
+        .with_top_layer_from("same", |name| lookup(&tensors, name))
+        .unwrap();
+    assert!(same.id().ends_with("+same"), "{}", same.id());
+    for (a, b) in same.embed_batch(&texts).unwrap().iter().zip(&original) {
+        let cosine: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        assert!(cosine > 0.999_999, "round trip changed the vectors: cosine {cosine}");
+    }
+    // The query weights are stored unscaled, as Hugging Face stores them.
+    let weights = routellm::artifact::Loaded::read(&model_dir().join("model.safetensors")).unwrap();
+    let (published, _) = weights.tensor("encoder.layer.5.attention.self.query.weight").unwrap();
+    let (exported, _) = lookup(&tensors, "encoder.layer.5.attention.self.query.weight").unwrap();
+    for (p, e) in published.iter().zip(&exported) {
+        assert!((p - e).abs() <= 1e-6 * p.abs().max(1.0), "{p} vs {e}");
+    }
+    // Another top layer: other vectors, every lower layer shared.
+    let mut changed = tensors.clone();
+    for (name, values, _) in &mut changed {
+        if name.ends_with("output.dense.weight") && !name.contains("attention") {
+            for v in values.iter_mut() {
+                *v *= 1.5;
+            }
+        }
+    }
+    let other = minilm
+        .with_top_layer_from("other", |name| lookup(&changed, name))
+        .unwrap();
+    let moved = other.embed_batch(&texts).unwrap();
+    let cosine: f32 = moved[0].iter().zip(&original[0]).map(|(x, y)| x * y).sum();
+    assert!(
+        cosine < 0.9999,
+        "a changed top layer must change the vectors: cosine {cosine}"
+    );
+}

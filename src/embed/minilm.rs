@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::encoder::{BertConfig, Encoder};
+use super::encoder::{BertConfig, Encoder, NamedTensor};
+use super::finetune::TrainableLayer;
 use super::{EmbedError, Embedder};
 
 /// sentence-transformers' `max_seq_length` for this model (its tokenizer.json says 128,
@@ -27,6 +28,7 @@ pub enum Truncation {
     HeadTail,
 }
 
+#[derive(Clone)]
 pub struct MiniLm {
     encoder: Encoder,
     /// Truncates at [`MAX_TOKENS`]; never pads (the encoder packs sequences).
@@ -111,12 +113,9 @@ impl MiniLm {
         }
     }
 
-    /// Embeddings of several texts in one forward pass (packed, not padded).
-    pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        if texts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids: Vec<Vec<u32>> = match self.truncation {
+    /// The token ids the encoder sees for each text (truncated as configured).
+    pub fn token_ids(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EmbedError> {
+        Ok(match self.truncation {
             Truncation::Head => self
                 .tokenizer
                 .encode_batch(texts.to_vec(), true)
@@ -131,26 +130,88 @@ impl MiniLm {
                 .iter()
                 .map(|encoding| head_tail(encoding.get_ids()))
                 .collect(),
-        };
+        })
+    }
+
+    /// Embeddings of several texts in one forward pass (packed, not padded).
+    pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = self.token_ids(texts)?;
         let sequences: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let states = self.encoder.forward(&sequences)?;
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        Ok(pool(&states, &lengths, self.encoder.hidden()))
+    }
+
+    /// Per text, the hidden states entering the top layer (`[tokens, hidden]`): what
+    /// fine-tuning the top layer starts from, computed once.
+    pub fn states_below_top(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let ids = self.token_ids(texts)?;
+        let sequences: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let states = self
+            .encoder
+            .forward_layers(&sequences, 0..self.encoder.depth().saturating_sub(1))?;
         let hidden = self.encoder.hidden();
-        let mut rows = states.chunks_exact(hidden);
+        let mut rest = states.as_slice();
         Ok(sequences
             .iter()
             .map(|sequence| {
-                let mut mean = vec![0.0_f32; hidden];
-                for row in rows.by_ref().take(sequence.len()) {
-                    for (sum, value) in mean.iter_mut().zip(row) {
-                        *sum += value;
-                    }
-                }
-                // sentence-transformers divides the sum by the token count before
-                // normalising; the normalisation makes that division immaterial.
-                super::normalize(&mut mean);
-                mean
+                let (own, after) = rest.split_at(sequence.len() * hidden);
+                rest = after;
+                own.to_vec()
             })
             .collect())
+    }
+
+    /// The top layer, to train.
+    pub fn top_layer(&self) -> Result<TrainableLayer, EmbedError> {
+        let top = self.encoder.depth().checked_sub(1);
+        let layer = top
+            .and_then(|index| self.encoder.layer_at(index))
+            .ok_or_else(|| EmbedError::Load("the encoder has no layers".into()))?;
+        Ok(TrainableLayer {
+            layer: layer.clone(),
+            heads: self.encoder.heads(),
+        })
+    }
+
+    /// This model with `layer` as its top layer (every other weight shared).
+    #[must_use]
+    pub fn with_top_layer(&self, layer: &TrainableLayer) -> Self {
+        let mut model = self.clone();
+        model.encoder = self
+            .encoder
+            .with_layer(self.encoder.depth().saturating_sub(1), layer.layer.clone());
+        model
+    }
+
+    /// This model with its top layer read from `tensor` (Hugging Face names), identified as
+    /// `<this id>+<tag>`, so nothing trained on one top layer is served with another.
+    pub fn with_top_layer_from(
+        &self,
+        tag: &str,
+        tensor: impl FnMut(&str) -> Result<(Vec<f32>, Vec<usize>), String>,
+    ) -> Result<Self, EmbedError> {
+        let mut model = self.clone();
+        model.encoder = self
+            .encoder
+            .with_layer_from(self.encoder.depth().saturating_sub(1), tensor)?;
+        model.id = format!("{}+{tag}", self.id);
+        Ok(model)
+    }
+
+    /// The top layer's tensors under their Hugging Face names.
+    #[must_use]
+    pub fn top_layer_tensors(&self) -> Vec<NamedTensor> {
+        self.encoder.layer_tensors(self.encoder.depth().saturating_sub(1))
+    }
+
+    /// The hidden size.
+    #[must_use]
+    pub fn hidden(&self) -> usize {
+        self.encoder.hidden()
     }
 
     /// The encoder's output at position 1 for inputs `[CLS] token [SEP]`: one vector per
@@ -195,6 +256,31 @@ impl Embedder for MiniLm {
     fn id(&self) -> &str {
         &self.id
     }
+
+    fn as_minilm(&self) -> Option<&MiniLm> {
+        Some(self)
+    }
+}
+
+/// Mean pooling over each sequence's rows of packed `states`, L2-normalised.
+#[must_use]
+pub fn pool(states: &[f32], lengths: &[usize], hidden: usize) -> Vec<Vec<f32>> {
+    let mut rows = states.chunks_exact(hidden);
+    lengths
+        .iter()
+        .map(|&length| {
+            let mut mean = vec![0.0_f32; hidden];
+            for row in rows.by_ref().take(length) {
+                for (sum, value) in mean.iter_mut().zip(row) {
+                    *sum += value;
+                }
+            }
+            // sentence-transformers divides the sum by the token count before normalising;
+            // the normalisation makes that division immaterial.
+            super::normalize(&mut mean);
+            mean
+        })
+        .collect()
 }
 
 /// The first and last `MAX_TOKENS / 2` of an encoding (special tokens included) when it is

@@ -6,6 +6,7 @@
 //! - [`OpenAiEmbedder`]: any OpenAI-compatible `/v1/embeddings` endpoint (RouteLLM's setting).
 
 mod encoder;
+mod finetune;
 mod minilm;
 mod openai;
 mod table;
@@ -13,7 +14,9 @@ pub mod wordpiece;
 
 use std::path::PathBuf;
 
-pub use minilm::{MiniLm, Truncation};
+pub use encoder::NamedTensor;
+pub use finetune::{LayerGradient, Trace, TrainableLayer};
+pub use minilm::{MiniLm, Truncation, pool};
 pub use openai::OpenAiEmbedder;
 pub use table::{StaticEmbedder, TableBuilder};
 
@@ -35,6 +38,11 @@ pub trait Embedder: Send + Sync {
     /// Identifies the embedder and its weights (name and content hash), so artifacts
     /// trained on one embedder are never served with another.
     fn id(&self) -> &str;
+    /// The MiniLM model behind this embedder, for what needs more than its vectors (the
+    /// `bert` router's fine-tuned top layer, `train bert`).
+    fn as_minilm(&self) -> Option<&MiniLm> {
+        None
+    }
 }
 
 /// Which embedder a router uses, as configured.

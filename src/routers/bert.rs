@@ -2,9 +2,10 @@
 //! followed by a classification head over RouteLLM's three labels — the strong model wins,
 //! a tie, the weak model wins. The win rate is `P(strong wins)`, as in RouteLLM.
 //!
-//! The encoder is frozen (sentence-transformers' pooled, normalised MiniLM output) and the
-//! head is a multinomial logistic regression trained by `routellm train bert`; why frozen
-//! rather than fine-tuned is measured and explained in `routers/README.md`.
+//! The head is a multinomial logistic regression over sentence-transformers' pooled,
+//! normalised MiniLM output, trained by `routellm train bert` on the frozen encoder and
+//! optionally fine-tuned together with the encoder's top layer, which the artifact then
+//! carries; which one ships, and why, is measured in `routers/README.md`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use super::mf::{WEIGHTS_FILE, read_manifest, write_manifest};
 use super::{Router, RouterError};
 use crate::artifact;
-use crate::embed::Embedder;
+use crate::embed::{Embedder, NamedTensor};
+
+/// `encoder_training` of an artifact whose encoder is the published one.
+pub const FROZEN: &str = "frozen";
 
 /// RouteLLM's labels, in its order.
 pub const LABELS: [&str; 3] = ["strong wins", "tie", "weak wins"];
@@ -26,7 +30,8 @@ pub struct BertManifest {
     /// The encoder's id (`minilm:<sha>`): the head only fits the encoder it was trained on.
     pub encoder: String,
     pub labels: Vec<String>,
-    /// `frozen`: the encoder's weights are the published ones, only the head was trained.
+    /// [`FROZEN`]: the encoder's weights are the published ones, only the head was trained;
+    /// otherwise the weights file also holds the fine-tuned top layer.
     pub encoder_training: String,
     #[serde(default)]
     pub hyperparameters: serde_json::Value,
@@ -73,24 +78,29 @@ impl BertHead {
         exps.map(|e| e / total)
     }
 
-    pub fn save(&self, dir: &Path, manifest: &BertManifest) -> Result<(), RouterError> {
+    /// Writes the head, and `top_layer` (a fine-tuned encoder layer under its Hugging Face
+    /// names; empty for a frozen encoder) beside it in the same weights file.
+    pub fn save(&self, dir: &Path, manifest: &BertManifest, top_layer: &[NamedTensor]) -> Result<(), RouterError> {
         std::fs::create_dir_all(dir).map_err(|e| RouterError::Load(format!("{}: {e}", dir.display())))?;
         let dim = self.dim();
-        artifact::write(
-            &dir.join(WEIGHTS_FILE),
-            &[
-                artifact::Tensor::f32("head.weight", &self.weight, vec![LABELS.len(), dim]),
-                artifact::Tensor::f32("head.bias", &self.bias, vec![LABELS.len()]),
-                artifact::Tensor::f32("input.mean", &self.mean, vec![dim]),
-                artifact::Tensor::f32("input.std", &self.std, vec![dim]),
-            ],
-        )
-        .map_err(RouterError::Load)?;
+        let mut tensors = vec![
+            artifact::Tensor::f32("head.weight", &self.weight, vec![LABELS.len(), dim]),
+            artifact::Tensor::f32("head.bias", &self.bias, vec![LABELS.len()]),
+            artifact::Tensor::f32("input.mean", &self.mean, vec![dim]),
+            artifact::Tensor::f32("input.std", &self.std, vec![dim]),
+        ];
+        tensors.extend(
+            top_layer
+                .iter()
+                .map(|(name, values, shape)| artifact::Tensor::f32(name, values, shape.clone())),
+        );
+        artifact::write(&dir.join(WEIGHTS_FILE), &tensors).map_err(RouterError::Load)?;
         write_manifest(dir, manifest)
     }
 
-    /// Loads the head and manifest from `dir`, with the weights file's sha256.
-    pub fn load(dir: &Path) -> Result<(Self, BertManifest, String), RouterError> {
+    /// Loads the head and manifest from `dir`, with the weights file (which also holds a
+    /// fine-tuned top layer when the manifest says so).
+    pub fn load(dir: &Path) -> Result<(Self, BertManifest, artifact::Loaded), RouterError> {
         let manifest: BertManifest = read_manifest(dir)?;
         let file = artifact::Loaded::read(&dir.join(WEIGHTS_FILE)).map_err(RouterError::Load)?;
         let read = |name: &str| file.tensor(name).map(|(values, _)| values).map_err(RouterError::Load);
@@ -111,7 +121,7 @@ impl BertHead {
                 dir.display()
             )));
         }
-        Ok((head, manifest, file.sha256))
+        Ok((head, manifest, file))
     }
 }
 
@@ -125,7 +135,7 @@ pub struct BertRouter {
 impl BertRouter {
     /// Loads the head in `dir` for `encoder`; fails unless `encoder` is the one it was trained on.
     pub fn load(dir: &Path, encoder: Arc<dyn Embedder>) -> Result<Self, RouterError> {
-        let (head, manifest, digest) = BertHead::load(dir)?;
+        let (head, manifest, file) = BertHead::load(dir)?;
         if manifest.encoder != encoder.id() || head.dim() != encoder.dim() {
             return Err(RouterError::Load(format!(
                 "{} was trained on encoder `{}` but `{}` is configured; point `router_settings.bert.embedder` at \
@@ -135,10 +145,26 @@ impl BertRouter {
                 encoder.id()
             )));
         }
+        let digest = &file.sha256[..16];
+        let encoder = if manifest.encoder_training == FROZEN {
+            encoder
+        } else {
+            // A fine-tuned top layer replaces the shared encoder's own; the rest stays shared.
+            let minilm = encoder.as_minilm().ok_or_else(|| {
+                RouterError::Load(format!(
+                    "{}: a fine-tuned encoder layer needs the MiniLM embedder",
+                    dir.display()
+                ))
+            })?;
+            let tuned = minilm
+                .with_top_layer_from(&format!("bert:{digest}"), |name| file.tensor(name))
+                .map_err(|error| RouterError::Load(format!("{}: {error}", dir.display())))?;
+            Arc::new(tuned) as Arc<dyn Embedder>
+        };
         Ok(Self {
             encoder,
             head,
-            cache_key: format!("bert:{}:{}", manifest.encoder, &digest[..16]),
+            cache_key: format!("bert:{}:{digest}", manifest.encoder),
         })
     }
 }

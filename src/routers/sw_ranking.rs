@@ -82,18 +82,26 @@ impl SwIndex {
                 wins.len()
             )));
         }
+        let mut index = Self {
+            embeddings,
+            wins,
+            dim,
+            tiers,
+            sharpness: 1.0,
+        };
+        index.set_sharpness(sharpness)?;
+        Ok(index)
+    }
+
+    /// Changes the weighting's sharpness: training tries several on one index.
+    pub fn set_sharpness(&mut self, sharpness: f64) -> Result<(), RouterError> {
         if !(sharpness.is_finite() && sharpness >= 0.0) {
             return Err(RouterError::Load(format!(
                 "sw_ranking sharpness must be >= 0, not {sharpness}"
             )));
         }
-        Ok(Self {
-            embeddings,
-            wins,
-            dim,
-            tiers,
-            sharpness,
-        })
+        self.sharpness = sharpness;
+        Ok(())
     }
 
     #[must_use]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::data::Dataset;
 use super::{SplitOptions, validation};
-use crate::embed::Embedder;
+use crate::embed::{Embedder, MiniLm, TrainableLayer};
 use crate::error::Error;
 use crate::routers::bert::{BertHead, BertManifest, LABELS};
 
@@ -25,6 +25,14 @@ pub struct BertOptions {
     pub learning_rate: f32,
     /// One bias per training source (see [`fit`]).
     pub per_source_bias: bool,
+    /// Epochs of fine-tuning the encoder's top layer with the head after the head alone is
+    /// fitted (0: the encoder stays frozen). The epoch with the best validation APGR is
+    /// kept, and ships only if it beats the frozen encoder on validation.
+    pub fine_tune_epochs: usize,
+    /// Adam's step size for the top layer (the head takes ten times that).
+    pub fine_tune_learning_rate: f32,
+    /// Prompts per fine-tuning step.
+    pub fine_tune_batch: usize,
     #[serde(flatten)]
     pub split: SplitOptions,
 }
@@ -36,6 +44,9 @@ impl Default for BertOptions {
             steps: 300,
             learning_rate: 0.01,
             per_source_bias: true,
+            fine_tune_epochs: 0,
+            fine_tune_learning_rate: 2e-5,
+            fine_tune_batch: 16,
             split: SplitOptions::default(),
         }
     }
@@ -194,7 +205,7 @@ pub fn train_bert(
         .collect();
     let sets = validation::held_out_sets(&data, &train, &pairs);
     let mut grid = Vec::new();
-    let mut best: Option<(f64, BertHead, serde_json::Value)> = None;
+    let mut best: Option<(f64, BertHead, serde_json::Value, f32)> = None;
     for &l2 in &options.l2_grid {
         let (weight, bias) = fit(&rows, &train_targets, &groups, dim, l2, options);
         let head = BertHead {
@@ -209,24 +220,308 @@ pub fn train_bert(
         let score = validation::mean_apgr(&report);
         eprintln!("l2 {l2}: mean validation APGR {score:.4}");
         grid.push(serde_json::json!({"l2": l2, "mean_apgr": score}));
-        if best.as_ref().is_none_or(|(top, _, _)| score > *top) {
-            best = Some((score, head, serde_json::to_value(&report).unwrap_or_default()));
+        if best.as_ref().is_none_or(|(top, _, _, _)| score > *top) {
+            best = Some((score, head, serde_json::to_value(&report).unwrap_or_default(), l2));
         }
     }
-    let Some((_, head, report)) = best else {
+    let Some((frozen_score, head, report, l2)) = best else {
         return Err(Error::invalid("--l2 needs at least one value"));
     };
+    let labelled = Labelled {
+        data: &data,
+        training: &training,
+        targets: &train_targets,
+        groups: &groups,
+        sets: &sets,
+    };
+    let frozen = Chosen {
+        encoder_training: crate::routers::bert::FROZEN.to_owned(),
+        head,
+        report,
+        top_layer: Vec::new(),
+        fine_tuning: serde_json::Value::Null,
+    };
+    let Chosen {
+        encoder_training,
+        head,
+        report,
+        top_layer,
+        fine_tuning,
+    } = fine_tune_if_better(&labelled, encoder.as_ref(), frozen, frozen_score, l2, options)?;
     let manifest = BertManifest {
         router: "bert".into(),
         encoder: encoder.id().to_owned(),
         labels: LABELS.iter().map(|l| (*l).to_owned()).collect(),
-        encoder_training: "frozen".into(),
+        encoder_training,
         hyperparameters: serde_json::to_value(options).unwrap_or_default(),
         data: serde_json::to_value(&data.files).unwrap_or_default(),
-        validation: serde_json::json!({"per_source": report, "l2_grid": grid}),
+        validation: serde_json::json!({"per_source": report, "l2_grid": grid, "fine_tuning": fine_tuning}),
         command: command.to_owned(),
     };
-    head.save(out, &manifest)
+    head.save(out, &manifest, &top_layer)
         .map_err(|error| Error::Internal(error.to_string()))?;
     Ok(manifest)
+}
+
+/// What ships: the head, its encoder (frozen, or with a fine-tuned top layer) and their record.
+struct Chosen {
+    encoder_training: String,
+    head: BertHead,
+    report: serde_json::Value,
+    top_layer: Vec<crate::embed::NamedTensor>,
+    fine_tuning: serde_json::Value,
+}
+
+/// With `--fine-tune-epochs`, fine-tunes the top layer and the head and returns that when
+/// it beats `frozen` (whose mean validation APGR is `frozen_score`) on validation.
+fn fine_tune_if_better(
+    labelled: &Labelled<'_>,
+    encoder: &dyn Embedder,
+    frozen: Chosen,
+    frozen_score: f64,
+    l2: f32,
+    options: &BertOptions,
+) -> Result<Chosen, Error> {
+    if options.fine_tune_epochs == 0 {
+        return Ok(frozen);
+    }
+    let minilm = encoder
+        .as_minilm()
+        .ok_or_else(|| Error::invalid("fine-tuning needs the MiniLM encoder"))?;
+    let tuned = fine_tune(labelled, minilm, &frozen.head, l2, options)?;
+    eprintln!(
+        "fine-tuned top layer: best epoch {} with mean validation APGR {:.4} (frozen {frozen_score:.4})",
+        tuned.epoch, tuned.score
+    );
+    let better = tuned.score > frozen_score;
+    let fine_tuning = serde_json::json!({
+        "frozen_mean_apgr": frozen_score,
+        "epochs": tuned.history,
+        "best_epoch": tuned.epoch,
+        "shipped": better,
+    });
+    Ok(if better {
+        Chosen {
+            encoder_training: format!(
+                "top layer fine-tuned with the head (epoch {} of {})",
+                tuned.epoch, options.fine_tune_epochs
+            ),
+            head: tuned.head,
+            report: tuned.report,
+            top_layer: minilm.with_top_layer(&tuned.layer).top_layer_tensors(),
+            fine_tuning,
+        }
+    } else {
+        Chosen { fine_tuning, ..frozen }
+    })
+}
+
+/// The training prompts with their targets and bias groups, and the validation sets.
+struct Labelled<'a> {
+    data: &'a Dataset,
+    training: &'a [usize],
+    targets: &'a [[f32; 3]],
+    groups: &'a [usize],
+    sets: &'a [validation::HeldOut],
+}
+
+/// The best epoch of a top-layer fine-tune.
+struct FineTuned {
+    layer: TrainableLayer,
+    head: BertHead,
+    epoch: usize,
+    score: f64,
+    report: serde_json::Value,
+    history: Vec<serde_json::Value>,
+}
+
+/// Fine-tunes the encoder's top layer and the head together, starting from the head fitted
+/// on the frozen encoder (a linear probe first, then fine-tuning: the head's gradients are
+/// informative from the first step, so they do not scramble the pretrained features).
+/// The states entering the top layer are computed once; every epoch runs the top layer
+/// forward and backward over the training prompts, then scores the validation prompts.
+#[allow(clippy::cast_precision_loss, clippy::too_many_lines)]
+fn fine_tune(
+    labelled: &Labelled<'_>,
+    minilm: &MiniLm,
+    frozen: &BertHead,
+    l2: f32,
+    options: &BertOptions,
+) -> Result<FineTuned, Error> {
+    let internal = |error: crate::embed::EmbedError| Error::Internal(error.to_string());
+    let data = labelled.data;
+    let hidden = minilm.hidden();
+    let classes = LABELS.len();
+    let mut wanted: Vec<usize> = labelled.training.to_vec();
+    wanted.extend(labelled.sets.iter().flat_map(|set| set.prompts.iter().copied()));
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut below: Vec<Vec<f32>> = vec![Vec::new(); data.prompts.len()];
+    let progress = crate::progress::Progress::new("states below the top layer", wanted.len());
+    for chunk in wanted.chunks(16) {
+        let texts: Vec<&str> = chunk.iter().map(|p| data.prompts[*p].as_str()).collect();
+        for (p, states) in chunk.iter().zip(minilm.states_below_top(&texts).map_err(internal)?) {
+            below[*p] = states;
+        }
+        progress.advance(chunk.len());
+    }
+    let pack = |prompts: &[usize]| {
+        let lengths: Vec<usize> = prompts.iter().map(|p| below[*p].len() / hidden).collect();
+        let states: Vec<f32> = prompts.iter().flat_map(|p| below[*p].iter().copied()).collect();
+        (states, lengths)
+    };
+    let group_count = labelled.groups.iter().max().map_or(1, |g| g + 1);
+    let mut layer = minilm.top_layer().map_err(internal)?;
+    let mut weight = frozen.weight.clone();
+    let mut bias: Vec<f32> = (0..group_count).flat_map(|_| frozen.bias.iter().copied()).collect();
+    let mut layer_adam: Vec<super::Adam> = layer
+        .parameters_mut()
+        .map_err(internal)?
+        .iter()
+        .map(|p| super::Adam::new(p.len()))
+        .collect();
+    let (mut weight_adam, mut bias_adam) = (super::Adam::new(weight.len()), super::Adam::new(bias.len()));
+    let served_bias = |bias: &[f32]| {
+        let mut served = vec![0.0_f32; classes];
+        for group in labelled.groups {
+            for class in 0..classes {
+                served[class] += bias[group * classes + class] / labelled.groups.len() as f32;
+            }
+        }
+        served
+    };
+    let position: std::collections::HashMap<usize, usize> =
+        labelled.training.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    let mut rng = crate::rng::SplitMix::new(options.split.seed ^ 0x0b1e_55ed);
+    let mut step = 0_i32;
+    let mut best: Option<FineTuned> = None;
+    let mut history = Vec::new();
+    for epoch in 1..=options.fine_tune_epochs {
+        let mut order = labelled.training.to_vec();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let progress = crate::progress::Progress::new(format!("fine-tuning, epoch {epoch}"), order.len());
+        let mut loss_sum = 0.0_f64;
+        for batch in order.chunks(options.fine_tune_batch.max(1)) {
+            let (states, lengths) = pack(batch);
+            let (output, trace) = layer.forward(&states, &lengths).map_err(internal)?;
+            let mut d_output = vec![0.0_f32; output.len()];
+            let (mut weight_gradient, mut bias_gradient) = (vec![0.0_f32; weight.len()], vec![0.0_f32; bias.len()]);
+            let scale = 1.0 / batch.len() as f32;
+            let mut first = 0;
+            for (prompt, &length) in batch.iter().zip(&lengths) {
+                let rows = first * hidden..(first + length) * hidden;
+                first += length;
+                let mut sum = vec![0.0_f32; hidden];
+                for row in output[rows.clone()].chunks_exact(hidden) {
+                    for (s, v) in sum.iter_mut().zip(row) {
+                        *s += v;
+                    }
+                }
+                let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                let unit: Vec<f32> = sum.iter().map(|v| v / norm).collect();
+                let standardised: Vec<f32> = unit
+                    .iter()
+                    .zip(&frozen.mean)
+                    .zip(&frozen.std)
+                    .map(|((x, m), s)| (x - m) / s)
+                    .collect();
+                let index = position[prompt];
+                let (target, group) = (labelled.targets[index], labelled.groups[index]);
+                let mut logits = [0.0_f32; 3];
+                for (class, logit) in logits.iter_mut().enumerate() {
+                    *logit = bias[group * classes + class]
+                        + weight[class * hidden..(class + 1) * hidden]
+                            .iter()
+                            .zip(&standardised)
+                            .map(|(w, x)| w * x)
+                            .sum::<f32>();
+                }
+                let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exps = logits.map(|l| (l - top).exp());
+                let total: f32 = exps.iter().sum();
+                let mut d_standardised = vec![0.0_f32; hidden];
+                for class in 0..classes {
+                    let probability = exps[class] / total;
+                    loss_sum -= f64::from(target[class] * probability.max(1e-12).ln());
+                    let error = (probability - target[class]) * scale;
+                    let row = class * hidden..(class + 1) * hidden;
+                    for ((g, x), (d, w)) in weight_gradient[row.clone()]
+                        .iter_mut()
+                        .zip(&standardised)
+                        .zip(d_standardised.iter_mut().zip(&weight[row]))
+                    {
+                        *g += error * x;
+                        *d += error * w;
+                    }
+                    bias_gradient[group * classes + class] += error;
+                }
+                // Through standardisation and normalisation: d sum = (d unit − unit·(unit·d unit)) / |sum|,
+                // and every token's row adds to the sum.
+                let d_unit: Vec<f32> = d_standardised.iter().zip(&frozen.std).map(|(d, s)| d / s).collect();
+                let along: f32 = d_unit.iter().zip(&unit).map(|(d, u)| d * u).sum();
+                let d_sum: Vec<f32> = d_unit.iter().zip(&unit).map(|(d, u)| (d - u * along) / norm).collect();
+                for row in d_output[rows].chunks_exact_mut(hidden) {
+                    row.copy_from_slice(&d_sum);
+                }
+            }
+            let gradient = layer.backward(&trace, &d_output).map_err(internal)?;
+            step += 1;
+            for ((parameters, adam), gradients) in layer
+                .parameters_mut()
+                .map_err(internal)?
+                .into_iter()
+                .zip(&mut layer_adam)
+                .zip(&gradient.parts)
+            {
+                adam.step(parameters, gradients, options.fine_tune_learning_rate, 0.0, step);
+            }
+            let head_rate = options.fine_tune_learning_rate * 10.0;
+            weight_adam.step(&mut weight, &weight_gradient, head_rate, l2, step);
+            bias_adam.step(&mut bias, &bias_gradient, head_rate, 0.0, step);
+            progress.advance(batch.len());
+        }
+        let mut embeddings: std::collections::HashMap<usize, Vec<f32>> = std::collections::HashMap::new();
+        let validated: Vec<usize> = labelled
+            .sets
+            .iter()
+            .flat_map(|set| set.prompts.iter().copied())
+            .collect();
+        for chunk in validated.chunks(32) {
+            let (states, lengths) = pack(chunk);
+            let (output, _) = layer.forward(&states, &lengths).map_err(internal)?;
+            embeddings.extend(chunk.iter().copied().zip(crate::embed::pool(&output, &lengths, hidden)));
+        }
+        let head = BertHead {
+            weight: weight.clone(),
+            bias: served_bias(&bias),
+            mean: frozen.mean.clone(),
+            std: frozen.std.clone(),
+        };
+        let report = validation::report_all(data, labelled.sets, &|prompt, _, _| {
+            let embedding = embeddings
+                .get(&prompt)
+                .ok_or_else(|| Error::Internal(format!("prompt {prompt} was not embedded")))?;
+            Ok(head.probabilities(embedding)[0])
+        })?;
+        let score = validation::mean_apgr(&report);
+        let loss = loss_sum / order.len().max(1) as f64;
+        eprintln!("epoch {epoch}: training loss {loss:.4}, mean validation APGR {score:.4}");
+        history
+            .push(serde_json::json!({"epoch": epoch, "training_loss": loss, "mean_apgr": score, "per_source": report}));
+        if best.as_ref().is_none_or(|best| score > best.score) {
+            best = Some(FineTuned {
+                layer: layer.clone(),
+                head,
+                epoch,
+                score,
+                report: serde_json::to_value(&report).unwrap_or_default(),
+                history: Vec::new(),
+            });
+        }
+    }
+    let mut best = best.ok_or_else(|| Error::invalid("fine-tuning needs at least one epoch"))?;
+    best.history = history;
+    Ok(best)
 }

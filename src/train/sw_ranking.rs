@@ -119,15 +119,12 @@ impl Validated<'_> {
         let dim = self.embeddings.first().map_or(0, Vec::len);
         let mut grid = Vec::new();
         let mut best: Option<(f64, f64, serde_json::Value)> = None;
-        for &sharpness in &options.sharpness_grid {
-            let full = SwIndex::new(
-                self.embeddings.concat(),
-                self.all_wins.to_vec(),
-                dim,
-                self.tiers,
-                sharpness,
-            )
+        // Every prompt is indexed; validation excludes held-out ones per query.
+        let mut full = SwIndex::new(self.embeddings.concat(), self.all_wins.to_vec(), dim, self.tiers, 1.0)
             .map_err(|e| Error::invalid(e.to_string()))?;
+        for &sharpness in &options.sharpness_grid {
+            full.set_sharpness(sharpness)
+                .map_err(|e| Error::invalid(e.to_string()))?;
             let report = validation::report_all(self.data, &sets, &|prompt, strong, weak| {
                 let wins = full.weighted_wins_over(&self.embeddings[prompt], Some(self.train));
                 let fitted = sw_ranking::bradley_terry(&wins, self.tiers);
