@@ -115,6 +115,32 @@ fn router_scoring(c: &mut Criterion) {
         }
         Err(error) => eprintln!("skipping MiniLM benches: {error}"),
     }
+
+    // bert as served (shipped head and fine-tuned top layer, head+tail truncation: prompts
+    // past 256 tokens cost what 256 tokens cost).
+    let yaml = format!(
+        "routers_dir: {}\nrouter_settings:\n  bert:\n    embedder: {{kind: minilm, path: {}}}\n",
+        repo.join("routers").display(),
+        minilm_dir.display()
+    );
+    let bert = FileConfig::from_yaml(&yaml)
+        .map_err(|error| error.to_string())
+        .and_then(|file| Config::merge(file, Overrides::default()).map_err(|error| error.to_string()))
+        .and_then(|config| routellm::routers::build("bert", &config).map_err(|error| error.to_string()));
+    match bert {
+        Ok(bert) => {
+            let mut group = c.benchmark_group("router");
+            group.sample_size(10);
+            for count in [20, 300, 2000] {
+                let prompt = words(count);
+                group.bench_with_input(BenchmarkId::new("bert", count), &prompt, |b, prompt| {
+                    b.iter(|| bert.strong_win_rate(black_box(prompt)).expect("scores"));
+                });
+            }
+            group.finish();
+        }
+        Err(error) => eprintln!("skipping bert benches: {error}"),
+    }
 }
 
 fn gateway(strong: &str, weak: &str) -> Gateway {
