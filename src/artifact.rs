@@ -44,7 +44,12 @@ impl<'a> Tensor<'a> {
     }
 }
 
-/// Writes `tensors` to `path` (safetensors, little-endian).
+/// Writes `tensors` to `path` (safetensors, little-endian), replacing it atomically (a
+/// sibling file renamed over it), with the permissions any new file gets here.
+///
+/// Not `safetensors::serialize_to_file`: it writes through a private temporary file, so every
+/// artifact came out readable by its owner only, and an image that copies `routers/` and
+/// serves as an unprivileged user (our Dockerfile's) could not read them.
 pub fn write(path: &Path, tensors: &[Tensor<'_>]) -> Result<(), String> {
     let encoded: Vec<(Vec<u8>, Dtype)> = tensors
         .iter()
@@ -69,7 +74,16 @@ pub fn write(path: &Path, tensors: &[Tensor<'_>]) -> Result<(), String> {
                 .map_err(|e| format!("{}: {}: {e}", path.display(), tensor.name))
         })
         .collect::<Result<_, _>>()?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = safetensors::serialize(views, None).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(format!(".partial-{}", std::process::id()));
+    let partial = std::path::PathBuf::from(partial);
+    std::fs::write(&partial, bytes)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            format!("{}: {e}", path.display())
+        })
 }
 
 /// A loaded safetensors file, with its sha256 (hashed from the bytes already read).
@@ -140,5 +154,28 @@ mod tests {
         }
         assert!(loaded.tensor("missing").unwrap_err().contains("missing"));
         assert_eq!(loaded.sha256, crate::embed::sha256_file(&path).unwrap());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn artifacts_get_the_permissions_of_any_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("routellm-artifact-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let artifact = dir.join("a.safetensors");
+        write(&artifact, &[Tensor::f32("x", &[1.0], vec![1])]).unwrap();
+        // Written twice: replacing an existing artifact keeps the same rule.
+        write(&artifact, &[Tensor::f32("x", &[2.0], vec![1])]).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&artifact), mode(&plain), "umask decides, as for any file");
+        assert_eq!(Loaded::read(&artifact).unwrap().tensor("x").unwrap().0, vec![2.0]);
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_name().to_string_lossy().contains(".partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "no partial file is left behind");
     }
 }
