@@ -94,6 +94,25 @@ fn labels(data: &Dataset, pairs: &[(&str, &str)]) -> Vec<Option<[f32; 3]>> {
         .collect()
 }
 
+/// The head's label probabilities for a standardised input `x`: a softmax over
+/// `weight · x + bias` (`weight` is `labels x dim`, `bias` one group's).
+fn label_probabilities(weight: &[f32], bias: &[f32], x: &[f32]) -> [f32; 3] {
+    let dim = x.len();
+    let mut logits = [0.0_f32; 3];
+    for (class, logit) in logits.iter_mut().enumerate() {
+        *logit = bias[class]
+            + weight[class * dim..(class + 1) * dim]
+                .iter()
+                .zip(x)
+                .map(|(w, x)| w * x)
+                .sum::<f32>();
+    }
+    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps = logits.map(|l| (l - top).exp());
+    let total: f32 = exps.iter().sum();
+    exps.map(|e| e / total)
+}
+
 /// Fits the head on `rows` (already standardised) with soft targets. With `groups` (the
 /// source of each row), every source gets its own bias, so the weights learn what
 /// separates prompts within a source rather than which source a prompt looks like; the
@@ -119,20 +138,9 @@ fn fit(
         let mut grad_bias = vec![0.0_f32; bias.len()];
         for ((x, target), group) in rows.iter().zip(targets).zip(groups) {
             let offset = group * classes;
-            let mut logits = [0.0_f32; 3];
-            for (class, logit) in logits.iter_mut().enumerate() {
-                *logit = bias[offset + class]
-                    + weight[class * dim..(class + 1) * dim]
-                        .iter()
-                        .zip(x.iter())
-                        .map(|(w, x)| w * x)
-                        .sum::<f32>();
-            }
-            let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exps = logits.map(|l| (l - top).exp());
-            let total: f32 = exps.iter().sum();
+            let probabilities = label_probabilities(&weight, &bias[offset..offset + classes], x);
             for class in 0..classes {
-                let error = (exps[class] / total - target[class]) / n;
+                let error = (probabilities[class] - target[class]) / n;
                 for (g, x) in grad_weight[class * dim..(class + 1) * dim].iter_mut().zip(x.iter()) {
                     *g += error * x;
                 }
@@ -429,21 +437,11 @@ fn fine_tune(
                     .collect();
                 let index = position[prompt];
                 let (target, group) = (labelled.targets[index], labelled.groups[index]);
-                let mut logits = [0.0_f32; 3];
-                for (class, logit) in logits.iter_mut().enumerate() {
-                    *logit = bias[group * classes + class]
-                        + weight[class * hidden..(class + 1) * hidden]
-                            .iter()
-                            .zip(&standardised)
-                            .map(|(w, x)| w * x)
-                            .sum::<f32>();
-                }
-                let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let exps = logits.map(|l| (l - top).exp());
-                let total: f32 = exps.iter().sum();
+                let probabilities =
+                    label_probabilities(&weight, &bias[group * classes..(group + 1) * classes], &standardised);
                 let mut d_standardised = vec![0.0_f32; hidden];
                 for class in 0..classes {
-                    let probability = exps[class] / total;
+                    let probability = probabilities[class];
                     loss_sum -= f64::from(target[class] * probability.max(1e-12).ln());
                     let error = (probability - target[class]) * scale;
                     let row = class * hidden..(class + 1) * hidden;
