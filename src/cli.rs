@@ -92,6 +92,10 @@ pub struct TrainBertArgs {
     /// Prompts per fine-tuning step.
     #[arg(long, default_value_t = 16)]
     pub fine_tune_batch: usize,
+    /// Memory the fine-tune may use for the encoder states it keeps (1.5 KiB per token of
+    /// every training and validation prompt).
+    #[arg(long, default_value_t = 8.0)]
+    pub fine_tune_max_memory_gib: f64,
     #[command(flatten)]
     pub split: crate::train::SplitOptions,
 }
@@ -441,6 +445,17 @@ fn parse_truncation(text: &str) -> Result<crate::embed::Truncation, String> {
     }
 }
 
+fn gib_to_bytes(gib: f64) -> anyhow::Result<usize> {
+    anyhow::ensure!(
+        gib.is_finite() && gib > 0.0,
+        "--fine-tune-max-memory-gib must be positive, not {gib}"
+    );
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    // `as` saturates: an absurdly large limit becomes usize::MAX, not a wrapped value.
+    let bytes = (gib * f64::from(1_u32 << 30)) as usize;
+    Ok(bytes)
+}
+
 fn train_bert(args: &TrainBertArgs) -> anyhow::Result<()> {
     let encoder: std::sync::Arc<dyn crate::embed::Embedder> =
         std::sync::Arc::new(crate::embed::MiniLm::load(&args.minilm_path)?.with_truncation(args.truncation));
@@ -453,6 +468,7 @@ fn train_bert(args: &TrainBertArgs) -> anyhow::Result<()> {
         fine_tune_epochs: args.fine_tune_epochs,
         fine_tune_learning_rate: args.fine_tune_learning_rate,
         fine_tune_batch: args.fine_tune_batch,
+        fine_tune_memory_limit: gib_to_bytes(args.fine_tune_max_memory_gib)?,
         split: args.split.clone().caching_by_default(),
     };
     crate::train::bert::train_bert(&files, &encoder, &options, &args.out, &command_line())?;

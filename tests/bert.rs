@@ -222,4 +222,14 @@ fn fine_tuning_the_top_layer_lowers_the_training_loss_and_what_ships_serves() {
         .strong_win_rate("Write a short thank-you note to a colleague")
         .unwrap();
     assert!(hard > easy, "{hard} vs {easy}");
+
+    // States that would not fit the memory limit stop training before they are computed.
+    let tight = BertOptions {
+        fine_tune_memory_limit: 1 << 10,
+        ..options
+    };
+    let encoder = minilm();
+    let error = train_bert(std::slice::from_ref(&data), &encoder, &tight, &dir.join("b"), "test").unwrap_err();
+    assert!(error.to_string().contains("--fine-tune-max-memory-gib"), "{error}");
+    assert!(!dir.join("b").exists(), "nothing is written");
 }

@@ -33,6 +33,11 @@ pub struct BertOptions {
     pub fine_tune_learning_rate: f32,
     /// Prompts per fine-tuning step.
     pub fine_tune_batch: usize,
+    /// Bytes the fine-tune may hold as encoder states (every training and validation token's
+    /// 384 values); over it, training stops before computing them. Not a hyperparameter: it
+    /// changes whether training runs, never what it writes.
+    #[serde(skip)]
+    pub fine_tune_memory_limit: usize,
     #[serde(flatten)]
     pub split: SplitOptions,
 }
@@ -47,6 +52,7 @@ impl Default for BertOptions {
             fine_tune_epochs: 0,
             fine_tune_learning_rate: 2e-5,
             fine_tune_batch: 16,
+            fine_tune_memory_limit: 8 << 30,
             split: SplitOptions::default(),
         }
     }
@@ -364,6 +370,26 @@ fn fine_tune(
     wanted.extend(labelled.sets.iter().flat_map(|set| set.prompts.iter().copied()));
     wanted.sort_unstable();
     wanted.dedup();
+    // The states are held in memory for every epoch: say so before spending minutes on them
+    // if they cannot fit, rather than being killed by the kernel at the end.
+    let texts: Vec<&str> = wanted.iter().map(|p| data.prompts[*p].as_str()).collect();
+    let tokens: usize = minilm.token_ids(&texts).map_err(internal)?.iter().map(Vec::len).sum();
+    let bytes = tokens * hidden * std::mem::size_of::<f32>();
+    #[allow(clippy::cast_precision_loss)]
+    let gib = |bytes: usize| bytes as f64 / f64::from(1_u32 << 30);
+    eprintln!(
+        "{tokens} tokens in {} prompts: {:.1} GiB of states below the top layer",
+        wanted.len(),
+        gib(bytes)
+    );
+    if bytes > options.fine_tune_memory_limit {
+        return Err(Error::invalid(format!(
+            "fine-tuning would hold {:.1} GiB of encoder states in memory, over the {:.1} GiB limit: \
+             raise --fine-tune-max-memory-gib if the machine has it, or train on fewer prompts",
+            gib(bytes),
+            gib(options.fine_tune_memory_limit)
+        )));
+    }
     let mut below: Vec<Vec<f32>> = vec![Vec::new(); data.prompts.len()];
     let progress = crate::progress::Progress::new("states below the top layer", wanted.len());
     for chunk in wanted.chunks(16) {
