@@ -49,7 +49,7 @@ fn default_position_type() -> String {
     "absolute".into()
 }
 
-fn numeric(error: impl std::fmt::Display) -> EmbedError {
+pub(super) fn numeric(error: impl std::fmt::Display) -> EmbedError {
     EmbedError::Embed(error.to_string())
 }
 
@@ -195,8 +195,6 @@ pub struct Encoder {
     embedding_norm: LayerNorm,
     layers: Vec<Arc<Layer>>,
     shape: Shape,
-    hidden: usize,
-    heads: usize,
     max_positions: usize,
     vocabulary: usize,
 }
@@ -329,8 +327,6 @@ impl Encoder {
             embedding_norm,
             layers,
             shape,
-            hidden,
-            heads,
             max_positions: config.max_position_embeddings,
             vocabulary: config.vocab_size,
         })
@@ -380,12 +376,12 @@ impl Encoder {
 
     #[must_use]
     pub fn heads(&self) -> usize {
-        self.heads
+        self.shape.heads
     }
 
     #[must_use]
     pub fn hidden(&self) -> usize {
-        self.hidden
+        self.shape.hidden
     }
 
     /// The last layer's hidden states of every token of every sequence, packed: row `i` of
@@ -397,7 +393,7 @@ impl Encoder {
     /// The hidden states after the layers in `layers` (a range starting at 0), packed as in
     /// [`Encoder::forward`]: fine-tuning the top layer starts from the states below it.
     pub fn forward_layers(&self, sequences: &[&[u32]], layers: std::ops::Range<usize>) -> Result<Vec<f32>, EmbedError> {
-        let hidden = self.hidden;
+        let hidden = self.shape.hidden;
         let total: usize = sequences.iter().map(|s| s.len()).sum();
         let mut states = Vec::with_capacity(total * hidden);
         for sequence in sequences {
@@ -421,7 +417,7 @@ impl Encoder {
         self.embedding_norm.apply(&mut states);
         let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
         for layer in self.layers.get(layers).unwrap_or_default() {
-            states = layer.run(self.heads, &states, &lengths)?;
+            states = layer.run(self.shape.heads, &states, &lengths)?;
         }
         Ok(states)
     }

@@ -12,7 +12,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Slice};
 use rayon::prelude::*;
 
 use super::EmbedError;
-use super::encoder::{Dense, Layer, LayerNorm, erf, gelu, softmax};
+use super::encoder::{Dense, Layer, LayerNorm, erf, gelu, numeric, softmax};
 
 /// A layer being trained, and the number of attention heads it splits into.
 #[derive(Clone)]
@@ -45,10 +45,6 @@ struct Normalised {
 /// The loss's gradient for every parameter of a layer, in [`TrainableLayer::parameters_mut`]'s order.
 pub struct LayerGradient {
     pub parts: Vec<Vec<f32>>,
-}
-
-fn numeric(error: impl std::fmt::Display) -> EmbedError {
-    EmbedError::Embed(error.to_string())
 }
 
 /// `a · b` with `b`'s columns split over two threads (as the served dense products).
