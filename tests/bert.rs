@@ -24,6 +24,23 @@ fn minilm() -> Arc<dyn Embedder> {
     Arc::new(MiniLm::load(&repo().join("../shared/models/all-MiniLM-L6-v2")).unwrap())
 }
 
+/// `dir/planted.jsonl`: `count` correctness rows alternating a hard prompt (the big model
+/// right, the small one wrong) and an easy one (both right).
+fn write_planted(dir: &Path, count: usize, hard: impl Fn(usize) -> String, easy: impl Fn(usize) -> String) -> PathBuf {
+    let mut lines = String::new();
+    for i in 0..count {
+        let is_hard = i % 2 == 0;
+        let prompt = if is_hard { hard(i) } else { easy(i) };
+        let row = serde_json::json!({"prompt": prompt, "correct": {
+            "big-model": 1.0, "small-model": if is_hard { 0.0 } else { 1.0 }}});
+        lines.push_str(&row.to_string());
+        lines.push('\n');
+    }
+    let data = dir.join("planted.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    data
+}
+
 #[test]
 fn shipped_head_serves_through_the_config() {
     let yaml = format!(
@@ -49,21 +66,12 @@ fn shipped_head_serves_through_the_config() {
 fn training_learns_a_planted_signal_and_the_head_refuses_other_encoders() {
     let dir = std::env::temp_dir().join(format!("routellm-bert-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut lines = String::new();
-    for i in 0..160 {
-        let maths = i % 2 == 0;
-        let prompt = if maths {
-            format!("Solve the differential equation y'' + {i}y = 0 with the given boundary conditions")
-        } else {
-            format!("Recommend a cosy novel for a rainy weekend, suggestion {i}")
-        };
-        let row = serde_json::json!({"prompt": prompt, "correct": {
-            "big-model": 1.0, "small-model": if maths { 0.0 } else { 1.0 }}});
-        lines.push_str(&row.to_string());
-        lines.push('\n');
-    }
-    let data = dir.join("planted.jsonl");
-    std::fs::write(&data, lines).unwrap();
+    let data = write_planted(
+        &dir,
+        160,
+        |i| format!("Solve the differential equation y'' + {i}y = 0 with the given boundary conditions"),
+        |i| format!("Recommend a cosy novel for a rainy weekend, suggestion {i}"),
+    );
     let options = BertOptions {
         l2_grid: vec![1e-3, 1e-1],
         steps: 100,
@@ -180,21 +188,12 @@ fn an_artifact_with_a_fine_tuned_top_layer_serves_through_that_layer() {
 fn fine_tuning_the_top_layer_lowers_the_training_loss_and_what_ships_serves() {
     let dir = std::env::temp_dir().join(format!("routellm-bert-fine-tune-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut lines = String::new();
-    for i in 0..96 {
-        let maths = i % 2 == 0;
-        let prompt = if maths {
-            format!("Integrate x^{i} sin(x) over [0, pi] and justify each step")
-        } else {
-            format!("Write a short thank-you note to a neighbour, number {i}")
-        };
-        let row = serde_json::json!({"prompt": prompt, "correct": {
-            "big-model": 1.0, "small-model": if maths { 0.0 } else { 1.0 }}});
-        lines.push_str(&row.to_string());
-        lines.push('\n');
-    }
-    let data = dir.join("planted.jsonl");
-    std::fs::write(&data, lines).unwrap();
+    let data = write_planted(
+        &dir,
+        96,
+        |i| format!("Integrate x^{i} sin(x) over [0, pi] and justify each step"),
+        |i| format!("Write a short thank-you note to a neighbour, number {i}"),
+    );
     // One step of the head alone leaves it far from fitted, so fine-tuning has work to do.
     let options = BertOptions {
         l2_grid: vec![1e-1],

@@ -99,21 +99,14 @@ impl Dense {
     }
 
     /// `rows` is `[n, in]` row-major; returns `[n, out]` with `activation` applied after the
-    /// bias. The output columns are split over two threads: each reads half the weights, which
-    /// is what the product spends its memory traffic on at the row counts seen here.
+    /// bias (the product on both cores, [`split_product`]).
     pub(super) fn apply(&self, rows: &[f32], activation: impl Fn(f32) -> f32) -> Result<Vec<f32>, EmbedError> {
         let (inputs, outputs) = self.weight.dim();
         let count = rows.len() / inputs;
         let input = ArrayView2::from_shape((count, inputs), rows).map_err(numeric)?;
         let mut out = vec![0.0_f32; count * outputs];
-        let mut product = ArrayViewMut2::from_shape((count, outputs), &mut out).map_err(numeric)?;
-        let half = outputs / 2;
-        let (left_weight, right_weight) = self.weight.view().split_at(Axis(1), half);
-        let (mut left, mut right) = product.view_mut().split_at(Axis(1), half);
-        rayon::join(
-            || general_mat_mul(1.0, &input, &left_weight, 0.0, &mut left),
-            || general_mat_mul(1.0, &input, &right_weight, 0.0, &mut right),
-        );
+        let product = ArrayViewMut2::from_shape((count, outputs), &mut out).map_err(numeric)?;
+        split_product(&input, &self.weight.view(), product);
         for row in out.chunks_exact_mut(outputs) {
             for (value, bias) in row.iter_mut().zip(&self.bias) {
                 *value = activation(*value + bias);
@@ -121,6 +114,18 @@ impl Dense {
         }
         Ok(out)
     }
+}
+
+/// `out = a · b`, `b`'s (and `out`'s) columns split over two threads: each reads half of
+/// `b`, which is what the product spends its memory traffic on at the row counts seen here.
+pub(super) fn split_product(a: &ArrayView2<'_, f32>, b: &ArrayView2<'_, f32>, mut out: ArrayViewMut2<'_, f32>) {
+    let half = b.ncols() / 2;
+    let (left_b, right_b) = b.view().split_at(Axis(1), half);
+    let (mut left, mut right) = out.view_mut().split_at(Axis(1), half);
+    rayon::join(
+        || general_mat_mul(1.0, a, &left_b, 0.0, &mut left),
+        || general_mat_mul(1.0, a, &right_b, 0.0, &mut right),
+    );
 }
 
 /// Tensor lookup by Hugging Face name, with or without the `bert.` prefix that checkpoints
@@ -387,12 +392,12 @@ impl Encoder {
     /// The last layer's hidden states of every token of every sequence, packed: row `i` of
     /// the result belongs to the `i`-th token counting through the sequences in order.
     pub fn forward(&self, sequences: &[&[u32]]) -> Result<Vec<f32>, EmbedError> {
-        self.forward_layers(sequences, 0..self.layers.len())
+        self.forward_layers(sequences, self.layers.len())
     }
 
-    /// The hidden states after the layers in `layers` (a range starting at 0), packed as in
-    /// [`Encoder::forward`]: fine-tuning the top layer starts from the states below it.
-    pub fn forward_layers(&self, sequences: &[&[u32]], layers: std::ops::Range<usize>) -> Result<Vec<f32>, EmbedError> {
+    /// The hidden states after the first `layers` layers, packed as in [`Encoder::forward`]:
+    /// fine-tuning the top layer starts from the states below it.
+    pub fn forward_layers(&self, sequences: &[&[u32]], layers: usize) -> Result<Vec<f32>, EmbedError> {
         let hidden = self.shape.hidden;
         let total: usize = sequences.iter().map(|s| s.len()).sum();
         let mut states = Vec::with_capacity(total * hidden);
@@ -416,7 +421,7 @@ impl Encoder {
         }
         self.embedding_norm.apply(&mut states);
         let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
-        for layer in self.layers.get(layers).unwrap_or_default() {
+        for layer in self.layers.iter().take(layers) {
             states = layer.run(self.shape.heads, &states, &lengths)?;
         }
         Ok(states)

@@ -12,7 +12,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Slice};
 use rayon::prelude::*;
 
 use super::EmbedError;
-use super::encoder::{Dense, Layer, LayerNorm, erf, gelu, numeric, softmax};
+use super::encoder::{Dense, Layer, LayerNorm, erf, gelu, numeric, softmax, split_product};
 
 /// A layer being trained, and the number of attention heads it splits into.
 #[derive(Clone)]
@@ -47,16 +47,10 @@ pub struct LayerGradient {
     pub parts: Vec<Vec<f32>>,
 }
 
-/// `a · b` with `b`'s columns split over two threads (as the served dense products).
+/// `a · b` on both cores, as the served dense products.
 fn product(a: &ArrayView2<'_, f32>, b: &ArrayView2<'_, f32>) -> Array2<f32> {
     let mut out = Array2::<f32>::zeros((a.nrows(), b.ncols()));
-    let half = b.ncols() / 2;
-    let (left_b, right_b) = b.view().split_at(Axis(1), half);
-    let (mut left, mut right) = out.view_mut().split_at(Axis(1), half);
-    rayon::join(
-        || general_mat_mul(1.0, a, &left_b, 0.0, &mut left),
-        || general_mat_mul(1.0, a, &right_b, 0.0, &mut right),
-    );
+    split_product(a, b, out.view_mut());
     out
 }
 

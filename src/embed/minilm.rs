@@ -145,14 +145,11 @@ impl MiniLm {
         Ok(pool(&states, &lengths, self.encoder.hidden()))
     }
 
-    /// Per text, the hidden states entering the top layer (`[tokens, hidden]`): what
-    /// fine-tuning the top layer starts from, computed once.
-    pub fn states_below_top(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let ids = self.token_ids(texts)?;
+    /// Per token sequence (from [`MiniLm::token_ids`]), the hidden states entering the top
+    /// layer (`[tokens, hidden]`): what fine-tuning the top layer starts from, computed once.
+    pub fn states_below_top(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let sequences: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let states = self
-            .encoder
-            .forward_layers(&sequences, 0..self.encoder.depth().saturating_sub(1))?;
+        let states = self.encoder.forward_layers(&sequences, self.top())?;
         let hidden = self.encoder.hidden();
         let mut rest = states.as_slice();
         Ok(sequences
@@ -165,11 +162,16 @@ impl MiniLm {
             .collect())
     }
 
+    /// The top layer's index.
+    fn top(&self) -> usize {
+        self.encoder.depth().saturating_sub(1)
+    }
+
     /// The top layer, to train.
     pub fn top_layer(&self) -> Result<TrainableLayer, EmbedError> {
-        let top = self.encoder.depth().checked_sub(1);
-        let layer = top
-            .and_then(|index| self.encoder.layer_at(index))
+        let layer = self
+            .encoder
+            .layer_at(self.top())
             .ok_or_else(|| EmbedError::Load("the encoder has no layers".into()))?;
         Ok(TrainableLayer {
             layer: layer.clone(),
@@ -181,9 +183,7 @@ impl MiniLm {
     #[must_use]
     pub fn with_top_layer(&self, layer: &TrainableLayer) -> Self {
         let mut model = self.clone();
-        model.encoder = self
-            .encoder
-            .with_layer(self.encoder.depth().saturating_sub(1), layer.layer.clone());
+        model.encoder = self.encoder.with_layer(self.top(), layer.layer.clone());
         model
     }
 
@@ -195,9 +195,7 @@ impl MiniLm {
         tensor: impl FnMut(&str) -> Result<(Vec<f32>, Vec<usize>), String>,
     ) -> Result<Self, EmbedError> {
         let mut model = self.clone();
-        model.encoder = self
-            .encoder
-            .with_layer_from(self.encoder.depth().saturating_sub(1), tensor)?;
+        model.encoder = self.encoder.with_layer_from(self.top(), tensor)?;
         model.id = format!("{}+{tag}", self.id);
         Ok(model)
     }
@@ -205,7 +203,7 @@ impl MiniLm {
     /// The top layer's tensors under their Hugging Face names.
     #[must_use]
     pub fn top_layer_tensors(&self) -> Vec<NamedTensor> {
-        self.encoder.layer_tensors(self.encoder.depth().saturating_sub(1))
+        self.encoder.layer_tensors(self.top())
     }
 
     /// The hidden size.

@@ -158,13 +158,22 @@ fn fit(
         adam_weight.step(&mut weight, &grad_weight, options.learning_rate, l2, t);
         adam_bias.step(&mut bias, &grad_bias, options.learning_rate, 0.0, t);
     }
+    (weight, served_bias(&bias, groups))
+}
+
+/// The bias served with per-source biases: their average over the training rows (`groups`
+/// names each row's source). Only ranking matters for routing, and a constant keeps it.
+#[allow(clippy::cast_precision_loss)]
+fn served_bias(bias: &[f32], groups: &[usize]) -> Vec<f32> {
+    let classes = LABELS.len();
+    let n = groups.len().max(1) as f32;
     let mut served = vec![0.0_f32; classes];
     for group in groups {
         for class in 0..classes {
             served[class] += bias[group * classes + class] / n;
         }
     }
-    (weight, served)
+    served
 }
 
 /// Everything `routellm train bert` does: read, label, split, embed, fit the grid, validate, write.
@@ -373,7 +382,8 @@ fn fine_tune(
     // The states are held in memory for every epoch: say so before spending minutes on them
     // if they cannot fit, rather than being killed by the kernel at the end.
     let texts: Vec<&str> = wanted.iter().map(|p| data.prompts[*p].as_str()).collect();
-    let tokens: usize = minilm.token_ids(&texts).map_err(internal)?.iter().map(Vec::len).sum();
+    let ids = minilm.token_ids(&texts).map_err(internal)?;
+    let tokens: usize = ids.iter().map(Vec::len).sum();
     let bytes = tokens * hidden * std::mem::size_of::<f32>();
     #[allow(clippy::cast_precision_loss)]
     let gib = |bytes: usize| bytes as f64 / f64::from(1_u32 << 30);
@@ -392,9 +402,8 @@ fn fine_tune(
     }
     let mut below: Vec<Vec<f32>> = vec![Vec::new(); data.prompts.len()];
     let progress = crate::progress::Progress::new("states below the top layer", wanted.len());
-    for chunk in wanted.chunks(16) {
-        let texts: Vec<&str> = chunk.iter().map(|p| data.prompts[*p].as_str()).collect();
-        for (p, states) in chunk.iter().zip(minilm.states_below_top(&texts).map_err(internal)?) {
+    for (chunk, chunk_ids) in wanted.chunks(16).zip(ids.chunks(16)) {
+        for (p, states) in chunk.iter().zip(minilm.states_below_top(chunk_ids).map_err(internal)?) {
             below[*p] = states;
         }
         progress.advance(chunk.len());
@@ -415,17 +424,13 @@ fn fine_tune(
         .map(|p| super::Adam::new(p.len()))
         .collect();
     let (mut weight_adam, mut bias_adam) = (super::Adam::new(weight.len()), super::Adam::new(bias.len()));
-    let served_bias = |bias: &[f32]| {
-        let mut served = vec![0.0_f32; classes];
-        for group in labelled.groups {
-            for class in 0..classes {
-                served[class] += bias[group * classes + class] / labelled.groups.len() as f32;
-            }
-        }
-        served
-    };
     let position: std::collections::HashMap<usize, usize> =
         labelled.training.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    let validated: Vec<usize> = labelled
+        .sets
+        .iter()
+        .flat_map(|set| set.prompts.iter().copied())
+        .collect();
     let mut rng = crate::rng::SplitMix::new(options.split.seed ^ 0x0b1e_55ed);
     let mut step = 0_i32;
     let mut best: Option<FineTuned> = None;
@@ -507,11 +512,6 @@ fn fine_tune(
             progress.advance(batch.len());
         }
         let mut embeddings: std::collections::HashMap<usize, Vec<f32>> = std::collections::HashMap::new();
-        let validated: Vec<usize> = labelled
-            .sets
-            .iter()
-            .flat_map(|set| set.prompts.iter().copied())
-            .collect();
         for chunk in validated.chunks(32) {
             let (states, lengths) = pack(chunk);
             let (output, _) = layer.forward(&states, &lengths).map_err(internal)?;
@@ -519,7 +519,7 @@ fn fine_tune(
         }
         let head = BertHead {
             weight: weight.clone(),
-            bias: served_bias(&bias),
+            bias: served_bias(&bias, labelled.groups),
             mean: frozen.mean.clone(),
             std: frozen.std.clone(),
         };
