@@ -226,7 +226,7 @@ pub fn train_bert(
             }
         })
         .collect();
-    let sets = validation::held_out_sets(&data, &train, &pairs);
+    let sets = validation::without_identities(validation::held_out_sets(&data, &train, &pairs));
     let mut grid = Vec::new();
     let mut best: Option<(f64, BertHead, serde_json::Value, f32)> = None;
     for &l2 in &options.l2_grid {
