@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, Overrides, Secret};
+use crate::config::{Config, LogFormat, OnRouterError, Overrides, Secret};
 use crate::controller::Controller;
 use crate::gateway::Gateway;
 use crate::server::{self, AppState};
@@ -106,12 +106,23 @@ pub struct TrainCommon {
     /// Training files or folders of `.jsonl` (battles or correctness; see ../shared/data/README.md).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
-    /// `static` (the distilled table in --routers-dir/static) or `minilm`.
+    /// `static` (the distilled table in --routers-dir/static), `minilm`, or `openai` (an
+    /// OpenAI-compatible embeddings endpoint; the key is read from --openai-api-key-env).
     #[arg(long, default_value = "static")]
     pub embedder: String,
     /// MiniLM folder, for `--embedder minilm`.
     #[arg(long)]
     pub minilm_path: Option<PathBuf>,
+    /// Embedding model, for `--embedder openai`.
+    #[arg(long, default_value = "text-embedding-3-small")]
+    pub openai_model: String,
+    /// Embeddings endpoint base URL, for `--embedder openai` [default: `https://api.openai.com/v1`].
+    #[arg(long)]
+    pub openai_base_url: Option<String>,
+    /// The environment variable holding the endpoint's API key, for `--embedder openai`
+    /// (a variable, not the key: commands are recorded in manifests).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub openai_api_key_env: String,
     /// What MiniLM sees of prompts over 256 tokens: `head` (sentence-transformers) or `head_tail`.
     #[arg(long, default_value = "head", value_parser = parse_truncation)]
     pub truncation: crate::embed::Truncation,
@@ -122,17 +133,31 @@ pub struct TrainCommon {
 }
 
 impl TrainCommon {
-    fn embedder(&self) -> anyhow::Result<std::sync::Arc<dyn crate::embed::Embedder>> {
-        let config = match self.embedder.as_str() {
+    fn embedder_config(&self) -> anyhow::Result<crate::embed::EmbedderConfig> {
+        Ok(match self.embedder.as_str() {
             "static" => crate::embed::EmbedderConfig::Static,
             "minilm" => crate::embed::EmbedderConfig::Minilm {
                 path: self.minilm_path.clone(),
                 hub_id: None,
                 truncation: Some(self.truncation),
             },
-            other => anyhow::bail!("--embedder must be static or minilm, not `{other}`"),
-        };
-        Ok(crate::embed::build(&config, &self.routers_dir)?)
+            "openai" => crate::embed::EmbedderConfig::Openai {
+                model: self.openai_model.clone(),
+                base_url: self.openai_base_url.clone(),
+                api_key_env: Some(self.openai_api_key_env.clone()),
+            },
+            other => anyhow::bail!("--embedder must be static, minilm or openai, not `{other}`"),
+        })
+    }
+
+    /// `out`, or the folder `serve` loads `router` from for this embedder.
+    fn out(&self, out: Option<&PathBuf>, router: &str) -> anyhow::Result<PathBuf> {
+        Ok(match out {
+            Some(out) => out.clone(),
+            None => self
+                .routers_dir
+                .join(crate::routers::default_artifact(router, &self.embedder_config()?)),
+        })
     }
 
     /// The split flags, with the embedding cache defaulted for slow embedders.
@@ -152,9 +177,11 @@ impl TrainCommon {
 pub struct TrainSwRankingArgs {
     #[command(flatten)]
     pub common: TrainCommon,
-    /// Where the artifact (model.safetensors, manifest.json) is written.
-    #[arg(long, default_value = "routers/sw_ranking")]
-    pub out: PathBuf,
+    /// Where the artifact (model.safetensors, manifest.json) is written [default:
+    /// `<routers-dir>/sw_ranking`, or `sw_ranking-minilm` / `sw_ranking-openai` for those embedders:
+    /// where `serve` looks for it].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Model tiers (RouteLLM: 10).
     #[arg(long, default_value_t = crate::routers::sw_ranking::DEFAULT_TIERS)]
     pub tiers: usize,
@@ -168,9 +195,11 @@ pub struct TrainSwRankingArgs {
 pub struct TrainMfArgs {
     #[command(flatten)]
     pub common: TrainCommon,
-    /// Where the artifact (model.safetensors, manifest.json) is written.
-    #[arg(long, default_value = "routers/mf")]
-    pub out: PathBuf,
+    /// Where the artifact (model.safetensors, manifest.json) is written [default:
+    /// `<routers-dir>/mf`, or `mf-minilm` / `mf-openai` for those embedders:
+    /// where `serve` looks for it].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     pub hidden: usize,
     #[arg(long, default_value_t = 30)]
@@ -325,6 +354,10 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "ROUTELLM_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Which model answers a routed request whose router cannot score it (e.g. its
+    /// embeddings endpoint is down), or `error` for a 500. [default: strong]
+    #[arg(long, env = "ROUTELLM_ON_ROUTER_ERROR", value_enum)]
+    pub on_router_error: Option<OnRouterError>,
 }
 
 #[derive(Debug, Args)]
@@ -405,7 +438,7 @@ fn run_trainer<O, M>(
     options: &O,
     trainer: Trainer<O, M>,
 ) -> anyhow::Result<()> {
-    let embedder = common.embedder()?;
+    let embedder = crate::embed::build(&common.embedder_config()?, &common.routers_dir)?;
     let files = crate::train::data::expand(&common.data)?;
     trainer(&files, &embedder, &common.embedder, options, out, &command_line())?;
     eprintln!("wrote {}", out.display());
@@ -424,7 +457,12 @@ fn train_mf(args: &TrainMfArgs) -> anyhow::Result<()> {
         use_embedding: !args.features_only,
         split: common.split(),
     };
-    run_trainer(common, &args.out, &options, crate::train::train_mf)
+    run_trainer(
+        common,
+        &common.out(args.out.as_ref(), "mf")?,
+        &options,
+        crate::train::train_mf,
+    )
 }
 
 fn train_sw_ranking(args: &TrainSwRankingArgs) -> anyhow::Result<()> {
@@ -434,7 +472,12 @@ fn train_sw_ranking(args: &TrainSwRankingArgs) -> anyhow::Result<()> {
         sharpness_grid: args.sharpness.clone(),
         split: common.split(),
     };
-    run_trainer(common, &args.out, &options, crate::train::sw_ranking::train_sw_ranking)
+    run_trainer(
+        common,
+        &common.out(args.out.as_ref(), "sw_ranking")?,
+        &options,
+        crate::train::sw_ranking::train_sw_ranking,
+    )
 }
 
 fn parse_truncation(text: &str) -> Result<crate::embed::Truncation, String> {
@@ -622,6 +665,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         host: args.host,
         port: args.port,
         log_format: args.log_format,
+        on_router_error: args.on_router_error,
         ..args.common.overrides()
     };
     let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;

@@ -111,6 +111,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// What a routed request gets when its router cannot score the prompt (an embeddings
+/// endpoint down, a router bug): a production gateway keeps serving by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRouterError {
+    /// The strong model answers: the request is served at the strong model's price.
+    #[default]
+    Strong,
+    /// The weak model answers.
+    Weak,
+    /// The client gets a 500 `router_error`.
+    Error,
+}
+
 /// Upstream HTTP behaviour.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +156,7 @@ pub struct FileConfig {
     api_keys: Vec<Secret>,
     routers_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    on_router_error: Option<OnRouterError>,
     #[serde(default)]
     router_settings: RouterSettings,
 }
@@ -186,6 +201,7 @@ pub struct Overrides {
     pub api_key: Option<Secret>,
     pub routers_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    pub on_router_error: Option<OnRouterError>,
 }
 
 /// The validated configuration everything else is built from.
@@ -212,6 +228,8 @@ pub struct Config {
     /// Where trained router artifacts live.
     pub routers_dir: PathBuf,
     pub log_format: LogFormat,
+    /// Which model answers a routed request whose router failed to score it, or `error`.
+    pub on_router_error: OnRouterError,
     pub router_settings: RouterSettings,
 }
 
@@ -274,6 +292,7 @@ impl Config {
                 .or(file.routers_dir)
                 .unwrap_or_else(|| PathBuf::from("routers")),
             log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
+            on_router_error: overrides.on_router_error.or(file.on_router_error).unwrap_or_default(),
             router_settings: file.router_settings,
         };
         config.validate()?;
@@ -368,6 +387,20 @@ mod tests {
             Config::merge(file, Overrides::default()).unwrap().scoring_concurrency,
             3
         );
+    }
+
+    #[test]
+    fn a_failing_router_falls_back_to_strong_unless_configured_otherwise() {
+        let default = Config::merge(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(default.on_router_error, OnRouterError::Strong);
+        let file = FileConfig::from_yaml("on_router_error: error\n").unwrap();
+        let flag = Overrides {
+            on_router_error: Some(OnRouterError::Weak),
+            ..Overrides::default()
+        };
+        assert_eq!(Config::merge(file, flag).unwrap().on_router_error, OnRouterError::Weak);
+        let error = FileConfig::from_yaml("on_router_error: maybe\n").unwrap_err();
+        assert!(error.to_string().contains("maybe"), "{error}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, OnRouterError, Secret};
 use crate::error::Error;
 use crate::model_name::{self, ModelTarget};
 use crate::providers;
@@ -35,10 +35,14 @@ impl Tier {
 pub struct RouteDecision {
     pub router: String,
     pub threshold: f64,
+    /// The router's score; NaN when it could not score (`fallback`).
     pub win_rate: f64,
     pub tier: Tier,
     /// The chosen model's configured name.
     pub model: String,
+    /// The router failed to score the prompt and `on_router_error` chose the tier (only
+    /// when serving chat completions; [`Gateway::route`] returns the error instead).
+    pub fallback: bool,
 }
 
 /// A forwarded request's answer, with what the proxy decided and what that cost.
@@ -64,6 +68,7 @@ pub struct Gateway {
     max_request_bytes: usize,
     /// Permits for CPU-bound scoring (see [`score`]).
     scoring_slots: Arc<tokio::sync::Semaphore>,
+    on_router_error: OnRouterError,
     started_at: u64,
 }
 
@@ -109,6 +114,7 @@ impl Gateway {
             request_timeout: config.request_timeout,
             max_request_bytes: config.max_request_bytes,
             scoring_slots: Arc::new(tokio::sync::Semaphore::new(config.scoring_concurrency)),
+            on_router_error: config.on_router_error,
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
@@ -177,6 +183,42 @@ impl Gateway {
         threshold: Option<f64>,
         prompt: String,
     ) -> Result<RouteDecision, Error> {
+        let (router, threshold) = self.resolve(router_name, threshold)?;
+        let win_rate = score(router, router_name, prompt, &self.scoring_slots).await?;
+        Ok(self.decision(router_name, threshold, win_rate, tier_for(win_rate, threshold), false))
+    }
+
+    /// [`Gateway::route`] for a request that should be answered even when its router
+    /// fails: unless `on_router_error` is `error`, the configured model answers, and the
+    /// failure is logged, counted and shown in a response header instead.
+    async fn route_or_fall_back(
+        &self,
+        router_name: &str,
+        threshold: Option<f64>,
+        prompt: String,
+    ) -> Result<RouteDecision, Error> {
+        let (router, threshold) = self.resolve(router_name, threshold)?;
+        match score(router, router_name, prompt, &self.scoring_slots).await {
+            Ok(win_rate) => Ok(self.decision(router_name, threshold, win_rate, tier_for(win_rate, threshold), false)),
+            Err(error) => {
+                let tier = match self.on_router_error {
+                    OnRouterError::Strong => Tier::Strong,
+                    OnRouterError::Weak => Tier::Weak,
+                    OnRouterError::Error => return Err(error),
+                };
+                tracing::warn!(
+                    router = router_name,
+                    error = %error,
+                    tier = tier.as_str(),
+                    "the router could not score the prompt; on_router_error chose the model"
+                );
+                Ok(self.decision(router_name, threshold, f64::NAN, tier, true))
+            }
+        }
+    }
+
+    /// The router called `router_name` and the threshold to use: `threshold`, or its default.
+    fn resolve(&self, router_name: &str, threshold: Option<f64>) -> Result<(&Arc<dyn Router>, f64), Error> {
         let router = self.routers.get(router_name).ok_or_else(|| Error::InvalidRequest {
             message: format!(
                 "Unknown router `{router_name}`. Available routers: {}.",
@@ -195,19 +237,18 @@ impl Gateway {
                 param: Some("model"),
                 code: Some("invalid_model"),
             })?;
-        let win_rate = score(router, router_name, prompt, &self.scoring_slots).await?;
-        let tier = if win_rate >= threshold {
-            Tier::Strong
-        } else {
-            Tier::Weak
-        };
-        Ok(RouteDecision {
-            router: router_name.to_owned(),
+        Ok((router, threshold))
+    }
+
+    fn decision(&self, router: &str, threshold: f64, win_rate: f64, tier: Tier, fallback: bool) -> RouteDecision {
+        RouteDecision {
+            router: router.to_owned(),
             threshold,
             win_rate,
             tier,
             model: self.upstream(tier).model.name.clone(),
-        })
+            fallback,
+        }
     }
 
     fn upstream(&self, tier: Tier) -> &Upstream {
@@ -229,7 +270,9 @@ impl Gateway {
         let request = ChatRequest::parse(body)?;
         let (decision, upstream) = match model_name::parse(request.model())? {
             ModelTarget::Routed { router, threshold } => {
-                let decision = self.route(router, threshold, request.last_user_prompt()?).await?;
+                let decision = self
+                    .route_or_fall_back(router, threshold, request.last_user_prompt()?)
+                    .await?;
                 let upstream = self.upstream(decision.tier);
                 (Some(decision), upstream)
             }
@@ -268,6 +311,15 @@ impl Gateway {
             reply,
             upstream_time: started.elapsed(),
         })
+    }
+}
+
+/// At or above the threshold, the strong model.
+fn tier_for(win_rate: f64, threshold: f64) -> Tier {
+    if win_rate >= threshold {
+        Tier::Strong
+    } else {
+        Tier::Weak
     }
 }
 
@@ -314,6 +366,12 @@ async fn score(
 
 fn describe(decision: Option<&RouteDecision>, upstream: &Upstream) -> String {
     match decision {
+        Some(decision) if decision.fallback => format!(
+            "Router {} could not score the prompt, so the {} model {} answered (on_router_error)",
+            decision.router,
+            decision.tier.as_str(),
+            upstream.model.name
+        ),
         Some(decision) => format!(
             "Router {} scored a strong win rate of {:.4} against threshold {}, so the {} model {} answered",
             decision.router,

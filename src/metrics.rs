@@ -1,5 +1,5 @@
 //! Prometheus metrics for operators, served at `GET /metrics`: requests by tier and
-//! status class, and a histogram of the proxy's own overhead per request (time spent
+//! status class, requests answered without a score (`on_router_error`), and a histogram of the proxy's own overhead per request (time spent
 //! outside the upstream call), as TensorZero and LiteLLM expose theirs.
 //!
 //! Plain atomics and a hand-written exposition: a few counters do not justify a metrics
@@ -31,6 +31,7 @@ pub struct Metrics {
     overhead_buckets: [AtomicU64; BUCKETS_US.len()],
     overhead_count: AtomicU64,
     overhead_sum_us: AtomicU64,
+    router_fallbacks: AtomicU64,
 }
 
 impl Metrics {
@@ -52,6 +53,11 @@ impl Metrics {
             self.overhead_count.fetch_add(1, Ordering::Relaxed);
             self.overhead_sum_us.fetch_add(micros, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one routed request whose router failed, answered by the `on_router_error` model.
+    pub fn record_router_fallback(&self) {
+        self.router_fallbacks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -86,6 +92,15 @@ impl Metrics {
         let sum = self.overhead_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "routellm_overhead_seconds_sum {sum}");
         let _ = writeln!(out, "routellm_overhead_seconds_count {count}");
+        out.push_str(
+            "# HELP routellm_router_fallbacks_total Routed requests whose router could not score the prompt, answered by the on_router_error model.\n",
+        );
+        out.push_str("# TYPE routellm_router_fallbacks_total counter\n");
+        let _ = writeln!(
+            out,
+            "routellm_router_fallbacks_total {}",
+            self.router_fallbacks.load(Ordering::Relaxed)
+        );
         out
     }
 }
@@ -113,5 +128,8 @@ mod tests {
         assert!(text.contains("routellm_overhead_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("routellm_overhead_seconds_count 2\n"));
         assert!(text.contains("routellm_overhead_seconds_sum 0.00308\n"), "{text}");
+        assert!(text.contains("routellm_router_fallbacks_total 0\n"), "{text}");
+        metrics.record_router_fallback();
+        assert!(metrics.render().contains("routellm_router_fallbacks_total 1\n"));
     }
 }

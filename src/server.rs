@@ -62,6 +62,9 @@ pub const HEADER_THRESHOLD: &str = "x-routellm-threshold";
 pub const HEADER_WIN_RATE: &str = "x-routellm-win-rate";
 pub const HEADER_TIER: &str = "x-routellm-tier";
 pub const HEADER_MODEL: &str = "x-routellm-model";
+/// Present (`router_error`) when the router could not score the prompt and
+/// `on_router_error` chose the model; the win-rate header is then absent.
+pub const HEADER_FALLBACK: &str = "x-routellm-fallback";
 /// Microseconds the proxy itself spent on the request, outside the upstream call.
 pub const HEADER_OVERHEAD: &str = "x-routellm-overhead-us";
 
@@ -150,6 +153,9 @@ fn respond(completion: Completion, received: Instant, metrics: &Metrics) -> Resp
         None => TierLabel::Direct,
     };
     metrics.record(tier, status.as_u16(), Some(overhead));
+    if decision.as_ref().is_some_and(|d| d.fallback) {
+        metrics.record_router_fallback();
+    }
     // Per-request lines at debug: at thousands of requests a second, an info line each
     // would cost more than the routing itself. Errors are logged where they happen.
     tracing::debug!(
@@ -177,7 +183,11 @@ fn respond(completion: Completion, received: Instant, metrics: &Metrics) -> Resp
     if let Some(decision) = &decision {
         insert(&mut extra, HEADER_ROUTER, &decision.router);
         insert(&mut extra, HEADER_THRESHOLD, &decision.threshold.to_string());
-        insert(&mut extra, HEADER_WIN_RATE, &decision.win_rate.to_string());
+        if decision.fallback {
+            insert(&mut extra, HEADER_FALLBACK, "router_error");
+        } else {
+            insert(&mut extra, HEADER_WIN_RATE, &decision.win_rate.to_string());
+        }
         insert(&mut extra, HEADER_TIER, decision.tier.as_str());
     }
     insert(&mut extra, HEADER_MODEL, &model);

@@ -187,38 +187,225 @@ fn training_is_reproducible_and_learns_a_planted_signal() {
     assert!(error.to_string().contains("evaluation data"), "{error}");
 }
 
+/// An OpenAI-compatible embeddings endpoint on `127.0.0.1:0`: bag-of-words vectors (each
+/// word hashed into one of 32 dimensions), `input` a string or an array, items returned in
+/// reverse order with their `index`, the first array request refused once with a 429.
+/// Counts requests; demands `Authorization: Bearer <key>` when given a key.
+struct MockEmbeddings {
+    base_url: String,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn bag_of_words(text: &str) -> Vec<f32> {
+    let mut vector = vec![0.0_f32; 32];
+    vector[0] = 0.1;
+    for word in text
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let hash = word
+            .to_ascii_lowercase()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        #[allow(clippy::cast_possible_truncation)]
+        let slot = (hash % 31) as usize + 1;
+        vector[slot] += 1.0;
+    }
+    vector
+}
+
+impl MockEmbeddings {
+    fn start(key: Option<&'static str>) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let refused_once = Arc::new(AtomicBool::new(false));
+        let counter = requests.clone();
+        let base_url = runtime.block_on(async move {
+            let app = axum::Router::new().route(
+                "/v1/embeddings",
+                axum::routing::post(
+                    move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| async move {
+                        use axum::response::IntoResponse;
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let authorised = key.is_none_or(|key| {
+                            headers.get("authorization").is_some_and(|value| *value == *format!("Bearer {key}"))
+                        });
+                        if !authorised {
+                            return axum::http::StatusCode::UNAUTHORIZED.into_response();
+                        }
+                        let inputs: Vec<String> = match &body["input"] {
+                            serde_json::Value::String(text) => vec![text.clone()],
+                            serde_json::Value::Array(items) => {
+                                if !refused_once.swap(true, Ordering::SeqCst) {
+                                    return (axum::http::StatusCode::TOO_MANY_REQUESTS, [("retry-after", "0")], "slow down")
+                                        .into_response();
+                                }
+                                items.iter().map(|item| item.as_str().unwrap().to_owned()).collect()
+                            }
+                            _ => return axum::http::StatusCode::BAD_REQUEST.into_response(),
+                        };
+                        let data: Vec<serde_json::Value> = inputs
+                            .iter()
+                            .enumerate()
+                            .rev()
+                            .map(|(index, text)| serde_json::json!({"object": "embedding", "index": index, "embedding": bag_of_words(text)}))
+                            .collect();
+                        axum::Json(serde_json::json!({"object": "list", "data": data, "model": body["model"]})).into_response()
+                    },
+                ),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            format!("http://{address}/v1")
+        });
+        Self {
+            base_url,
+            requests,
+            _runtime: runtime,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[test]
 fn openai_embedder_talks_to_a_compatible_endpoint() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let base_url = runtime.block_on(async {
-        let app = axum::Router::new().route(
-            "/v1/embeddings",
-            axum::routing::post(
-                |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| async move {
-                    assert_eq!(headers["authorization"], "Bearer sk-embed");
-                    let text = body["input"].as_str().unwrap().to_owned();
-                    #[allow(clippy::cast_precision_loss)]
-                    let length = text.len() as f32;
-                    axum::Json(serde_json::json!({"data": [{"embedding": [length, 1.0, 0.0]}], "model": body["model"]}))
-                },
-            ),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        format!("http://{address}/v1")
-    });
-    let embedder = OpenAiEmbedder::connect("text-embedding-3-small", Some(&base_url), Some("sk-embed".into())).unwrap();
-    assert_eq!(embedder.dim(), 3);
-    let vector = embedder.embed("abc").unwrap();
-    assert!((cosine(&vector, &vector) - 1.0).abs() < 1e-6);
-    assert!((vector[0] - 3.0 / 10_f32.sqrt()).abs() < 1e-6);
+    let mock = MockEmbeddings::start(Some("sk-embed"));
+    let embedder =
+        OpenAiEmbedder::connect("text-embedding-3-small", Some(&mock.base_url), Some("sk-embed".into())).unwrap();
+    assert_eq!(embedder.dim(), 32);
+    let vector = embedder.embed("integral integral").unwrap();
+    assert!((cosine(&vector, &vector) - 1.0).abs() < 1e-6, "normalised");
+    let texts = ["integral of x", "a red fruit", "integral of x"];
+    let many = embedder.embed_many(&texts).unwrap();
+    assert_eq!(many.len(), 3);
+    assert!(
+        (cosine(&many[0], &many[2]) - 1.0).abs() < 1e-6,
+        "reordered items land at their index"
+    );
+    assert!(cosine(&many[0], &many[1]) < 0.9);
+    assert_eq!(
+        many[1],
+        embedder.embed("a red fruit").unwrap(),
+        "a batch embeds as single calls do"
+    );
+    let Err(error) = OpenAiEmbedder::connect("m", Some(&mock.base_url), Some("sk-wrong".into())) else {
+        panic!("a refused key must fail at start-up")
+    };
+    assert!(error.to_string().contains("401"), "{error}");
     let Err(error) = OpenAiEmbedder::connect("m", Some("http://127.0.0.1:1/v1"), None) else {
         panic!("an unreachable endpoint must fail at start-up")
     };
     assert!(error.to_string().contains("embeddings endpoint"), "{error}");
     let config: EmbedderConfig = serde_norway::from_str("kind: openai\nmodel: x\n").unwrap();
     assert!(matches!(config, EmbedderConfig::Openai { .. }));
+}
+
+/// What a team with an embeddings endpoint does: `train mf --embedder openai` writes the
+/// artifact where `serve` looks for it, and a config naming the endpoint serves it.
+#[test]
+fn an_openai_embedder_artifact_trains_from_the_command_line_and_serves() {
+    let mock = MockEmbeddings::start(Some("sk-embed"));
+    let dir = std::env::temp_dir().join(format!("routellm-openai-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows: Vec<serde_json::Value> = (0..300)
+        .map(|i| {
+            let hard = i % 3 == 0;
+            let prompt = if hard {
+                format!("Compute the definite integral number {i} with partial fractions")
+            } else {
+                format!("Name a fruit that is red, example {i}")
+            };
+            serde_json::json!({"prompt": prompt, "correct": {"big-model": 1.0, "small-model": if hard { 0.0 } else { 1.0 }}})
+        })
+        .collect();
+    write(&dir.join("planted.jsonl"), &rows);
+    let train = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_routellm"))
+            .args([
+                "train",
+                "mf",
+                "--embedder",
+                "openai",
+                "--openai-base-url",
+                &mock.base_url,
+            ])
+            .args(["--openai-api-key-env", "ROUTELLM_TEST_EMBEDDINGS_KEY", "--data"])
+            .arg(dir.join("planted.jsonl"))
+            .arg("--routers-dir")
+            .arg(&dir)
+            .arg("--embedding-cache")
+            .arg(dir.join("cache"))
+            .args([
+                "--epochs",
+                "15",
+                "--hidden",
+                "16",
+                "--strong",
+                "big-model",
+                "--weak",
+                "small-model",
+            ])
+            .env("ROUTELLM_TEST_EMBEDDINGS_KEY", "sk-embed")
+            .output()
+            .unwrap()
+    };
+    let output = train();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // A probe, three batches of at most 128 prompts, one retry after the 429: not 300 calls.
+    let first_run = mock.requests();
+    assert!((4..=6).contains(&first_run), "{first_run} requests");
+    let manifest = std::fs::read_to_string(dir.join("mf-openai/manifest.json")).unwrap();
+    assert!(!manifest.contains("sk-embed"), "the key never reaches the manifest");
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(manifest["embedder"], "openai:text-embedding-3-small");
+    assert!(
+        manifest["validation"]["per_source"]["planted"]["apgr"]
+            .as_f64()
+            .unwrap()
+            > 0.8
+    );
+    assert!(train().status.success());
+    assert_eq!(
+        mock.requests(),
+        first_run + 1,
+        "a rerun reads the cached embeddings: only the probe"
+    );
+
+    // Served through a keyless endpoint of the same embeddings (this process cannot set the
+    // key variable: `set_var` is unsafe code, which the crate forbids).
+    let keyless = MockEmbeddings::start(None);
+    let file = routellm::config::FileConfig::from_yaml(&format!(
+        "router_settings:\n  mf:\n    strong_identity: big-model\n    weak_identity: small-model\n    embedder:\n      kind: openai\n      base_url: {}\n      api_key_env: ROUTELLM_TEST_UNSET_KEY\n",
+        keyless.base_url
+    ))
+    .unwrap();
+    let config = Config::merge(
+        file,
+        Overrides {
+            routers: Some(vec!["mf".into()]),
+            routers_dir: Some(dir.clone()),
+            strong_model: Some("echo/strong".into()),
+            weak_model: Some("echo/weak".into()),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    let router = routellm::routers::build("mf", &config).unwrap();
+    let hard = router
+        .strong_win_rate("Compute the definite integral of 1/x with partial fractions")
+        .unwrap();
+    let easy = router.strong_win_rate("Name a fruit that is red").unwrap();
+    assert!(hard > easy, "{hard} vs {easy}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{MockUpstream, Proxy, closed_port, openai_error};
+use common::{FailingRouter, FixedRouter, MockUpstream, Proxy, closed_port, openai_error};
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -398,6 +398,60 @@ async fn metrics_count_requests_by_tier_and_status() {
     assert!(text.contains("routellm_overhead_seconds_count 3\n"), "{text}");
 }
 
+#[tokio::test]
+async fn a_router_that_cannot_score_falls_back_to_the_configured_model() {
+    async fn setup(yaml: &str) -> (MockUpstream, MockUpstream, Proxy) {
+        let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+        let mut routers: std::collections::BTreeMap<String, std::sync::Arc<dyn routellm::routers::Router>> =
+            std::collections::BTreeMap::new();
+        routers.insert("failing".into(), std::sync::Arc::new(FailingRouter));
+        routers.insert("fixed_high".into(), std::sync::Arc::new(FixedRouter(0.8)));
+        let proxy = Proxy::start_with(&strong.base_url(), &weak.base_url(), yaml, routers).await;
+        (strong, weak, proxy)
+    }
+    // Default: the strong model answers, and the client and the operator can tell.
+    let (strong, weak, proxy) = setup("").await;
+    let response = proxy.post_chat(&body("router-failing-0.5", "")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    assert_eq!(response.headers()["x-routellm-fallback"], "router_error");
+    assert_eq!(response.headers()["x-routellm-router"], "failing");
+    assert!(response.headers().get("x-routellm-win-rate").is_none());
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "answer from strong");
+    assert_eq!((strong.received().len(), weak.received().len()), (1, 0));
+    let metrics = proxy
+        .client
+        .get(proxy.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("routellm_router_fallbacks_total 1\n"), "{metrics}");
+    // A scored request carries no fallback header.
+    let scored = proxy.post_chat(&body("router-fixed_high-0.5", "")).await;
+    assert!(scored.headers().get("x-routellm-fallback").is_none());
+
+    let (strong, weak, proxy) = setup("on_router_error: weak\n").await;
+    let response = proxy.post_chat(&body("router-failing-0.5", "")).await;
+    assert_eq!(response.headers()["x-routellm-tier"], "weak");
+    assert_eq!((strong.received().len(), weak.received().len()), (0, 1));
+
+    // `error`: nothing is forwarded; the client gets OpenAI's error shape.
+    let (strong, weak, proxy) = setup("on_router_error: error\n").await;
+    let response = proxy.post_chat(&body("router-failing-0.5", "")).await;
+    let error = openai_error(response, 500).await;
+    assert_eq!(error["code"], "router_error");
+    assert!(error["message"].as_str().unwrap().contains("failing"), "{error}");
+    assert_eq!((strong.received().len(), weak.received().len()), (0, 0));
+
+    // Client mistakes are never masked by the fallback.
+    let (_strong, _weak, proxy) = setup("").await;
+    openai_error(proxy.post_chat(&body("router-nosuch-0.5", "")).await, 400).await;
+}
+
 /// A CPU-bound stand-in: sleeps on the blocking pool and records how many run at once.
 struct SlowRouter {
     running: std::sync::atomic::AtomicUsize,
@@ -419,15 +473,6 @@ impl routellm::routers::Router for SlowRouter {
 /// `scoring_concurrency: slots`; returns how many were scored at once at most.
 async fn most_scored_at_once(slots: usize, requests: usize) -> usize {
     let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
-    let file = routellm::config::FileConfig::from_yaml(&format!(
-        "strong_model: {{name: openai/strong-model, base_url: '{}', api_key: sk-strong}}\n\
-         weak_model: {{name: together_ai/weak-model, base_url: '{}', api_key: sk-weak}}\n\
-         scoring_concurrency: {slots}\n",
-        strong.base_url(),
-        weak.base_url()
-    ))
-    .unwrap();
-    let config = routellm::config::Config::merge(file, routellm::config::Overrides::default()).unwrap();
     let router = std::sync::Arc::new(SlowRouter {
         running: 0.into(),
         most: 0.into(),
@@ -435,7 +480,8 @@ async fn most_scored_at_once(slots: usize, requests: usize) -> usize {
     let mut routers: std::collections::BTreeMap<String, std::sync::Arc<dyn routellm::routers::Router>> =
         std::collections::BTreeMap::new();
     routers.insert("slow".into(), router.clone());
-    let proxy = Proxy::with_gateway(routellm::Gateway::with_routers(&config, routers).unwrap()).await;
+    let yaml = format!("scoring_concurrency: {slots}\n");
+    let proxy = Proxy::start_with(&strong.base_url(), &weak.base_url(), &yaml, routers).await;
     let request = body("router-slow-0.5", "");
     let sends = (0..requests).map(|_| proxy.post_chat(&request));
     for response in futures_util::future::join_all(sends).await {

@@ -43,6 +43,16 @@ pub trait Embedder: Send + Sync {
     fn as_minilm(&self) -> Option<&MiniLm> {
         None
     }
+    /// How many prompts one [`Embedder::embed_many`] call should take: 1 for in-process
+    /// embedders (parallelised across cores instead), more for an API, where a request per
+    /// prompt would cost a round trip each.
+    fn batch_size(&self) -> usize {
+        1
+    }
+    /// Embeddings of `texts`, in order, each as [`Embedder::embed`] would give it.
+    fn embed_many(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        texts.iter().map(|text| self.embed(text)).collect()
+    }
 }
 
 /// Which embedder a router uses, as configured.

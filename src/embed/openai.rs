@@ -21,6 +21,16 @@ pub struct OpenAiEmbedder {
     id: String,
 }
 
+/// Prompts per request when embedding many (training): OpenAI takes up to 2,048 inputs
+/// and 300k tokens a request; 128 prompts stay well inside both for prompts up to ~2k tokens.
+const BATCH: usize = 128;
+/// Attempts per request: rate limits (429), server errors and refused connections are
+/// retried with backoff, so embedding thousands of training prompts survives a provider's
+/// hiccup. Timeouts are not: one has already cost 30 s of a routed request's time.
+const ATTEMPTS: u32 = 3;
+/// The longest wait a `Retry-After` header may impose.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
 #[derive(Deserialize)]
 struct Response {
     data: Vec<Item>,
@@ -29,6 +39,10 @@ struct Response {
 #[derive(Deserialize)]
 struct Item {
     embedding: Vec<f32>,
+    /// Which input this is; OpenAI returns inputs in order, but says so, and other
+    /// compatible servers may not keep the order.
+    #[serde(default)]
+    index: Option<usize>,
 }
 
 impl OpenAiEmbedder {
@@ -50,36 +64,92 @@ impl OpenAiEmbedder {
             id: format!("openai:{model}"),
         };
         embedder.dim = embedder
-            .request("dimension probe")
+            .request(&serde_json::json!("dimension probe"), 1)
             .map_err(|error| EmbedError::Load(format!("embeddings endpoint {}: {error}", embedder.url)))?
-            .len();
+            .pop()
+            .map_or(0, |vector| vector.len());
         Ok(embedder)
     }
 
-    fn request(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
-        let mut request = self
-            .client
-            .post(&self.url)
-            .json(&serde_json::json!({"model": self.model, "input": text}));
-        if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key);
-        }
-        let response = request.send().map_err(|error| EmbedError::Embed(error.to_string()))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().unwrap_or_default();
-            return Err(EmbedError::Embed(format!("HTTP {status}: {body}")));
-        }
+    /// `count` normalised vectors for `input` (a string, or an array of `count` strings),
+    /// in input order.
+    fn request(&self, input: &serde_json::Value, count: usize) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let body = serde_json::json!({"model": self.model, "input": input});
+        let mut attempt = 0;
+        let response = loop {
+            attempt += 1;
+            let mut request = self.client.post(&self.url).json(&body);
+            if let Some(key) = &self.api_key {
+                request = request.bearer_auth(key);
+            }
+            let wait = match request.send() {
+                Ok(response) if response.status().is_success() => break response,
+                Ok(response) => {
+                    let status = response.status();
+                    let retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|value| value.to_str().ok())
+                        .and_then(|value| value.trim().parse::<f64>().ok())
+                        .map(|seconds| Duration::from_secs_f64(seconds.clamp(0.0, MAX_RETRY_AFTER.as_secs_f64())));
+                    let retryable = status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                    if !retryable || attempt >= ATTEMPTS {
+                        let text = response.text().unwrap_or_default();
+                        return Err(EmbedError::Embed(format!("HTTP {status}: {text}")));
+                    }
+                    retry_after.unwrap_or_else(|| backoff(attempt))
+                }
+                Err(error) if attempt < ATTEMPTS && error.is_connect() => backoff(attempt),
+                Err(error) => return Err(EmbedError::Embed(error.to_string())),
+            };
+            std::thread::sleep(wait);
+        };
         let parsed: Response = response.json().map_err(|error| EmbedError::Embed(error.to_string()))?;
-        let mut vector = parsed
-            .data
+        if parsed.data.len() != count {
+            return Err(EmbedError::Embed(format!(
+                "asked for {count} embeddings, got {}",
+                parsed.data.len()
+            )));
+        }
+        let mut vectors: Vec<Option<Vec<f32>>> = vec![None; count];
+        for (position, item) in parsed.data.into_iter().enumerate() {
+            let slot = item.index.unwrap_or(position);
+            match vectors.get_mut(slot) {
+                Some(entry @ None) => *entry = Some(item.embedding),
+                _ => {
+                    return Err(EmbedError::Embed(format!(
+                        "embedding index {slot} is out of range or repeated"
+                    )));
+                }
+            }
+        }
+        vectors
             .into_iter()
-            .next()
-            .map(|item| item.embedding)
-            .ok_or_else(|| EmbedError::Embed("the response has no embedding".into()))?;
-        normalize(&mut vector);
-        Ok(vector)
+            .map(|vector| {
+                let mut vector = vector.ok_or_else(|| EmbedError::Embed("an input got no embedding".into()))?;
+                normalize(&mut vector);
+                Ok(vector)
+            })
+            .collect()
     }
+
+    /// Every vector must have the probed size: a model swapped behind the endpoint would
+    /// otherwise be scored with weights trained for another.
+    fn checked(&self, vectors: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        match vectors.iter().find(|vector| vector.len() != self.dim) {
+            Some(vector) => Err(EmbedError::Embed(format!(
+                "expected {} dimensions, got {}",
+                self.dim,
+                vector.len()
+            ))),
+            None => Ok(vectors),
+        }
+    }
+}
+
+/// 0.5 s, 1 s, 2 s, ... before attempt `attempt + 1`.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(500 << attempt.saturating_sub(1).min(6))
 }
 
 impl Embedder for OpenAiEmbedder {
@@ -88,18 +158,26 @@ impl Embedder for OpenAiEmbedder {
     }
 
     fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
-        let vector = self.request(text)?;
-        if vector.len() != self.dim {
-            return Err(EmbedError::Embed(format!(
-                "expected {} dimensions, got {}",
-                self.dim,
-                vector.len()
-            )));
-        }
-        Ok(vector)
+        let vectors = self.checked(self.request(&serde_json::json!(text), 1)?)?;
+        vectors
+            .into_iter()
+            .next()
+            .ok_or_else(|| EmbedError::Embed("the response has no embedding".into()))
     }
 
     fn id(&self) -> &str {
         &self.id
+    }
+
+    fn batch_size(&self) -> usize {
+        BATCH
+    }
+
+    fn embed_many(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let mut vectors = Vec::with_capacity(texts.len());
+        for batch in texts.chunks(BATCH) {
+            vectors.extend(self.checked(self.request(&serde_json::json!(batch), batch.len())?)?);
+        }
+        Ok(vectors)
     }
 }

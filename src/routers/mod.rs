@@ -91,16 +91,27 @@ impl EmbeddingRouterSettings {
     /// The configured embedder and the artifact folder that goes with it.
     fn load(&self, router: &str, config: &Config) -> Result<(Arc<dyn Embedder>, PathBuf), RouterError> {
         let embedder_config = self.embedder.clone().unwrap_or_default();
-        let artifact = self.artifact.clone().unwrap_or_else(|| match embedder_config {
-            EmbedderConfig::Static => router.to_owned(),
-            EmbedderConfig::Minilm { .. } => format!("{router}-minilm"),
-            EmbedderConfig::Openai { .. } => format!("{router}-openai"),
-        });
+        let artifact = self
+            .artifact
+            .clone()
+            .unwrap_or_else(|| default_artifact(router, &embedder_config));
         let dir = config.routers_dir.join(artifact);
         let embedder_config = with_artifact_truncation(embedder_config, &dir, "embedder");
         let embedder = crate::embed::build(&embedder_config, &config.routers_dir)
             .map_err(|error| RouterError::Load(error.to_string()))?;
         Ok((embedder, dir))
+    }
+}
+
+/// The artifact folder (under `routers_dir`) of `router` trained on `embedder`: the
+/// router's name, suffixed `-minilm` or `-openai` for those embedders. `train` writes
+/// there by default and `serve` loads from there, so the two agree without an `--out`.
+#[must_use]
+pub fn default_artifact(router: &str, embedder: &EmbedderConfig) -> String {
+    match embedder {
+        EmbedderConfig::Static => router.to_owned(),
+        EmbedderConfig::Minilm { .. } => format!("{router}-minilm"),
+        EmbedderConfig::Openai { .. } => format!("{router}-openai"),
     }
 }
 

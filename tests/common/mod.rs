@@ -190,6 +190,14 @@ impl RouterTrait for FixedRouter {
     }
 }
 
+/// A router whose scoring always fails, as one behind an unreachable embeddings endpoint does.
+pub struct FailingRouter;
+impl RouterTrait for FailingRouter {
+    fn strong_win_rate(&self, _prompt: &str) -> Result<f64, RouterError> {
+        Err(RouterError::Score("embeddings endpoint unreachable".into()))
+    }
+}
+
 /// The proxy under test, on its own port, in front of `strong` and `weak` base URLs.
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -197,16 +205,27 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The proxy with routers `random` (seeded) and `fixed_high` (0.8).
     pub async fn start(strong: &str, weak: &str, yaml: &str) -> Self {
+        let mut routers: BTreeMap<String, Arc<dyn RouterTrait>> = BTreeMap::new();
+        routers.insert("random".into(), Arc::new(routellm::routers::RandomRouter::with_seed(3)));
+        routers.insert("fixed_high".into(), Arc::new(FixedRouter(0.8)));
+        Self::start_with(strong, weak, yaml, routers).await
+    }
+
+    /// The proxy serving `routers`, configured by `yaml` after the two models.
+    pub async fn start_with(
+        strong: &str,
+        weak: &str,
+        yaml: &str,
+        routers: BTreeMap<String, Arc<dyn RouterTrait>>,
+    ) -> Self {
         let file = FileConfig::from_yaml(&format!(
             "strong_model: {{name: openai/strong-model, base_url: '{strong}', api_key: sk-strong}}\n\
              weak_model: {{name: together_ai/weak-model, base_url: '{weak}', api_key: sk-weak}}\n{yaml}"
         ))
         .unwrap();
         let config = Config::merge(file, Overrides::default()).unwrap();
-        let mut routers: BTreeMap<String, Arc<dyn RouterTrait>> = BTreeMap::new();
-        routers.insert("random".into(), Arc::new(routellm::routers::RandomRouter::with_seed(3)));
-        routers.insert("fixed_high".into(), Arc::new(FixedRouter(0.8)));
         Self::with_gateway(Gateway::with_routers(&config, routers).unwrap()).await
     }
 
