@@ -328,6 +328,8 @@ fn tier_for(win_rate: f64, threshold: f64) -> Tier {
 /// scoring takes one of `slots` first: a burst then queues in arrival order (tokio's
 /// semaphore is fair), each request scored at full speed, and a request whose client has
 /// gone before its turn costs nothing, instead of hundreds of threads sharing two cores.
+/// A router that mostly waits on the network (`Remote`) needs no CPU slot: it would only
+/// queue behind the cores for a round trip.
 async fn score(
     router: &Arc<dyn Router>,
     name: &str,
@@ -349,6 +351,12 @@ async fn score(
             })
             .await
             .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
+        }
+        ScoringCost::Remote => {
+            let router = Arc::clone(router);
+            tokio::task::spawn_blocking(move || router.strong_win_rate(&prompt))
+                .await
+                .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
         }
     };
     let win_rate = result.map_err(|source| Error::Router {

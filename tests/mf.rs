@@ -67,6 +67,7 @@ fn shipped_mf_artifact_serves_offline_with_no_configuration() {
     .unwrap();
     let gateway = routellm::Gateway::from_config(&config).unwrap();
     let router = &gateway.routers()["mf"];
+    assert_eq!(router.scoring_cost(), routellm::routers::ScoringCost::Blocking);
     let hard =
         "Let f(x) = e^x / (1 + e^x). Show that f'(x) = f(x)(1 - f(x)), then compute the integral of f from 0 to 1.";
     let first = router.strong_win_rate(hard).unwrap();
@@ -400,6 +401,11 @@ fn an_openai_embedder_artifact_trains_from_the_command_line_and_serves() {
     )
     .unwrap();
     let router = routellm::routers::build("mf", &config).unwrap();
+    assert_eq!(
+        router.scoring_cost(),
+        routellm::routers::ScoringCost::Remote,
+        "a network-bound router does not take a CPU slot"
+    );
     let hard = router
         .strong_win_rate("Compute the definite integral of 1/x with partial fractions")
         .unwrap();

@@ -452,13 +452,19 @@ async fn a_router_that_cannot_score_falls_back_to_the_configured_model() {
     openai_error(proxy.post_chat(&body("router-nosuch-0.5", "")).await, 400).await;
 }
 
-/// A CPU-bound stand-in: sleeps on the blocking pool and records how many run at once.
+/// A slow router: sleeps on the blocking pool and records how many run at once; `cost`
+/// says whether it claims CPU (`Blocking`) or waits on the network (`Remote`).
 struct SlowRouter {
     running: std::sync::atomic::AtomicUsize,
     most: std::sync::atomic::AtomicUsize,
+    cost: routellm::routers::ScoringCost,
 }
 
 impl routellm::routers::Router for SlowRouter {
+    fn scoring_cost(&self) -> routellm::routers::ScoringCost {
+        self.cost
+    }
+
     fn strong_win_rate(&self, _prompt: &str) -> Result<f64, routellm::routers::RouterError> {
         use std::sync::atomic::Ordering;
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -469,13 +475,15 @@ impl routellm::routers::Router for SlowRouter {
     }
 }
 
-/// Sends `requests` concurrent requests through a proxy whose only router is slow, with
-/// `scoring_concurrency: slots`; returns how many were scored at once at most.
-async fn most_scored_at_once(slots: usize, requests: usize) -> usize {
+/// Sends `requests` concurrent requests through a proxy whose only router is slow and
+/// scores at `cost`, with `scoring_concurrency: slots`; returns how many were scored at
+/// once at most.
+async fn most_scored_at_once(slots: usize, requests: usize, cost: routellm::routers::ScoringCost) -> usize {
     let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
     let router = std::sync::Arc::new(SlowRouter {
         running: 0.into(),
         most: 0.into(),
+        cost,
     });
     let mut routers: std::collections::BTreeMap<String, std::sync::Arc<dyn routellm::routers::Router>> =
         std::collections::BTreeMap::new();
@@ -498,9 +506,18 @@ async fn most_scored_at_once(slots: usize, requests: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_bound_scoring_is_bounded_by_scoring_concurrency() {
-    assert_eq!(most_scored_at_once(1, 4).await, 1, "one slot: requests wait their turn");
+    use routellm::routers::ScoringCost::{Blocking, Remote};
+    assert_eq!(
+        most_scored_at_once(1, 4, Blocking).await,
+        1,
+        "one slot: requests wait their turn"
+    );
     assert!(
-        most_scored_at_once(4, 4).await >= 2,
+        most_scored_at_once(4, 4, Blocking).await >= 2,
         "with four slots the same burst overlaps, so the bound above is what serialised it"
+    );
+    assert!(
+        most_scored_at_once(1, 4, Remote).await >= 2,
+        "a router waiting on the network does not queue behind the CPU slots"
     );
 }

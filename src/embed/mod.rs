@@ -43,6 +43,10 @@ pub trait Embedder: Send + Sync {
     fn as_minilm(&self) -> Option<&MiniLm> {
         None
     }
+    /// Whether embedding waits on the network rather than computing (an embeddings API).
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// How many prompts one [`Embedder::embed_many`] call should take: 1 for in-process
     /// embedders (parallelised across cores instead), more for an API, where a request per
     /// prompt would cost a round trip each.

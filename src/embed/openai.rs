@@ -169,6 +169,10 @@ impl Embedder for OpenAiEmbedder {
         &self.id
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn batch_size(&self) -> usize {
         BATCH
     }

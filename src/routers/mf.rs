@@ -259,6 +259,10 @@ impl Router for MfRouter {
         Ok(1.0 / (1.0 + f64::from(-logit).exp()))
     }
 
+    fn scoring_cost(&self) -> super::ScoringCost {
+        super::cost_of(self.embedder.as_deref())
+    }
+
     fn cache_key(&self) -> Option<String> {
         Some(self.cache_key.clone())
     }

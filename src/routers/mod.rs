@@ -34,8 +34,22 @@ pub enum RouterError {
 pub enum ScoringCost {
     /// Nanoseconds to a few microseconds: scoring on the async worker is cheaper than a thread hop.
     Inline,
-    /// Anything that would stall other connections: scored on the blocking pool.
+    /// Anything that would stall other connections: scored on the blocking pool, at most
+    /// `scoring_concurrency` at once (the cores are the limit).
     Blocking,
+    /// Mostly waiting on the network (an embeddings API): on the blocking pool too, but
+    /// outside the CPU slots — two cores would otherwise cap it at two calls in flight.
+    Remote,
+}
+
+/// How a router scoring with `embedder` should be run.
+#[must_use]
+pub fn cost_of(embedder: Option<&dyn Embedder>) -> ScoringCost {
+    if embedder.is_some_and(Embedder::is_remote) {
+        ScoringCost::Remote
+    } else {
+        ScoringCost::Blocking
+    }
 }
 
 /// A prompt scorer: the strong model's win rate against the weak model.

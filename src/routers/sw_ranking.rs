@@ -454,6 +454,10 @@ impl Router for SwRankingRouter {
         Ok(self.index.win_rate(&query, self.strong_tier, self.weak_tier))
     }
 
+    fn scoring_cost(&self) -> super::ScoringCost {
+        super::cost_of(Some(self.embedder.as_ref()))
+    }
+
     fn cache_key(&self) -> Option<String> {
         Some(self.cache_key.clone())
     }
