@@ -183,25 +183,25 @@ impl Gateway {
         threshold: Option<f64>,
         prompt: String,
     ) -> Result<RouteDecision, Error> {
-        let (router, threshold) = self.resolve(router_name, threshold)?;
-        let win_rate = score(router, router_name, prompt, &self.scoring_slots).await?;
-        Ok(self.decision(router_name, threshold, win_rate, tier_for(win_rate, threshold), false))
+        self.route_or(router_name, threshold, prompt, OnRouterError::Error)
+            .await
     }
 
-    /// [`Gateway::route`] for a request that should be answered even when its router
-    /// fails: unless `on_router_error` is `error`, the configured model answers, and the
-    /// failure is logged, counted and shown in a response header instead.
-    async fn route_or_fall_back(
+    /// [`Gateway::route`], except that when the router fails to score, `on_error` may pick
+    /// the model (chat completions are answered even then); the failure is logged, and the
+    /// decision says so for the response header and the metrics.
+    async fn route_or(
         &self,
         router_name: &str,
         threshold: Option<f64>,
         prompt: String,
+        on_error: OnRouterError,
     ) -> Result<RouteDecision, Error> {
         let (router, threshold) = self.resolve(router_name, threshold)?;
-        match score(router, router_name, prompt, &self.scoring_slots).await {
-            Ok(win_rate) => Ok(self.decision(router_name, threshold, win_rate, tier_for(win_rate, threshold), false)),
+        let (win_rate, tier, fallback) = match score(router, router_name, prompt, &self.scoring_slots).await {
+            Ok(win_rate) => (win_rate, tier_for(win_rate, threshold), false),
             Err(error) => {
-                let tier = match self.on_router_error {
+                let tier = match on_error {
                     OnRouterError::Strong => Tier::Strong,
                     OnRouterError::Weak => Tier::Weak,
                     OnRouterError::Error => return Err(error),
@@ -212,9 +212,17 @@ impl Gateway {
                     tier = tier.as_str(),
                     "the router could not score the prompt; on_router_error chose the model"
                 );
-                Ok(self.decision(router_name, threshold, f64::NAN, tier, true))
+                (f64::NAN, tier, true)
             }
-        }
+        };
+        Ok(RouteDecision {
+            router: router_name.to_owned(),
+            threshold,
+            win_rate,
+            tier,
+            model: self.upstream(tier).model.name.clone(),
+            fallback,
+        })
     }
 
     /// The router called `router_name` and the threshold to use: `threshold`, or its default.
@@ -240,17 +248,6 @@ impl Gateway {
         Ok((router, threshold))
     }
 
-    fn decision(&self, router: &str, threshold: f64, win_rate: f64, tier: Tier, fallback: bool) -> RouteDecision {
-        RouteDecision {
-            router: router.to_owned(),
-            threshold,
-            win_rate,
-            tier,
-            model: self.upstream(tier).model.name.clone(),
-            fallback,
-        }
-    }
-
     fn upstream(&self, tier: Tier) -> &Upstream {
         match tier {
             Tier::Strong => &self.strong,
@@ -271,7 +268,7 @@ impl Gateway {
         let (decision, upstream) = match model_name::parse(request.model())? {
             ModelTarget::Routed { router, threshold } => {
                 let decision = self
-                    .route_or_fall_back(router, threshold, request.last_user_prompt()?)
+                    .route_or(router, threshold, request.last_user_prompt()?, self.on_router_error)
                     .await?;
                 let upstream = self.upstream(decision.tier);
                 (Some(decision), upstream)

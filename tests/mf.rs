@@ -117,12 +117,10 @@ fn write(path: &Path, rows: &[serde_json::Value]) {
     std::fs::write(path, text).unwrap();
 }
 
-#[test]
-fn training_is_reproducible_and_learns_a_planted_signal() {
-    let dir = std::env::temp_dir().join(format!("routellm-train-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // The weak model fails exactly the prompts about integrals; the strong one never fails.
-    let rows: Vec<serde_json::Value> = (0..300)
+/// 300 correctness rows where the weak model fails exactly the prompts about integrals;
+/// the strong one never fails.
+fn integral_rows() -> Vec<serde_json::Value> {
+    (0..300)
         .map(|i| {
             let hard = i % 3 == 0;
             let prompt = if hard {
@@ -132,9 +130,15 @@ fn training_is_reproducible_and_learns_a_planted_signal() {
             };
             serde_json::json!({"prompt": prompt, "correct": {"big-model": 1.0, "small-model": if hard { 0.0 } else { 1.0 }, "other": 0.0}})
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn training_is_reproducible_and_learns_a_planted_signal() {
+    let dir = std::env::temp_dir().join(format!("routellm-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let data = dir.join("planted.jsonl");
-    write(&data, &rows);
+    write(&data, &integral_rows());
     let options = MfOptions {
         epochs: 15,
         hidden: 16,
@@ -317,18 +321,7 @@ fn an_openai_embedder_artifact_trains_from_the_command_line_and_serves() {
     let dir = std::env::temp_dir().join(format!("routellm-openai-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let rows: Vec<serde_json::Value> = (0..300)
-        .map(|i| {
-            let hard = i % 3 == 0;
-            let prompt = if hard {
-                format!("Compute the definite integral number {i} with partial fractions")
-            } else {
-                format!("Name a fruit that is red, example {i}")
-            };
-            serde_json::json!({"prompt": prompt, "correct": {"big-model": 1.0, "small-model": if hard { 0.0 } else { 1.0 }}})
-        })
-        .collect();
-    write(&dir.join("planted.jsonl"), &rows);
+    write(&dir.join("planted.jsonl"), &integral_rows());
     let train = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_routellm"))
             .args([

@@ -420,15 +420,7 @@ async fn a_router_that_cannot_score_falls_back_to_the_configured_model() {
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["choices"][0]["message"]["content"], "answer from strong");
     assert_eq!((strong.received().len(), weak.received().len()), (1, 0));
-    let metrics = proxy
-        .client
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     assert!(metrics.contains("routellm_router_fallbacks_total 1\n"), "{metrics}");
     // A scored request carries no fallback header.
     let scored = proxy.post_chat(&body("router-fixed_high-0.5", "")).await;
