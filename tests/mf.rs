@@ -242,6 +242,8 @@ impl MockEmbeddings {
                         if !authorised {
                             return axum::http::StatusCode::UNAUTHORIZED.into_response();
                         }
+                        // Like OpenAI's context limit (8,191 tokens), counted in characters.
+                        let too_long = |text: &str| text.chars().count() > 20_000;
                         let inputs: Vec<String> = match &body["input"] {
                             serde_json::Value::String(text) => vec![text.clone()],
                             serde_json::Value::Array(items) => {
@@ -253,6 +255,9 @@ impl MockEmbeddings {
                             }
                             _ => return axum::http::StatusCode::BAD_REQUEST.into_response(),
                         };
+                        if inputs.iter().any(|text| too_long(text)) {
+                            return (axum::http::StatusCode::BAD_REQUEST, "maximum context length exceeded").into_response();
+                        }
                         let data: Vec<serde_json::Value> = inputs
                             .iter()
                             .enumerate()
@@ -300,6 +305,13 @@ fn openai_embedder_talks_to_a_compatible_endpoint() {
         many[1],
         embedder.embed("a red fruit").unwrap(),
         "a batch embeds as single calls do"
+    );
+    let pasted_document = format!("Summarise this integral table: {}", "integral of x dx; ".repeat(5_000));
+    let vector = embedder.embed(&pasted_document).unwrap();
+    assert_eq!(embedder.embed_many(&[&pasted_document]).unwrap()[0], vector);
+    assert!(
+        cosine(&vector, &many[0]) > 0.5,
+        "a long prompt is embedded by its head and tail"
     );
     let Err(error) = OpenAiEmbedder::connect("m", Some(&mock.base_url), Some("sk-wrong".into())) else {
         panic!("a refused key must fail at start-up")

@@ -21,6 +21,26 @@ pub struct OpenAiEmbedder {
     id: String,
 }
 
+/// The most characters of a prompt sent to the endpoint: its first and last halves of this
+/// budget. Embedding models refuse inputs past their context (8,191 tokens for OpenAI's),
+/// and a routed request with a pasted document must not fail its embeddings call; 16,000
+/// characters is ~4k tokens of English. Shorter prompts (every training prompt here) are
+/// sent exactly as RouteLLM sends them.
+const MAX_INPUT_CHARS: usize = 16_000;
+
+/// `text`, or its first and last `MAX_INPUT_CHARS / 2` characters (where the instruction and
+/// the final question usually are) joined by a newline.
+fn within_budget(text: &str) -> std::borrow::Cow<'_, str> {
+    let count = text.chars().count();
+    if count <= MAX_INPUT_CHARS {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let half = MAX_INPUT_CHARS / 2;
+    let head_end = text.char_indices().nth(half).map_or(text.len(), |(at, _)| at);
+    let tail_start = text.char_indices().nth(count - half).map_or(text.len(), |(at, _)| at);
+    std::borrow::Cow::Owned(format!("{}\n{}", &text[..head_end], &text[tail_start..]))
+}
+
 /// Prompts per request when embedding many (training): OpenAI takes up to 2,048 inputs
 /// and 300k tokens a request; 128 prompts stay well inside both for prompts up to ~2k tokens.
 const BATCH: usize = 128;
@@ -158,7 +178,7 @@ impl Embedder for OpenAiEmbedder {
     }
 
     fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
-        let vectors = self.checked(self.request(&serde_json::json!(text), 1)?)?;
+        let vectors = self.checked(self.request(&serde_json::json!(within_budget(text)), 1)?)?;
         vectors
             .into_iter()
             .next()
@@ -180,8 +200,33 @@ impl Embedder for OpenAiEmbedder {
     fn embed_many(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut vectors = Vec::with_capacity(texts.len());
         for batch in texts.chunks(BATCH) {
-            vectors.extend(self.checked(self.request(&serde_json::json!(batch), batch.len())?)?);
+            let inputs: Vec<std::borrow::Cow<'_, str>> = batch.iter().map(|text| within_budget(text)).collect();
+            vectors.extend(self.checked(self.request(&serde_json::json!(inputs), batch.len())?)?);
         }
         Ok(vectors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_prompts_keep_their_head_and_tail_within_the_budget() {
+        assert_eq!(within_budget("short prompt"), "short prompt");
+        let exact = "é".repeat(MAX_INPUT_CHARS);
+        assert_eq!(within_budget(&exact), exact.as_str(), "the budget itself is not cut");
+        let long = format!("INSTRUCTION {} QUESTION?", "ü".repeat(3 * MAX_INPUT_CHARS));
+        let cut = within_budget(&long);
+        assert_eq!(
+            cut.chars().count(),
+            MAX_INPUT_CHARS + 1,
+            "both halves and the joining newline"
+        );
+        assert!(
+            cut.starts_with("INSTRUCTION ") && cut.ends_with(" QUESTION?"),
+            "{}",
+            &cut[..20]
+        );
     }
 }
