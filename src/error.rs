@@ -161,6 +161,21 @@ impl Error {
         }
     }
 
+    /// What the client is told. Server-side failures name what failed but keep their
+    /// details (an embeddings endpoint's address and answer, file paths) for the server
+    /// log, as OpenAI's own 500s do: they can carry internal addresses or echoed keys.
+    fn client_message(&self) -> String {
+        match self {
+            Error::Router { router, .. } => {
+                format!("Router `{router}` could not score the prompt; the details are in the server log.")
+            }
+            Error::Config(_) | Error::Io { .. } | Error::Internal(_) => {
+                "The server had an error while processing your request; the details are in the server log.".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// The OpenAI-shaped JSON body, `{"error":{"message","type","param","code"}}`.
     #[must_use]
     pub fn to_json(&self) -> String {
@@ -175,7 +190,7 @@ impl Error {
             param: Option<&'static str>,
             code: Option<&'static str>,
         }
-        let message = self.to_string();
+        let message = self.client_message();
         let body = Body {
             error: Detail {
                 message: &message,
@@ -247,6 +262,24 @@ mod tests {
         };
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(parsed(&timeout)["error"]["code"], "upstream_timeout");
+    }
+
+    #[test]
+    fn server_side_details_stay_in_the_log() {
+        let error = Error::Router {
+            router: "mf".into(),
+            source: RouterError::Score("embeddings endpoint http://10.0.0.7/v1: HTTP 401: key sk-...cdef".into()),
+        };
+        let json = parsed(&error);
+        assert_eq!(json["error"]["code"], "router_error");
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("`mf`") && !message.contains("10.0.0.7") && !message.contains("sk-"),
+            "{message}"
+        );
+        assert!(error.to_string().contains("10.0.0.7"), "the log line keeps the cause");
+        let internal = parsed(&Error::Internal("/srv/routers/mf: corrupt".into()));
+        assert!(!internal["error"]["message"].as_str().unwrap().contains("/srv"));
     }
 
     #[test]
