@@ -5,22 +5,49 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::Error;
 use crate::progress::Progress;
-use crate::routers::Router;
+use crate::routers::{Router, ScoringCost};
 
-/// Scores every prompt with `router`, on all cores, in prompt order.
+/// Prompts per batch for a router on an embeddings API: one request each.
+const REMOTE_BATCH: usize = 128;
+
+/// Scores every prompt with `router`, in prompt order: on all cores, or for a router that
+/// waits on an embeddings API, a batch of prompts per request.
 pub fn score_all(router: &dyn Router, name: &str, prompts: &[String]) -> Result<Vec<f64>, Error> {
     let progress = Progress::new(format!("scoring {name}"), prompts.len());
-    parallel_map(prompts, &progress, |index, prompt| {
-        let score = router.strong_win_rate(prompt).map_err(|source| Error::Router {
-            router: name.to_owned(),
-            source,
-        })?;
-        if !score.is_finite() || !(0.0..=1.0).contains(&score) {
-            return Err(Error::Internal(format!(
+    let checked = |index: usize, score: f64| {
+        if score.is_finite() && (0.0..=1.0).contains(&score) {
+            Ok(score)
+        } else {
+            Err(Error::Internal(format!(
                 "router `{name}` returned {score} for prompt {index}, outside [0, 1]"
-            )));
+            )))
         }
-        Ok(score)
+    };
+    let failed = |source| Error::Router {
+        router: name.to_owned(),
+        source,
+    };
+    if router.scoring_cost() == ScoringCost::Remote {
+        let mut scores = Vec::with_capacity(prompts.len());
+        for batch in prompts.chunks(REMOTE_BATCH) {
+            let texts: Vec<&str> = batch.iter().map(String::as_str).collect();
+            let batch_scores = router.strong_win_rates(&texts).map_err(failed)?;
+            if batch_scores.len() != batch.len() {
+                return Err(Error::Internal(format!(
+                    "router `{name}` returned {} scores for {} prompts",
+                    batch_scores.len(),
+                    batch.len()
+                )));
+            }
+            for score in batch_scores {
+                scores.push(checked(scores.len(), score)?);
+            }
+            progress.advance(batch.len());
+        }
+        return Ok(scores);
+    }
+    parallel_map(prompts, &progress, |index, prompt| {
+        checked(index, router.strong_win_rate(prompt).map_err(failed)?)
     })
 }
 

@@ -416,6 +416,19 @@ fn an_openai_embedder_artifact_trains_from_the_command_line_and_serves() {
         .unwrap();
     let easy = router.strong_win_rate("Name a fruit that is red").unwrap();
     assert!(hard > easy, "{hard} vs {easy}");
+    // Batch scoring (`score`, `calibrate`, `eval`) embeds 128 prompts a request.
+    let prompts: Vec<String> = (0..300).map(|i| format!("Name fruit number {i}")).collect();
+    let before = keyless.requests();
+    let scores = routellm::scoring::score_all(router.as_ref(), "mf", &prompts).unwrap();
+    assert_eq!(
+        keyless.requests() - before,
+        4,
+        "300 prompts in three requests, and the retry after the mock's one 429"
+    );
+    assert_eq!(scores.len(), 300);
+    for index in [0, 150, 299] {
+        assert_eq!(scores[index], router.strong_win_rate(&prompts[index]).unwrap());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

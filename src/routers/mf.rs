@@ -158,10 +158,15 @@ pub fn representation(
     mean: &[f32],
     std: &[f32],
 ) -> Result<Vec<f32>, RouterError> {
-    let mut x = match embedder {
+    let embedding = match embedder {
         Some(embedder) => embedder.embed(prompt).map_err(|e| RouterError::Score(e.to_string()))?,
         None => Vec::new(),
     };
+    representation_of(embedding, prompt, mean, std)
+}
+
+/// [`representation`] for a prompt already embedded (empty for a features-only artifact).
+fn representation_of(mut x: Vec<f32>, prompt: &str, mean: &[f32], std: &[f32]) -> Result<Vec<f32>, RouterError> {
     x.extend_from_slice(&features::extract(prompt));
     if x.len() != mean.len() {
         return Err(RouterError::Score(format!(
@@ -252,11 +257,34 @@ impl MfRouter {
     }
 }
 
+impl MfRouter {
+    fn win_rate_of(&self, x: &[f32]) -> f64 {
+        let logit: f32 = x.iter().zip(&self.pair).map(|(a, b)| a * b).sum();
+        1.0 / (1.0 + f64::from(-logit).exp())
+    }
+}
+
 impl Router for MfRouter {
     fn strong_win_rate(&self, prompt: &str) -> Result<f64, RouterError> {
         let x = representation(self.embedder.as_deref(), prompt, &self.mean, &self.std)?;
-        let logit: f32 = x.iter().zip(&self.pair).map(|(a, b)| a * b).sum();
-        Ok(1.0 / (1.0 + f64::from(-logit).exp()))
+        Ok(self.win_rate_of(&x))
+    }
+
+    fn strong_win_rates(&self, prompts: &[&str]) -> Result<Vec<f64>, RouterError> {
+        let Some(embedder) = self.embedder.as_deref().filter(|e| e.batch_size() > 1) else {
+            return prompts.iter().map(|prompt| self.strong_win_rate(prompt)).collect();
+        };
+        let embeddings = embedder
+            .embed_many(prompts)
+            .map_err(|e| RouterError::Score(e.to_string()))?;
+        prompts
+            .iter()
+            .zip(embeddings)
+            .map(|(prompt, embedding)| {
+                let x = representation_of(embedding, prompt, &self.mean, &self.std)?;
+                Ok(self.win_rate_of(&x))
+            })
+            .collect()
     }
 
     fn scoring_cost(&self) -> super::ScoringCost {

@@ -57,6 +57,13 @@ pub trait Router: Send + Sync {
     /// The strong model's predicted win rate for `prompt`, in [0, 1].
     fn strong_win_rate(&self, prompt: &str) -> Result<f64, RouterError>;
 
+    /// [`Router::strong_win_rate`] for many prompts, in order (batch scoring: `score`,
+    /// `calibrate`, `eval`). Routers on an embeddings API override it to embed a batch per
+    /// request instead of a request per prompt.
+    fn strong_win_rates(&self, prompts: &[&str]) -> Result<Vec<f64>, RouterError> {
+        prompts.iter().map(|prompt| self.strong_win_rate(prompt)).collect()
+    }
+
     /// Whether scoring is cheap enough to run on an async worker.
     fn scoring_cost(&self) -> ScoringCost {
         ScoringCost::Blocking

@@ -454,6 +454,20 @@ impl Router for SwRankingRouter {
         Ok(self.index.win_rate(&query, self.strong_tier, self.weak_tier))
     }
 
+    fn strong_win_rates(&self, prompts: &[&str]) -> Result<Vec<f64>, RouterError> {
+        if self.embedder.batch_size() == 1 {
+            return prompts.iter().map(|prompt| self.strong_win_rate(prompt)).collect();
+        }
+        let queries = self
+            .embedder
+            .embed_many(prompts)
+            .map_err(|e| RouterError::Score(e.to_string()))?;
+        Ok(queries
+            .iter()
+            .map(|query| self.index.win_rate(query, self.strong_tier, self.weak_tier))
+            .collect())
+    }
+
     fn scoring_cost(&self) -> super::ScoringCost {
         super::cost_of(Some(self.embedder.as_ref()))
     }
