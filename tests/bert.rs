@@ -232,3 +232,33 @@ fn fine_tuning_the_top_layer_lowers_the_training_loss_and_what_ships_serves() {
     assert!(error.to_string().contains("--fine-tune-max-memory-gib"), "{error}");
     assert!(!dir.join("b").exists(), "nothing is written");
 }
+
+/// The example config starts the server as the README says: as it is (`random`, `mf`), and
+/// with `--routers mf sw_ranking bert random` (bert's MiniLM from `../shared`). Its
+/// thresholds name routers a given deployment may not load; that must not stop start-up.
+#[test]
+fn the_example_config_serves_as_documented() {
+    let example = repo().join("config.example.yaml");
+    let as_is = Config::load(Some(&example), Overrides::default()).unwrap();
+    let gateway = routellm::Gateway::from_config(&as_is).unwrap();
+    assert_eq!(gateway.routers().keys().collect::<Vec<_>>(), ["mf", "random"]);
+    let all = Config::load(
+        Some(&example),
+        Overrides {
+            routers: Some(["mf", "sw_ranking", "bert", "random"].map(String::from).to_vec()),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    let gateway = routellm::Gateway::from_config(&all).unwrap();
+    for router in ["mf", "sw_ranking", "bert", "random"] {
+        let threshold = gateway.default_threshold(router).unwrap();
+        let win_rate = gateway.routers()[router]
+            .strong_win_rate("Prove that sqrt(2) is irrational")
+            .unwrap();
+        assert!(
+            (0.0..=1.0).contains(&threshold) && (0.0..=1.0).contains(&win_rate),
+            "{router}"
+        );
+    }
+}
