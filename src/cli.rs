@@ -677,6 +677,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weak = %gateway.weak().model.name,
         "routers loaded"
     );
+    for upstream in [gateway.strong(), gateway.weak()] {
+        if let Some(warning) = upstream.model.missing_key_warning() {
+            tracing::warn!("{warning}");
+        }
+    }
     let address: SocketAddr = format!("{}:{}", bracket_ipv6(&config.host), config.port)
         .parse()
         .with_context(|| format!("`{}` is not an IP address to listen on", config.host))?;

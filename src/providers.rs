@@ -132,6 +132,31 @@ pub struct ResolvedModel {
     pub endpoint: Endpoint,
 }
 
+impl ResolvedModel {
+    /// Why requests to this model will likely be refused, said at start-up rather than
+    /// discovered as a 401 on the first request: a remote endpoint and no key. Endpoints on
+    /// this machine (Ollama, vLLM) commonly need none.
+    #[must_use]
+    pub fn missing_key_warning(&self) -> Option<String> {
+        let Endpoint::Http {
+            base_url,
+            api_key: None,
+        } = &self.endpoint
+        else {
+            return None;
+        };
+        let host = reqwest::Url::parse(base_url).ok()?.host_str()?.to_owned();
+        let local = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]" | "::1");
+        (!local).then(|| {
+            format!(
+                "no API key for `{}` ({base_url}): set the {} provider's key variable, the model's `api_key`, \
+                 or --api-key; requests go without credentials until then",
+                self.name, self.provider
+            )
+        })
+    }
+}
+
 /// Settings that apply to both models (RouteLLM's `--base-url` and `--api-key`).
 #[derive(Debug, Clone, Default)]
 pub struct GlobalOverrides {
@@ -349,6 +374,28 @@ mod tests {
         let resolved = resolve(&model("acme/big"), &GlobalOverrides::default(), &providers, &env).unwrap();
         assert_eq!(resolved.provider, "acme");
         assert_eq!(http(&resolved), ("https://llm.acme.test/v1", Some("secret")));
+    }
+
+    #[test]
+    fn a_remote_model_without_a_key_is_reported_at_start_up() {
+        let resolve_with = |name: &str, env: &dyn Fn(&str) -> Option<String>| {
+            resolve(&model(name), &GlobalOverrides::default(), &BTreeMap::new(), env).unwrap()
+        };
+        let warning = resolve_with("groq/llama3-8b-8192", &no_env)
+            .missing_key_warning()
+            .unwrap();
+        assert!(
+            warning.contains("groq/llama3-8b-8192") && warning.contains("groq"),
+            "{warning}"
+        );
+        let keyed = |var: &str| (var == "GROQ_API_KEY").then(|| "gsk".to_owned());
+        assert_eq!(resolve_with("groq/llama3-8b-8192", &keyed).missing_key_warning(), None);
+        assert_eq!(
+            resolve_with("ollama/llama3", &no_env).missing_key_warning(),
+            None,
+            "local"
+        );
+        assert_eq!(resolve_with("echo/gpt-4o", &no_env).missing_key_warning(), None);
     }
 
     #[test]
