@@ -47,23 +47,16 @@ pub enum Error {
     /// The upstream answered, but not with something we can pass on.
     #[error("Upstream `{model}` sent an invalid response: {reason}")]
     UpstreamProtocol { model: String, reason: String },
-    /// A router failed to score a prompt.
-    #[error("Router `{router}` failed: {source}")]
-    Router {
-        router: String,
-        #[source]
-        source: RouterError,
-    },
+    /// A router failed to score a prompt. (The cause is part of the message, not a
+    /// `source`: printed as a chain, it would appear twice.)
+    #[error("Router `{router}` failed: {cause}")]
+    Router { router: String, cause: RouterError },
     /// The configuration is invalid; reported at start-up, never per request.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// Reading a file failed.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Reading a file failed (the cause is in the message, as for `Router`).
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     /// A bug or an exhausted resource on our side.
     #[error("internal error: {0}")]
     Internal(String),
@@ -98,10 +91,10 @@ impl Error {
         }
     }
 
-    pub fn io(path: impl Into<String>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<String>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 
@@ -268,7 +261,7 @@ mod tests {
     fn server_side_details_stay_in_the_log() {
         let error = Error::Router {
             router: "mf".into(),
-            source: RouterError::Score("embeddings endpoint http://10.0.0.7/v1: HTTP 401: key sk-...cdef".into()),
+            cause: RouterError::Score("embeddings endpoint http://10.0.0.7/v1: HTTP 401: key sk-...cdef".into()),
         };
         let json = parsed(&error);
         assert_eq!(json["error"]["code"], "router_error");
@@ -278,6 +271,10 @@ mod tests {
             "{message}"
         );
         assert!(error.to_string().contains("10.0.0.7"), "the log line keeps the cause");
+        assert!(
+            std::error::Error::source(&error).is_none(),
+            "so a printed chain names it once"
+        );
         let internal = parsed(&Error::Internal("/srv/routers/mf: corrupt".into()));
         assert!(!internal["error"]["message"].as_str().unwrap().contains("/srv"));
     }

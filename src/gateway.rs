@@ -364,7 +364,7 @@ async fn score(
     };
     let win_rate = result.map_err(|source| Error::Router {
         router: name.to_owned(),
-        source,
+        cause: source,
     })?;
     if win_rate.is_finite() && (0.0..=1.0).contains(&win_rate) {
         Ok(win_rate)

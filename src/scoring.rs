@@ -25,7 +25,7 @@ pub fn score_all(router: &dyn Router, name: &str, prompts: &[String]) -> Result<
     };
     let failed = |source| Error::Router {
         router: name.to_owned(),
-        source,
+        cause: source,
     };
     if router.scoring_cost() == ScoringCost::Remote {
         let mut scores = Vec::with_capacity(prompts.len());

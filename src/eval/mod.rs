@@ -155,7 +155,7 @@ fn router_scores(
     }
     let router = routers::build(name, config).map_err(|source| Error::Router {
         router: name.to_owned(),
-        source,
+        cause: source,
     })?;
     let cache_path = router.cache_key().map(|key| {
         (
