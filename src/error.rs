@@ -91,6 +91,15 @@ impl Error {
         }
     }
 
+    /// `router` failed to load or score.
+    #[must_use]
+    pub fn router(router: &str, cause: RouterError) -> Self {
+        Error::Router {
+            router: router.to_owned(),
+            cause,
+        }
+    }
+
     pub fn io(path: impl Into<String>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -339,40 +339,29 @@ async fn score(
     prompt: String,
     slots: &Arc<tokio::sync::Semaphore>,
 ) -> Result<f64, Error> {
-    let result = match router.scoring_cost() {
-        ScoringCost::Inline => router.strong_win_rate(&prompt),
-        ScoringCost::Blocking => {
+    let cost = router.scoring_cost();
+    let result = if cost == ScoringCost::Inline {
+        router.strong_win_rate(&prompt)
+    } else {
+        let permit = if cost == ScoringCost::Blocking {
             let permit = Arc::clone(slots)
                 .acquire_owned()
                 .await
                 .map_err(|_| Error::Internal("the scoring pool is closed".into()))?;
-            let router = Arc::clone(router);
-            tokio::task::spawn_blocking(move || {
-                // Held until scoring ends, even if the request is dropped meanwhile.
-                let _permit = permit;
-                router.strong_win_rate(&prompt)
-            })
-            .await
-            .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
-        }
-        ScoringCost::Remote => {
-            let router = Arc::clone(router);
-            tokio::task::spawn_blocking(move || router.strong_win_rate(&prompt))
-                .await
-                .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
-        }
+            Some(permit)
+        } else {
+            None
+        };
+        let router = Arc::clone(router);
+        tokio::task::spawn_blocking(move || {
+            // Held until scoring ends, even if the request is dropped meanwhile.
+            let _permit = permit;
+            router.strong_win_rate(&prompt)
+        })
+        .await
+        .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
     };
-    let win_rate = result.map_err(|source| Error::Router {
-        router: name.to_owned(),
-        cause: source,
-    })?;
-    if win_rate.is_finite() && (0.0..=1.0).contains(&win_rate) {
-        Ok(win_rate)
-    } else {
-        Err(Error::Internal(format!(
-            "router `{name}` returned {win_rate}, outside [0, 1]"
-        )))
-    }
+    crate::scoring::in_range(name, result.map_err(|cause| Error::router(name, cause))?, None)
 }
 
 fn describe(decision: Option<&RouteDecision>, upstream: &Upstream) -> String {

@@ -7,48 +7,62 @@ use crate::error::Error;
 use crate::progress::Progress;
 use crate::routers::{Router, ScoringCost};
 
-/// Prompts per batch for a router on an embeddings API: one request each.
-const REMOTE_BATCH: usize = 128;
-
 /// Scores every prompt with `router`, in prompt order: on all cores, or for a router that
 /// waits on an embeddings API, a batch of prompts per request.
 pub fn score_all(router: &dyn Router, name: &str, prompts: &[String]) -> Result<Vec<f64>, Error> {
     let progress = Progress::new(format!("scoring {name}"), prompts.len());
-    let checked = |index: usize, score: f64| {
-        if score.is_finite() && (0.0..=1.0).contains(&score) {
-            Ok(score)
-        } else {
-            Err(Error::Internal(format!(
-                "router `{name}` returned {score} for prompt {index}, outside [0, 1]"
-            )))
-        }
-    };
-    let failed = |source| Error::Router {
-        router: name.to_owned(),
-        cause: source,
-    };
+    let failed = |cause| Error::router(name, cause);
     if router.scoring_cost() == ScoringCost::Remote {
-        let mut scores = Vec::with_capacity(prompts.len());
-        for batch in prompts.chunks(REMOTE_BATCH) {
-            let texts: Vec<&str> = batch.iter().map(String::as_str).collect();
-            let batch_scores = router.strong_win_rates(&texts).map_err(failed)?;
-            if batch_scores.len() != batch.len() {
-                return Err(Error::Internal(format!(
-                    "router `{name}` returned {} scores for {} prompts",
-                    batch_scores.len(),
-                    batch.len()
-                )));
-            }
-            for score in batch_scores {
-                scores.push(checked(scores.len(), score)?);
-            }
-            progress.advance(batch.len());
-        }
-        return Ok(scores);
+        let scores = batched_map(prompts, crate::embed::REMOTE_BATCH, &progress, |texts| {
+            router.strong_win_rates(texts).map_err(failed)
+        })?;
+        return scores
+            .into_iter()
+            .enumerate()
+            .map(|(index, score)| in_range(name, score, Some(index)))
+            .collect();
     }
     parallel_map(prompts, &progress, |index, prompt| {
-        checked(index, router.strong_win_rate(prompt).map_err(failed)?)
+        in_range(name, router.strong_win_rate(prompt).map_err(failed)?, Some(index))
     })
+}
+
+/// `win_rate` if it is a probability; a router that returns anything else has a bug, which
+/// must not decide a route (`prompt`: its index in a batch, for the message).
+pub fn in_range(name: &str, win_rate: f64, prompt: Option<usize>) -> Result<f64, Error> {
+    if win_rate.is_finite() && (0.0..=1.0).contains(&win_rate) {
+        return Ok(win_rate);
+    }
+    let which = prompt.map(|index| format!(" for prompt {index}")).unwrap_or_default();
+    Err(Error::Internal(format!(
+        "router `{name}` returned {win_rate}{which}, outside [0, 1]"
+    )))
+}
+
+/// Applies `work` to `prompts` a batch at a time, in order, on this thread: for work that
+/// waits on an API, where a batch is one request and a request per prompt would cost a
+/// round trip each. `work` must answer every prompt of its batch.
+pub fn batched_map<R>(
+    prompts: &[String],
+    batch: usize,
+    progress: &Progress,
+    work: impl Fn(&[&str]) -> Result<Vec<R>, Error>,
+) -> Result<Vec<R>, Error> {
+    let mut results = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch.max(1)) {
+        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let answers = work(&texts)?;
+        if answers.len() != chunk.len() {
+            return Err(Error::Internal(format!(
+                "{} results for a batch of {} prompts",
+                answers.len(),
+                chunk.len()
+            )));
+        }
+        results.extend(answers);
+        progress.advance(chunk.len());
+    }
+    Ok(results)
 }
 
 /// Applies `work` to every item on all cores and returns the results in item order; the

@@ -59,6 +59,10 @@ pub trait Embedder: Send + Sync {
     }
 }
 
+/// Prompts per request to an embeddings API: OpenAI takes up to 2,048 inputs and 300k
+/// tokens a request; 128 prompts stay well inside both for prompts up to ~2k tokens.
+pub const REMOTE_BATCH: usize = 128;
+
 /// Which embedder a router uses, as configured.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]

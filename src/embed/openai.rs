@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{EmbedError, Embedder, normalize};
+use super::{EmbedError, Embedder, REMOTE_BATCH, normalize};
 
 pub(super) fn default_model() -> String {
     "text-embedding-3-small".to_owned()
@@ -41,9 +41,6 @@ fn within_budget(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("{}\n{}", &text[..head_end], &text[tail_start..]))
 }
 
-/// Prompts per request when embedding many (training): OpenAI takes up to 2,048 inputs
-/// and 300k tokens a request; 128 prompts stay well inside both for prompts up to ~2k tokens.
-const BATCH: usize = 128;
 /// Attempts per request: rate limits (429), server errors and refused connections are
 /// retried with backoff, so embedding thousands of training prompts survives a provider's
 /// hiccup. Timeouts are not: one has already cost 30 s of a routed request's time.
@@ -194,12 +191,12 @@ impl Embedder for OpenAiEmbedder {
     }
 
     fn batch_size(&self) -> usize {
-        BATCH
+        REMOTE_BATCH
     }
 
     fn embed_many(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut vectors = Vec::with_capacity(texts.len());
-        for batch in texts.chunks(BATCH) {
+        for batch in texts.chunks(REMOTE_BATCH) {
             let inputs: Vec<std::borrow::Cow<'_, str>> = batch.iter().map(|text| within_budget(text)).collect();
             vectors.extend(self.checked(self.request(&serde_json::json!(inputs), batch.len())?)?);
         }

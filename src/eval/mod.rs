@@ -153,10 +153,7 @@ fn router_scores(
             })
             .collect());
     }
-    let router = routers::build(name, config).map_err(|source| Error::Router {
-        router: name.to_owned(),
-        cause: source,
-    })?;
+    let router = routers::build(name, config).map_err(|cause| Error::router(name, cause))?;
     let cache_path = router.cache_key().map(|key| {
         (
             options

@@ -255,9 +255,7 @@ impl MfRouter {
     pub fn manifest(dir: &Path) -> Result<MfManifest, RouterError> {
         read_manifest(dir)
     }
-}
 
-impl MfRouter {
     fn win_rate_of(&self, x: &[f32]) -> f64 {
         let logit: f32 = x.iter().zip(&self.pair).map(|(a, b)| a * b).sum();
         1.0 / (1.0 + f64::from(-logit).exp())
@@ -271,12 +269,12 @@ impl Router for MfRouter {
     }
 
     fn strong_win_rates(&self, prompts: &[&str]) -> Result<Vec<f64>, RouterError> {
-        let Some(embedder) = self.embedder.as_deref().filter(|e| e.batch_size() > 1) else {
-            return prompts.iter().map(|prompt| self.strong_win_rate(prompt)).collect();
+        let embeddings = match self.embedder.as_deref() {
+            Some(embedder) => embedder
+                .embed_many(prompts)
+                .map_err(|e| RouterError::Score(e.to_string()))?,
+            None => vec![Vec::new(); prompts.len()],
         };
-        let embeddings = embedder
-            .embed_many(prompts)
-            .map_err(|e| RouterError::Score(e.to_string()))?;
         prompts
             .iter()
             .zip(embeddings)

@@ -455,9 +455,6 @@ impl Router for SwRankingRouter {
     }
 
     fn strong_win_rates(&self, prompts: &[&str]) -> Result<Vec<f64>, RouterError> {
-        if self.embedder.batch_size() == 1 {
-            return prompts.iter().map(|prompt| self.strong_win_rate(prompt)).collect();
-        }
         let queries = self
             .embedder
             .embed_many(prompts)

@@ -133,17 +133,9 @@ pub fn embed_all(embedder: &dyn Embedder, prompts: &[String], cache: Option<&Pat
     }
     let progress = Progress::new("embedding training prompts", prompts.len());
     let rows = if embedder.batch_size() > 1 {
-        let mut rows = Vec::with_capacity(prompts.len());
-        for batch in prompts.chunks(embedder.batch_size()) {
-            let texts: Vec<&str> = batch.iter().map(String::as_str).collect();
-            rows.extend(
-                embedder
-                    .embed_many(&texts)
-                    .map_err(|e| Error::Internal(e.to_string()))?,
-            );
-            progress.advance(batch.len());
-        }
-        rows
+        crate::scoring::batched_map(prompts, embedder.batch_size(), &progress, |texts| {
+            embedder.embed_many(texts).map_err(|e| Error::Internal(e.to_string()))
+        })?
     } else {
         crate::scoring::parallel_map(prompts, &progress, |_, prompt| {
             embedder.embed(prompt).map_err(|e| Error::Internal(e.to_string()))

@@ -124,18 +124,17 @@ pub fn report_all(
 ) -> Result<BTreeMap<String, serde_json::Value>, Error> {
     let mut reports = BTreeMap::new();
     for set in sets {
-        let progress = crate::progress::Progress::new(format!("validating on {}", set.source), set.prompts.len());
-        let (strong, weak) = set.served;
-        let scores = crate::scoring::parallel_map(&set.prompts, &progress, |_, p| score(*p, strong, weak))?;
+        let scored_as = |(strong, weak): (usize, usize), label: String| {
+            let progress = crate::progress::Progress::new(label, set.prompts.len());
+            crate::scoring::parallel_map(&set.prompts, &progress, |_, p| score(*p, strong, weak))
+        };
+        let scores = scored_as(set.served, format!("validating on {}", set.source))?;
         let mut metrics = report(data, set, &scores);
-        if set.served != (set.strong, set.weak) {
-            let progress = crate::progress::Progress::new(
-                format!("validating on {} with its own pair", set.source),
-                set.prompts.len(),
-            );
-            let own = crate::scoring::parallel_map(&set.prompts, &progress, |_, p| score(*p, set.strong, set.weak))?;
+        let own_pair = (set.strong, set.weak);
+        if set.served != own_pair {
+            let own = scored_as(own_pair, format!("validating on {} with its own pair", set.source))?;
             metrics["own_pair_apgr"] = report(data, set, &own)["apgr"].clone();
-            metrics["scored_as"] = serde_json::json!([data.models[strong], data.models[weak]]);
+            metrics["scored_as"] = serde_json::json!([data.models[set.served.0], data.models[set.served.1]]);
         }
         reports.insert(set.source.clone(), metrics);
     }
