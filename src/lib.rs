@@ -6,6 +6,7 @@
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward.
 //! - [`controller`]: routing from Rust code without HTTP ([`Controller`]).
 //! - [`metrics`]: Prometheus counters and the overhead histogram at `GET /metrics`.
+//! - [`usage`]: token usage read off answers and streams as they pass, for the per-tier token counters.
 //! - [`routers`]: the [`Router`] trait and the routers (`random`, ...), one file each.
 //! - [`request`]: reading a chat request just enough to route it; rewriting `model` byte-exactly.
 //! - [`model_name`]: parsing `router-<name>-<threshold>`.
@@ -50,6 +51,7 @@ pub mod scoring;
 pub mod server;
 pub mod train;
 pub mod upstream;
+pub mod usage;
 
 pub use config::Config;
 pub use controller::Controller;

@@ -1,6 +1,7 @@
 //! Prometheus metrics for operators, served at `GET /metrics`: requests by tier and
-//! status class, requests answered without a score (`on_router_error`), and a histogram of the proxy's own overhead per request (time spent
-//! outside the upstream call), as TensorZero and LiteLLM expose theirs.
+//! status class, tokens by tier (from the answers' own `usage`), requests answered without
+//! a score (`on_router_error`), and a histogram of the proxy's own overhead per request
+//! (time spent outside the upstream call), as TensorZero and LiteLLM expose theirs.
 //!
 //! Plain atomics and a hand-written exposition: a few counters do not justify a metrics
 //! framework on the hot path.
@@ -8,6 +9,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::usage::Usage;
 
 /// Which model a request went to, for labelling.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +35,8 @@ pub struct Metrics {
     overhead_count: AtomicU64,
     overhead_sum_us: AtomicU64,
     router_fallbacks: AtomicU64,
+    /// Prompt and completion tokens per tier (`none` never has any).
+    tokens: [[AtomicU64; 2]; 4],
 }
 
 impl Metrics {
@@ -60,6 +65,13 @@ impl Metrics {
         self.router_fallbacks.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts the tokens an answer from `tier` reports.
+    pub fn record_usage(&self, tier: TierLabel, usage: Usage) {
+        let [prompt, completion] = &self.tokens[tier as usize];
+        prompt.fetch_add(usage.prompt_tokens, Ordering::Relaxed);
+        completion.fetch_add(usage.completion_tokens, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     #[must_use]
     pub fn render(&self) -> String {
@@ -71,6 +83,19 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "routellm_requests_total{{tier=\"{tier}\",status=\"{class}\"}} {}",
+                    count.load(Ordering::Relaxed)
+                );
+            }
+        }
+        out.push_str(
+            "# HELP routellm_tokens_total Tokens the answering model reported in `usage`, by routed tier; streams report them only when the client asks (stream_options.include_usage).\n",
+        );
+        out.push_str("# TYPE routellm_tokens_total counter\n");
+        for (tier, [prompt, completion]) in TIERS.iter().zip(&self.tokens).take(3) {
+            for (kind, count) in [("prompt", prompt), ("completion", completion)] {
+                let _ = writeln!(
+                    out,
+                    "routellm_tokens_total{{tier=\"{tier}\",kind=\"{kind}\"}} {}",
                     count.load(Ordering::Relaxed)
                 );
             }
@@ -131,5 +156,27 @@ mod tests {
         assert!(text.contains("routellm_router_fallbacks_total 0\n"), "{text}");
         metrics.record_router_fallback();
         assert!(metrics.render().contains("routellm_router_fallbacks_total 1\n"));
+        metrics.record_usage(
+            TierLabel::Weak,
+            Usage {
+                prompt_tokens: 7,
+                completion_tokens: 5,
+            },
+        );
+        metrics.record_usage(
+            TierLabel::Weak,
+            Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+            },
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains("routellm_tokens_total{tier=\"weak\",kind=\"prompt\"} 8\n"),
+            "{text}"
+        );
+        assert!(text.contains("routellm_tokens_total{tier=\"weak\",kind=\"completion\"} 7\n"));
+        assert!(text.contains("routellm_tokens_total{tier=\"strong\",kind=\"prompt\"} 0\n"));
+        assert!(!text.contains("tier=\"none\",kind"), "{text}");
     }
 }

@@ -16,13 +16,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::error::Error;
 use crate::gateway::{Completion, Gateway, Tier};
 use crate::metrics::{Metrics, TierLabel};
-use crate::upstream::Reply;
+use crate::upstream::{ByteStream, Reply};
+use crate::usage::{self, SseUsageScanner};
 
 /// Shared, cheaply clonable server state.
 #[derive(Clone)]
@@ -130,7 +132,7 @@ async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, Bod
         return error.into_response();
     }
     match state.chat_completion(&body).await {
-        Ok(completion) => respond(completion, received, state.metrics()),
+        Ok(completion) => respond(completion, received, &state),
         Err(error) => {
             state.metrics().record(TierLabel::None, error.status().as_u16(), None);
             error.into_response()
@@ -138,7 +140,8 @@ async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, Bod
     }
 }
 
-fn respond(completion: Completion, received: Instant, metrics: &Metrics) -> Response {
+fn respond(completion: Completion, received: Instant, state: &AppState) -> Response {
+    let metrics = state.metrics();
     let Completion {
         decision,
         model,
@@ -170,12 +173,17 @@ fn respond(completion: Completion, received: Instant, metrics: &Metrics) -> Resp
     );
     let (mut response, mut extra) = match reply {
         Reply::Complete { status, headers, body } => {
+            if status.is_success()
+                && let Some(usage) = usage::of_body(&body)
+            {
+                metrics.record_usage(tier, usage);
+            }
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
             (response, headers)
         }
         Reply::Stream { status, headers, body } => {
-            let mut response = Response::new(Body::from_stream(body));
+            let mut response = Response::new(Body::from_stream(counting_usage(body, state.clone(), tier)));
             *response.status_mut() = status;
             (response, headers)
         }
@@ -199,6 +207,22 @@ fn respond(completion: Completion, received: Instant, metrics: &Metrics) -> Resp
         }
     }
     response
+}
+
+/// Passes the stream through unchanged, counting the tokens of its usage chunk (if the
+/// client asked for one) as it goes by.
+fn counting_usage(body: ByteStream, state: AppState, tier: TierLabel) -> ByteStream {
+    let mut scanner = Some(SseUsageScanner::default());
+    Box::pin(body.map(move |chunk| {
+        if let (Ok(bytes), Some(active)) = (&chunk, scanner.as_mut())
+            && let Some(usage) = active.feed(bytes)
+        {
+            state.metrics().record_usage(tier, usage);
+            // One usage chunk per stream: stop looking once it has passed.
+            scanner = None;
+        }
+        chunk
+    }))
 }
 
 fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {

@@ -399,6 +399,52 @@ async fn metrics_count_requests_by_tier_and_status() {
 }
 
 #[tokio::test]
+async fn metrics_count_the_tokens_each_tier_answered_with() {
+    let (_strong, _weak, proxy) = setup("").await;
+    let tokens = |text: &str, tier: &str, kind: &str| -> u64 {
+        let prefix = format!("routellm_tokens_total{{tier=\"{tier}\",kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    // A whole answer: the mock reports 1 prompt and 3 completion tokens.
+    assert_eq!(proxy.post_chat(&body("router-random-0", "")).await.status(), 200);
+    assert_eq!(proxy.post_chat(&body("router-random-1", "")).await.status(), 200);
+    assert_eq!(proxy.post_chat(&body("router-random-1", "")).await.status(), 200);
+    let text = proxy.metrics().await;
+    assert_eq!(tokens(&text, "strong", "prompt"), 1);
+    assert_eq!(tokens(&text, "strong", "completion"), 3);
+    assert_eq!(tokens(&text, "weak", "prompt"), 2);
+    assert_eq!(tokens(&text, "weak", "completion"), 6);
+
+    // A stream that asked for usage: its usage chunk (split across two upstream writes)
+    // is counted and still reaches the client byte for byte.
+    let streamed = proxy
+        .post_chat(&body(
+            "router-random-1",
+            r#","stream":true,"stream_options":{"include_usage":true}"#,
+        ))
+        .await;
+    assert_eq!(streamed.status(), 200);
+    let events = streamed.text().await.unwrap();
+    assert!(
+        events.contains(r#""usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#),
+        "{events}"
+    );
+    assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+    // A stream that did not ask has no usage to count, and none is requested for it.
+    let plain = proxy.post_chat(&body("router-random-0", r#","stream":true"#)).await;
+    assert!(!plain.text().await.unwrap().contains("usage"));
+    let text = proxy.metrics().await;
+    assert_eq!(tokens(&text, "weak", "prompt"), 2 + 5);
+    assert_eq!(tokens(&text, "weak", "completion"), 6 + 2);
+    assert_eq!(tokens(&text, "strong", "prompt"), 1);
+    assert_eq!(tokens(&text, "direct", "prompt"), 0);
+}
+
+#[tokio::test]
 async fn a_router_that_cannot_score_falls_back_to_the_configured_model() {
     async fn setup(yaml: &str) -> (MockUpstream, MockUpstream, Proxy) {
         let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);

@@ -103,6 +103,7 @@ async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Byt
     let model = request["model"].as_str().unwrap_or("?").to_owned();
     let behaviour = request["mock"].as_str().unwrap_or("ok").to_owned();
     let stream = request["stream"].as_bool().unwrap_or(false);
+    let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false);
     match behaviour.as_str() {
         "rate_limited" => {
             let error = json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}});
@@ -161,13 +162,20 @@ async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Byt
                     Err(std::io::Error::other("upstream died"))
                 }
                 (1, _) => Ok(second),
-                (2, _) => Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                // The usage chunk, as OpenAI sends it when asked, split across two writes.
+                (2, _) if include_usage => Ok(Bytes::from_static(
+                    b"data: {\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tok",
+                )),
+                (3, _) => Ok(Bytes::from_static(
+                    b"ens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n",
+                )),
+                (2 | 4, _) => Ok(Bytes::from_static(b"data: [DONE]\n\n")),
                 _ => return None,
             };
-            let next = if behaviour == "endless" && step >= 1 {
-                2
-            } else {
-                step + 1
+            let next = match (step, behaviour.as_str()) {
+                (1.., "endless") => 2,
+                (2, _) if !include_usage => 5,
+                _ => step + 1,
             };
             Some((frame, next))
         }

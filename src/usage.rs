@@ -1,0 +1,171 @@
+//! Token usage read off the answers as they pass through, for the per-tier token counters
+//! in `/metrics`: what share of tokens (and so of spend) the strong model takes is the
+//! number a routing deployment is judged by, and request counts alone hide it (one long
+//! answer costs more than many short ones).
+//!
+//! Nothing is added to the request to obtain it: a non-streamed answer carries `usage`
+//! anyway; a stream carries it only when the client asked (`stream_options.include_usage`),
+//! and the proxy does not ask on the client's behalf.
+
+use serde::Deserialize;
+
+/// Tokens one answer reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    usage: Option<Usage>,
+}
+
+/// The usage of a complete (non-streamed) answer, if it reports one.
+#[must_use]
+pub fn of_body(body: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<Envelope>(body).ok()?.usage
+}
+
+/// A stream event line longer than this is not buffered whole: usage chunks are a few
+/// hundred bytes, and holding arbitrarily long lines would make memory follow the upstream.
+const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Watches a stream of server-sent events for the chunk that carries `usage`, whatever
+/// the network's chunk boundaries, holding at most one bounded line at a time.
+#[derive(Default)]
+pub struct SseUsageScanner {
+    line: Vec<u8>,
+    /// The current line outgrew [`MAX_LINE_BYTES`]: skip to its end.
+    skipping: bool,
+}
+
+impl SseUsageScanner {
+    /// Feeds the next bytes of the stream; returns the usage once a complete event line
+    /// reporting one has passed.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Option<Usage> {
+        let mut found = None;
+        while let Some(end) = bytes.iter().position(|&byte| byte == b'\n') {
+            if self.skipping {
+                self.skipping = false;
+            } else if self.line.is_empty() {
+                found = found.or(usage_of_line(&bytes[..end]));
+            } else {
+                self.line.extend_from_slice(&bytes[..end]);
+                found = found.or(usage_of_line(&self.line));
+                self.line.clear();
+            }
+            bytes = &bytes[end + 1..];
+        }
+        if !self.skipping && !bytes.is_empty() {
+            if self.line.len() + bytes.len() > MAX_LINE_BYTES {
+                self.line.clear();
+                self.skipping = true;
+            } else {
+                self.line.extend_from_slice(bytes);
+            }
+        }
+        found
+    }
+}
+
+fn usage_of_line(line: &[u8]) -> Option<Usage> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let payload = line.strip_prefix(b"data:")?;
+    // Most chunks carry no usage or `"usage":null`; only parse the one that has an object.
+    let at = find(payload, b"\"usage\"")?;
+    let after = &payload[at + b"\"usage\"".len()..];
+    let value = after
+        .iter()
+        .find(|byte| !byte.is_ascii_whitespace() && **byte != b':')?;
+    if *value != b'{' {
+        return None;
+    }
+    of_body(payload)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|window| window == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USAGE_EVENT: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}\n\n";
+
+    fn stream_with_usage() -> String {
+        let content =
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        format!("{content}{content}{USAGE_EVENT}data: [DONE]\n\n")
+    }
+
+    #[test]
+    fn a_complete_answer_reports_its_usage() {
+        let body = br#"{"id":"c","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":6,"total_tokens":14}}"#;
+        assert_eq!(
+            of_body(body),
+            Some(Usage {
+                prompt_tokens: 8,
+                completion_tokens: 6
+            })
+        );
+        assert_eq!(of_body(br#"{"id":"c","choices":[]}"#), None);
+        assert_eq!(of_body(br#"{"id":"c","usage":null}"#), None);
+        assert_eq!(of_body(b"not json"), None);
+    }
+
+    #[test]
+    fn the_usage_event_is_found_at_every_split_of_the_stream() {
+        let stream = stream_with_usage();
+        let expected = Usage {
+            prompt_tokens: 12,
+            completion_tokens: 34,
+        };
+        for split in 0..=stream.len() {
+            let mut scanner = SseUsageScanner::default();
+            let (head, tail) = stream.as_bytes().split_at(split);
+            let found = [scanner.feed(head), scanner.feed(tail)];
+            assert_eq!(
+                found.iter().flatten().collect::<Vec<_>>(),
+                vec![&expected],
+                "split at {split}"
+            );
+        }
+        let mut scanner = SseUsageScanner::default();
+        let byte_by_byte: Vec<Usage> = stream.bytes().filter_map(|byte| scanner.feed(&[byte])).collect();
+        assert_eq!(byte_by_byte, vec![expected]);
+    }
+
+    #[test]
+    fn streams_without_usage_and_crlf_lines_are_handled() {
+        let mut scanner = SseUsageScanner::default();
+        assert_eq!(
+            scanner.feed(b"data: {\"choices\":[],\"usage\":null}\n\ndata: [DONE]\n\n"),
+            None
+        );
+        let crlf = USAGE_EVENT.replace('\n', "\r\n");
+        assert_eq!(
+            SseUsageScanner::default()
+                .feed(crlf.as_bytes())
+                .map(|usage| usage.completion_tokens),
+            Some(34)
+        );
+    }
+
+    #[test]
+    fn an_overlong_line_is_skipped_without_holding_it() {
+        let mut scanner = SseUsageScanner::default();
+        let long = format!("data: {{\"text\":\"{}\"", "x".repeat(MAX_LINE_BYTES));
+        assert_eq!(scanner.feed(long.as_bytes()), None);
+        assert!(scanner.line.capacity() <= MAX_LINE_BYTES, "the long line was not held");
+        // The rest of the long line is ignored; the next line is read normally.
+        assert_eq!(scanner.feed(b",\"usage\":{\"prompt_tokens\":1}}\n"), None);
+        assert_eq!(
+            scanner.feed(USAGE_EVENT.as_bytes()).map(|usage| usage.prompt_tokens),
+            Some(12)
+        );
+    }
+}
