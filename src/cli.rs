@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, OnRouterError, Overrides, Secret};
+use crate::config::{Config, LogFormat, OnRouterError, OnUpstreamError, Overrides, Secret};
 use crate::controller::Controller;
 use crate::gateway::Gateway;
 use crate::server::{self, AppState};
@@ -358,6 +358,11 @@ pub struct ServeArgs {
     /// embeddings endpoint is down), or `error` for a 500. [default: strong]
     #[arg(long, env = "ROUTELLM_ON_ROUTER_ERROR", value_enum)]
     pub on_router_error: Option<OnRouterError>,
+    /// What a routed request gets when its model is rate-limited (429), failing (5xx),
+    /// unreachable or too slow before answering: `fail` passes that error on,
+    /// `other_model` asks the other model once. [default: fail]
+    #[arg(long, env = "ROUTELLM_ON_UPSTREAM_ERROR", value_enum)]
+    pub on_upstream_error: Option<OnUpstreamError>,
 }
 
 #[derive(Debug, Args)]
@@ -666,6 +671,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         port: args.port,
         log_format: args.log_format,
         on_router_error: args.on_router_error,
+        on_upstream_error: args.on_upstream_error,
         ..args.common.overrides()
     };
     let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;

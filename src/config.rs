@@ -125,6 +125,20 @@ pub enum OnRouterError {
     Error,
 }
 
+/// What a routed request gets when the model it was routed to is unavailable: rate-limited
+/// (429), failing (5xx), unreachable or too slow, before any of its answer was sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUpstreamError {
+    /// The client gets that model's error (its status and body, or a 502/504): routing
+    /// decisions are never changed behind the client's back unless asked for.
+    #[default]
+    Fail,
+    /// The other model is asked once; its answer (or error) is the response.
+    #[value(name = "other_model")]
+    OtherModel,
+}
+
 /// Upstream HTTP behaviour.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +171,7 @@ pub struct FileConfig {
     routers_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
     on_router_error: Option<OnRouterError>,
+    on_upstream_error: Option<OnUpstreamError>,
     #[serde(default)]
     router_settings: RouterSettings,
 }
@@ -202,6 +217,7 @@ pub struct Overrides {
     pub routers_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
     pub on_router_error: Option<OnRouterError>,
+    pub on_upstream_error: Option<OnUpstreamError>,
 }
 
 /// The validated configuration everything else is built from.
@@ -230,6 +246,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Which model answers a routed request whose router failed to score it, or `error`.
     pub on_router_error: OnRouterError,
+    /// Whether a routed request whose model is unavailable is sent to the other model.
+    pub on_upstream_error: OnUpstreamError,
     pub router_settings: RouterSettings,
 }
 
@@ -293,6 +311,10 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("routers")),
             log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
             on_router_error: overrides.on_router_error.or(file.on_router_error).unwrap_or_default(),
+            on_upstream_error: overrides
+                .on_upstream_error
+                .or(file.on_upstream_error)
+                .unwrap_or_default(),
             router_settings: file.router_settings,
         };
         config.validate()?;
@@ -387,6 +409,27 @@ mod tests {
             Config::merge(file, Overrides::default()).unwrap().scoring_concurrency,
             3
         );
+    }
+
+    #[test]
+    fn an_unavailable_model_fails_the_request_unless_other_model_is_chosen() {
+        let default = Config::merge(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(default.on_upstream_error, OnUpstreamError::Fail);
+        let file = || FileConfig::from_yaml("on_upstream_error: other_model\n").unwrap();
+        assert_eq!(
+            Config::merge(file(), Overrides::default()).unwrap().on_upstream_error,
+            OnUpstreamError::OtherModel
+        );
+        let flag = Overrides {
+            on_upstream_error: Some(OnUpstreamError::Fail),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::merge(file(), flag).unwrap().on_upstream_error,
+            OnUpstreamError::Fail
+        );
+        let error = FileConfig::from_yaml("on_upstream_error: retry\n").unwrap_err();
+        assert!(error.to_string().contains("retry"), "{error}");
     }
 
     #[test]

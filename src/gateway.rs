@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Config, OnRouterError, Secret};
+use crate::config::{Config, OnRouterError, OnUpstreamError, Secret};
 use crate::error::Error;
 use crate::model_name::{self, ModelTarget};
 use crate::providers;
@@ -21,6 +21,14 @@ pub enum Tier {
 }
 
 impl Tier {
+    #[must_use]
+    pub fn other(self) -> Tier {
+        match self {
+            Tier::Strong => Tier::Weak,
+            Tier::Weak => Tier::Strong,
+        }
+    }
+
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -38,11 +46,14 @@ pub struct RouteDecision {
     /// The router's score; NaN when it could not score (`fallback`).
     pub win_rate: f64,
     pub tier: Tier,
-    /// The chosen model's configured name.
+    /// The configured name of the model that answered (or was chosen, for [`Gateway::route`]).
     pub model: String,
     /// The router failed to score the prompt and `on_router_error` chose the tier (only
     /// when serving chat completions; [`Gateway::route`] returns the error instead).
     pub fallback: bool,
+    /// The model the router chose was unavailable and, with `on_upstream_error:
+    /// other_model`, the other one answered: `tier` and `model` name the one that did.
+    pub upstream_fallback: bool,
 }
 
 /// A forwarded request's answer, with what the proxy decided and what that cost.
@@ -69,6 +80,7 @@ pub struct Gateway {
     /// Permits for CPU-bound scoring (see [`score`]).
     scoring_slots: Arc<tokio::sync::Semaphore>,
     on_router_error: OnRouterError,
+    on_upstream_error: OnUpstreamError,
     started_at: u64,
 }
 
@@ -121,6 +133,7 @@ impl Gateway {
             max_request_bytes: config.max_request_bytes,
             scoring_slots: Arc::new(tokio::sync::Semaphore::new(config.scoring_concurrency)),
             on_router_error: config.on_router_error,
+            on_upstream_error: config.on_upstream_error,
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
@@ -228,6 +241,7 @@ impl Gateway {
             tier,
             model: self.upstream(tier).model.name.clone(),
             fallback,
+            upstream_fallback: false,
         })
     }
 
@@ -271,7 +285,7 @@ impl Gateway {
     /// Routes (or directly forwards) a chat-completion request body and returns the model's answer.
     pub async fn chat_completion(&self, body: &[u8]) -> Result<Completion, Error> {
         let request = ChatRequest::parse(body)?;
-        let (decision, upstream) = match model_name::parse(request.model())? {
+        let (mut decision, upstream) = match model_name::parse(request.model())? {
             ModelTarget::Routed { router, threshold } => {
                 let decision = self
                     .route_or(router, threshold, request.last_user_prompt()?, self.on_router_error)
@@ -286,12 +300,56 @@ impl Gateway {
                 (None, upstream)
             }
         };
+        let mut upstream_time = Duration::ZERO;
+        let mut answer = self
+            .forward(&request, body, decision.as_ref(), upstream, &mut upstream_time)
+            .await;
+        // Only a routed request may change model: a client that named one gets that one.
+        if let Some(routed) = decision.as_mut()
+            && self.on_upstream_error == OnUpstreamError::OtherModel
+            && let Some(reason) = unavailable(&answer)
+        {
+            let other = routed.tier.other();
+            tracing::warn!(
+                model = %upstream.model.name,
+                reason = %reason,
+                answered_by = %self.upstream(other).model.name,
+                "the routed model is unavailable; on_upstream_error sends the request to the other model"
+            );
+            routed.tier = other;
+            routed.model.clone_from(&self.upstream(other).model.name);
+            routed.upstream_fallback = true;
+            answer = self
+                .forward(&request, body, Some(routed), self.upstream(other), &mut upstream_time)
+                .await;
+        }
+        let reply = answer?;
+        Ok(Completion {
+            model: decision
+                .as_ref()
+                .map_or_else(|| upstream.model.name.clone(), |routed| routed.model.clone()),
+            decision,
+            reply,
+            upstream_time,
+        })
+    }
+
+    /// Sends the request, rewritten for `upstream`'s model, and returns its answer; the
+    /// time spent waiting on the model is added to `upstream_time`.
+    async fn forward(
+        &self,
+        request: &ChatRequest<'_>,
+        body: &[u8],
+        decision: Option<&RouteDecision>,
+        upstream: &Upstream,
+        upstream_time: &mut Duration,
+    ) -> Result<Reply, Error> {
         let forwarded = request.rewrite_model(&upstream.model.provider_model);
         let echo_prompt;
         let echo_note;
         let echo = if upstream.is_echo() {
             echo_prompt = request.last_user_prompt().unwrap_or_default();
-            echo_note = describe(decision.as_ref(), upstream);
+            echo_note = describe(decision, upstream);
             EchoInput {
                 prompt: &echo_prompt,
                 route_note: &echo_note,
@@ -305,15 +363,28 @@ impl Gateway {
             }
         };
         let started = Instant::now();
-        let reply = upstream
+        let answer = upstream
             .send(&self.client, forwarded, request.stream(), self.request_timeout, &echo)
-            .await?;
-        Ok(Completion {
-            decision,
-            model: upstream.model.name.clone(),
-            reply,
-            upstream_time: started.elapsed(),
-        })
+            .await;
+        *upstream_time += started.elapsed();
+        answer
+    }
+}
+
+/// Why an answer means its model is unavailable (rate-limited, failing, unreachable, too
+/// slow), as opposed to answering or refusing the request itself; `None` if it is not.
+fn unavailable(answer: &Result<Reply, Error>) -> Option<String> {
+    match answer {
+        Ok(reply) => {
+            let status = reply.status();
+            (status == axum::http::StatusCode::TOO_MANY_REQUESTS || status.is_server_error())
+                .then(|| format!("it answered {status}"))
+        }
+        Err(
+            error
+            @ (Error::UpstreamUnreachable { .. } | Error::UpstreamTimeout { .. } | Error::UpstreamProtocol { .. }),
+        ) => Some(error.to_string()),
+        Err(_) => None,
     }
 }
 
@@ -366,6 +437,12 @@ async fn score(
 
 fn describe(decision: Option<&RouteDecision>, upstream: &Upstream) -> String {
     match decision {
+        Some(decision) if decision.upstream_fallback => format!(
+            "Router {}'s choice was unavailable, so the {} model {} answered (on_upstream_error)",
+            decision.router,
+            decision.tier.as_str(),
+            upstream.model.name
+        ),
         Some(decision) if decision.fallback => format!(
             "Router {} could not score the prompt, so the {} model {} answered (on_router_error)",
             decision.router,

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::gateway::Tier;
 use crate::usage::Usage;
 
 /// Which model a request went to, for labelling.
@@ -35,6 +36,8 @@ pub struct Metrics {
     overhead_count: AtomicU64,
     overhead_sum_us: AtomicU64,
     router_fallbacks: AtomicU64,
+    /// Routed requests answered by the other model, by the tier that was unavailable.
+    upstream_fallbacks: [AtomicU64; 2],
     /// Prompt and completion tokens per tier (`none` never has any).
     tokens: [[AtomicU64; 2]; 4],
 }
@@ -63,6 +66,16 @@ impl Metrics {
     /// Counts one routed request whose router failed, answered by the `on_router_error` model.
     pub fn record_router_fallback(&self) {
         self.router_fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one routed request that the other model answered because the one chosen,
+    /// `from`, was unavailable (`on_upstream_error: other_model`).
+    pub fn record_upstream_fallback(&self, from: Tier) {
+        let index = match from {
+            Tier::Strong => 0,
+            Tier::Weak => 1,
+        };
+        self.upstream_fallbacks[index].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts the tokens an answer from `tier` reports.
@@ -126,6 +139,17 @@ impl Metrics {
             "routellm_router_fallbacks_total {}",
             self.router_fallbacks.load(Ordering::Relaxed)
         );
+        out.push_str(
+            "# HELP routellm_upstream_fallbacks_total Routed requests the other model answered because the chosen one was unavailable (on_upstream_error: other_model), by the unavailable tier.\n",
+        );
+        out.push_str("# TYPE routellm_upstream_fallbacks_total counter\n");
+        for (from, count) in ["strong", "weak"].iter().zip(&self.upstream_fallbacks) {
+            let _ = writeln!(
+                out,
+                "routellm_upstream_fallbacks_total{{from=\"{from}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }
@@ -178,5 +202,15 @@ mod tests {
         assert!(text.contains("routellm_tokens_total{tier=\"weak\",kind=\"completion\"} 7\n"));
         assert!(text.contains("routellm_tokens_total{tier=\"strong\",kind=\"prompt\"} 0\n"));
         assert!(!text.contains("tier=\"none\",kind"), "{text}");
+        metrics.record_upstream_fallback(Tier::Strong);
+        let text = metrics.render();
+        assert!(
+            text.contains("routellm_upstream_fallbacks_total{from=\"strong\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("routellm_upstream_fallbacks_total{from=\"weak\"} 0\n"),
+            "{text}"
+        );
     }
 }

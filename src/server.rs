@@ -64,8 +64,10 @@ pub const HEADER_THRESHOLD: &str = "x-routellm-threshold";
 pub const HEADER_WIN_RATE: &str = "x-routellm-win-rate";
 pub const HEADER_TIER: &str = "x-routellm-tier";
 pub const HEADER_MODEL: &str = "x-routellm-model";
-/// Present (`router_error`) when the router could not score the prompt and
-/// `on_router_error` chose the model; the win-rate header is then absent.
+/// Present when the proxy chose the model some other way than by the router's score:
+/// `router_error` (the router could not score the prompt, `on_router_error` chose; the
+/// win-rate header is then absent), `upstream_error` (the chosen model was unavailable,
+/// `on_upstream_error` asked the other one), or both, comma-separated.
 pub const HEADER_FALLBACK: &str = "x-routellm-fallback";
 /// Microseconds the proxy itself spent on the request, outside the upstream call.
 pub const HEADER_OVERHEAD: &str = "x-routellm-overhead-us";
@@ -159,6 +161,9 @@ fn respond(completion: Completion, received: Instant, state: &AppState) -> Respo
     if decision.as_ref().is_some_and(|d| d.fallback) {
         metrics.record_router_fallback();
     }
+    if let Some(routed) = decision.as_ref().filter(|d| d.upstream_fallback) {
+        metrics.record_upstream_fallback(routed.tier.other());
+    }
     // Per-request lines at debug: at thousands of requests a second, an info line each
     // would cost more than the routing itself. Errors are logged where they happen.
     tracing::debug!(
@@ -191,10 +196,20 @@ fn respond(completion: Completion, received: Instant, state: &AppState) -> Respo
     if let Some(decision) = &decision {
         insert(&mut extra, HEADER_ROUTER, &decision.router);
         insert(&mut extra, HEADER_THRESHOLD, &decision.threshold.to_string());
-        if decision.fallback {
-            insert(&mut extra, HEADER_FALLBACK, "router_error");
-        } else {
+        if !decision.fallback {
             insert(&mut extra, HEADER_WIN_RATE, &decision.win_rate.to_string());
+        }
+        let fallbacks = [
+            (decision.fallback, "router_error"),
+            (decision.upstream_fallback, "upstream_error"),
+        ];
+        let fallbacks: Vec<&str> = fallbacks
+            .iter()
+            .filter(|(happened, _)| *happened)
+            .map(|(_, what)| *what)
+            .collect();
+        if !fallbacks.is_empty() {
+            insert(&mut extra, HEADER_FALLBACK, &fallbacks.join(", "));
         }
         insert(&mut extra, HEADER_TIER, decision.tier.as_str());
     }

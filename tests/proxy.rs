@@ -445,6 +445,82 @@ async fn metrics_count_the_tokens_each_tier_answered_with() {
 }
 
 #[tokio::test]
+async fn an_unavailable_model_is_passed_on_unless_other_model_is_configured() {
+    use axum::http::StatusCode;
+    // Default: the chosen model's 503 reaches the client, and the other model is not asked.
+    let (strong, weak, proxy) = setup("").await;
+    strong.set_unavailable(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let response = proxy.post_chat(&body("router-random-0", "")).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().get("x-routellm-fallback").is_none());
+    assert_eq!((strong.received().len(), weak.received().len()), (1, 0));
+
+    // other_model: a rate-limited or failing strong model is replaced by the weak one.
+    let (strong, weak, proxy) = setup("on_upstream_error: other_model\n").await;
+    for status in [StatusCode::TOO_MANY_REQUESTS, StatusCode::INTERNAL_SERVER_ERROR] {
+        strong.set_unavailable(Some(status));
+        let response = proxy.post_chat(&body("router-random-0", "")).await;
+        assert_eq!(response.status(), 200, "after {status}");
+        let headers = response.headers().clone();
+        assert_eq!(headers["x-routellm-fallback"], "upstream_error");
+        assert_eq!(headers["x-routellm-tier"], "weak");
+        assert_eq!(headers["x-routellm-model"], "together_ai/weak-model");
+        assert!(headers.get("x-routellm-win-rate").is_some(), "the router did score");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], "answer from weak");
+    }
+    // The weak model got the request as it would have, with its own model name and key.
+    let forwarded = weak.received();
+    assert_eq!(forwarded.len(), 2);
+    assert_eq!(forwarded[0].json()["model"], "weak-model");
+    assert_eq!(forwarded[0].headers["authorization"], "Bearer sk-weak");
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("routellm_upstream_fallbacks_total{from=\"strong\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("routellm_requests_total{tier=\"weak\",status=\"2xx\"} 2\n"),
+        "{metrics}"
+    );
+
+    // The client's own mistake is not an outage: a 400 is passed on, the other model not asked.
+    strong.set_unavailable(None);
+    let rejected = proxy
+        .post_chat(&body("router-random-0", r#","mock":"bad_request""#))
+        .await;
+    assert_eq!(rejected.status(), 400);
+    assert_eq!(weak.received().len(), 2);
+    // A model named directly is never swapped.
+    strong.set_unavailable(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let direct = proxy.post_chat(&body("openai/strong-model", "")).await;
+    assert_eq!(direct.status(), 503);
+    assert_eq!(weak.received().len(), 2);
+    // Both unavailable: the other model's error is the answer, and says whose it is.
+    weak.set_unavailable(Some(StatusCode::BAD_GATEWAY));
+    let both = proxy.post_chat(&body("router-random-0", "")).await;
+    assert_eq!(both.status(), 502);
+    assert_eq!(both.headers()["x-routellm-fallback"], "upstream_error");
+    assert_eq!(both.headers()["x-routellm-model"], "together_ai/weak-model");
+    let error: Value = both.json().await.unwrap();
+    assert_eq!(error["error"]["message"], "weak is unavailable");
+
+    // An unreachable weak model: a stream is answered by the strong one.
+    let strong = MockUpstream::start("strong").await;
+    let dead = format!("http://127.0.0.1:{}/v1", closed_port().await);
+    let proxy = Proxy::start(&strong.base_url(), &dead, "on_upstream_error: other_model\n").await;
+    let response = proxy.post_chat(&body("router-random-1", r#","stream":true"#)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    assert_eq!(response.headers()["x-routellm-fallback"], "upstream_error");
+    let events = response.text().await.unwrap();
+    assert!(
+        events.contains("from strong") && events.ends_with("data: [DONE]\n\n"),
+        "{events}"
+    );
+}
+
+#[tokio::test]
 async fn a_router_that_cannot_score_falls_back_to_the_configured_model() {
     async fn setup(yaml: &str) -> (MockUpstream, MockUpstream, Proxy) {
         let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);

@@ -43,6 +43,9 @@ pub struct MockState {
     pub gate: Arc<Notify>,
     /// Fires when a stream body is dropped (client went away).
     pub dropped: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+    /// When set, every request is answered with this status and an OpenAI error body, as
+    /// an overloaded or rate-limited provider answers (unlike `mock`, this is per upstream).
+    pub unavailable: Arc<Mutex<Option<StatusCode>>>,
 }
 
 pub struct MockUpstream {
@@ -72,6 +75,11 @@ impl MockUpstream {
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
     }
+
+    /// From now on, answer every request with `status` (`None`: answer normally again).
+    pub fn set_unavailable(&self, status: Option<StatusCode>) {
+        *self.state.unavailable.lock().unwrap() = status;
+    }
 }
 
 struct DropSignal(Option<oneshot::Sender<()>>);
@@ -99,6 +107,10 @@ async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Byt
         body: body.clone(),
         headers,
     });
+    if let Some(status) = *state.unavailable.lock().unwrap() {
+        let error = json!({"error": {"message": format!("{} is unavailable", state.name), "type": "server_error", "param": null, "code": null}});
+        return (status, axum::Json(error)).into_response();
+    }
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let model = request["model"].as_str().unwrap_or("?").to_owned();
     let behaviour = request["mock"].as_str().unwrap_or("ok").to_owned();
