@@ -421,8 +421,14 @@ async fn mock_upstream(args: &MockUpstreamArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The command as a manifest records it: `routellm` and its arguments, whatever path the
+/// binary ran from (`./target/release/routellm`, a cache dir), so retraining an artifact
+/// with the same arguments rewrites its manifest byte for byte on any machine.
 fn command_line() -> String {
-    std::env::args().collect::<Vec<_>>().join(" ")
+    std::iter::once("routellm".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The signature `train_mf` and `train_sw_ranking` share: files, embedder, its kind,
