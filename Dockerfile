@@ -2,6 +2,15 @@
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock clippy.toml ./
+# Dependencies first, against placeholder sources, so that a change to our own code rebuilds
+# only this crate: the layer below stays cached until Cargo.toml or Cargo.lock change.
+RUN mkdir -p src benches \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/routing.rs \
+    && cargo build --release --locked --bin routellm \
+    && rm -rf src benches target/release/routellm target/release/deps/routellm-* \
+        target/release/deps/libroutellm-* target/release/.fingerprint/routellm-*
 COPY src src
 COPY benches benches
 COPY tests tests
