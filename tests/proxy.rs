@@ -17,6 +17,15 @@ fn body(model: &str, extra: &str) -> String {
     format!(r#"{{"model":"{model}","messages":[{HELLO}]{extra}}}"#)
 }
 
+/// What is left of a streamed answer, as text.
+async fn read_to_end(mut chunks: impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin) -> String {
+    let mut rest = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    String::from_utf8(rest).unwrap()
+}
+
 /// A strong and a weak mock upstream with the proxy in front, configured by `yaml`.
 async fn setup(yaml: &str) -> (MockUpstream, MockUpstream, Proxy) {
     let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
@@ -113,11 +122,7 @@ async fn streams_pass_through_chunk_by_chunk() {
         .unwrap();
     assert!(std::str::from_utf8(&first).unwrap().contains("from strong"));
     strong.state.gate.notify_one();
-    let mut rest = Vec::new();
-    while let Some(chunk) = chunks.next().await {
-        rest.extend_from_slice(&chunk.unwrap());
-    }
-    let rest = String::from_utf8(rest).unwrap();
+    let rest = read_to_end(chunks).await;
     assert!(rest.contains(" done"), "{rest}");
     assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
     assert_eq!(strong.received()[0].headers["accept"], "text/event-stream");
@@ -634,4 +639,39 @@ async fn cpu_bound_scoring_is_bounded_by_scoring_concurrency() {
         most_scored_at_once(1, 4, Remote).await >= 2,
         "a router waiting on the network does not queue behind the CPU slots"
     );
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_an_open_stream_finish() {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (proxy, server) = Proxy::start_until(&strong.base_url(), &weak.base_url(), async move {
+        let _ = stopped.await;
+    })
+    .await;
+    let response = proxy
+        .post_chat(&body("router-random-0", r#","stream":true,"mock":"gated""#))
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut chunks = response.bytes_stream();
+    let first = chunks.next().await.unwrap().unwrap();
+    assert!(std::str::from_utf8(&first).unwrap().contains("from strong"));
+
+    stop.send(()).unwrap();
+    // A new connection is refused once the listener closes; the open stream is not cut.
+    let fresh = reqwest::Client::new();
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        while fresh.get(proxy.url("/health")).send().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "the server kept accepting connections after shutdown");
+    assert!(!server.is_finished(), "the server stopped before its open stream ended");
+
+    strong.state.gate.notify_one();
+    let rest = read_to_end(chunks).await;
+    assert!(rest.contains(" done") && rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    let drained = tokio::time::timeout(Duration::from_secs(10), server).await;
+    assert!(matches!(drained, Ok(Ok(Ok(())))), "{drained:?}");
 }

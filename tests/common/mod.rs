@@ -19,6 +19,7 @@ use routellm::server::{self, AppState};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
 
 /// One request as the mock upstream received it.
 #[derive(Debug, Clone)]
@@ -218,6 +219,25 @@ impl RouterTrait for FailingRouter {
     }
 }
 
+/// Routers `random` (seeded) and `fixed_high` (0.8).
+fn default_routers() -> BTreeMap<String, Arc<dyn RouterTrait>> {
+    let mut routers: BTreeMap<String, Arc<dyn RouterTrait>> = BTreeMap::new();
+    routers.insert("random".into(), Arc::new(routellm::routers::RandomRouter::with_seed(3)));
+    routers.insert("fixed_high".into(), Arc::new(FixedRouter(0.8)));
+    routers
+}
+
+/// A gateway in front of `strong` and `weak` base URLs, configured by `yaml` after the two models.
+fn gateway(strong: &str, weak: &str, yaml: &str, routers: BTreeMap<String, Arc<dyn RouterTrait>>) -> Gateway {
+    let file = FileConfig::from_yaml(&format!(
+        "strong_model: {{name: openai/strong-model, base_url: '{strong}', api_key: sk-strong}}\n\
+         weak_model: {{name: together_ai/weak-model, base_url: '{weak}', api_key: sk-weak}}\n{yaml}"
+    ))
+    .unwrap();
+    let config = Config::merge(file, Overrides::default()).unwrap();
+    Gateway::with_routers(&config, routers).unwrap()
+}
+
 /// The proxy under test, on its own port, in front of `strong` and `weak` base URLs.
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -227,10 +247,7 @@ pub struct Proxy {
 impl Proxy {
     /// The proxy with routers `random` (seeded) and `fixed_high` (0.8).
     pub async fn start(strong: &str, weak: &str, yaml: &str) -> Self {
-        let mut routers: BTreeMap<String, Arc<dyn RouterTrait>> = BTreeMap::new();
-        routers.insert("random".into(), Arc::new(routellm::routers::RandomRouter::with_seed(3)));
-        routers.insert("fixed_high".into(), Arc::new(FixedRouter(0.8)));
-        Self::start_with(strong, weak, yaml, routers).await
+        Self::start_with(strong, weak, yaml, default_routers()).await
     }
 
     /// The proxy serving `routers`, configured by `yaml` after the two models.
@@ -240,13 +257,7 @@ impl Proxy {
         yaml: &str,
         routers: BTreeMap<String, Arc<dyn RouterTrait>>,
     ) -> Self {
-        let file = FileConfig::from_yaml(&format!(
-            "strong_model: {{name: openai/strong-model, base_url: '{strong}', api_key: sk-strong}}\n\
-             weak_model: {{name: together_ai/weak-model, base_url: '{weak}', api_key: sk-weak}}\n{yaml}"
-        ))
-        .unwrap();
-        let config = Config::merge(file, Overrides::default()).unwrap();
-        Self::with_gateway(Gateway::with_routers(&config, routers).unwrap()).await
+        Self::with_gateway(gateway(strong, weak, yaml, routers)).await
     }
 
     /// The Prometheus text at `/metrics`.
@@ -256,13 +267,31 @@ impl Proxy {
     }
 
     pub async fn with_gateway(gateway: Gateway) -> Self {
+        Self::serve_until(gateway, std::future::pending()).await.0
+    }
+
+    /// As [`Proxy::start`], but the server shuts down gracefully when `shutdown` resolves;
+    /// the handle finishes once it has stopped and drained.
+    pub async fn start_until(
+        strong: &str,
+        weak: &str,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (Self, JoinHandle<std::io::Result<()>>) {
+        Self::serve_until(gateway(strong, weak, "", default_routers()), shutdown).await
+    }
+
+    async fn serve_until(
+        gateway: Gateway,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (Self, JoinHandle<std::io::Result<()>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(server::run(listener, AppState::new(gateway), std::future::pending()));
-        Self {
+        let server = tokio::spawn(server::run(listener, AppState::new(gateway), shutdown));
+        let proxy = Self {
             addr,
             client: reqwest::Client::new(),
-        }
+        };
+        (proxy, server)
     }
 
     pub fn url(&self, path: &str) -> String {
