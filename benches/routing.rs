@@ -12,7 +12,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use futures_util::StreamExt;
 use routellm::Gateway;
 use routellm::config::{Config, FileConfig, Overrides};
-use routellm::request::ChatRequest;
+use routellm::request::{Api, ModelRequest};
 use routellm::routers::{LengthRouter, RandomRouter, Router};
 use routellm::upstream::Reply;
 
@@ -58,7 +58,7 @@ fn request_parsing(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_with_input(BenchmarkId::new("parse_prompt_rewrite", count), &body, |b, body| {
             b.iter(|| {
-                let request = ChatRequest::parse(black_box(body)).expect("valid");
+                let request = ModelRequest::parse(Api::ChatCompletions, black_box(body)).expect("valid");
                 let prompt = request.last_user_prompt().expect("has a prompt");
                 black_box(prompt.len());
                 black_box(request.rewrite_model("gpt-4o"))

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures_util::stream;
 use serde_json::json;
 
+use crate::request::Api;
 use crate::upstream::{ByteStream, EchoInput, Reply};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -22,14 +23,59 @@ pub fn answer_text(model: &str, input: &EchoInput<'_>) -> String {
     format!("[echo/{model}] {}. Your message: {}", input.route_note, input.prompt)
 }
 
-/// A complete answer (or a stream of it) from the echo model `model`.
+/// A complete answer (or a stream of it) from the echo model `model`, in `api`'s format.
 #[must_use]
-pub fn reply(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
+pub fn reply(api: Api, model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
+    match api {
+        Api::ChatCompletions => chat_completion(model, stream, input),
+        Api::Responses => response(model, stream, input),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+fn json_reply(body: &serde_json::Value) -> Reply {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Reply::Complete {
+        status: StatusCode::OK,
+        headers,
+        body: Bytes::from(body.to_string()),
+    }
+}
+
+fn event_stream_reply(frames: Vec<String>) -> Reply {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let frames: Vec<Result<Bytes, std::convert::Infallible>> =
+        frames.into_iter().map(|frame| Ok(Bytes::from(frame))).collect();
+    let body: ByteStream = Box::pin(stream::iter(frames));
+    Reply::Stream {
+        status: StatusCode::OK,
+        headers,
+        body,
+    }
+}
+
+/// The answer text in pieces of a few words, like a real model's token stream without one
+/// event per word.
+fn stream_pieces(text: &str) -> Vec<String> {
+    let pieces: Vec<&str> = text.split_inclusive(' ').collect();
+    pieces.chunks(8).map(<[&str]>::concat).collect()
+}
+
+fn chat_completion(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
     let text = answer_text(model, input);
     let id = format!("chatcmpl-echo-{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs());
+    let created = unix_now();
     let prompt_tokens = count_tokens(input.prompt);
     let completion_tokens = count_tokens(&text);
     let usage = json!({
@@ -37,7 +83,6 @@ pub fn reply(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     });
-    let mut headers = HeaderMap::new();
     if !stream {
         let body = json!({
             "id": id,
@@ -53,12 +98,7 @@ pub fn reply(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
             "usage": usage,
             "system_fingerprint": null,
         });
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        return Reply::Complete {
-            status: StatusCode::OK,
-            headers,
-            body: Bytes::from(body.to_string()),
-        };
+        return json_reply(&body);
     }
 
     let chunk = |delta: serde_json::Value, finish_reason: Option<&str>| {
@@ -75,10 +115,8 @@ pub fn reply(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
         json!({"role": "assistant", "content": "", "refusal": null}),
         None,
     )];
-    // A few words per event, like a real model's token stream, without one event per word.
-    let pieces: Vec<&str> = text.split_inclusive(' ').collect();
-    for group in pieces.chunks(8) {
-        events.push(chunk(json!({"content": group.concat()}), None));
+    for piece in stream_pieces(&text) {
+        events.push(chunk(json!({"content": piece}), None));
     }
     events.push(chunk(json!({}), Some("stop")));
     if input.include_usage {
@@ -92,22 +130,96 @@ pub fn reply(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
             "usage": usage,
         }));
     }
-    let mut frames: Vec<Result<Bytes, std::convert::Infallible>> = events
-        .into_iter()
-        .map(|event| Ok(Bytes::from(format!("data: {event}\n\n"))))
-        .collect();
-    frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    let body: ByteStream = Box::pin(stream::iter(frames));
-    Reply::Stream {
-        status: StatusCode::OK,
-        headers,
-        body,
+    let mut frames: Vec<String> = events.into_iter().map(|event| format!("data: {event}\n\n")).collect();
+    frames.push("data: [DONE]\n\n".to_owned());
+    event_stream_reply(frames)
+}
+
+/// A Responses API answer: one assistant message with one `output_text` part; streamed as
+/// OpenAI streams it, from `response.created` to `response.completed` (which carries the
+/// usage), each event named and numbered, with no `[DONE]`.
+fn response(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
+    let text = answer_text(model, input);
+    let serial = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let id = format!("resp_echo{serial:016x}");
+    let message_id = format!("msg_echo{serial:016x}");
+    let input_tokens = count_tokens(input.prompt);
+    let output_tokens = count_tokens(&text);
+    let response = |status: &str, output: serde_json::Value, usage: serde_json::Value| {
+        json!({
+            "id": id,
+            "object": "response",
+            "created_at": unix_now(),
+            "status": status,
+            "error": null,
+            "incomplete_details": null,
+            "model": model,
+            "output": output,
+            "parallel_tool_calls": true,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": usage,
+            "metadata": {},
+        })
+    };
+    let part = |text: &str| json!({"type": "output_text", "text": text, "annotations": []});
+    let message = |status: &str, content: serde_json::Value| json!({"type": "message", "id": message_id, "status": status, "role": "assistant", "content": content});
+    let usage = json!({
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    });
+    let done = message("completed", json!([part(&text)]));
+    let completed = response("completed", json!([done]), usage);
+    if !stream {
+        return json_reply(&completed);
     }
+    let in_progress = response("in_progress", json!([]), serde_json::Value::Null);
+    let item = json!({"item_id": message_id, "output_index": 0, "content_index": 0});
+    let with_item = |mut event: serde_json::Value| {
+        if let (Some(event), Some(item)) = (event.as_object_mut(), item.as_object()) {
+            event.extend(item.clone());
+        }
+        event
+    };
+    let mut events = vec![
+        ("response.created", json!({"response": in_progress})),
+        ("response.in_progress", json!({"response": in_progress})),
+        (
+            "response.output_item.added",
+            json!({"output_index": 0, "item": message("in_progress", json!([]))}),
+        ),
+        ("response.content_part.added", with_item(json!({"part": part("")}))),
+    ];
+    for piece in stream_pieces(&text) {
+        events.push((
+            "response.output_text.delta",
+            with_item(json!({"delta": piece, "logprobs": []})),
+        ));
+    }
+    events.extend([
+        (
+            "response.output_text.done",
+            with_item(json!({"text": text, "logprobs": []})),
+        ),
+        ("response.content_part.done", with_item(json!({"part": part(&text)}))),
+        ("response.output_item.done", json!({"output_index": 0, "item": done})),
+        ("response.completed", json!({"response": completed})),
+    ]);
+    let frames = events
+        .into_iter()
+        .enumerate()
+        .map(|(sequence_number, (kind, mut data))| {
+            if let Some(fields) = data.as_object_mut() {
+                fields.insert("type".into(), json!(kind));
+                fields.insert("sequence_number".into(), json!(sequence_number));
+            }
+            format!("event: {kind}\ndata: {data}\n\n")
+        })
+        .collect();
+    event_stream_reply(frames)
 }
 
 /// A rough token count (words), enough for an offline model's `usage`.
@@ -131,7 +243,7 @@ mod tests {
 
     #[test]
     fn complete_answer_is_a_chat_completion() {
-        let Reply::Complete { status, body, .. } = reply("gpt-4o", false, &input(false)) else {
+        let Reply::Complete { status, body, .. } = reply(Api::ChatCompletions, "gpt-4o", false, &input(false)) else {
             panic!("expected a complete reply")
         };
         assert_eq!(status, StatusCode::OK);
@@ -148,7 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn stream_reassembles_to_the_same_text_and_ends_with_done() {
-        let Reply::Stream { body, .. } = reply("mixtral", true, &input(true)) else {
+        let Reply::Stream { body, .. } = reply(Api::ChatCompletions, "mixtral", true, &input(true)) else {
             panic!("expected a stream")
         };
         let frames: Vec<Bytes> = body.map(|frame| frame.unwrap()).collect().await;
@@ -166,5 +278,46 @@ mod tests {
         }
         assert_eq!(content, answer_text("mixtral", &input(true)));
         assert!(saw_usage);
+    }
+
+    #[test]
+    fn complete_response_has_one_output_text_and_usage() {
+        let Reply::Complete { body, .. } = reply(Api::Responses, "gpt-4o", false, &input(false)) else {
+            panic!("expected a complete reply")
+        };
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["object"], "response");
+        assert_eq!(json["status"], "completed");
+        let text = json["output"][0]["content"][0]["text"].as_str().unwrap();
+        assert_eq!(text, answer_text("gpt-4o", &input(false)));
+        assert_eq!(json["usage"]["input_tokens"], 2);
+    }
+
+    #[tokio::test]
+    async fn response_stream_is_numbered_named_events_ending_with_completed() {
+        let Reply::Stream { body, .. } = reply(Api::Responses, "mixtral", true, &input(false)) else {
+            panic!("expected a stream")
+        };
+        let frames: Vec<Bytes> = body.map(|frame| frame.unwrap()).collect().await;
+        let text: String = frames.iter().map(|f| std::str::from_utf8(f).unwrap()).collect();
+        let mut deltas = String::new();
+        let mut kinds = Vec::new();
+        for (number, event) in text.split("\n\n").filter(|e| !e.is_empty()).enumerate() {
+            let (name, data) = event.split_once('\n').unwrap();
+            let kind = name.strip_prefix("event: ").unwrap();
+            let json: serde_json::Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(json["type"], kind);
+            assert_eq!(json["sequence_number"], number);
+            if kind == "response.output_text.delta" {
+                deltas.push_str(json["delta"].as_str().unwrap());
+            }
+            if kind == "response.completed" {
+                assert_eq!(json["response"]["usage"]["output_tokens"], count_tokens(&deltas));
+            }
+            kinds.push(kind.to_owned());
+        }
+        assert_eq!(deltas, answer_text("mixtral", &input(false)));
+        assert_eq!(kinds.first().map(String::as_str), Some("response.created"));
+        assert_eq!(kinds.last().map(String::as_str), Some("response.completed"));
     }
 }

@@ -140,7 +140,9 @@ impl Error {
         }
     }
 
-    fn param(&self) -> Option<&'static str> {
+    /// The request field the error is about, if any (OpenAI's `param`).
+    #[must_use]
+    pub fn param(&self) -> Option<&'static str> {
         match self {
             Error::InvalidRequest { param, .. } => *param,
             Error::ModelNotFound(_) => Some("model"),
@@ -204,6 +206,29 @@ impl Error {
         // Serialising a struct of strings cannot fail; the fallback only keeps us panic-free.
         serde_json::to_string(&body).unwrap_or_else(|_| {
             r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_owned()
+        })
+    }
+
+    /// The error as the Responses API's stream event (`event: error`) carries it: flat, with
+    /// `type: "error"` and the error's code (or, lacking one, its type) as `code`.
+    #[must_use]
+    pub fn to_responses_event_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Event<'a> {
+            r#type: &'static str,
+            code: &'static str,
+            message: &'a str,
+            param: Option<&'static str>,
+        }
+        let message = self.client_message();
+        let event = Event {
+            r#type: "error",
+            code: self.code().unwrap_or_else(|| self.kind()),
+            message: &message,
+            param: self.param(),
+        };
+        serde_json::to_string(&event).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"server_error","message":"internal error","param":null}"#.to_owned()
         })
     }
 }

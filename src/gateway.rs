@@ -9,7 +9,7 @@ use crate::config::{Config, OnRouterError, OnUpstreamError, Secret};
 use crate::error::Error;
 use crate::model_name::{self, ModelTarget};
 use crate::providers;
-use crate::request::ChatRequest;
+use crate::request::{Api, ModelRequest};
 use crate::routers::{self, Router, ScoringCost};
 use crate::upstream::{EchoInput, Reply, Upstream};
 
@@ -284,7 +284,12 @@ impl Gateway {
 
     /// Routes (or directly forwards) a chat-completion request body and returns the model's answer.
     pub async fn chat_completion(&self, body: &[u8]) -> Result<Completion, Error> {
-        let request = ChatRequest::parse(body)?;
+        self.complete(Api::ChatCompletions, body).await
+    }
+
+    /// Routes (or directly forwards) a request body for `api` and returns the model's answer.
+    pub async fn complete(&self, api: Api, body: &[u8]) -> Result<Completion, Error> {
+        let request = ModelRequest::parse(api, body)?;
         let (mut decision, upstream) = match model_name::parse(request.model())? {
             ModelTarget::Routed { router, threshold } => {
                 let decision = self
@@ -338,7 +343,7 @@ impl Gateway {
     /// time spent waiting on the model is added to `upstream_time`.
     async fn forward(
         &self,
-        request: &ChatRequest<'_>,
+        request: &ModelRequest<'_>,
         body: &[u8],
         decision: Option<&RouteDecision>,
         upstream: &Upstream,
@@ -353,7 +358,7 @@ impl Gateway {
             EchoInput {
                 prompt: &echo_prompt,
                 route_note: &echo_note,
-                include_usage: wants_usage(body),
+                include_usage: request.api() == Api::Responses || wants_usage(body),
             }
         } else {
             EchoInput {
@@ -364,7 +369,14 @@ impl Gateway {
         };
         let started = Instant::now();
         let answer = upstream
-            .send(&self.client, forwarded, request.stream(), self.request_timeout, &echo)
+            .send(
+                &self.client,
+                request.api(),
+                forwarded,
+                request.stream(),
+                self.request_timeout,
+                &echo,
+            )
             .await;
         *upstream_time += started.elapsed();
         answer

@@ -101,7 +101,7 @@ impl Metrics {
             }
         }
         out.push_str(
-            "# HELP routellm_tokens_total Tokens the answering model reported in `usage`, by routed tier; streams report them only when the client asks (stream_options.include_usage).\n",
+            "# HELP routellm_tokens_total Tokens the answering model reported in `usage`, by routed tier; Chat Completions streams report them only when the client asks (stream_options.include_usage), Responses streams always.\n",
         );
         out.push_str("# TYPE routellm_tokens_total counter\n");
         for (tier, [prompt, completion]) in TIERS.iter().zip(&self.tokens).take(3) {

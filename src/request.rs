@@ -1,5 +1,5 @@
-//! A chat-completion request body read just far enough to route it, and rewritten by
-//! replacing `model` alone.
+//! A request body (Chat Completions or Responses) read just far enough to route it, and
+//! rewritten by replacing `model` alone.
 //!
 //! The body is kept as its top-level fields' raw JSON text, in order. Everything the
 //! proxy does not own (`tools`, `response_format` with a JSON schema, vendor extensions,
@@ -19,18 +19,52 @@ use crate::error::Error;
 const UNPARSABLE_BODY: &str = "We could not parse the JSON body of your request. (HINT: This likely means you \
 aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)";
 
+/// The OpenAI APIs the proxy routes; they differ in where the prompt is and in the shape
+/// of answers and stream events, not in how a request is routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `POST /v1/chat/completions`: the prompt is the last user message in `messages`.
+    ChatCompletions,
+    /// `POST /v1/responses`: the prompt is `input` when it is a string, else its last
+    /// item with role `user`.
+    Responses,
+}
+
+impl Api {
+    /// The endpoint's path below a provider's base URL.
+    #[must_use]
+    pub fn path(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "chat/completions",
+            Api::Responses => "responses",
+        }
+    }
+
+    /// The request field holding the conversation.
+    #[must_use]
+    pub fn prompt_field(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "messages",
+            Api::Responses => "input",
+        }
+    }
+}
+
 /// A parsed request body that borrows from the bytes it was read from.
 #[derive(Debug)]
-pub struct ChatRequest<'a> {
+pub struct ModelRequest<'a> {
+    api: Api,
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
     model: Cow<'a, str>,
     stream: bool,
-    messages: Vec<Message<'a>>,
+    /// The conversation's messages with their positions in it (Responses input items
+    /// without a role, such as tool outputs, are left out).
+    messages: Vec<(usize, Message<'a>)>,
 }
 
-impl<'a> ChatRequest<'a> {
-    /// Reads the top level of `body` and checks the fields the proxy relies on.
-    pub fn parse(body: &'a [u8]) -> Result<Self, Error> {
+impl<'a> ModelRequest<'a> {
+    /// Reads the top level of `body`, a request to `api`, and checks the fields the proxy relies on.
+    pub fn parse(api: Api, body: &'a [u8]) -> Result<Self, Error> {
         let fields = serde_json::from_slice::<TopLevel<'a>>(body)
             .map_err(|error| {
                 if error.is_data() {
@@ -68,8 +102,12 @@ impl<'a> ChatRequest<'a> {
                 })?
                 .unwrap_or(false),
         };
-        let messages = parse_messages(last_field(&fields, "messages"))?;
+        let messages = match api {
+            Api::ChatCompletions => parse_messages(last_field(&fields, "messages"))?,
+            Api::Responses => parse_input(last_field(&fields, "input"))?,
+        };
         Ok(Self {
+            api,
             fields,
             model,
             stream,
@@ -89,33 +127,36 @@ impl<'a> ChatRequest<'a> {
         self.stream
     }
 
+    /// The API the request is for.
+    #[must_use]
+    pub fn api(&self) -> Api {
+        self.api
+    }
+
     /// The text a router scores: the last user message, its text parts joined by newlines
     /// (images and other non-text parts carry no text to score).
     pub fn last_user_prompt(&self) -> Result<String, Error> {
+        let field = self.api.prompt_field();
         let (index, message) = self
             .messages
             .iter()
-            .enumerate()
             .rev()
             .find(|(_, message)| message.role == "user")
-            .ok_or_else(|| {
-                Error::invalid_param(
-                    "Invalid 'messages': routing needs at least one message with role 'user'.",
-                    "messages",
-                )
+            .ok_or_else(|| Error::InvalidRequest {
+                message: format!("Invalid '{field}': routing needs at least one message with role 'user'."),
+                param: Some(field),
+                code: None,
             })?;
         let Some(raw) = message.content else {
             return Ok(String::new());
         };
-        let content = Content::deserialize(raw).map_err(|_| {
-            Error::InvalidRequest {
-                message: format!(
-                    "Invalid type for 'messages[{index}].content': expected a string or an array of content parts, but got {} instead.",
-                    json_type_name(raw)
-                ),
-                param: Some("messages"),
-                code: None,
-            }
+        let content = Content::deserialize(raw).map_err(|_| Error::InvalidRequest {
+            message: format!(
+                "Invalid type for '{field}[{index}].content': expected a string or an array of content parts, but got {} instead.",
+                json_type_name(raw)
+            ),
+            param: Some(field),
+            code: None,
         })?;
         Ok(content.into_text())
     }
@@ -166,7 +207,7 @@ pub fn last_user_text(messages: &serde_json::Value) -> Option<String> {
 }
 
 /// The messages, checked for shape: a non-empty array of objects with a string `role`.
-fn parse_messages(raw: Option<&RawValue>) -> Result<Vec<Message<'_>>, Error> {
+fn parse_messages(raw: Option<&RawValue>) -> Result<Vec<(usize, Message<'_>)>, Error> {
     let raw = raw.ok_or(Error::missing_param("messages"))?;
     let messages = Vec::<Message<'_>>::deserialize(raw).map_err(|error| {
         Error::invalid_param(
@@ -180,7 +221,40 @@ fn parse_messages(raw: Option<&RawValue>) -> Result<Vec<Message<'_>>, Error> {
             "messages",
         ));
     }
-    Ok(messages)
+    Ok(messages.into_iter().enumerate().collect())
+}
+
+/// The Responses API's `input`: a string (one user message) or an array of items, of which
+/// those with a `role` are messages.
+fn parse_input(raw: Option<&RawValue>) -> Result<Vec<(usize, Message<'_>)>, Error> {
+    let raw = raw.ok_or(Error::missing_param("input"))?;
+    if raw.get().starts_with('"') {
+        let message = Message {
+            role: Cow::Borrowed("user"),
+            content: Some(raw),
+        };
+        return Ok(vec![(0, message)]);
+    }
+    let items = Vec::<InputItem<'_>>::deserialize(raw).map_err(|error| {
+        Error::invalid_param(
+            format!("Invalid 'input': expected a string or an array of input items ({error})."),
+            "input",
+        )
+    })?;
+    Ok(items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, item)| {
+            let role = item.role?;
+            Some((
+                index,
+                Message {
+                    role,
+                    content: item.content,
+                },
+            ))
+        })
+        .collect())
 }
 
 /// JSON objects may repeat a key; like most parsers (and OpenAI), the last one wins.
@@ -242,6 +316,16 @@ struct Message<'a> {
     content: Option<&'a RawValue>,
 }
 
+/// One item of a Responses `input` array: a message has a `role`; function-call outputs,
+/// reasoning items and references do not.
+#[derive(Deserialize)]
+struct InputItem<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Content {
@@ -264,7 +348,7 @@ impl Content {
             Content::Parts(parts) => {
                 let texts: Vec<String> = parts
                     .into_iter()
-                    .filter(|part| matches!(part.r#type.as_deref(), Some("text") | None))
+                    .filter(|part| matches!(part.r#type.as_deref(), Some("text" | "input_text") | None))
                     .filter_map(|part| part.text)
                     .collect();
                 texts.join("\n")
@@ -278,13 +362,13 @@ mod tests {
     use super::*;
 
     fn error_of(body: &str) -> Error {
-        ChatRequest::parse(body.as_bytes()).unwrap_err()
+        ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap_err()
     }
 
     #[test]
     fn rewrite_replaces_only_model_and_keeps_bytes() {
         let body = r#"{"model":"router-mf-0.1","temperature":1.0,"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"x":{"type":"number"}}}}}],"x_vendor":{"a":[1,2e3]}}"#;
-        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let request = ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
         let out = String::from_utf8(request.rewrite_model("gpt-4o")).unwrap();
         assert_eq!(out, body.replace("router-mf-0.1", "gpt-4o"));
     }
@@ -292,7 +376,7 @@ mod tests {
     #[test]
     fn rewrite_escapes_the_new_model_name() {
         let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let request = ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
         let out = request.rewrite_model("a\"b");
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(value["model"], "a\"b");
@@ -306,7 +390,7 @@ mod tests {
             {"role":"assistant","content":"ok"},
             {"role":"user","content":"second \u00e9"},
             {"role":"tool","content":"result","tool_call_id":"x"}]}"#;
-        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let request = ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
         assert_eq!(request.last_user_prompt().unwrap(), "second é");
     }
 
@@ -316,14 +400,14 @@ mod tests {
             {"type":"text","text":"look at"},
             {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},
             {"type":"text","text":"this"}]}]}"#;
-        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let request = ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
         assert_eq!(request.last_user_prompt().unwrap(), "look at\nthis");
     }
 
     #[test]
     fn null_content_scores_as_empty() {
         let body = r#"{"model":"m","messages":[{"role":"user","content":null}]}"#;
-        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let request = ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
         assert_eq!(request.last_user_prompt().unwrap(), "");
     }
 
@@ -344,9 +428,17 @@ mod tests {
     #[test]
     fn stream_flag_is_read() {
         let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}"#;
-        assert!(ChatRequest::parse(body.as_bytes()).unwrap().stream());
+        assert!(
+            ModelRequest::parse(Api::ChatCompletions, body.as_bytes())
+                .unwrap()
+                .stream()
+        );
         let body = r#"{"model":"m","stream":null,"messages":[{"role":"user","content":"x"}]}"#;
-        assert!(!ChatRequest::parse(body.as_bytes()).unwrap().stream());
+        assert!(
+            !ModelRequest::parse(Api::ChatCompletions, body.as_bytes())
+                .unwrap()
+                .stream()
+        );
     }
 
     #[test]
@@ -394,7 +486,7 @@ mod tests {
     #[test]
     fn routing_needs_a_user_message() {
         let body = r#"{"model":"m","messages":[{"role":"system","content":"x"}]}"#;
-        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let request = ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
         assert!(
             request
                 .last_user_prompt()
@@ -403,7 +495,50 @@ mod tests {
                 .contains("role 'user'")
         );
         let body = r#"{"model":"m","messages":[{"role":"user","content":5}]}"#;
-        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let request = ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
         assert!(request.last_user_prompt().unwrap_err().to_string().contains("content"));
+    }
+
+    #[test]
+    fn responses_input_is_a_string_or_the_last_user_item() {
+        let body = r#"{"model":"router-mf-0.2","instructions":"be brief","input":"What is 2+2?","stream":true}"#;
+        let request = ModelRequest::parse(Api::Responses, body.as_bytes()).unwrap();
+        assert_eq!(request.last_user_prompt().unwrap(), "What is 2+2?");
+        assert!(request.stream());
+        assert_eq!(
+            String::from_utf8(request.rewrite_model("gpt-4o")).unwrap(),
+            body.replace("router-mf-0.2", "gpt-4o")
+        );
+        let body = r#"{"model":"m","input":[
+            {"role":"user","content":"first"},
+            {"type":"message","role":"user","content":[
+                {"type":"input_text","text":"look at"},
+                {"type":"input_image","image_url":"data:image/png;base64,AAAA"},
+                {"type":"input_text","text":"this"}]},
+            {"type":"function_call","call_id":"c1","name":"f","arguments":"{}"},
+            {"type":"function_call_output","call_id":"c1","output":"42"}]}"#;
+        let request = ModelRequest::parse(Api::Responses, body.as_bytes()).unwrap();
+        assert_eq!(request.last_user_prompt().unwrap(), "look at\nthis");
+    }
+
+    #[test]
+    fn responses_input_errors_name_the_input_field() {
+        let missing = ModelRequest::parse(Api::Responses, br#"{"model":"m"}"#).unwrap_err();
+        assert_eq!(missing.param(), Some("input"));
+        let wrong = ModelRequest::parse(Api::Responses, br#"{"model":"m","input":5}"#).unwrap_err();
+        assert_eq!(wrong.param(), Some("input"));
+        let body = br#"{"model":"m","input":[{"role":"system","content":"x"},{"type":"item_reference","id":"msg_1"}]}"#;
+        let no_user = ModelRequest::parse(Api::Responses, body)
+            .unwrap()
+            .last_user_prompt()
+            .unwrap_err();
+        assert_eq!(no_user.param(), Some("input"));
+        assert!(no_user.to_string().contains("role 'user'"), "{no_user}");
+        let body = br#"{"model":"m","input":[{"type":"function_call_output","call_id":"c","output":"1"},{"role":"user","content":7}]}"#;
+        let bad_content = ModelRequest::parse(Api::Responses, body)
+            .unwrap()
+            .last_user_prompt()
+            .unwrap_err();
+        assert!(bad_content.to_string().contains("'input[1].content'"), "{bad_content}");
     }
 }

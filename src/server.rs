@@ -1,5 +1,6 @@
-//! The OpenAI-compatible HTTP server: `POST /v1/chat/completions`, `GET /v1/models`,
-//! `GET /health`, with OpenAI-shaped errors for everything else.
+//! The OpenAI-compatible HTTP server: `POST /v1/chat/completions` and `POST /v1/responses`
+//! (routed alike), `GET /v1/models`, `GET /health`, `GET /metrics`, with OpenAI-shaped
+//! errors for everything else.
 //!
 //! [`run`] serves on a listener it is given and never binds one itself, so the binary
 //! chooses the address and tests use `127.0.0.1:0`.
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 use crate::error::Error;
 use crate::gateway::{Completion, Gateway, Tier};
 use crate::metrics::{Metrics, TierLabel};
+use crate::request::Api;
 use crate::upstream::{ByteStream, Reply};
 use crate::usage::{self, SseUsageScanner};
 
@@ -77,6 +79,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(responses))
+        .route("/responses", post(responses))
         .route("/v1/models", get(list_models))
         .route("/models", get(list_models))
         .route("/health", get(health))
@@ -126,14 +130,27 @@ impl FromRequest<AppState> for BodyBytes {
     }
 }
 
-async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, BodyBytes(body): BodyBytes) -> Response {
+async fn chat_completions(state: State<AppState>, headers: HeaderMap, body: BodyBytes) -> Response {
+    complete(Api::ChatCompletions, state, &headers, body).await
+}
+
+async fn responses(state: State<AppState>, headers: HeaderMap, body: BodyBytes) -> Response {
+    complete(Api::Responses, state, &headers, body).await
+}
+
+async fn complete(
+    api: Api,
+    State(state): State<AppState>,
+    headers: &HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> Response {
     let received = Instant::now();
     let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
     if let Err(error) = state.authorize(authorization) {
         state.metrics().record(TierLabel::None, error.status().as_u16(), None);
         return error.into_response();
     }
-    match state.chat_completion(&body).await {
+    match state.complete(api, &body).await {
         Ok(completion) => respond(completion, received, &state),
         Err(error) => {
             state.metrics().record(TierLabel::None, error.status().as_u16(), None);

@@ -16,6 +16,7 @@ use futures_util::{Stream, StreamExt, stream};
 use crate::echo;
 use crate::error::Error;
 use crate::providers::{Endpoint, ResolvedModel};
+use crate::request::Api;
 
 /// A body stream handed to the HTTP layer; errors have already become SSE events.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Infallible>> + Send>>;
@@ -73,11 +74,15 @@ pub struct Upstream {
 }
 
 enum Target {
-    Http {
-        url: reqwest::Url,
-        authorization: Option<HeaderValue>,
-    },
+    Http(Box<HttpTarget>),
     Echo,
+}
+
+/// A provider's endpoints for each API, parsed once, and its credentials, encoded once.
+struct HttpTarget {
+    chat_completions_url: reqwest::Url,
+    responses_url: reqwest::Url,
+    authorization: Option<HeaderValue>,
 }
 
 impl Upstream {
@@ -86,8 +91,12 @@ impl Upstream {
         let target = match &model.endpoint {
             Endpoint::Echo => Target::Echo,
             Endpoint::Http { base_url, api_key } => {
-                let url = reqwest::Url::parse(&format!("{base_url}/chat/completions"))
-                    .map_err(|error| Error::Config(format!("{}: {error}", model.name)))?;
+                let url = |api: Api| {
+                    reqwest::Url::parse(&format!("{base_url}/{}", api.path()))
+                        .map_err(|error| Error::Config(format!("{}: {error}", model.name)))
+                };
+                let chat_completions_url = url(Api::ChatCompletions)?;
+                let responses_url = url(Api::Responses)?;
                 let authorization = api_key
                     .as_ref()
                     .map(|key| {
@@ -98,7 +107,11 @@ impl Upstream {
                         Ok::<_, Error>(value)
                     })
                     .transpose()?;
-                Target::Http { url, authorization }
+                Target::Http(Box::new(HttpTarget {
+                    chat_completions_url,
+                    responses_url,
+                    authorization,
+                }))
             }
         };
         Ok(Self { model, target })
@@ -110,18 +123,23 @@ impl Upstream {
         matches!(self.target, Target::Echo)
     }
 
-    /// Sends `body` (already rewritten for this model) and returns the model's answer.
+    /// Sends `body` (already rewritten for this model) to its `api` endpoint and returns
+    /// the model's answer.
     pub async fn send(
         &self,
         client: &reqwest::Client,
+        api: Api,
         body: Vec<u8>,
         stream: bool,
         timeout: Duration,
         echo: &EchoInput<'_>,
     ) -> Result<Reply, Error> {
         let (url, authorization) = match &self.target {
-            Target::Echo => return Ok(echo::reply(&self.model.provider_model, stream, echo)),
-            Target::Http { url, authorization } => (url, authorization),
+            Target::Echo => return Ok(echo::reply(api, &self.model.provider_model, stream, echo)),
+            Target::Http(target) => match api {
+                Api::ChatCompletions => (&target.chat_completions_url, &target.authorization),
+                Api::Responses => (&target.responses_url, &target.authorization),
+            },
         };
         let mut request = client
             .post(url.clone())
@@ -185,7 +203,7 @@ impl Upstream {
                             model: model_name.clone(),
                             reason: format!("the stream broke: {}", error_chain(&error)),
                         };
-                        Some(Ok(sse_error_event(&error)))
+                        Some(Ok(sse_error_event(api, &error)))
                     }
                 }
             };
@@ -222,11 +240,19 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// An SSE event carrying an OpenAI-shaped error; the OpenAI SDKs raise it as an API error.
+/// An SSE event carrying an OpenAI-shaped error in `api`'s stream format: for Chat
+/// Completions a `data:` line with `{"error": …}`, which the OpenAI SDKs raise as an API
+/// error; for Responses an `event: error` event, which they yield as a `type: "error"` event.
 /// The leading blank line closes any event the upstream left half-written.
 #[must_use]
-pub fn sse_error_event(error: &Error) -> Bytes {
-    Bytes::from(format!("\n\ndata: {}\n\n", error.to_json()))
+pub fn sse_error_event(api: Api, error: &Error) -> Bytes {
+    match api {
+        Api::ChatCompletions => Bytes::from(format!("\n\ndata: {}\n\n", error.to_json())),
+        Api::Responses => Bytes::from(format!(
+            "\n\nevent: error\ndata: {}\n\n",
+            error.to_responses_event_json()
+        )),
+    }
 }
 
 enum ReadError {
@@ -295,11 +321,27 @@ mod tests {
 
     #[test]
     fn sse_error_event_is_one_parseable_data_line() {
-        let event = sse_error_event(&Error::invalid("boom"));
+        let event = sse_error_event(Api::ChatCompletions, &Error::invalid("boom"));
         let text = std::str::from_utf8(&event).unwrap();
         let data = text.trim().strip_prefix("data: ").unwrap();
         let json: serde_json::Value = serde_json::from_str(data).unwrap();
         assert_eq!(json["error"]["message"], "boom");
+        assert!(text.ends_with("\n\n"));
+    }
+
+    #[test]
+    fn responses_error_event_is_a_named_event_with_a_flat_error() {
+        let error = Error::UpstreamUnreachable {
+            model: "m".into(),
+            reason: "the stream broke".into(),
+        };
+        let event = sse_error_event(Api::Responses, &error);
+        let text = std::str::from_utf8(&event).unwrap();
+        let rest = text.trim_start().strip_prefix("event: error\ndata: ").unwrap();
+        let json: serde_json::Value = serde_json::from_str(rest.trim_end()).unwrap();
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["code"], "upstream_unreachable");
+        assert!(json["message"].as_str().unwrap().contains("the stream broke"), "{json}");
         assert!(text.ends_with("\n\n"));
     }
 }

@@ -4,29 +4,38 @@
 //! answer costs more than many short ones).
 //!
 //! Nothing is added to the request to obtain it: a non-streamed answer carries `usage`
-//! anyway; a stream carries it only when the client asked (`stream_options.include_usage`),
-//! and the proxy does not ask on the client's behalf.
+//! anyway, and so does a Responses stream (in its `response.completed` event); a Chat
+//! Completions stream carries it only when the client asked
+//! (`stream_options.include_usage`), and the proxy does not ask on the client's behalf.
 
 use serde::Deserialize;
 
-/// Tokens one answer reports.
+/// Tokens one answer reports (the Responses API calls them input and output tokens).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 pub struct Usage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
 }
 
 #[derive(Deserialize)]
 struct Envelope {
     usage: Option<Usage>,
+    /// A Responses stream reports usage inside the `response` of its `response.completed` event.
+    response: Option<Inner>,
 }
 
-/// The usage of a complete (non-streamed) answer, if it reports one.
+#[derive(Deserialize)]
+struct Inner {
+    usage: Option<Usage>,
+}
+
+/// The usage of a complete (non-streamed) answer or of one stream event, if it reports one.
 #[must_use]
 pub fn of_body(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<Envelope>(body).ok()?.usage
+    let envelope = serde_json::from_slice::<Envelope>(body).ok()?;
+    envelope.usage.or_else(|| envelope.response?.usage)
 }
 
 /// A stream event line longer than this is not buffered whole: usage chunks are a few
@@ -74,16 +83,16 @@ impl SseUsageScanner {
 fn usage_of_line(line: &[u8]) -> Option<Usage> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let payload = line.strip_prefix(b"data:")?;
-    // Most chunks carry no usage or `"usage":null`; only parse the one that has an object.
-    let at = find(payload, b"\"usage\"")?;
-    let after = &payload[at + b"\"usage\"".len()..];
-    let value = after
-        .iter()
-        .find(|byte| !byte.is_ascii_whitespace() && **byte != b':')?;
-    if *value != b'{' {
-        return None;
+    // Most events carry no usage or `"usage":null`; only parse one that has an object.
+    let mut rest = payload;
+    while let Some(at) = find(rest, b"\"usage\"") {
+        rest = &rest[at + b"\"usage\"".len()..];
+        let value = rest.iter().find(|byte| !byte.is_ascii_whitespace() && **byte != b':');
+        if value == Some(&b'{') {
+            return of_body(payload);
+        }
     }
-    of_body(payload)
+    None
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -167,5 +176,26 @@ mod tests {
             scanner.feed(USAGE_EVENT.as_bytes()).map(|usage| usage.prompt_tokens),
             Some(12)
         );
+    }
+
+    #[test]
+    fn responses_usage_is_read_from_answers_and_the_completed_event() {
+        let body =
+            br#"{"id":"resp_1","object":"response","usage":{"input_tokens":9,"output_tokens":4,"total_tokens":13}}"#;
+        let expected = Usage {
+            prompt_tokens: 9,
+            completion_tokens: 4,
+        };
+        assert_eq!(of_body(body), Some(expected));
+        let stream = concat!(
+            "event: response.created\n",
+            "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\n",
+            "data: {\"type\":\"response.output_text.delta\",\"delta\":\"the \\\"usage\\\": {\"}\n\n",
+            "event: response.completed\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"tools\":[{\"usage\":1}],\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13}}}\n\n",
+        );
+        let mut scanner = SseUsageScanner::default();
+        assert_eq!(scanner.feed(stream.as_bytes()), Some(expected));
     }
 }

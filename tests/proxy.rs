@@ -675,3 +675,71 @@ async fn shutdown_stops_accepting_and_lets_an_open_stream_finish() {
     let drained = tokio::time::timeout(Duration::from_secs(10), server).await;
     assert!(matches!(drained, Ok(Ok(Ok(())))), "{drained:?}");
 }
+
+#[tokio::test]
+async fn responses_api_requests_are_routed_like_chat_and_forwarded_unchanged() {
+    let (strong, weak, proxy) = setup("").await;
+    let request = r#"{"model":"router-random-0","instructions":"be brief","input":"What is 2+2?","tools":[{"type":"function","name":"add","parameters":{"type":"object","properties":{"a":{"type":"number"}},"required":["a"],"additionalProperties":false},"strict":true}],"text":{"format":{"type":"json_schema","name":"sum","schema":{"type":"object"},"strict":true}},"x_vendor":1.50}"#;
+    let response = proxy.post_json("/v1/responses", request).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["object"], "response");
+    assert_eq!(answer["output"][0]["content"][0]["text"], "response from strong");
+    let received = strong.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].endpoint, "responses");
+    assert_eq!(
+        std::str::from_utf8(&received[0].body).unwrap(),
+        request.replace("router-random-0", "strong-model"),
+        "only the model is rewritten"
+    );
+
+    // An input list: the last item with role `user` is what the router scores; streamed.
+    let request = r#"{"model":"router-random-1","stream":true,"input":[{"role":"user","content":"hi"},{"type":"function_call_output","call_id":"c","output":"4"}]}"#;
+    let response = proxy.post_json("/v1/responses", request).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-tier"], "weak");
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = response.text().await.unwrap();
+    assert!(events.starts_with("event: response.output_text.delta\n"), "{events}");
+    assert!(events.contains("event: response.completed\n"), "{events}");
+    assert_eq!(weak.received()[0].endpoint, "responses");
+    assert_eq!(weak.received()[0].json()["model"], "weak-model");
+
+    // Usage from both: the answer's own and the completed event's (input/output tokens).
+    let metrics = proxy.metrics().await;
+    for tier in ["strong", "weak"] {
+        assert!(
+            metrics.contains(&format!("routellm_tokens_total{{tier=\"{tier}\",kind=\"prompt\"}} 6")),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!(
+                "routellm_tokens_total{{tier=\"{tier}\",kind=\"completion\"}} 3"
+            )),
+            "{metrics}"
+        );
+    }
+
+    // A stream that breaks ends with the Responses API's own error event.
+    let request = r#"{"model":"router-random-0","stream":true,"input":"hi","mock":"break_soon"}"#;
+    let events = proxy.post_json("/v1/responses", request).await.text().await.unwrap();
+    let last = events.trim_end().rsplit("\n\n").next().unwrap();
+    let data = last.strip_prefix("event: error\ndata: ").expect(&events);
+    let error: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(error["type"], "error");
+    assert!(error["message"].as_str().unwrap().contains("stream broke"), "{error}");
+
+    // Errors name the Responses API's field.
+    let response = proxy.post_json("/v1/responses", r#"{"model":"router-random-0"}"#).await;
+    assert_eq!(openai_error(response, 400).await["param"], "input");
+    let response = proxy
+        .post_json(
+            "/v1/responses",
+            r#"{"model":"router-random-0","input":[{"role":"system","content":"x"}]}"#,
+        )
+        .await;
+    assert_eq!(openai_error(response, 400).await["param"], "input");
+    assert_eq!(strong.received().len(), 2, "invalid requests never reach a model");
+}

@@ -24,6 +24,8 @@ use tokio::task::JoinHandle;
 /// One request as the mock upstream received it.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// The endpoint asked, below `/v1`: `chat/completions` or `responses`.
+    pub endpoint: &'static str,
     pub body: Bytes,
     pub headers: HeaderMap,
 }
@@ -62,6 +64,7 @@ impl MockUpstream {
         };
         let app = Router::new()
             .route("/v1/chat/completions", post(mock_chat))
+            .route("/v1/responses", post(mock_responses))
             .with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -103,14 +106,62 @@ fn chunk(model: &str, content: &str) -> Bytes {
     Bytes::from(format!("data: {event}\n\n"))
 }
 
-async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+/// Records the request; answers for the mock as a whole when it is set unavailable.
+fn receive(state: &MockState, endpoint: &'static str, headers: HeaderMap, body: &Bytes) -> Option<Response> {
     state.received.lock().unwrap().push(Received {
+        endpoint,
         body: body.clone(),
         headers,
     });
-    if let Some(status) = *state.unavailable.lock().unwrap() {
-        let error = json!({"error": {"message": format!("{} is unavailable", state.name), "type": "server_error", "param": null, "code": null}});
-        return (status, axum::Json(error)).into_response();
+    let status = (*state.unavailable.lock().unwrap())?;
+    let error = json!({"error": {"message": format!("{} is unavailable", state.name), "type": "server_error", "param": null, "code": null}});
+    Some((status, axum::Json(error)).into_response())
+}
+
+/// A Responses API answer; streamed as named events, the usage in `response.completed`.
+/// `mock: "break_soon"` kills the stream after its first event.
+async fn mock_responses(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(unavailable) = receive(&state, "responses", headers, &body) {
+        return unavailable;
+    }
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = request["model"].as_str().unwrap_or("?").to_owned();
+    let text = format!("response from {}", state.name);
+    let completed = json!({
+        "id": "resp_mock", "object": "response", "created_at": 1, "status": "completed", "model": model,
+        "output": [{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": 6, "output_tokens": 3, "total_tokens": 9},
+    });
+    if !request["stream"].as_bool().unwrap_or(false) {
+        return axum::Json(completed).into_response();
+    }
+    let event = |kind: &str, number: usize, mut data: Value| {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(number);
+        Ok::<_, std::io::Error>(Bytes::from(format!("event: {kind}\ndata: {data}\n\n")))
+    };
+    let delta = json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": text});
+    let mut frames = vec![event("response.output_text.delta", 0, delta)];
+    if request["mock"] == "break_soon" {
+        frames.push(Err(std::io::Error::other("upstream died")));
+    } else {
+        frames.push(event("response.completed", 1, json!({"response": completed})));
+    }
+    let frames = futures_util::StreamExt::then(futures_util::stream::iter(frames), |frame| async move {
+        // Apart in time, so the proxy has flushed the first event before the second (or the failure).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        frame
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(frames))
+        .unwrap()
+}
+
+async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(unavailable) = receive(&state, "chat/completions", headers, &body) {
+        return unavailable;
     }
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let model = request["model"].as_str().unwrap_or("?").to_owned();
@@ -299,8 +350,12 @@ impl Proxy {
     }
 
     pub async fn post_chat(&self, body: &str) -> reqwest::Response {
+        self.post_json("/v1/chat/completions", body).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &str) -> reqwest::Response {
         self.client
-            .post(self.url("/v1/chat/completions"))
+            .post(self.url(path))
             .header("content-type", "application/json")
             .body(body.to_owned())
             .send()

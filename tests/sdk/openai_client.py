@@ -84,6 +84,17 @@ if mode == "mock":
     except openai.APIError as error:
         expect("stream broke" in str(error.message), error.message)
 
+    raw = client.responses.with_raw_response.create(
+        model="router-random-0", input="What is the capital of France?", instructions="be brief"
+    )
+    expect(raw.headers["x-routellm-tier"] == "strong", raw.headers)
+    expect(raw.parse().output_text == "response from mock", raw.parse())
+    events = list(client.responses.create(model="router-random-1", input=[{"role": "user", "content": "hi"}], stream=True))
+    expect([event.type for event in events] == ["response.output_text.delta", "response.completed"], events)
+    expect(events[-1].response.usage.output_tokens == 3, events[-1])
+    broken = list(client.responses.create(model="router-random-0", input="hi", stream=True, extra_body={"mock": "break_soon"}))
+    expect(broken[-1].type == "error" and "stream broke" in broken[-1].message, broken[-1])
+
     ids = [model.id for model in client.models.list()]
     expect("router-random-0.5" in ids and "openai/gpt-4o" in ids, ids)
 elif mode == "echo":
@@ -94,6 +105,16 @@ elif mode == "echo":
     text, models = stream_text("router-random-1", stream_options={"include_usage": True})
     expect("echo/mixtral" in text and "capital of France" in text, text)
     expect(models == {"mixtral"}, models)
+
+    response = client.responses.create(model="router-random-0", input="What is the capital of France?")
+    expect("echo/gpt-4o" in response.output_text and "capital of France" in response.output_text, response)
+    expect(response.usage.total_tokens > 0, response.usage)
+    # The SDK's streaming helper rebuilds the response from the events, so it checks their order and shape.
+    with client.responses.stream(model="router-random-1", input=[{"role": "user", "content": "What is the capital of France?"}]) as stream:
+        deltas = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    expect(deltas == final.output_text and "echo/mixtral" in deltas, (deltas, final))
+    expect(final.usage.output_tokens > 0, final.usage)
 else:
     raise SystemExit(f"unknown mode {mode}")
 print("sdk checks passed")
