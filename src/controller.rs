@@ -29,9 +29,11 @@ use futures_util::{Stream, StreamExt, stream};
 use crate::config::Config;
 use crate::error::Error;
 use crate::gateway::{Gateway, RouteDecision};
+use crate::request::Api;
 use crate::upstream::Reply;
 
-/// Routes prompts and chat completions between the configured strong and weak models.
+/// Routes prompts, chat completions and Responses API requests between the configured strong
+/// and weak models.
 #[derive(Clone)]
 pub struct Controller {
     gateway: Arc<Gateway>,
@@ -64,8 +66,36 @@ impl Controller {
     /// A non-streaming chat completion; `request["model"]` is `router-<name>-<threshold>`
     /// or a configured model. Upstream error statuses become [`Error::UpstreamStatus`].
     pub async fn chat_completion(&self, request: &serde_json::Value) -> Result<serde_json::Value, Error> {
+        self.answer(Api::ChatCompletions, request).await
+    }
+
+    /// A streaming chat completion: each item is one `chat.completion.chunk` event.
+    /// An error event from the upstream (or from a broken stream) ends it with an `Err`.
+    pub async fn chat_completion_stream(
+        &self,
+        request: &serde_json::Value,
+    ) -> Result<impl Stream<Item = Result<serde_json::Value, Error>> + use<>, Error> {
+        self.events(Api::ChatCompletions, request).await
+    }
+
+    /// A non-streaming Responses API request (`input` instead of `messages`), routed as
+    /// [`Controller::chat_completion`] is; the answer is the `response` object.
+    pub async fn response(&self, request: &serde_json::Value) -> Result<serde_json::Value, Error> {
+        self.answer(Api::Responses, request).await
+    }
+
+    /// A streaming Responses API request: each item is one event (`response.created`, …,
+    /// `response.completed`); an `error` event ends it with an `Err`.
+    pub async fn response_stream(
+        &self,
+        request: &serde_json::Value,
+    ) -> Result<impl Stream<Item = Result<serde_json::Value, Error>> + use<>, Error> {
+        self.events(Api::Responses, request).await
+    }
+
+    async fn answer(&self, api: Api, request: &serde_json::Value) -> Result<serde_json::Value, Error> {
         let body = serde_json::to_vec(request).map_err(|error| Error::Internal(error.to_string()))?;
-        let completion = self.gateway.chat_completion(&body).await?;
+        let completion = self.gateway.complete(api, &body).await?;
         let model = completion.model;
         let body = match completion.reply {
             Reply::Complete { status, body, .. } if status.is_success() => body,
@@ -77,8 +107,12 @@ impl Controller {
                 });
             }
             Reply::Stream { .. } => {
+                let method = match api {
+                    Api::ChatCompletions => "chat_completion_stream",
+                    Api::Responses => "response_stream",
+                };
                 return Err(Error::invalid_param(
-                    "this request asks for a stream: use chat_completion_stream",
+                    format!("this request asks for a stream: use {method}"),
                     "stream",
                 ));
             }
@@ -89,10 +123,9 @@ impl Controller {
         })
     }
 
-    /// A streaming chat completion: each item is one `chat.completion.chunk` event.
-    /// An error event from the upstream (or from a broken stream) ends it with an `Err`.
-    pub async fn chat_completion_stream(
+    async fn events(
         &self,
+        api: Api,
         request: &serde_json::Value,
     ) -> Result<impl Stream<Item = Result<serde_json::Value, Error>> + use<>, Error> {
         let mut request = request.clone();
@@ -100,7 +133,7 @@ impl Controller {
             object.insert("stream".into(), serde_json::Value::Bool(true));
         }
         let body = serde_json::to_vec(&request).map_err(|error| Error::Internal(error.to_string()))?;
-        let completion = self.gateway.chat_completion(&body).await?;
+        let completion = self.gateway.complete(api, &body).await?;
         let model = completion.model;
         let bytes = match completion.reply {
             Reply::Stream { body, .. } => body,
@@ -113,21 +146,30 @@ impl Controller {
             }
         };
         Ok(
-            sse_events(bytes.map(|chunk| chunk.unwrap_or_else(|never| match never {}))).map(move |data| {
-                let event: serde_json::Value =
-                    serde_json::from_slice(&data).map_err(|error| Error::UpstreamProtocol {
-                        model: model.clone(),
-                        reason: format!("a stream event is not JSON: {error}"),
-                    })?;
-                match event.get("error") {
-                    Some(error) => Err(Error::UpstreamProtocol {
-                        model: model.clone(),
-                        reason: error.to_string(),
-                    }),
-                    None => Ok(event),
-                }
-            }),
+            sse_events(bytes.map(|chunk| chunk.unwrap_or_else(|never| match never {})))
+                .map(move |data| event_or_error(&model, &data)),
         )
+    }
+}
+
+/// One stream event's JSON, or the error it reports: Chat Completions streams report errors
+/// as `{"error": {…}}`, Responses streams as an event of type `error`.
+fn event_or_error(model: &str, data: &[u8]) -> Result<serde_json::Value, Error> {
+    let event: serde_json::Value = serde_json::from_slice(data).map_err(|error| Error::UpstreamProtocol {
+        model: model.to_owned(),
+        reason: format!("a stream event is not JSON: {error}"),
+    })?;
+    let error = match event.get("error") {
+        Some(error) if !error.is_null() => Some(error),
+        _ if event["type"] == "error" => Some(&event),
+        _ => None,
+    };
+    match error {
+        Some(error) => Err(Error::UpstreamProtocol {
+            model: model.to_owned(),
+            reason: error.to_string(),
+        }),
+        None => Ok(event),
     }
 }
 
@@ -265,5 +307,51 @@ mod tests {
         )];
         let events: Vec<Bytes> = sse_events(stream::iter(done)).collect().await;
         assert_eq!(events.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn responses_are_answered_and_streamed_by_the_routed_model() {
+        let controller = controller();
+        let answer = controller
+            .response(&serde_json::json!({"model": "router-random-0", "input": "hi"}))
+            .await
+            .unwrap();
+        assert_eq!(answer["object"], "response");
+        assert_eq!(answer["model"], "big");
+        let events: Vec<serde_json::Value> = controller
+            .response_stream(&serde_json::json!({"model": "router-random-1", "input": "hello world"}))
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        let text: String = events
+            .iter()
+            .filter(|event| event["type"] == "response.output_text.delta")
+            .filter_map(|event| event["delta"].as_str())
+            .collect();
+        assert!(text.contains("echo/small") && text.contains("hello world"), "{text}");
+        assert_eq!(events.last().unwrap()["type"], "response.completed");
+        let error = controller
+            .response(&serde_json::json!({"model": "router-random-0", "input": "hi", "stream": true}))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("response_stream"), "{error}");
+    }
+
+    #[test]
+    fn error_events_of_either_api_become_errs() {
+        let chat = event_or_error("m", br#"{"error":{"message":"boom","type":"upstream_error"}}"#).unwrap_err();
+        assert!(chat.to_string().contains("boom"), "{chat}");
+        let responses = event_or_error(
+            "m",
+            br#"{"type":"error","code":"upstream_unreachable","message":"boom"}"#,
+        )
+        .unwrap_err();
+        assert!(responses.to_string().contains("boom"), "{responses}");
+        let ordinary = event_or_error("m", br#"{"type":"response.completed","response":{"error":null}}"#).unwrap();
+        assert_eq!(ordinary["type"], "response.completed");
+        assert!(event_or_error("m", br#"{"choices":[],"error":null}"#).is_ok());
+        assert!(event_or_error("m", b"not json").is_err());
     }
 }
