@@ -145,11 +145,12 @@ fn response(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
     let message_id = format!("msg_echo{serial:016x}");
     let input_tokens = count_tokens(input.prompt);
     let output_tokens = count_tokens(&text);
+    let created_at = unix_now();
     let response = |status: &str, output: serde_json::Value, usage: serde_json::Value| {
         json!({
             "id": id,
             "object": "response",
-            "created_at": unix_now(),
+            "created_at": created_at,
             "status": status,
             "error": null,
             "incomplete_details": null,

@@ -358,7 +358,7 @@ impl Gateway {
             EchoInput {
                 prompt: &echo_prompt,
                 route_note: &echo_note,
-                include_usage: request.api() == Api::Responses || wants_usage(body),
+                include_usage: wants_usage(body),
             }
         } else {
             EchoInput {

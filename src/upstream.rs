@@ -64,6 +64,8 @@ impl Reply {
 pub struct EchoInput<'a> {
     pub prompt: &'a str,
     pub route_note: &'a str,
+    /// The client asked a Chat Completions stream for its usage chunk (Responses streams
+    /// always end with usage, so the echo model ignores this for them).
     pub include_usage: bool,
 }
 
