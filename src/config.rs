@@ -359,15 +359,32 @@ impl Config {
 }
 
 fn seconds(key: &str, value: f64) -> Result<Duration, Error> {
-    if !value.is_finite() || value <= 0.0 {
-        return Err(Error::Config(format!("{key} must be a positive number of seconds")));
+    // `try_from`: `Duration::from_secs_f64` panics past u64::MAX seconds, which YAML's `1e300` reaches.
+    match Duration::try_from_secs_f64(value) {
+        Ok(duration) if value > 0.0 => Ok(duration),
+        _ => Err(Error::Config(format!("{key} must be a positive number of seconds"))),
     }
-    Ok(Duration::from_secs_f64(value))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_must_be_positive_and_representable() {
+        let with = |value: &str| {
+            let file = FileConfig::from_yaml(&format!("upstream:\n  request_timeout_secs: {value}\n")).unwrap();
+            Config::merge(file, Overrides::default())
+        };
+        assert_eq!(with("2.5").unwrap().request_timeout, Duration::from_millis(2500));
+        for bad in ["0", "-1", ".nan", ".inf", "1e300"] {
+            let error = with(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("upstream.request_timeout_secs must be a positive number"),
+                "{bad}: {error}"
+            );
+        }
+    }
 
     #[test]
     fn example_config_parses_and_validates() {

@@ -455,6 +455,9 @@ fn fast_wordpiece_matches_the_tokenizers_crate() {
         "中文字符和日本語のテキスト 한국어".into(),
         "emoji 🚀🔥 and math ∑ x² ≤ ∞; tabs\tand\nnewlines\r\n".into(),
         "control\u{0007}chars\u{200B}zero-width\u{FEFF} and NUL\u{0}x \u{FFFD}".into(),
+        // Control characters Rust counts as whitespace: BERT drops them, joining the words.
+        "e\u{c}Tll me a joke, vertical\u{b}tab".into(),
+        "next\u{85}line and form\u{c}feed in non-ASCII text: é".into(),
         format!("averyveryverylongword{}", "x".repeat(120)),
         "C++ & C# -> fn main() { println!(\"{}\", 1_000.5e-3); } // comment".into(),
         "ÅÄÖ ÀÉÎÕÜ ǅ ß İ ΣΑΣ".into(),

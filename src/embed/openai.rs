@@ -107,8 +107,7 @@ impl OpenAiEmbedder {
                         .headers()
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|value| value.to_str().ok())
-                        .and_then(|value| value.trim().parse::<f64>().ok())
-                        .map(|seconds| Duration::from_secs_f64(seconds.clamp(0.0, MAX_RETRY_AFTER.as_secs_f64())));
+                        .and_then(retry_after_wait);
                     let retryable = status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
                     if !retryable || attempt >= ATTEMPTS {
                         let text = response.text().unwrap_or_default();
@@ -204,9 +203,29 @@ impl Embedder for OpenAiEmbedder {
     }
 }
 
+/// The wait a `Retry-After: <seconds>` header asks for, at most [`MAX_RETRY_AFTER`];
+/// `None` for an HTTP date or anything unreadable (the caller backs off instead). Why the
+/// finiteness check: `NaN` and `inf` parse as floats, and `Duration` panics on `NaN`.
+fn retry_after_wait(value: &str) -> Option<Duration> {
+    let seconds = value.trim().parse::<f64>().ok().filter(|seconds| seconds.is_finite())?;
+    Some(Duration::from_secs_f64(
+        seconds.clamp(0.0, MAX_RETRY_AFTER.as_secs_f64()),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_capped_and_unreadable_values_back_off() {
+        assert_eq!(retry_after_wait(" 2.5 "), Some(Duration::from_millis(2500)));
+        assert_eq!(retry_after_wait("3600"), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after_wait("-4"), Some(Duration::ZERO));
+        for unreadable in ["NaN", "inf", "-inf", "1e400", "Wed, 21 Oct 2026 07:28:00 GMT", ""] {
+            assert_eq!(retry_after_wait(unreadable), None, "{unreadable}");
+        }
+    }
 
     #[test]
     fn long_prompts_keep_their_head_and_tail_within_the_budget() {

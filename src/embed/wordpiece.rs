@@ -131,15 +131,19 @@ fn is_chinese(character: char) -> bool {
     )
 }
 
-/// BERT's normalisation: drop NUL, U+FFFD and control characters, whitespace to spaces,
+/// BERT's normalisation: drop NUL, U+FFFD and control characters (all of Unicode's
+/// "other" category but tab, newline and carriage return — so also U+000B, U+000C and
+/// U+0085, which Rust calls whitespace), whitespace to spaces,
 /// spaces around CJK characters, NFD with combining marks removed, lowercase.
 fn normalize(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 8);
     if text.is_ascii() {
         for byte in text.bytes() {
             match byte {
-                b'\t' | b'\n' | b'\r' | b' ' | 0x0B | 0x0C => out.push(' '),
-                0 | 0x01..=0x08 | 0x0E..=0x1F | 0x7F => {}
+                b'\t' | b'\n' | b'\r' | b' ' => out.push(' '),
+                // Vertical tab and form feed are whitespace to Rust but control characters
+                // to BERT, whose cleaning drops them before it looks for whitespace.
+                0..=0x08 | 0x0B | 0x0C | 0x0E..=0x1F | 0x7F => {}
                 _ => out.push(char::from(byte.to_ascii_lowercase())),
             }
         }
@@ -149,7 +153,7 @@ fn normalize(text: &str) -> String {
     for character in text.chars() {
         if character == '\0'
             || character == '\u{fffd}'
-            || character.is_other() && !character.is_whitespace() && !matches!(character, '\t' | '\n' | '\r')
+            || character.is_other() && !matches!(character, '\t' | '\n' | '\r')
         {
             continue;
         }
