@@ -6,6 +6,7 @@
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward.
 //! - [`controller`]: routing from Rust code without HTTP ([`Controller`]).
 //! - [`metrics`]: Prometheus counters and the overhead histogram at `GET /metrics`.
+//! - [`sse`]: server-sent events as they pass: bounded line splitting, and whether a stream reached its final event.
 //! - [`usage`]: token usage read off answers and streams as they pass, for the per-tier token counters.
 //! - [`routers`]: the [`Router`] trait and the routers (`random`, ...), one file each.
 //! - [`request`]: reading a Chat Completions or Responses request just enough to route it; rewriting `model` byte-exactly.
@@ -49,6 +50,7 @@ pub mod rng;
 pub mod routers;
 pub mod scoring;
 pub mod server;
+pub mod sse;
 pub mod train;
 pub mod upstream;
 pub mod usage;

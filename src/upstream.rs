@@ -3,7 +3,9 @@
 //! Non-streaming answers are read whole (bounded) so a broken upstream becomes a clean
 //! 502 instead of a truncated body. Streams wait for the upstream's first bytes before
 //! a status is committed, then pass bytes through as they arrive; a failure after that
-//! point is sent to the client as an SSE error event, never as a silent truncation.
+//! point — a broken connection, a silence longer than the request timeout, or a clean
+//! close before the API's final event — is sent to the client as an SSE error event,
+//! never as a silent truncation.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -17,6 +19,7 @@ use crate::echo;
 use crate::error::Error;
 use crate::providers::{Endpoint, ResolvedModel};
 use crate::request::Api;
+use crate::sse::StreamEnd;
 
 /// A body stream handed to the HTTP layer; errors have already become SSE events.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Infallible>> + Send>>;
@@ -191,25 +194,24 @@ impl Upstream {
                 Ok(Some(Ok(chunk))) => break chunk,
             }
         };
-        let model_name = self.model.name.clone();
-        let rest = chunks.scan(false, move |failed, item| {
-            let next = if *failed {
-                None
-            } else {
-                match item {
-                    Ok(chunk) => Some(Ok(chunk)),
-                    Err(error) => {
-                        *failed = true;
-                        tracing::warn!(model = %model_name, error = %error_chain(&error), "upstream stream broke");
-                        let error = Error::UpstreamUnreachable {
-                            model: model_name.clone(),
-                            reason: format!("the stream broke: {}", error_chain(&error)),
-                        };
-                        Some(Ok(sse_error_event(api, &error)))
-                    }
+        let mut end = StreamEnd::new(api);
+        end.feed(&first);
+        let watch = StreamWatch {
+            chunks,
+            end,
+            model: self.model.name.clone(),
+            idle_timeout: timeout,
+        };
+        let rest = stream::unfold(Some(watch), move |watch| async move {
+            let mut watch = watch?;
+            match watch.next_event().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(watch))),
+                Ok(None) => None,
+                Err(error) => {
+                    tracing::warn!(model = %watch.model, error = %error, "upstream stream failed");
+                    Some((Ok(sse_error_event(api, &error)), None))
                 }
-            };
-            std::future::ready(next)
+            }
         });
         let body: ByteStream = Box::pin(stream::once(std::future::ready(Ok(first))).chain(rest));
         Ok(Reply::Stream { status, headers, body })
@@ -230,6 +232,45 @@ impl Upstream {
                 model: self.model.name.clone(),
                 reason: error_chain(error),
             }
+        }
+    }
+}
+
+/// An upstream stream after its first event: each next chunk must come within the idle
+/// timeout, and the stream must not close before its final event.
+struct StreamWatch<S> {
+    chunks: S,
+    end: StreamEnd,
+    model: String,
+    idle_timeout: Duration,
+}
+
+impl<S: Stream<Item = reqwest::Result<Bytes>> + Unpin> StreamWatch<S> {
+    /// The next chunk; `None` once the stream has properly ended.
+    async fn next_event(&mut self) -> Result<Option<Bytes>, Error> {
+        // A stream may run longer than any fixed budget, but a silence this long (keep-alive
+        // comments count) means the upstream is stuck, and the client would wait forever.
+        match tokio::time::timeout(self.idle_timeout, self.chunks.next()).await {
+            Err(_) => Err(Error::UpstreamTimeout {
+                model: self.model.clone(),
+                reason: format!(
+                    "the stream sent nothing for {} s (upstream.request_timeout_secs)",
+                    self.idle_timeout.as_secs_f64()
+                ),
+            }),
+            Ok(Some(Ok(chunk))) => {
+                self.end.feed(&chunk);
+                Ok(Some(chunk))
+            }
+            Ok(Some(Err(error))) => Err(Error::UpstreamUnreachable {
+                model: self.model.clone(),
+                reason: format!("the stream broke: {}", error_chain(&error)),
+            }),
+            Ok(None) if self.end.ended() => Ok(None),
+            Ok(None) => Err(Error::UpstreamProtocol {
+                model: self.model.clone(),
+                reason: "the stream closed before its final event: the answer is incomplete".into(),
+            }),
         }
     }
 }

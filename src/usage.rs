@@ -38,65 +38,34 @@ pub fn of_body(body: &[u8]) -> Option<Usage> {
     envelope.usage.or_else(|| envelope.response?.usage)
 }
 
-/// A stream event line longer than this is not buffered whole: usage chunks are a few
-/// hundred bytes, and holding arbitrarily long lines would make memory follow the upstream.
-const MAX_LINE_BYTES: usize = 64 * 1024;
-
 /// Watches a stream of server-sent events for the chunk that carries `usage`, whatever
 /// the network's chunk boundaries, holding at most one bounded line at a time.
 #[derive(Default)]
 pub struct SseUsageScanner {
-    line: Vec<u8>,
-    /// The current line outgrew [`MAX_LINE_BYTES`]: skip to its end.
-    skipping: bool,
+    lines: crate::sse::LineSplitter,
 }
 
 impl SseUsageScanner {
     /// Feeds the next bytes of the stream; returns the usage once a complete event line
     /// reporting one has passed.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Option<Usage> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<Usage> {
         let mut found = None;
-        while let Some(end) = bytes.iter().position(|&byte| byte == b'\n') {
-            if self.skipping {
-                self.skipping = false;
-            } else if self.line.is_empty() {
-                found = found.or(usage_of_line(&bytes[..end]));
-            } else {
-                self.line.extend_from_slice(&bytes[..end]);
-                found = found.or(usage_of_line(&self.line));
-                self.line.clear();
+        self.lines.feed(bytes, |line| {
+            if found.is_none() {
+                found = usage_of_line(line);
             }
-            bytes = &bytes[end + 1..];
-        }
-        if !self.skipping && !bytes.is_empty() {
-            if self.line.len() + bytes.len() > MAX_LINE_BYTES {
-                self.line.clear();
-                self.skipping = true;
-            } else {
-                self.line.extend_from_slice(bytes);
-            }
-        }
+        });
         found
     }
 }
 
 fn usage_of_line(line: &[u8]) -> Option<Usage> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let payload = line.strip_prefix(b"data:")?;
+    let payload = crate::sse::data_of_line(line)?;
     // Most events carry no usage or `"usage":null`; only parse one that has an object.
-    let mut rest = payload;
-    while let Some(at) = find(rest, b"\"usage\"") {
-        rest = &rest[at + b"\"usage\"".len()..];
-        let value = rest.iter().find(|byte| !byte.is_ascii_whitespace() && **byte != b':');
-        if value == Some(&b'{') {
-            return of_body(payload);
-        }
+    if crate::sse::values_of(payload, "usage").any(|value| value.starts_with(b"{")) {
+        return of_body(payload);
     }
     None
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|window| window == needle)
 }
 
 #[cfg(test)]
@@ -165,11 +134,10 @@ mod tests {
     }
 
     #[test]
-    fn an_overlong_line_is_skipped_without_holding_it() {
+    fn an_overlong_line_is_skipped() {
         let mut scanner = SseUsageScanner::default();
-        let long = format!("data: {{\"text\":\"{}\"", "x".repeat(MAX_LINE_BYTES));
+        let long = format!("data: {{\"text\":\"{}\"", "x".repeat(crate::sse::MAX_LINE_BYTES));
         assert_eq!(scanner.feed(long.as_bytes()), None);
-        assert!(scanner.line.capacity() <= MAX_LINE_BYTES, "the long line was not held");
         // The rest of the long line is ignored; the next line is read normally.
         assert_eq!(scanner.feed(b",\"usage\":{\"prompt_tokens\":1}}\n"), None);
         assert_eq!(

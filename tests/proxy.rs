@@ -167,6 +167,72 @@ async fn mid_stream_failure_ends_with_an_sse_error_event() {
     assert!(!text.contains("[DONE]"));
 }
 
+/// The `error` object of a stream's last event, Chat Completions or Responses.
+fn last_stream_error(text: &str) -> Value {
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let data = last.rsplit("data: ").next().unwrap();
+    let event: Value = serde_json::from_str(data).unwrap_or_else(|_| panic!("{text}"));
+    if event["type"] == "error" {
+        event
+    } else {
+        event["error"].clone()
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_closes_early_or_falls_silent_ends_with_an_sse_error_event() {
+    let (_strong, weak, proxy) = setup("upstream:\n  request_timeout_secs: 0.5\n").await;
+    let stream = |mock: &str| body("router-random-1", &format!(r#","stream":true,"mock":"{mock}""#));
+
+    // Closed cleanly after its first chunk, before any finish_reason or [DONE].
+    let text = proxy.post_chat(&stream("truncated")).await.text().await.unwrap();
+    assert!(text.contains("from weak"), "{text}");
+    let error = last_stream_error(&text);
+    assert_eq!(error["code"], "upstream_invalid_response", "{text}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("closed before its final event"),
+        "{error}"
+    );
+
+    // Silent after its first chunk for longer than the request timeout.
+    let started = std::time::Instant::now();
+    let text = proxy.post_chat(&stream("stall")).await.text().await.unwrap();
+    assert!(text.contains("from weak"), "{text}");
+    assert_eq!(last_stream_error(&text)["code"], "upstream_timeout", "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    // Keep-alive comments are not silence, and a whole stream gains no error.
+    let (mut chunks, mut text) = (proxy.post_chat(&stream("endless")).await.bytes_stream(), String::new());
+    while text.matches(": keep-alive").count() < 40 {
+        text.push_str(std::str::from_utf8(&chunks.next().await.unwrap().unwrap()).unwrap());
+    }
+    assert!(!text.contains("error"), "{text}");
+    let text = proxy.post_chat(&stream("ok")).await.text().await.unwrap();
+    assert!(
+        text.trim_end().ends_with("data: [DONE]") && !text.contains("error"),
+        "{text}"
+    );
+    assert_eq!(weak.received().len(), 4);
+
+    // The Responses API's stream must reach `response.completed` (or another final event).
+    let request = r#"{"model":"router-random-1","stream":true,"input":"hi","mock":"truncated"}"#;
+    let text = proxy.post_json("/v1/responses", request).await.text().await.unwrap();
+    assert!(
+        text.contains("response.output_text.delta") && text.contains("event: error"),
+        "{text}"
+    );
+    assert_eq!(last_stream_error(&text)["code"], "upstream_invalid_response", "{text}");
+    let request = r#"{"model":"router-random-1","stream":true,"input":"hi"}"#;
+    let text = proxy.post_json("/v1/responses", request).await.text().await.unwrap();
+    assert!(
+        text.contains("response.completed") && !text.contains("event: error"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn client_disconnect_cancels_the_upstream_stream() {
     let (strong, _weak, proxy) = setup("").await;

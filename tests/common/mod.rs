@@ -119,7 +119,8 @@ fn receive(state: &MockState, endpoint: &'static str, headers: HeaderMap, body: 
 }
 
 /// A Responses API answer; streamed as named events, the usage in `response.completed`.
-/// `mock: "break_soon"` kills the stream after its first event.
+/// `mock: "break_soon"` kills the stream after its first event; `"truncated"` closes it
+/// cleanly there.
 async fn mock_responses(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(unavailable) = receive(&state, "responses", headers, &body) {
         return unavailable;
@@ -145,6 +146,8 @@ async fn mock_responses(State(state): State<MockState>, headers: HeaderMap, body
     let mut frames = vec![event("response.output_text.delta", 0, delta)];
     if request["mock"] == "break_soon" {
         frames.push(Err(std::io::Error::other("upstream died")));
+    } else if request["mock"] == "truncated" {
+        // Ends cleanly without `response.completed`.
     } else {
         frames.push(event("response.completed", 1, json!({"response": completed})));
     }
@@ -225,6 +228,10 @@ async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Byt
                     gate.notified().await;
                     Err(std::io::Error::other("upstream died"))
                 }
+                // Closes cleanly, as a server that swallowed its own failure would, before
+                // any finish_reason or [DONE].
+                (1, "truncated") => return None,
+                (1, "stall") => std::future::pending().await,
                 (1, _) => Ok(second),
                 // The usage chunk, as OpenAI sends it when asked, split across two writes.
                 (2, _) if include_usage => Ok(Bytes::from_static(

@@ -1,0 +1,243 @@
+//! Server-sent events read as they pass through, without parsing or holding the stream:
+//! lines split across network chunks with a bounded buffer ([`LineSplitter`]), and whether
+//! an upstream stream reached its final event ([`StreamEnd`]).
+//!
+//! Why the end matters: an upstream that closes its stream cleanly but early (a server
+//! that catches its own failure and returns, a close-delimited HTTP/1.0 body) looks to
+//! the transport like a finished answer. Clients would take the partial answer as whole;
+//! the proxy knows each API's final event and says so instead.
+
+use crate::request::Api;
+
+/// A line longer than this is not buffered whole: the events the proxy looks for are a few
+/// hundred bytes, and holding arbitrarily long lines would make memory follow the upstream.
+pub(crate) const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Splits a byte stream into lines (without their `\n`) whatever its chunk boundaries,
+/// holding at most one bounded partial line. Lines longer than [`MAX_LINE_BYTES`] that
+/// arrive across chunks are skipped.
+#[derive(Default)]
+pub struct LineSplitter {
+    line: Vec<u8>,
+    /// The current line outgrew [`MAX_LINE_BYTES`]: skip to its end.
+    skipping: bool,
+}
+
+impl LineSplitter {
+    /// Feeds the next bytes; calls `each_line` for every line they complete.
+    pub fn feed(&mut self, mut bytes: &[u8], mut each_line: impl FnMut(&[u8])) {
+        while let Some(end) = bytes.iter().position(|&byte| byte == b'\n') {
+            if self.skipping {
+                self.skipping = false;
+            } else if self.line.is_empty() {
+                each_line(&bytes[..end]);
+            } else {
+                self.line.extend_from_slice(&bytes[..end]);
+                each_line(&self.line);
+                self.line.clear();
+            }
+            bytes = &bytes[end + 1..];
+        }
+        if !self.skipping && !bytes.is_empty() {
+            if self.line.len() + bytes.len() > MAX_LINE_BYTES {
+                self.line.clear();
+                self.skipping = true;
+            } else {
+                self.line.extend_from_slice(bytes);
+            }
+        }
+    }
+}
+
+/// The payload of a `data:` line, without a trailing `\r`.
+#[must_use]
+pub fn data_of_line(line: &[u8]) -> Option<&[u8]> {
+    line.strip_suffix(b"\r").unwrap_or(line).strip_prefix(b"data:")
+}
+
+/// The text after each occurrence of the JSON key `"key"` and its colon, at any depth,
+/// without leading whitespace: enough to tell a value's kind or compare a short string
+/// without parsing every event of a stream.
+pub fn values_of<'a>(json: &'a [u8], key: &str) -> impl Iterator<Item = &'a [u8]> {
+    let needle = format!("\"{key}\"").into_bytes();
+    let mut rest = json;
+    std::iter::from_fn(move || {
+        loop {
+            let at = rest
+                .windows(needle.len())
+                .position(|window| window == needle.as_slice())?;
+            rest = &rest[at + needle.len()..];
+            let after_space = rest.trim_ascii_start();
+            // A key is followed by a colon; the same text as a value (`"type":"usage"`) is not.
+            if let Some(value) = after_space.strip_prefix(b":") {
+                return Some(value.trim_ascii_start());
+            }
+        }
+    })
+}
+
+/// Whether an upstream stream has sent the event that ends it: `data: [DONE]`, a choice's
+/// `finish_reason` or an `error` object for Chat Completions; `response.completed`,
+/// `response.failed`, `response.incomplete` or `error` for the Responses API.
+pub struct StreamEnd {
+    api: Api,
+    lines: LineSplitter,
+    ended: bool,
+}
+
+impl StreamEnd {
+    #[must_use]
+    pub fn new(api: Api) -> Self {
+        Self {
+            api,
+            lines: LineSplitter::default(),
+            ended: false,
+        }
+    }
+
+    /// Watches the next bytes of the stream.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.ended {
+            return;
+        }
+        let api = self.api;
+        let mut ended = false;
+        self.lines.feed(bytes, |line| ended = ended || is_final(api, line));
+        self.ended = ended;
+    }
+
+    /// Whether the final event has passed.
+    #[must_use]
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+}
+
+const RESPONSES_FINAL_EVENTS: [&[u8]; 4] = [
+    b"response.completed",
+    b"response.failed",
+    b"response.incomplete",
+    b"error",
+];
+
+fn is_final(api: Api, line: &[u8]) -> bool {
+    match api {
+        Api::ChatCompletions => data_of_line(line).is_some_and(|data| {
+            data.trim_ascii() == b"[DONE]"
+                // `"finish_reason":null` until a choice ends; a string once it has.
+                || values_of(data, "finish_reason").any(|value| value.starts_with(b"\""))
+                || values_of(data, "error").any(|value| value.starts_with(b"{"))
+        }),
+        Api::Responses => {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(name) = line.strip_prefix(b"event:") {
+                return RESPONSES_FINAL_EVENTS.contains(&name.trim_ascii());
+            }
+            data_of_line(line).is_some_and(|data| {
+                values_of(data, "type").any(|value| {
+                    RESPONSES_FINAL_EVENTS.iter().any(|name| {
+                        value
+                            .strip_prefix(b"\"")
+                            .and_then(|value| value.strip_prefix(*name))
+                            .is_some_and(|after| after.starts_with(b"\""))
+                    })
+                })
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(api: Api, stream: &str) -> bool {
+        let mut end = StreamEnd::new(api);
+        end.feed(stream.as_bytes());
+        end.ended()
+    }
+
+    #[test]
+    fn lines_are_whole_at_every_split() {
+        let stream = b"data: a\n\ndata: bc\r\n: comment\nlast";
+        for split in 0..=stream.len() {
+            let mut splitter = LineSplitter::default();
+            let mut lines = Vec::new();
+            let (head, tail) = stream.split_at(split);
+            splitter.feed(head, |line| lines.push(line.to_vec()));
+            splitter.feed(tail, |line| lines.push(line.to_vec()));
+            assert_eq!(
+                lines,
+                [&b"data: a"[..], b"", b"data: bc\r", b": comment"],
+                "split at {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_overlong_line_across_chunks_is_skipped_and_the_next_one_read() {
+        let mut splitter = LineSplitter::default();
+        let mut lines = Vec::new();
+        let long = vec![b'x'; MAX_LINE_BYTES];
+        splitter.feed(&long, |line| lines.push(line.to_vec()));
+        splitter.feed(b"more of it", |line| lines.push(line.to_vec()));
+        assert!(splitter.line.capacity() <= MAX_LINE_BYTES, "the long line was not held");
+        splitter.feed(b"yy\ndata: next\n", |line| lines.push(line.to_vec()));
+        assert_eq!(lines, [b"data: next".to_vec()]);
+    }
+
+    #[test]
+    fn values_are_found_after_keys_not_after_equal_values() {
+        let json = br#"{"type": "usage", "usage" : {"a":1}, "nested":{"usage":null}}"#;
+        let values: Vec<&[u8]> = values_of(json, "usage").collect();
+        assert_eq!(values.len(), 2);
+        assert!(values[0].starts_with(b"{\"a\""));
+        assert!(values[1].starts_with(b"null"));
+    }
+
+    #[test]
+    fn chat_streams_end_with_done_a_finish_reason_or_an_error() {
+        let content = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"said \\\"finish_reason\\\": \\\"stop\\\"\"},\"finish_reason\":null}]}\n\n";
+        assert!(!ended(Api::ChatCompletions, content));
+        assert!(ended(Api::ChatCompletions, &format!("{content}data: [DONE]\n\n")));
+        assert!(ended(Api::ChatCompletions, &format!("{content}data:[DONE]\r\n")));
+        assert!(ended(
+            Api::ChatCompletions,
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\": \"stop\"}]}\n\n"
+        ));
+        assert!(ended(
+            Api::ChatCompletions,
+            "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n"
+        ));
+        assert!(!ended(
+            Api::ChatCompletions,
+            "data: {\"error\":null,\"choices\":[]}\n\n"
+        ));
+        // Not yet a whole line.
+        assert!(!ended(Api::ChatCompletions, "data: [DONE]"));
+    }
+
+    #[test]
+    fn responses_streams_end_with_a_final_event() {
+        let delta = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"the \\\"type\\\":\\\"response.completed\\\" event\"}\n\n";
+        assert!(!ended(Api::Responses, delta));
+        assert!(!ended(
+            Api::Responses,
+            "event: response.completed_soon\ndata: {\"type\":\"response.completed_soon\"}\n\n"
+        ));
+        for name in ["response.completed", "response.failed", "response.incomplete", "error"] {
+            assert!(
+                ended(Api::Responses, &format!("{delta}event: {name}\ndata: {{}}\n\n")),
+                "{name}"
+            );
+            // Providers that send only `data:` lines.
+            assert!(
+                ended(
+                    Api::Responses,
+                    &format!("{delta}data: {{\"type\": \"{name}\",\"x\":1}}\n\n")
+                ),
+                "{name}"
+            );
+        }
+    }
+}
