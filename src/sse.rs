@@ -14,38 +14,34 @@ use crate::request::Api;
 pub(crate) const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Splits a byte stream into lines (without their `\n`) whatever its chunk boundaries,
-/// holding at most one bounded partial line. Lines longer than [`MAX_LINE_BYTES`] that
-/// arrive across chunks are skipped.
+/// holding at most [`MAX_LINE_BYTES`] of a partial line: a longer line is passed on cut to
+/// its first [`MAX_LINE_BYTES`], the same however it was chunked. Why the start: an
+/// event's `type` comes first, and a Responses stream's `response.completed` line carries
+/// the whole answer, so can be longer than any buffer the proxy should hold.
 #[derive(Default)]
 pub struct LineSplitter {
     line: Vec<u8>,
-    /// The current line outgrew [`MAX_LINE_BYTES`]: skip to its end.
-    skipping: bool,
 }
 
 impl LineSplitter {
     /// Feeds the next bytes; calls `each_line` for every line they complete.
     pub fn feed(&mut self, mut bytes: &[u8], mut each_line: impl FnMut(&[u8])) {
         while let Some(end) = bytes.iter().position(|&byte| byte == b'\n') {
-            if self.skipping {
-                self.skipping = false;
-            } else if self.line.is_empty() {
-                each_line(&bytes[..end]);
+            if self.line.is_empty() {
+                each_line(&bytes[..end.min(MAX_LINE_BYTES)]);
             } else {
-                self.line.extend_from_slice(&bytes[..end]);
+                self.hold(&bytes[..end]);
                 each_line(&self.line);
                 self.line.clear();
             }
             bytes = &bytes[end + 1..];
         }
-        if !self.skipping && !bytes.is_empty() {
-            if self.line.len() + bytes.len() > MAX_LINE_BYTES {
-                self.line.clear();
-                self.skipping = true;
-            } else {
-                self.line.extend_from_slice(bytes);
-            }
-        }
+        self.hold(bytes);
+    }
+
+    fn hold(&mut self, bytes: &[u8]) {
+        let room = MAX_LINE_BYTES - self.line.len();
+        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 }
 
@@ -175,15 +171,24 @@ mod tests {
     }
 
     #[test]
-    fn an_overlong_line_across_chunks_is_skipped_and_the_next_one_read() {
-        let mut splitter = LineSplitter::default();
-        let mut lines = Vec::new();
-        let long = vec![b'x'; MAX_LINE_BYTES];
-        splitter.feed(&long, |line| lines.push(line.to_vec()));
-        splitter.feed(b"more of it", |line| lines.push(line.to_vec()));
-        assert!(splitter.line.capacity() <= MAX_LINE_BYTES, "the long line was not held");
-        splitter.feed(b"yy\ndata: next\n", |line| lines.push(line.to_vec()));
-        assert_eq!(lines, [b"data: next".to_vec()]);
+    fn an_overlong_line_is_cut_to_its_start_however_it_is_chunked() {
+        let mut stream = b"data: {\"type\":\"response.completed\",\"text\":\"".to_vec();
+        stream.extend(std::iter::repeat_n(b'x', 2 * MAX_LINE_BYTES));
+        stream.extend_from_slice(b"\"}\ndata: next\n");
+        for split in [0, 10, MAX_LINE_BYTES - 1, MAX_LINE_BYTES + 7, stream.len() - 3] {
+            let mut splitter = LineSplitter::default();
+            let mut lines = Vec::new();
+            let (head, tail) = stream.split_at(split);
+            splitter.feed(head, |line| lines.push(line.to_vec()));
+            assert!(
+                splitter.line.capacity() <= MAX_LINE_BYTES,
+                "the long line was held whole"
+            );
+            splitter.feed(tail, |line| lines.push(line.to_vec()));
+            assert_eq!(lines.len(), 2, "split at {split}");
+            assert_eq!(lines[0], stream[..MAX_LINE_BYTES], "split at {split}");
+            assert_eq!(lines[1], b"data: next", "split at {split}");
+        }
     }
 
     #[test]
@@ -225,6 +230,16 @@ mod tests {
             Api::Responses,
             "event: response.completed_soon\ndata: {\"type\":\"response.completed_soon\"}\n\n"
         ));
+        // A long answer makes a long final line; its start says what it is.
+        let long = format!(
+            "data: {{\"type\":\"response.completed\",\"response\":{{\"text\":\"{}\"}}}}\n\n",
+            "x".repeat(3 * MAX_LINE_BYTES)
+        );
+        let mut end = StreamEnd::new(Api::Responses);
+        for piece in long.as_bytes().chunks(1000) {
+            end.feed(piece);
+        }
+        assert!(end.ended());
         for name in ["response.completed", "response.failed", "response.incomplete", "error"] {
             assert!(
                 ended(Api::Responses, &format!("{delta}event: {name}\ndata: {{}}\n\n")),

@@ -134,7 +134,7 @@ mod tests {
     }
 
     #[test]
-    fn an_overlong_line_is_skipped() {
+    fn an_overlong_line_is_not_mistaken_for_usage() {
         let mut scanner = SseUsageScanner::default();
         let long = format!("data: {{\"text\":\"{}\"", "x".repeat(crate::sse::MAX_LINE_BYTES));
         assert_eq!(scanner.feed(long.as_bytes()), None);
