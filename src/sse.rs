@@ -53,19 +53,20 @@ pub fn data_of_line(line: &[u8]) -> Option<&[u8]> {
 
 /// The text after each occurrence of the JSON key `"key"` and its colon, at any depth,
 /// without leading whitespace: enough to tell a value's kind or compare a short string
-/// without parsing every event of a stream.
+/// without parsing every event of a stream (this runs on every line of every stream).
 pub fn values_of<'a>(json: &'a [u8], key: &str) -> impl Iterator<Item = &'a [u8]> {
-    let needle = format!("\"{key}\"").into_bytes();
+    let finder = memchr::memmem::Finder::new(key.as_bytes());
     let mut rest = json;
     std::iter::from_fn(move || {
         loop {
-            let at = rest
-                .windows(needle.len())
-                .position(|window| window == needle.as_slice())?;
-            rest = &rest[at + needle.len()..];
-            let after_space = rest.trim_ascii_start();
+            let at = finder.find(rest)?;
+            let quoted = at > 0 && rest[at - 1] == b'"' && rest.get(at + key.len()) == Some(&b'"');
+            rest = &rest[at + key.len()..];
+            if !quoted {
+                continue;
+            }
             // A key is followed by a colon; the same text as a value (`"type":"usage"`) is not.
-            if let Some(value) = after_space.strip_prefix(b":") {
+            if let Some(value) = rest[1..].trim_ascii_start().strip_prefix(b":") {
                 return Some(value.trim_ascii_start());
             }
         }

@@ -196,12 +196,7 @@ impl Upstream {
         };
         let mut end = StreamEnd::new(api);
         end.feed(&first);
-        let watch = StreamWatch {
-            chunks,
-            end,
-            model: self.model.name.clone(),
-            idle_timeout: timeout,
-        };
+        let watch = StreamWatch::new(chunks, end, self.model.name.clone(), timeout);
         let rest = stream::unfold(Some(watch), move |watch| async move {
             let mut watch = watch?;
             match watch.next_event().await {
@@ -243,36 +238,77 @@ struct StreamWatch<S> {
     end: StreamEnd,
     model: String,
     idle_timeout: Duration,
+    last_chunk: tokio::time::Instant,
+    /// One timer for the whole stream, re-armed only when it fires early: a timer per
+    /// chunk would cost a timer-wheel insert and removal on every chunk of every stream.
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<S: Stream<Item = reqwest::Result<Bytes>> + Unpin> StreamWatch<S> {
+    fn new(chunks: S, end: StreamEnd, model: String, idle_timeout: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            chunks,
+            end,
+            model,
+            idle_timeout,
+            last_chunk: now,
+            deadline: Box::pin(tokio::time::sleep_until(idle_deadline(now, idle_timeout))),
+        }
+    }
+
     /// The next chunk; `None` once the stream has properly ended.
     async fn next_event(&mut self) -> Result<Option<Bytes>, Error> {
-        // A stream may run longer than any fixed budget, but a silence this long (keep-alive
-        // comments count) means the upstream is stuck, and the client would wait forever.
-        match tokio::time::timeout(self.idle_timeout, self.chunks.next()).await {
-            Err(_) => Err(Error::UpstreamTimeout {
-                model: self.model.clone(),
-                reason: format!(
-                    "the stream sent nothing for {} s (upstream.request_timeout_secs)",
-                    self.idle_timeout.as_secs_f64()
-                ),
-            }),
-            Ok(Some(Ok(chunk))) => {
+        loop {
+            tokio::select! {
+                biased;
+                item = self.chunks.next() => {
+                    self.last_chunk = tokio::time::Instant::now();
+                    return self.on_item(item);
+                }
+                () = &mut self.deadline => {
+                    // A stream may run longer than any fixed budget, but a silence this long
+                    // (keep-alive comments count) means the upstream is stuck, and the
+                    // client would wait forever.
+                    if self.last_chunk.elapsed() >= self.idle_timeout {
+                        return Err(Error::UpstreamTimeout {
+                            model: self.model.clone(),
+                            reason: format!(
+                                "the stream sent nothing for {} s (upstream.request_timeout_secs)",
+                                self.idle_timeout.as_secs_f64()
+                            ),
+                        });
+                    }
+                    let deadline = idle_deadline(self.last_chunk, self.idle_timeout);
+                    self.deadline.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
+
+    fn on_item(&mut self, item: Option<reqwest::Result<Bytes>>) -> Result<Option<Bytes>, Error> {
+        match item {
+            Some(Ok(chunk)) => {
                 self.end.feed(&chunk);
                 Ok(Some(chunk))
             }
-            Ok(Some(Err(error))) => Err(Error::UpstreamUnreachable {
+            Some(Err(error)) => Err(Error::UpstreamUnreachable {
                 model: self.model.clone(),
                 reason: format!("the stream broke: {}", error_chain(&error)),
             }),
-            Ok(None) if self.end.ended() => Ok(None),
-            Ok(None) => Err(Error::UpstreamProtocol {
+            None if self.end.ended() => Ok(None),
+            None => Err(Error::UpstreamProtocol {
                 model: self.model.clone(),
                 reason: "the stream closed before its final event: the answer is incomplete".into(),
             }),
         }
     }
+}
+
+/// `from + timeout`, or far in the future when that is past what an `Instant` holds.
+fn idle_deadline(from: tokio::time::Instant, timeout: Duration) -> tokio::time::Instant {
+    from.checked_add(timeout)
+        .unwrap_or_else(|| from + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// reqwest is built without a default TLS provider (ring instead of aws-lc keeps builds
