@@ -160,6 +160,13 @@ fn tied_scores_do_not_crash_and_generic_benchmarks_work() {
     let length = &report.routers["length"];
     assert_eq!(length.curve.len(), 11);
     assert!(output.join("out/team.png").exists());
+
+    for (num_results, random_iters, flag) in [(0, 10, "--num-results"), (10, 0, "--random-iters")] {
+        opts.num_results = num_results;
+        opts.random_iters = random_iters;
+        let error = eval::run(&opts, &config()).unwrap_err().to_string();
+        assert!(error.contains(&format!("{flag} must be at least 1")), "{error}");
+    }
 }
 
 fn binary() -> Command {

@@ -74,6 +74,11 @@ pub fn run(options: &EvalOptions, config: &Config) -> Result<Report, Error> {
     if options.num_results < 1 {
         return Err(Error::invalid("--num-results must be at least 1"));
     }
+    if options.random_iters < 1 {
+        return Err(Error::invalid(
+            "--random-iters must be at least 1 (the random baseline is always evaluated)",
+        ));
+    }
     let data_dir = match (&options.benchmark, &options.data_dir) {
         (BenchmarkKind::Generic(_), dir) => dir.clone().unwrap_or_default(),
         (_, Some(dir)) => dir.clone(),
@@ -145,7 +150,7 @@ fn router_scores(
     config: &Config,
 ) -> Result<Vec<Vec<f64>>, Error> {
     if name == "random" {
-        let iterations = options.random_iters.max(1);
+        let iterations = options.random_iters;
         return Ok((0..iterations)
             .map(|iteration| {
                 let router = RandomRouter::with_seed(options.seed.wrapping_add(iteration as u64));
