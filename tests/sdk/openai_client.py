@@ -84,6 +84,13 @@ if mode == "mock":
     except openai.APIError as error:
         expect("stream broke" in str(error.message), error.message)
 
+    # An upstream that closes its stream cleanly before the end must not look like a whole answer.
+    try:
+        stream_text("router-random-0", extra_body={"mock": "truncated"})
+        raise AssertionError("a stream closed before its end must raise")
+    except openai.APIError as error:
+        expect("closed before its final event" in str(error.message), error.message)
+
     raw = client.responses.with_raw_response.create(
         model="router-random-0", input="What is the capital of France?", instructions="be brief"
     )
@@ -94,6 +101,8 @@ if mode == "mock":
     expect(events[-1].response.usage.output_tokens == 3, events[-1])
     broken = list(client.responses.create(model="router-random-0", input="hi", stream=True, extra_body={"mock": "break_soon"}))
     expect(broken[-1].type == "error" and "stream broke" in broken[-1].message, broken[-1])
+    cut = list(client.responses.create(model="router-random-0", input="hi", stream=True, extra_body={"mock": "truncated"}))
+    expect(cut[-1].type == "error" and "closed before its final event" in cut[-1].message, cut[-1])
 
     ids = [model.id for model in client.models.list()]
     expect("router-random-0.5" in ids and "openai/gpt-4o" in ids, ids)
