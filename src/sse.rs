@@ -131,17 +131,20 @@ fn is_final(api: Api, line: &[u8]) -> bool {
                 return RESPONSES_FINAL_EVENTS.contains(&name.trim_ascii());
             }
             data_of_line(line).is_some_and(|data| {
-                values_of(data, "type").any(|value| {
-                    RESPONSES_FINAL_EVENTS.iter().any(|name| {
-                        value
-                            .strip_prefix(b"\"")
-                            .and_then(|value| value.strip_prefix(*name))
-                            .is_some_and(|after| after.starts_with(b"\""))
-                    })
-                })
+                values_of(data, "type")
+                    .filter_map(string_value)
+                    .any(|name| RESPONSES_FINAL_EVENTS.contains(&name))
             })
         }
     }
+}
+
+/// The text of a JSON string value up to its closing quote (an escaped quote ends it early,
+/// which no event name has).
+fn string_value(value: &[u8]) -> Option<&[u8]> {
+    let text = value.strip_prefix(b"\"")?;
+    let end = memchr::memchr(b'"', text)?;
+    Some(&text[..end])
 }
 
 #[cfg(test)]
