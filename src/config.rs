@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use axum::http::HeaderName;
 use serde::Deserialize;
 
 use crate::error::Error;
@@ -76,6 +77,9 @@ pub struct ModelConfig {
     pub base_url: Option<String>,
     #[serde(default)]
     pub api_key: Option<Secret>,
+    /// Extra headers sent with every request to this model, over its provider's `headers`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
 }
 
 impl ModelConfig {
@@ -85,6 +89,7 @@ impl ModelConfig {
             name,
             base_url: None,
             api_key: None,
+            headers: BTreeMap::new(),
         }
     }
 }
@@ -100,6 +105,10 @@ pub struct ProviderConfig {
     /// The environment variable holding the key, so the file itself holds no secret.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// Extra headers sent with every request to this provider's models (a gateway's own
+    /// credentials, attribution headers); `${VAR}` in a value reads the environment.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
 }
 
 /// How log lines are written.
@@ -145,6 +154,8 @@ pub enum OnUpstreamError {
 struct UpstreamFile {
     connect_timeout_secs: Option<f64>,
     request_timeout_secs: Option<f64>,
+    #[serde(default)]
+    forward_headers: Vec<String>,
 }
 
 /// The YAML file, every key optional.
@@ -235,6 +246,8 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Client request headers passed on to the models (tracing ids and the like); none by default.
+    pub forward_headers: Vec<HeaderName>,
     pub max_request_bytes: usize,
     /// How many requests a CPU-bound router (MiniLM, `sw_ranking`) scores at once; the rest
     /// wait their turn. Defaults to the machine's cores.
@@ -300,6 +313,7 @@ impl Config {
                     .request_timeout_secs
                     .unwrap_or(DEFAULT_REQUEST_TIMEOUT_SECS),
             )?,
+            forward_headers: forward_headers(&file.upstream.forward_headers)?,
             max_request_bytes: file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
             scoring_concurrency: file
                 .scoring_concurrency
@@ -358,6 +372,58 @@ impl Config {
     }
 }
 
+/// Headers that describe one connection or the body's framing, which the HTTP client sets
+/// for each request itself, and `accept-encoding`, since streams are read as they pass (a
+/// compressed one could not be watched for its end or its usage).
+const HOP_AND_FRAMING_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "host",
+    "accept",
+    "accept-encoding",
+];
+
+/// Why a header name cannot be configured for the models, if it cannot: the proxy sets it.
+#[must_use]
+pub fn reserved_header(name: &HeaderName) -> Option<&'static str> {
+    match name.as_str() {
+        "authorization" | "proxy-authorization" => {
+            Some("the models get their own key (`api_key`); a client's Authorization is for the proxy")
+        }
+        other if HOP_AND_FRAMING_HEADERS.contains(&other) => Some("the proxy sets it for each request"),
+        _ => None,
+    }
+}
+
+/// Parses a header name from the config, refusing the ones the proxy must set itself.
+pub fn header_name(key: &str, name: &str) -> Result<HeaderName, Error> {
+    let parsed = HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| Error::Config(format!("{key}: `{name}` is not a valid header name")))?;
+    match reserved_header(&parsed) {
+        Some(reason) => Err(Error::Config(format!("{key}: `{name}` cannot be set: {reason}"))),
+        None => Ok(parsed),
+    }
+}
+
+fn forward_headers(names: &[String]) -> Result<Vec<HeaderName>, Error> {
+    let mut parsed: Vec<HeaderName> = Vec::with_capacity(names.len());
+    for name in names {
+        let name = header_name("upstream.forward_headers", name)?;
+        if !parsed.contains(&name) {
+            parsed.push(name);
+        }
+    }
+    Ok(parsed)
+}
+
 fn seconds(key: &str, value: f64) -> Result<Duration, Error> {
     // `try_from`: `Duration::from_secs_f64` panics past u64::MAX seconds, which YAML's `1e300` reaches.
     match Duration::try_from_secs_f64(value) {
@@ -384,6 +450,34 @@ mod tests {
                 "{bad}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn forward_headers_are_checked_once_at_start_up() {
+        let with = |names: &str| {
+            let file = FileConfig::from_yaml(&format!("upstream:\n  forward_headers: {names}\n")).unwrap();
+            Config::merge(file, Overrides::default())
+        };
+        let config = with("[X-Request-Id, traceparent, x-request-id]").unwrap();
+        let names: Vec<&str> = config.forward_headers.iter().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-request-id", "traceparent"]);
+        let error = with("[Authorization]").unwrap_err().to_string();
+        assert!(
+            error.contains("upstream.forward_headers") && error.contains("api_key"),
+            "{error}"
+        );
+        for framing in ["content-type", "Host", "accept-encoding", "transfer-encoding"] {
+            let error = with(&format!("[{framing}]")).unwrap_err().to_string();
+            assert!(error.contains("the proxy sets it"), "{framing}: {error}");
+        }
+        let error = with("['x y']").unwrap_err().to_string();
+        assert!(error.contains("not a valid header name"), "{error}");
+        assert!(
+            Config::merge(FileConfig::default(), Overrides::default())
+                .unwrap()
+                .forward_headers
+                .is_empty()
+        );
     }
 
     #[test]

@@ -5,13 +5,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::http::{HeaderMap, HeaderName};
+
 use crate::config::{Config, OnRouterError, OnUpstreamError, Secret};
 use crate::error::Error;
 use crate::model_name::{self, ModelTarget};
 use crate::providers;
 use crate::request::{Api, ModelRequest};
 use crate::routers::{self, Router, ScoringCost};
-use crate::upstream::{EchoInput, Reply, Upstream};
+use crate::upstream::{EchoInput, Reply, Upstream, UpstreamRequest};
 
 /// Which of the two models a request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +78,8 @@ pub struct Gateway {
     client: reqwest::Client,
     api_keys: Vec<Secret>,
     request_timeout: Duration,
+    /// Client request headers passed on to the models (`upstream.forward_headers`).
+    forward_headers: Vec<HeaderName>,
     max_request_bytes: usize,
     /// Permits for CPU-bound scoring (see [`score`]).
     scoring_slots: Arc<tokio::sync::Semaphore>,
@@ -130,6 +134,7 @@ impl Gateway {
             client,
             api_keys: config.api_keys.clone(),
             request_timeout: config.request_timeout,
+            forward_headers: config.forward_headers.clone(),
             max_request_bytes: config.max_request_bytes,
             scoring_slots: Arc::new(tokio::sync::Semaphore::new(config.scoring_concurrency)),
             on_router_error: config.on_router_error,
@@ -289,6 +294,18 @@ impl Gateway {
 
     /// Routes (or directly forwards) a request body for `api` and returns the model's answer.
     pub async fn complete(&self, api: Api, body: &[u8]) -> Result<Completion, Error> {
+        self.complete_with_headers(api, body, &HeaderMap::new()).await
+    }
+
+    /// As [`Gateway::complete`], passing on those of the client's `headers` that
+    /// `upstream.forward_headers` names.
+    pub async fn complete_with_headers(
+        &self,
+        api: Api,
+        body: &[u8],
+        client_headers: &HeaderMap,
+    ) -> Result<Completion, Error> {
+        let forwarded = self.forwarded(client_headers);
         let request = ModelRequest::parse(api, body)?;
         let (mut decision, upstream) = match model_name::parse(request.model())? {
             ModelTarget::Routed { router, threshold } => {
@@ -307,7 +324,14 @@ impl Gateway {
         };
         let mut upstream_time = Duration::ZERO;
         let mut answer = self
-            .forward(&request, body, decision.as_ref(), upstream, &mut upstream_time)
+            .forward(
+                &request,
+                body,
+                &forwarded,
+                decision.as_ref(),
+                upstream,
+                &mut upstream_time,
+            )
             .await;
         // Only a routed request may change model: a client that named one gets that one.
         if let Some(routed) = decision.as_mut()
@@ -325,7 +349,14 @@ impl Gateway {
             routed.model.clone_from(&self.upstream(other).model.name);
             routed.upstream_fallback = true;
             answer = self
-                .forward(&request, body, Some(routed), self.upstream(other), &mut upstream_time)
+                .forward(
+                    &request,
+                    body,
+                    &forwarded,
+                    Some(routed),
+                    self.upstream(other),
+                    &mut upstream_time,
+                )
                 .await;
         }
         let reply = answer?;
@@ -339,17 +370,29 @@ impl Gateway {
         })
     }
 
+    /// The client's headers that are configured to pass on, every value of each.
+    fn forwarded(&self, client_headers: &HeaderMap) -> HeaderMap {
+        let mut forwarded = HeaderMap::new();
+        for name in &self.forward_headers {
+            for value in client_headers.get_all(name) {
+                forwarded.append(name.clone(), value.clone());
+            }
+        }
+        forwarded
+    }
+
     /// Sends the request, rewritten for `upstream`'s model, and returns its answer; the
     /// time spent waiting on the model is added to `upstream_time`.
     async fn forward(
         &self,
         request: &ModelRequest<'_>,
         body: &[u8],
+        forwarded: &HeaderMap,
         decision: Option<&RouteDecision>,
         upstream: &Upstream,
         upstream_time: &mut Duration,
     ) -> Result<Reply, Error> {
-        let forwarded = request.rewrite_model(&upstream.model.provider_model);
+        let rewritten = request.rewrite_model(&upstream.model.provider_model);
         let echo_prompt;
         let echo_note;
         let echo = if upstream.is_echo() {
@@ -372,10 +415,13 @@ impl Gateway {
             .send(
                 &self.client,
                 request.api(),
-                forwarded,
-                request.stream(),
-                self.request_timeout,
-                &echo,
+                rewritten,
+                UpstreamRequest {
+                    stream: request.stream(),
+                    timeout: self.request_timeout,
+                    forwarded,
+                    echo: &echo,
+                },
             )
             .await;
         *upstream_time += started.elapsed();

@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{ModelConfig, ProviderConfig, Secret};
+use axum::http::{HeaderName, HeaderValue};
+
+use crate::config::{self, ModelConfig, ProviderConfig, Secret};
 use crate::error::Error;
 
 /// A provider known without configuration.
@@ -115,6 +117,9 @@ pub enum Endpoint {
         /// Base URL without a trailing slash; `/chat/completions` is appended.
         base_url: String,
         api_key: Option<Secret>,
+        /// Configured extra headers, environment references expanded, marked sensitive
+        /// (a gateway key is a secret like any other).
+        headers: Vec<(HeaderName, HeaderValue)>,
     },
     /// The built-in offline provider: answers locally with the routing decision.
     Echo,
@@ -141,6 +146,7 @@ impl ResolvedModel {
         let Endpoint::Http {
             base_url,
             api_key: None,
+            ..
         } = &self.endpoint
         else {
             return None;
@@ -243,6 +249,33 @@ pub fn resolve(
         .filter(|key| !key.expose().is_empty());
 
     validate_base_url(name, &base_url)?;
+    // The model's own headers replace its provider's of the same name.
+    let mut configured: Vec<(HeaderName, String, &Secret)> = Vec::new();
+    let layers = [
+        (
+            format!("providers.{provider}.headers"),
+            file_provider.map(|p| &p.headers),
+        ),
+        (format!("the headers of `{name}`"), Some(&model.headers)),
+    ];
+    for (key, headers) in &layers {
+        for (header, value) in headers.iter().flat_map(|headers| headers.iter()) {
+            let header = config::header_name(key, header)?;
+            configured.retain(|(earlier, _, _)| *earlier != header);
+            let key = format!("{key}: {header}");
+            configured.push((header, key, value));
+        }
+    }
+    let headers = configured
+        .into_iter()
+        .map(|(header, key, value)| {
+            let expanded = expand_env(&key, value.expose(), env)?;
+            let mut value = HeaderValue::from_str(&expanded)
+                .map_err(|_| Error::Config(format!("{key}: the value is not a valid header value")))?;
+            value.set_sensitive(true);
+            Ok((header, value))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     Ok(ResolvedModel {
         name: name.to_owned(),
         provider_model: provider_model.to_owned(),
@@ -250,8 +283,42 @@ pub fn resolve(
         endpoint: Endpoint::Http {
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
+            headers,
         },
     })
+}
+
+/// Replaces each `${VAR}` in a configured value with that environment variable, so the
+/// file need not hold secrets. An unset variable is an error at start-up, not an empty
+/// header on every request. Error messages never include the value.
+fn expand_env(key: &str, value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Error> {
+    let mut expanded = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        expanded.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| Error::Config(format!("{key}: `${{` without a closing `}}`")))?;
+        let variable = &after[..end];
+        let valid = variable
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && variable.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            // The text itself is not repeated: it may be a secret pasted in the wrong place.
+            return Err(Error::Config(format!(
+                "{key}: a `${{...}}` reference must name an environment variable (letters, digits, `_`)"
+            )));
+        }
+        let found = env(variable)
+            .ok_or_else(|| Error::Config(format!("{key}: the environment variable {variable} is not set")))?;
+        expanded.push_str(&found);
+        rest = &after[end + 1..];
+    }
+    expanded.push_str(rest);
+    Ok(expanded)
 }
 
 fn validate_base_url(name: &str, base_url: &str) -> Result<(), Error> {
@@ -274,6 +341,7 @@ mod tests {
             name: name.into(),
             base_url: None,
             api_key: None,
+            headers: BTreeMap::new(),
         }
     }
 
@@ -283,7 +351,7 @@ mod tests {
 
     fn http(resolved: &ResolvedModel) -> (&str, Option<&str>) {
         match &resolved.endpoint {
-            Endpoint::Http { base_url, api_key } => (base_url.as_str(), api_key.as_ref().map(Secret::expose)),
+            Endpoint::Http { base_url, api_key, .. } => (base_url.as_str(), api_key.as_ref().map(Secret::expose)),
             Endpoint::Echo => panic!("expected http"),
         }
     }
@@ -368,12 +436,90 @@ mod tests {
                 base_url: Some("https://llm.acme.test/v1".into()),
                 api_key: None,
                 api_key_env: Some("ACME_KEY".into()),
+                headers: BTreeMap::new(),
             },
         );
         let env = |var: &str| (var == "ACME_KEY").then(|| "secret".to_owned());
         let resolved = resolve(&model("acme/big"), &GlobalOverrides::default(), &providers, &env).unwrap();
         assert_eq!(resolved.provider, "acme");
         assert_eq!(http(&resolved), ("https://llm.acme.test/v1", Some("secret")));
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> BTreeMap<String, Secret> {
+        pairs
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), Secret::new((*value).to_owned())))
+            .collect()
+    }
+
+    fn resolve_headers(
+        provider_headers: &[(&str, &str)],
+        model_headers: &[(&str, &str)],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, Error> {
+        let providers = BTreeMap::from([(
+            "openrouter".to_owned(),
+            ProviderConfig {
+                headers: headers(provider_headers),
+                ..ProviderConfig::default()
+            },
+        )]);
+        let mut own = model("openrouter/meta-llama/llama-3-8b");
+        own.headers = headers(model_headers);
+        let resolved = resolve(&own, &GlobalOverrides::default(), &providers, env)?;
+        match resolved.endpoint {
+            Endpoint::Http { headers, .. } => Ok(headers),
+            Endpoint::Echo => panic!("expected http"),
+        }
+    }
+
+    #[test]
+    fn configured_headers_layer_model_over_provider_and_read_the_environment() {
+        let env = |var: &str| (var == "GATEWAY_KEY").then(|| "gk-123".to_owned());
+        let resolved = resolve_headers(
+            &[("X-Title", "our app"), ("Helicone-Auth", "Bearer ${GATEWAY_KEY}")],
+            &[
+                ("x-title", "the model's own title"),
+                ("X-Both", "${GATEWAY_KEY}/${GATEWAY_KEY}$"),
+            ],
+            &env,
+        )
+        .unwrap();
+        let value = |name: &str| {
+            let found: Vec<&HeaderValue> = resolved.iter().filter(|(n, _)| n == name).map(|(_, v)| v).collect();
+            assert_eq!(found.len(), 1, "{name}: {resolved:?}");
+            found[0].to_str().unwrap().to_owned()
+        };
+        assert_eq!(value("x-title"), "the model's own title");
+        assert_eq!(value("helicone-auth"), "Bearer gk-123");
+        assert_eq!(value("x-both"), "gk-123/gk-123$");
+        assert!(resolved.iter().all(|(_, value)| value.is_sensitive()));
+        assert!(!format!("{resolved:?}").contains("gk-123"), "values stay out of logs");
+    }
+
+    #[test]
+    fn configured_headers_refuse_what_the_proxy_sets_and_unset_variables() {
+        let failure = |provider: &[(&str, &str)], own: &[(&str, &str)]| {
+            resolve_headers(provider, own, &no_env).unwrap_err().to_string()
+        };
+        let error = failure(&[("Authorization", "Bearer x")], &[]);
+        assert!(
+            error.contains("providers.openrouter.headers") && error.contains("api_key"),
+            "{error}"
+        );
+        let error = failure(&[], &[("Content-Length", "3")]);
+        assert!(error.contains("cannot be set"), "{error}");
+        let error = failure(&[], &[("bad header", "x")]);
+        assert!(error.contains("not a valid header name"), "{error}");
+        let error = failure(&[("X-Key", "Bearer ${MISSING_KEY}")], &[]);
+        assert!(error.contains("MISSING_KEY is not set"), "{error}");
+        let error = failure(&[], &[("X-Key", "${sk-pasted-secret}")]);
+        assert!(error.contains("must name an environment variable"), "{error}");
+        assert!(!error.contains("sk-pasted-secret"), "{error}");
+        let error = failure(&[], &[("X-Key", "${UNCLOSED")]);
+        assert!(error.contains("without a closing"), "{error}");
+        let error = failure(&[], &[("X-Key", "line\nbreak\n")]);
+        assert!(error.contains("not a valid header value"), "{error}");
     }
 
     #[test]

@@ -150,7 +150,7 @@ async fn complete(
         state.metrics().record(TierLabel::None, error.status().as_u16(), None);
         return error.into_response();
     }
-    match state.complete(api, &body).await {
+    match state.complete_with_headers(api, &body, headers).await {
         Ok(completion) => respond(completion, received, &state),
         Err(error) => {
             state.metrics().record(TierLabel::None, error.status().as_u16(), None);

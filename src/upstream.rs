@@ -72,6 +72,16 @@ pub struct EchoInput<'a> {
     pub include_usage: bool,
 }
 
+/// How to send one request, beside its body.
+pub struct UpstreamRequest<'a> {
+    pub stream: bool,
+    /// Budget for a whole answer, a stream's first event, and each silence after it.
+    pub timeout: Duration,
+    /// Client headers to pass on (`upstream.forward_headers`); usually empty.
+    pub forwarded: &'a HeaderMap,
+    pub echo: &'a EchoInput<'a>,
+}
+
 /// One of the two configured models, ready to receive requests.
 pub struct Upstream {
     pub model: ResolvedModel,
@@ -88,6 +98,8 @@ struct HttpTarget {
     chat_completions_url: reqwest::Url,
     responses_url: reqwest::Url,
     authorization: Option<HeaderValue>,
+    /// The model's configured extra headers (sensitive, never logged).
+    headers: HeaderMap,
 }
 
 impl Upstream {
@@ -95,7 +107,11 @@ impl Upstream {
     pub fn new(model: ResolvedModel) -> Result<Self, Error> {
         let target = match &model.endpoint {
             Endpoint::Echo => Target::Echo,
-            Endpoint::Http { base_url, api_key } => {
+            Endpoint::Http {
+                base_url,
+                api_key,
+                headers,
+            } => {
                 let url = |api: Api| {
                     reqwest::Url::parse(&format!("{base_url}/{}", api.path()))
                         .map_err(|error| Error::Config(format!("{}: {error}", model.name)))
@@ -116,6 +132,7 @@ impl Upstream {
                     chat_completions_url,
                     responses_url,
                     authorization,
+                    headers: headers.iter().cloned().collect(),
                 }))
             }
         };
@@ -128,30 +145,44 @@ impl Upstream {
         matches!(self.target, Target::Echo)
     }
 
-    /// Sends `body` (already rewritten for this model) to its `api` endpoint and returns
+    /// Sends `body` (already rewritten for this model) to its `api` endpoint, with the
+    /// client's `forwarded` headers (already filtered to those configured), and returns
     /// the model's answer.
     pub async fn send(
         &self,
         client: &reqwest::Client,
         api: Api,
         body: Vec<u8>,
-        stream: bool,
-        timeout: Duration,
-        echo: &EchoInput<'_>,
+        request: UpstreamRequest<'_>,
     ) -> Result<Reply, Error> {
-        let (url, authorization) = match &self.target {
+        let UpstreamRequest {
+            stream,
+            timeout,
+            forwarded,
+            echo,
+        } = request;
+        let target = match &self.target {
             Target::Echo => return Ok(echo::reply(api, &self.model.provider_model, stream, echo)),
-            Target::Http(target) => match api {
-                Api::ChatCompletions => (&target.chat_completions_url, &target.authorization),
-                Api::Responses => (&target.responses_url, &target.authorization),
-            },
+            Target::Http(target) => target,
+        };
+        let url = match api {
+            Api::ChatCompletions => &target.chat_completions_url,
+            Api::Responses => &target.responses_url,
         };
         let mut request = client
             .post(url.clone())
             .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);
-        if let Some(authorization) = authorization {
+        if let Some(authorization) = &target.authorization {
             request = request.header(header::AUTHORIZATION, authorization.clone());
+        }
+        if !forwarded.is_empty() || !target.headers.is_empty() {
+            // The operator's headers for this model replace a client's of the same name.
+            let mut extra = forwarded.clone();
+            for (name, value) in &target.headers {
+                extra.insert(name.clone(), value.clone());
+            }
+            request = request.headers(extra);
         }
         if stream {
             request = request.header(header::ACCEPT, HeaderValue::from_static("text/event-stream"));

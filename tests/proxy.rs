@@ -809,3 +809,73 @@ async fn responses_api_requests_are_routed_like_chat_and_forwarded_unchanged() {
     assert_eq!(openai_error(response, 400).await["param"], "input");
     assert_eq!(strong.received().len(), 2, "invalid requests never reach a model");
 }
+
+#[tokio::test]
+async fn configured_client_headers_and_provider_headers_reach_the_model() {
+    use axum::http::StatusCode;
+    let (strong, weak, proxy) = setup(
+        "upstream:\n  forward_headers: [X-Request-Id, traceparent, x-gateway-key]\n\
+         providers:\n  openai: {headers: {X-Gateway-Key: gk-strong}}\n  together_ai: {headers: {X-Gateway-Key: gk-weak}}\n\
+         on_upstream_error: other_model\n",
+    )
+    .await;
+    let send = |model: &str, stream: bool| {
+        proxy
+            .client
+            .post(proxy.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("x-request-id", "req-1")
+            .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .header("openai-organization", "org-client")
+            .header("x-gateway-key", "from-the-client")
+            .body(body(model, if stream { r#","stream":true"# } else { "" }))
+            .send()
+    };
+    let response = send("router-random-0", false).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let response = send("router-random-0", true).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(read_to_end(response.bytes_stream()).await.ends_with("data: [DONE]\n\n"));
+    for received in strong.received() {
+        let headers = &received.headers;
+        assert_eq!(headers["x-request-id"], "req-1");
+        assert!(headers["traceparent"].to_str().unwrap().starts_with("00-0af7"));
+        // The operator's header for the model replaces a client's of the same name.
+        assert_eq!(
+            headers.get_all("x-gateway-key").iter().collect::<Vec<_>>(),
+            ["gk-strong"]
+        );
+        assert_eq!(headers["authorization"], "Bearer sk-strong");
+        assert!(
+            headers.get("openai-organization").is_none(),
+            "not listed, not forwarded"
+        );
+    }
+    assert_eq!(strong.received().len(), 2);
+
+    // A request moved to the other model carries that model's own headers.
+    strong.set_unavailable(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let response = send("router-random-0", false).await.unwrap();
+    assert_eq!(response.headers()["x-routellm-fallback"], "upstream_error");
+    let moved = weak.received();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].headers["x-request-id"], "req-1");
+    assert_eq!(moved[0].headers["x-gateway-key"], "gk-weak");
+    assert_eq!(moved[0].headers["authorization"], "Bearer sk-weak");
+
+    // Without forward_headers, nothing of the client's is passed on; provider headers still are.
+    let (strong, _weak, proxy) = setup("providers:\n  openai: {headers: {X-Title: our app}}\n").await;
+    let response = proxy
+        .client
+        .post(proxy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", "req-2")
+        .body(body("router-random-0", ""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = strong.received();
+    assert!(received[0].headers.get("x-request-id").is_none());
+    assert_eq!(received[0].headers["x-title"], "our app");
+}
