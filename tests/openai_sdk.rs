@@ -1,4 +1,5 @@
-//! The real `routellm` binary driven by the official OpenAI Python SDK (`pip install openai`).
+//! The real `routellm` binary driven by the official OpenAI Python SDK (`pip install openai`),
+//! and the binary's behaviour that depends on its process environment.
 
 #![allow(clippy::unwrap_used, clippy::format_collect)] // test code: a panic is the failure report
 
@@ -13,7 +14,12 @@ use tokio::process::{Child, Command};
 
 /// Starts the binary on an OS-chosen port and returns it with its base URL.
 async fn start_binary(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_routellm"))
+    start_command(Command::new(env!("CARGO_BIN_EXE_routellm")), args).await
+}
+
+/// As [`start_binary`], with the command's environment prepared by the caller.
+async fn start_command(mut command: Command, args: &[&str]) -> (Child, String) {
+    let mut child = command
         .args(["serve", "--host", "127.0.0.1", "--port", "0"])
         .args(args)
         .env_remove("ROUTELLM_CONFIG")
@@ -101,6 +107,49 @@ async fn official_sdk_against_offline_echo_models() {
     ])
     .await;
     run_sdk_script(&base_url, "echo").await;
+}
+
+/// Deployments behind an egress proxy set `HTTPS_PROXY`/`HTTP_PROXY` (and `NO_PROXY`): the
+/// binary's calls to the models must go through it. The mock stands in for the proxy; the
+/// model's host does not resolve, so an answer can only have come through the proxy.
+#[tokio::test]
+async fn upstream_calls_go_through_the_proxy_named_in_the_environment() {
+    let proxy = MockUpstream::start("via-proxy").await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_routellm"));
+    child
+        .env("HTTP_PROXY", proxy.base_url().trim_end_matches("/v1"))
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    let (_child, base_url) = start_command(
+        child,
+        &[
+            "--routers",
+            "random",
+            "--strong-model",
+            "openai/gpt-4o",
+            "--weak-model",
+            "openai/gpt-4o-mini",
+            "--base-url",
+            "http://models.example.invalid/v1",
+            "--api-key",
+            "sk-upstream",
+        ],
+    )
+    .await;
+    routellm::upstream::install_crypto_provider();
+    let response = reqwest::Client::new()
+        .post(format!("{base_url}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"router-random-0","messages":[{"role":"user","content":"Hello"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = proxy.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].headers["host"], "models.example.invalid");
+    assert_eq!(received[0].headers["authorization"], "Bearer sk-upstream");
+    assert_eq!(received[0].json()["model"], "gpt-4o");
 }
 
 /// A config file in the target directory, unique per call.
