@@ -80,6 +80,28 @@ pub struct ModelConfig {
     /// Extra headers sent with every request to this model, over its provider's `headers`.
     #[serde(default)]
     pub headers: BTreeMap<String, Secret>,
+    /// What the model charges, for the cost counters at `/metrics`.
+    #[serde(default)]
+    pub price_per_million_tokens: Option<Price>,
+}
+
+/// A model's price per million tokens, in any one currency (the cost counters are in it).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Per million prompt (input) tokens.
+    pub input: f64,
+    /// Per million completion (output) tokens.
+    pub output: f64,
+}
+
+impl Price {
+    /// What `input_tokens` and `output_tokens` cost at this price.
+    #[must_use]
+    #[allow(clippy::cast_precision_loss)] // token counts stay far below 2^53
+    pub fn cost(self, input_tokens: u64, output_tokens: u64) -> f64 {
+        (input_tokens as f64 * self.input + output_tokens as f64 * self.output) / 1e6
+    }
 }
 
 impl ModelConfig {
@@ -90,6 +112,7 @@ impl ModelConfig {
             base_url: None,
             api_key: None,
             headers: BTreeMap::new(),
+            price_per_million_tokens: None,
         }
     }
 }
@@ -356,6 +379,16 @@ impl Config {
                 )));
             }
         }
+        for model in [&self.strong_model, &self.weak_model] {
+            if let Some(price) = model.price_per_million_tokens
+                && !(price.input.is_finite() && price.output.is_finite() && price.input >= 0.0 && price.output >= 0.0)
+            {
+                return Err(Error::Config(format!(
+                    "price_per_million_tokens of `{}`: input and output must be finite and not negative",
+                    model.name
+                )));
+            }
+        }
         if self.strong_model.name.trim() == self.weak_model.name.trim() {
             tracing::warn!(model = %self.strong_model.name, "strong and weak model are the same");
         }
@@ -478,6 +511,33 @@ mod tests {
                 .forward_headers
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn prices_are_per_million_tokens_and_must_be_sane() {
+        let with = |price: &str| {
+            let file = FileConfig::from_yaml(&format!(
+                "strong_model: {{name: openai/gpt-4o, price_per_million_tokens: {price}}}\n"
+            ))
+            .unwrap();
+            Config::merge(file, Overrides::default())
+        };
+        let config = with("{input: 2.5, output: 10}").unwrap();
+        let price = config.strong_model.price_per_million_tokens.unwrap();
+        assert!((price.cost(1_000_000, 500_000) - 7.5).abs() < 1e-12);
+        assert_eq!(config.weak_model.price_per_million_tokens, None);
+        for bad in [
+            "{input: -1, output: 1}",
+            "{input: .nan, output: 1}",
+            "{input: 1, output: .inf}",
+        ] {
+            let error = with(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("price_per_million_tokens of `openai/gpt-4o`"),
+                "{bad}: {error}"
+            );
+        }
+        assert!(FileConfig::from_yaml("strong_model: {name: x, price_per_million_tokens: {input: 1}}").is_err());
     }
 
     #[test]

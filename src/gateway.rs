@@ -64,6 +64,8 @@ pub struct Completion {
     pub decision: Option<RouteDecision>,
     /// The configured name of the model that answered.
     pub model: String,
+    /// Which of the two configured models answered (for a model named directly too).
+    pub answered_by: Tier,
     pub reply: Reply,
     /// Time spent waiting for the upstream's headers (and, for streams, first bytes).
     pub upstream_time: Duration,
@@ -280,11 +282,12 @@ impl Gateway {
         }
     }
 
-    /// The upstream a directly named model refers to, by configured or provider name.
-    fn direct_upstream(&self, model: &str) -> Option<&Upstream> {
-        [&self.strong, &self.weak]
-            .into_iter()
-            .find(|upstream| upstream.model.name == model || upstream.model.provider_model == model)
+    /// Which configured model a directly named one is, by configured or provider name.
+    fn direct_tier(&self, model: &str) -> Option<Tier> {
+        [Tier::Strong, Tier::Weak].into_iter().find(|tier| {
+            let upstream = self.upstream(*tier);
+            upstream.model.name == model || upstream.model.provider_model == model
+        })
     }
 
     /// Routes (or directly forwards) a chat-completion request body and returns the model's answer.
@@ -307,21 +310,22 @@ impl Gateway {
     ) -> Result<Completion, Error> {
         let forwarded = self.forwarded(client_headers);
         let request = ModelRequest::parse(api, body)?;
-        let (mut decision, upstream) = match model_name::parse(request.model())? {
+        let (mut decision, tier) = match model_name::parse(request.model())? {
             ModelTarget::Routed { router, threshold } => {
                 let decision = self
                     .route_or(router, threshold, request.last_user_prompt()?, self.on_router_error)
                     .await?;
-                let upstream = self.upstream(decision.tier);
-                (Some(decision), upstream)
+                let tier = decision.tier;
+                (Some(decision), tier)
             }
             ModelTarget::Direct(model) => {
-                let upstream = self
-                    .direct_upstream(model)
+                let tier = self
+                    .direct_tier(model)
                     .ok_or_else(|| Error::ModelNotFound(model.to_owned()))?;
-                (None, upstream)
+                (None, tier)
             }
         };
+        let upstream = self.upstream(tier);
         let mut upstream_time = Duration::ZERO;
         let mut answer = self
             .forward(
@@ -361,6 +365,8 @@ impl Gateway {
         }
         let reply = answer?;
         Ok(Completion {
+            // A fallback to the other model changed the decision's tier.
+            answered_by: decision.as_ref().map_or(tier, |routed| routed.tier),
             model: decision
                 .as_ref()
                 .map_or_else(|| upstream.model.name.clone(), |routed| routed.model.clone()),

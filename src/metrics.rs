@@ -1,7 +1,9 @@
 //! Prometheus metrics for operators, served at `GET /metrics`: requests by tier and
-//! status class, tokens by tier (from the answers' own `usage`), requests answered without
-//! a score (`on_router_error`), and a histogram of the proxy's own overhead per request
-//! (time spent outside the upstream call), as TensorZero and LiteLLM expose theirs.
+//! status class, tokens by tier (from the answers' own `usage`) and, with prices
+//! configured, their cost and what they would have cost at the strong model's price,
+//! requests answered without a score (`on_router_error`), and a histogram of the proxy's
+//! own overhead per request (time spent outside the upstream call), as TensorZero and
+//! LiteLLM expose theirs.
 //!
 //! Plain atomics and a hand-written exposition: a few counters do not justify a metrics
 //! framework on the hot path.
@@ -10,6 +12,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::config::Price;
 use crate::gateway::Tier;
 use crate::usage::Usage;
 
@@ -40,9 +43,24 @@ pub struct Metrics {
     upstream_fallbacks: [AtomicU64; 2],
     /// Prompt and completion tokens per tier (`none` never has any).
     tokens: [[AtomicU64; 2]; 4],
+    /// The configured prices of the strong and the weak model.
+    prices: [Option<Price>; 2],
+    /// Per tier (strong, weak, direct): what the answers cost at the answering model's
+    /// price, and what their tokens cost at the strong model's; f64 bits.
+    cost: [AtomicU64; 3],
+    cost_at_strong_prices: [AtomicU64; 3],
 }
 
 impl Metrics {
+    /// Metrics that also price the answers' tokens (`None`: that model has no price).
+    #[must_use]
+    pub fn with_prices(strong: Option<Price>, weak: Option<Price>) -> Self {
+        Self {
+            prices: [strong, weak],
+            ..Self::default()
+        }
+    }
+
     /// Counts one answered request.
     pub fn record(&self, tier: TierLabel, status: u16, overhead: Option<Duration>) {
         let class = match status {
@@ -78,11 +96,26 @@ impl Metrics {
         self.upstream_fallbacks[index].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts the tokens an answer from `tier` reports.
-    pub fn record_usage(&self, tier: TierLabel, usage: Usage) {
+    /// Counts the tokens an answer reports, and prices them: `tier` is how the request
+    /// was labelled, `answered_by` the model that answered it.
+    pub fn record_usage(&self, tier: TierLabel, answered_by: Tier, usage: Usage) {
         let [prompt, completion] = &self.tokens[tier as usize];
         prompt.fetch_add(usage.prompt_tokens, Ordering::Relaxed);
         completion.fetch_add(usage.completion_tokens, Ordering::Relaxed);
+        let Some(slot) = self.cost.get(tier as usize) else {
+            return;
+        };
+        let priced = |price: Option<Price>| price.map(|price| price.cost(usage.prompt_tokens, usage.completion_tokens));
+        let model = match answered_by {
+            Tier::Strong => 0,
+            Tier::Weak => 1,
+        };
+        if let Some(cost) = priced(self.prices[model]) {
+            add_f64(slot, cost);
+        }
+        if let Some(cost) = priced(self.prices[0]) {
+            add_f64(&self.cost_at_strong_prices[tier as usize], cost);
+        }
     }
 
     /// The Prometheus text exposition.
@@ -112,6 +145,24 @@ impl Metrics {
                     count.load(Ordering::Relaxed)
                 );
             }
+        }
+        if self.prices.iter().any(Option::is_some) {
+            out.push_str(
+                "# HELP routellm_cost_total What the answers cost at the answering model's price_per_million_tokens (in the prices' currency), by routed tier; answers from a model without a price add nothing.\n",
+            );
+            out.push_str("# TYPE routellm_cost_total counter\n");
+            render_by_tier(&mut out, "routellm_cost_total", &self.cost);
+        }
+        if self.prices[0].is_some() {
+            out.push_str(
+                "# HELP routellm_cost_at_strong_prices_total The same answers' tokens at the strong model's prices: what sending them all to the strong model would have cost, had it used as many tokens. 1 - cost / this is what routing saved.\n",
+            );
+            out.push_str("# TYPE routellm_cost_at_strong_prices_total counter\n");
+            render_by_tier(
+                &mut out,
+                "routellm_cost_at_strong_prices_total",
+                &self.cost_at_strong_prices,
+            );
         }
         out.push_str("# HELP routellm_overhead_seconds Time the proxy spent on a request outside the upstream call.\n");
         out.push_str("# TYPE routellm_overhead_seconds histogram\n");
@@ -154,6 +205,23 @@ impl Metrics {
     }
 }
 
+/// Adds to an f64 kept as bits in an atomic (no atomic float in std).
+fn add_f64(slot: &AtomicU64, value: f64) {
+    let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+        Some((f64::from_bits(bits) + value).to_bits())
+    });
+}
+
+fn render_by_tier(out: &mut String, name: &str, values: &[AtomicU64; 3]) {
+    for (tier, value) in TIERS.iter().zip(values) {
+        let _ = writeln!(
+            out,
+            "{name}{{tier=\"{tier}\"}} {}",
+            f64::from_bits(value.load(Ordering::Relaxed))
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +250,7 @@ mod tests {
         assert!(metrics.render().contains("routellm_router_fallbacks_total 1\n"));
         metrics.record_usage(
             TierLabel::Weak,
+            Tier::Weak,
             Usage {
                 prompt_tokens: 7,
                 completion_tokens: 5,
@@ -189,6 +258,7 @@ mod tests {
         );
         metrics.record_usage(
             TierLabel::Weak,
+            Tier::Weak,
             Usage {
                 prompt_tokens: 1,
                 completion_tokens: 2,
@@ -202,6 +272,10 @@ mod tests {
         assert!(text.contains("routellm_tokens_total{tier=\"weak\",kind=\"completion\"} 7\n"));
         assert!(text.contains("routellm_tokens_total{tier=\"strong\",kind=\"prompt\"} 0\n"));
         assert!(!text.contains("tier=\"none\",kind"), "{text}");
+        assert!(
+            !text.contains("routellm_cost"),
+            "no prices configured, no cost lines: {text}"
+        );
         metrics.record_upstream_fallback(Tier::Strong);
         let text = metrics.render();
         assert!(
@@ -212,5 +286,50 @@ mod tests {
             text.contains("routellm_upstream_fallbacks_total{from=\"weak\"} 0\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn answers_are_priced_at_the_answering_model_and_at_the_strong_model() {
+        let strong = Price {
+            input: 10.0,
+            output: 30.0,
+        };
+        let weak = Price {
+            input: 0.5,
+            output: 1.5,
+        };
+        let metrics = Metrics::with_prices(Some(strong), Some(weak));
+        let usage = Usage {
+            prompt_tokens: 1_000,
+            completion_tokens: 2_000,
+        };
+        metrics.record_usage(TierLabel::Strong, Tier::Strong, usage);
+        metrics.record_usage(TierLabel::Weak, Tier::Weak, usage);
+        metrics.record_usage(TierLabel::Weak, Tier::Weak, usage);
+        // A model named directly is priced as the model it is.
+        metrics.record_usage(TierLabel::Direct, Tier::Weak, usage);
+        let text = metrics.render();
+        // strong: 1000 * 10 / 1e6 + 2000 * 30 / 1e6 = 0.07; weak: 0.0005 + 0.003 = 0.0035 each.
+        assert!(text.contains("routellm_cost_total{tier=\"strong\"} 0.07\n"), "{text}");
+        assert!(text.contains("routellm_cost_total{tier=\"weak\"} 0.007\n"), "{text}");
+        assert!(text.contains("routellm_cost_total{tier=\"direct\"} 0.0035\n"), "{text}");
+        assert!(
+            text.contains("routellm_cost_at_strong_prices_total{tier=\"weak\"} 0.14\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("routellm_cost_at_strong_prices_total{tier=\"strong\"} 0.07\n"),
+            "{text}"
+        );
+        assert!(!text.contains("tier=\"none\"} "), "{text}");
+
+        // Without the strong model's price there is nothing to compare against.
+        let metrics = Metrics::with_prices(None, Some(weak));
+        metrics.record_usage(TierLabel::Strong, Tier::Strong, usage);
+        metrics.record_usage(TierLabel::Weak, Tier::Weak, usage);
+        let text = metrics.render();
+        assert!(text.contains("routellm_cost_total{tier=\"strong\"} 0\n"), "{text}");
+        assert!(text.contains("routellm_cost_total{tier=\"weak\"} 0.0035\n"), "{text}");
+        assert!(!text.contains("routellm_cost_at_strong_prices_total"), "{text}");
     }
 }

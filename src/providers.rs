@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use axum::http::{HeaderName, HeaderValue};
 
-use crate::config::{self, ModelConfig, ProviderConfig, Secret};
+use crate::config::{self, ModelConfig, Price, ProviderConfig, Secret};
 use crate::error::Error;
 
 /// A provider known without configuration.
@@ -134,6 +134,8 @@ pub struct ResolvedModel {
     pub provider_model: String,
     /// The provider's name, for logs and `/v1/models`.
     pub provider: String,
+    /// What the model charges, if configured, for the cost counters.
+    pub price: Option<Price>,
     pub endpoint: Endpoint,
 }
 
@@ -196,6 +198,7 @@ pub fn resolve(
             name: name.to_owned(),
             provider_model: rest.to_owned(),
             provider: ECHO_PREFIX.to_owned(),
+            price: model.price_per_million_tokens,
             endpoint: Endpoint::Echo,
         });
     }
@@ -249,6 +252,29 @@ pub fn resolve(
         .filter(|key| !key.expose().is_empty());
 
     validate_base_url(name, &base_url)?;
+    let headers = configured_headers(name, provider, file_provider, model, env)?;
+    Ok(ResolvedModel {
+        name: name.to_owned(),
+        provider_model: provider_model.to_owned(),
+        provider: provider.to_owned(),
+        price: model.price_per_million_tokens,
+        endpoint: Endpoint::Http {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            headers,
+        },
+    })
+}
+
+/// The model's configured extra headers over its provider's, environment references
+/// expanded, each value marked sensitive.
+fn configured_headers(
+    name: &str,
+    provider: &str,
+    file_provider: Option<&ProviderConfig>,
+    model: &ModelConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, Error> {
     // The model's own headers replace its provider's of the same name.
     let mut configured: Vec<(HeaderName, String, &Secret)> = Vec::new();
     let layers = [
@@ -266,7 +292,7 @@ pub fn resolve(
             configured.push((header, key, value));
         }
     }
-    let headers = configured
+    configured
         .into_iter()
         .map(|(header, key, value)| {
             let expanded = expand_env(&key, value.expose(), env)?;
@@ -275,17 +301,7 @@ pub fn resolve(
             value.set_sensitive(true);
             Ok((header, value))
         })
-        .collect::<Result<Vec<_>, Error>>()?;
-    Ok(ResolvedModel {
-        name: name.to_owned(),
-        provider_model: provider_model.to_owned(),
-        provider: provider.to_owned(),
-        endpoint: Endpoint::Http {
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key,
-            headers,
-        },
-    })
+        .collect()
 }
 
 /// Replaces each `${VAR}` in a configured value with that environment variable, so the
@@ -342,6 +358,7 @@ mod tests {
             base_url: None,
             api_key: None,
             headers: BTreeMap::new(),
+            price_per_million_tokens: None,
         }
     }
 

@@ -40,10 +40,8 @@ struct Shared {
 impl AppState {
     #[must_use]
     pub fn new(gateway: Gateway) -> Self {
-        Self(Arc::new(Shared {
-            gateway,
-            metrics: Metrics::default(),
-        }))
+        let metrics = Metrics::with_prices(gateway.strong().model.price, gateway.weak().model.price);
+        Self(Arc::new(Shared { gateway, metrics }))
     }
 
     #[must_use]
@@ -164,6 +162,7 @@ fn respond(completion: Completion, received: Instant, state: &AppState) -> Respo
     let Completion {
         decision,
         model,
+        answered_by,
         reply,
         upstream_time,
     } = completion;
@@ -198,14 +197,19 @@ fn respond(completion: Completion, received: Instant, state: &AppState) -> Respo
             if status.is_success()
                 && let Some(usage) = usage::of_body(&body)
             {
-                metrics.record_usage(tier, usage);
+                metrics.record_usage(tier, answered_by, usage);
             }
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
             (response, headers)
         }
         Reply::Stream { status, headers, body } => {
-            let mut response = Response::new(Body::from_stream(counting_usage(body, state.clone(), tier)));
+            let mut response = Response::new(Body::from_stream(counting_usage(
+                body,
+                state.clone(),
+                tier,
+                answered_by,
+            )));
             *response.status_mut() = status;
             (response, headers)
         }
@@ -243,13 +247,13 @@ fn respond(completion: Completion, received: Instant, state: &AppState) -> Respo
 
 /// Passes the stream through unchanged, counting the tokens of its usage chunk (if the
 /// client asked for one) as it goes by.
-fn counting_usage(body: ByteStream, state: AppState, tier: TierLabel) -> ByteStream {
+fn counting_usage(body: ByteStream, state: AppState, tier: TierLabel, answered_by: Tier) -> ByteStream {
     let mut scanner = Some(SseUsageScanner::default());
     Box::pin(body.map(move |chunk| {
         if let (Ok(bytes), Some(active)) = (&chunk, scanner.as_mut())
             && let Some(usage) = active.feed(bytes)
         {
-            state.metrics().record_usage(tier, usage);
+            state.metrics().record_usage(tier, answered_by, usage);
             // One usage chunk per stream: stop looking once it has passed.
             scanner = None;
         }

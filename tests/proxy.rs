@@ -879,3 +879,75 @@ async fn configured_client_headers_and_provider_headers_reach_the_model() {
     assert!(received[0].headers.get("x-request-id").is_none());
     assert_eq!(received[0].headers["x-title"], "our app");
 }
+
+#[tokio::test]
+async fn metrics_price_each_answer_at_its_model_and_at_the_strong_model() {
+    use routellm::config::{Config, FileConfig, Overrides};
+    use routellm::{Gateway, Router as RouterTrait};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let file = FileConfig::from_yaml(&format!(
+        "strong_model: {{name: openai/strong-model, base_url: '{}', price_per_million_tokens: {{input: 10, output: 30}}}}\n\
+         weak_model: {{name: together_ai/weak-model, base_url: '{}', price_per_million_tokens: {{input: 1, output: 2}}}}\n",
+        strong.base_url(),
+        weak.base_url()
+    ))
+    .unwrap();
+    let config = Config::merge(file, Overrides::default()).unwrap();
+    let routers: BTreeMap<String, Arc<dyn RouterTrait>> = BTreeMap::from([(
+        "random".to_owned(),
+        Arc::new(routellm::routers::RandomRouter::with_seed(3)) as Arc<dyn RouterTrait>,
+    )]);
+    let proxy = Proxy::with_gateway(Gateway::with_routers(&config, routers).unwrap()).await;
+    let value = |text: &str, name: &str, tier: &str| -> f64 {
+        let prefix = format!("{name}{{tier=\"{tier}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    // Whole answers report 1 prompt and 3 completion tokens; the usage-asking stream 5 and 2.
+    for model in [
+        "router-random-0",
+        "router-random-1",
+        "router-random-1",
+        "together_ai/weak-model",
+    ] {
+        assert_eq!(proxy.post_chat(&body(model, "")).await.status(), 200, "{model}");
+    }
+    let streamed = proxy
+        .post_chat(&body(
+            "router-random-1",
+            r#","stream":true,"stream_options":{"include_usage":true}"#,
+        ))
+        .await;
+    assert!(streamed.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+
+    let text = proxy.metrics().await;
+    let close = |got: f64, want: f64| assert!((got - want).abs() < 1e-12, "{got} != {want}\n{text}");
+    let per_million = 1e-6;
+    close(
+        value(&text, "routellm_cost_total", "strong"),
+        (10.0 + 3.0 * 30.0) * per_million,
+    );
+    close(
+        value(&text, "routellm_cost_total", "weak"),
+        (2.0 * (1.0 + 3.0 * 2.0) + (5.0 + 2.0 * 2.0)) * per_million,
+    );
+    // The weak model named directly is priced as itself.
+    close(
+        value(&text, "routellm_cost_total", "direct"),
+        (1.0 + 3.0 * 2.0) * per_million,
+    );
+    close(
+        value(&text, "routellm_cost_at_strong_prices_total", "weak"),
+        (2.0 * (10.0 + 3.0 * 30.0) + (5.0 * 10.0 + 2.0 * 30.0)) * per_million,
+    );
+    close(
+        value(&text, "routellm_cost_at_strong_prices_total", "strong"),
+        (10.0 + 3.0 * 30.0) * per_million,
+    );
+}
