@@ -682,7 +682,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;
     init_tracing(config.log_format);
-    let gateway = Gateway::from_config(&config).context("starting the routers")?;
+    let gateway = Gateway::from_config(&config).context("loading the routers and models")?;
     tracing::info!(
         routers = ?config.routers,
         strong = %gateway.strong().model.name,
