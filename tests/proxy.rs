@@ -26,6 +26,16 @@ async fn read_to_end(mut chunks: impl futures_util::Stream<Item = reqwest::Resul
     String::from_utf8(rest).unwrap()
 }
 
+/// The value of one series (name and labels) in a Prometheus text exposition.
+fn metric<T: std::str::FromStr<Err: std::fmt::Debug>>(text: &str, series: &str) -> T {
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+        .parse()
+        .unwrap()
+}
+
 /// A strong and a weak mock upstream with the proxy in front, configured by `yaml`.
 async fn setup(yaml: &str) -> (MockUpstream, MockUpstream, Proxy) {
     let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
@@ -473,12 +483,10 @@ async fn metrics_count_requests_by_tier_and_status() {
 async fn metrics_count_the_tokens_each_tier_answered_with() {
     let (_strong, _weak, proxy) = setup("").await;
     let tokens = |text: &str, tier: &str, kind: &str| -> u64 {
-        let prefix = format!("routellm_tokens_total{{tier=\"{tier}\",kind=\"{kind}\"}} ");
-        text.lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
-            .parse()
-            .unwrap()
+        metric(
+            text,
+            &format!("routellm_tokens_total{{tier=\"{tier}\",kind=\"{kind}\"}}"),
+        )
     };
     // A whole answer: the mock reports 1 prompt and 3 completion tokens.
     assert_eq!(proxy.post_chat(&body("router-random-0", "")).await.status(), 200);
@@ -901,14 +909,7 @@ async fn metrics_price_each_answer_at_its_model_and_at_the_strong_model() {
         Arc::new(routellm::routers::RandomRouter::with_seed(3)) as Arc<dyn RouterTrait>,
     )]);
     let proxy = Proxy::with_gateway(Gateway::with_routers(&config, routers).unwrap()).await;
-    let value = |text: &str, name: &str, tier: &str| -> f64 {
-        let prefix = format!("{name}{{tier=\"{tier}\"}} ");
-        text.lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
-            .parse()
-            .unwrap()
-    };
+    let value = |text: &str, name: &str, tier: &str| -> f64 { metric(text, &format!("{name}{{tier=\"{tier}\"}}")) };
     // Whole answers report 1 prompt and 3 completion tokens; the usage-asking stream 5 and 2.
     for model in [
         "router-random-0",
