@@ -105,16 +105,22 @@ impl Metrics {
         let Some(slot) = self.cost.get(tier as usize) else {
             return;
         };
-        let priced = |price: Option<Price>| price.map(|price| price.cost(usage.prompt_tokens, usage.completion_tokens));
-        let model = match answered_by {
-            Tier::Strong => 0,
-            Tier::Weak => 1,
+        let priced = |model: Tier| {
+            self.price(model)
+                .map(|price| price.cost(usage.prompt_tokens, usage.completion_tokens))
         };
-        if let Some(cost) = priced(self.prices[model]) {
+        if let Some(cost) = priced(answered_by) {
             add_f64(slot, cost);
         }
-        if let Some(cost) = priced(self.prices[0]) {
+        if let Some(cost) = priced(Tier::Strong) {
             add_f64(&self.cost_at_strong_prices[tier as usize], cost);
+        }
+    }
+
+    fn price(&self, model: Tier) -> Option<Price> {
+        match model {
+            Tier::Strong => self.prices[0],
+            Tier::Weak => self.prices[1],
         }
     }
 
@@ -153,7 +159,7 @@ impl Metrics {
             out.push_str("# TYPE routellm_cost_total counter\n");
             render_by_tier(&mut out, "routellm_cost_total", &self.cost);
         }
-        if self.prices[0].is_some() {
+        if self.price(Tier::Strong).is_some() {
             out.push_str(
                 "# HELP routellm_cost_at_strong_prices_total The same answers' tokens at the strong model's prices: what sending them all to the strong model would have cost, had it used as many tokens. 1 - cost / this is what routing saved.\n",
             );
