@@ -63,7 +63,10 @@ async fn run_sdk_script(base_url: &str, mode: &str) {
 #[tokio::test]
 async fn official_sdk_against_mock_upstreams() {
     let upstream = MockUpstream::start("mock").await;
-    let config = tempfile("thresholds: {random: 0.5}\nstrong_model: openai/gpt-4o\nweak_model: groq/llama3-8b\n");
+    let config = tempfile(
+        "thresholds: {random: 0.5}\nstrong_model: openai/gpt-4o\nweak_model: groq/llama3-8b\n\
+         upstream: {forward_headers: [x-request-id]}\n",
+    );
     let (_child, base_url) = start_binary(&[
         "--config",
         config.to_str().unwrap(),
@@ -83,11 +86,18 @@ async fn official_sdk_against_mock_upstreams() {
             .iter()
             .all(|r| r.headers["authorization"] == "Bearer sk-upstream")
     );
-    let with_tools = received
+    let tools_request = received
         .iter()
-        .map(common::Received::json)
-        .find(|body| body.get("tools").is_some())
+        .find(|request| request.json().get("tools").is_some())
         .expect("the tools request reached the upstream");
+    // The header the config lists is passed on; the SDK's own (x-stainless-*) are not.
+    assert_eq!(tools_request.headers["x-request-id"], "sdk-trace-1");
+    assert!(
+        received
+            .iter()
+            .all(|request| request.headers.get("x-stainless-lang").is_none())
+    );
+    let with_tools = tools_request.json();
     assert_eq!(with_tools["model"], "gpt-4o");
     assert_eq!(with_tools["tools"][0]["function"]["name"], "lookup");
     assert_eq!(with_tools["response_format"]["json_schema"]["strict"], true);

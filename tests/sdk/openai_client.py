@@ -49,7 +49,7 @@ if mode == "mock":
     schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": True}}
     completion = client.chat.completions.create(
         model="router-random-0.0", messages=messages, tools=tools, tool_choice="auto", response_format=schema,
-        extra_body={"mock": "ok", "seed_marker": 42},
+        extra_body={"mock": "ok", "seed_marker": 42}, extra_headers={"X-Request-Id": "sdk-trace-1"},
     )
     expect(completion.choices[0].message.content == "answer from mock", completion)
 
