@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, LogFormat, OnRouterError, OnUpstreamError, Overrides, Secret};
 use crate::controller::Controller;
 use crate::gateway::Gateway;
+use crate::providers::Endpoint;
 use crate::server::{self, AppState};
 
 /// Route LLM requests between a strong and a weak model, offline and fast.
@@ -363,6 +364,10 @@ pub struct ServeArgs {
     /// `other_model` asks the other model once. [default: fail]
     #[arg(long, env = "ROUTELLM_ON_UPSTREAM_ERROR", value_enum)]
     pub on_upstream_error: Option<OnUpstreamError>,
+    /// Load the configuration, the routers and both models as `serve` would, print what
+    /// would be served (no secrets), and exit without listening: for deployment pipelines.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]
@@ -697,6 +702,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address: SocketAddr = format!("{}:{}", bracket_ipv6(&config.host), config.port)
         .parse()
         .with_context(|| format!("`{}` is not an IP address to listen on", config.host))?;
+    if args.check {
+        print!("{}", describe_setup(&config, &gateway, address));
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("binding {address}"))?;
@@ -728,6 +737,100 @@ async fn route(args: RouteArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// What `serve` would run, for `serve --check`: routers, thresholds, both models and the
+/// settings that change requests. Keys and header values are secrets: only whether they
+/// are set, and header names, are shown.
+fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from("configuration OK\n");
+    let _ = writeln!(out, "listen: {address}");
+    for name in &config.routers {
+        match config.thresholds.get(name) {
+            Some(threshold) => {
+                let _ = writeln!(out, "router {name}: loaded, default threshold {threshold}");
+            }
+            None => {
+                let _ = writeln!(out, "router {name}: loaded, no default threshold");
+            }
+        }
+    }
+    for (tier, upstream) in [("strong", gateway.strong()), ("weak", gateway.weak())] {
+        let model = &upstream.model;
+        let endpoint = match &model.endpoint {
+            Endpoint::Echo => "built-in offline echo".to_owned(),
+            Endpoint::Http {
+                base_url,
+                api_key,
+                headers,
+            } => {
+                let names: Vec<&str> = headers.iter().map(|(name, _)| name.as_str()).collect();
+                format!(
+                    "{} ({}), API key {}, extra headers: {}",
+                    without_credentials(base_url),
+                    model.provider,
+                    if api_key.is_some() { "set" } else { "not set" },
+                    if names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
+                )
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{tier} model {} as `{}`: {endpoint}",
+            model.name, model.provider_model
+        );
+        if let Some(price) = model.price {
+            let _ = writeln!(
+                out,
+                "  price per million tokens: input {}, output {}",
+                price.input, price.output
+            );
+        }
+        if let Some(warning) = model.missing_key_warning() {
+            let _ = writeln!(out, "  warning: {warning}");
+        }
+    }
+    let forwarded: Vec<&str> = config
+        .forward_headers
+        .iter()
+        .map(axum::http::HeaderName::as_str)
+        .collect();
+    let _ = writeln!(
+        out,
+        "client headers forwarded: {}",
+        if forwarded.is_empty() {
+            "none".to_owned()
+        } else {
+            forwarded.join(", ")
+        }
+    );
+    let name =
+        |value: Option<clap::builder::PossibleValue>| value.map_or_else(String::new, |v| v.get_name().to_owned());
+    let _ = writeln!(
+        out,
+        "on_router_error: {}, on_upstream_error: {}, client API keys: {}",
+        name(config.on_router_error.to_possible_value()),
+        name(config.on_upstream_error.to_possible_value()),
+        config.api_keys.len()
+    );
+    out
+}
+
+/// A base URL with any user name and password replaced, for printing.
+fn without_credentials(base_url: &str) -> String {
+    match reqwest::Url::parse(base_url) {
+        Ok(mut url) if !url.username().is_empty() || url.password().is_some() => {
+            let _ = url.set_username("redacted");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        _ => base_url.to_owned(),
+    }
 }
 
 fn bracket_ipv6(host: &str) -> String {

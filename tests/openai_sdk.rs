@@ -162,6 +162,48 @@ async fn upstream_calls_go_through_the_proxy_named_in_the_environment() {
     assert_eq!(received[0].json()["model"], "gpt-4o");
 }
 
+/// `serve --check` loads everything `serve` would, prints it without secrets, and exits
+/// without listening; a configuration that would not start fails the check the same way.
+#[tokio::test]
+async fn serve_check_validates_and_describes_without_secrets() {
+    let config = tempfile(
+        "strong_model: {name: openai/gpt-4o, api_key: sk-strong-secret, base_url: 'https://user:pw-secret@llm.example/v1', \
+         headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
+         weak_model: echo/mixtral\nthresholds: {random: 0.4}\nupstream: {forward_headers: [traceparent]}\n\
+         api_keys: [client-key-secret]\n",
+    );
+    let check = |config: &std::path::Path| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
+        command
+            .args(["serve", "--check", "--routers", "random", "--port", "0", "--config"])
+            .arg(config)
+            .env_remove("ROUTELLM_CONFIG")
+            .kill_on_drop(true);
+        async move { tokio::time::timeout(Duration::from_secs(30), command.output()).await }
+    };
+    let output = check(&config).await.expect("the check exits by itself").unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout}");
+    for expected in [
+        "configuration OK",
+        "router random: loaded, default threshold 0.4",
+        "strong model openai/gpt-4o as `gpt-4o`: https://redacted@llm.example/v1 (openai), API key set, extra headers: x-gateway-key",
+        "price per million tokens: input 2.5, output 10",
+        "weak model echo/mixtral as `mixtral`: built-in offline echo",
+        "client headers forwarded: traceparent",
+        "on_router_error: strong, on_upstream_error: fail, client API keys: 1",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
+    }
+    assert!(!stdout.contains("secret"), "a secret was printed:\n{stdout}");
+
+    let broken = tempfile("strong_model: {name: openai/gpt-4o, headers: {Authorization: x}}\n");
+    let output = check(&broken).await.expect("the check exits by itself").unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("`Authorization` cannot be set"), "{stderr}");
+}
+
 /// A config file in the target directory, unique per call.
 fn tempfile(contents: &str) -> std::path::PathBuf {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
