@@ -355,6 +355,10 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "ROUTELLM_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Log one line per request (router, score, tier, model, status, timings, the client's
+    /// x-request-id) at info level, target `routellm::access`. [default: false]
+    #[arg(long, env = "ROUTELLM_ACCESS_LOG", num_args = 0..=1, default_missing_value = "true")]
+    pub access_log: Option<bool>,
     /// Which model answers a routed request whose router cannot score it (e.g. its
     /// embeddings endpoint is down), or `error` for a 500. [default: strong]
     #[arg(long, env = "ROUTELLM_ON_ROUTER_ERROR", value_enum)]
@@ -681,12 +685,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         host: args.host,
         port: args.port,
         log_format: args.log_format,
+        access_log: args.access_log,
         on_router_error: args.on_router_error,
         on_upstream_error: args.on_upstream_error,
         ..args.common.overrides()
     };
     let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;
-    init_tracing(config.log_format);
+    init_tracing(config.log_format, config.access_log);
     let gateway = Gateway::from_config(&config).context("loading the routers and models")?;
     tracing::info!(
         routers = ?config.routers,
@@ -719,7 +724,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn route(args: RouteArgs) -> anyhow::Result<()> {
     let config = Config::load(args.common.config.as_deref(), args.common.overrides())?;
-    init_tracing(config.log_format);
+    init_tracing(config.log_format, false);
     let controller = Controller::new(&config)?;
     let threshold = args
         .threshold
@@ -841,9 +846,15 @@ fn bracket_ipv6(host: &str) -> String {
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("routellm=info"));
+fn init_tracing(format: LogFormat, access_log: bool) {
+    // RUST_LOG sets the verbosity of everything but the access log, which only the
+    // `access_log` setting turns on: `RUST_LOG=routellm=debug` must not flood a busy server.
+    let base = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+        .unwrap_or_else(|| "routellm=info".to_owned());
+    let access = if access_log { "info" } else { "off" };
+    let filter = tracing_subscriber::EnvFilter::new(format!("{base},routellm::access={access}"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

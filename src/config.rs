@@ -204,6 +204,7 @@ pub struct FileConfig {
     api_keys: Vec<Secret>,
     routers_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    access_log: Option<bool>,
     on_router_error: Option<OnRouterError>,
     on_upstream_error: Option<OnUpstreamError>,
     #[serde(default)]
@@ -250,6 +251,7 @@ pub struct Overrides {
     pub api_key: Option<Secret>,
     pub routers_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    pub access_log: Option<bool>,
     pub on_router_error: Option<OnRouterError>,
     pub on_upstream_error: Option<OnUpstreamError>,
 }
@@ -280,6 +282,8 @@ pub struct Config {
     /// Where trained router artifacts live.
     pub routers_dir: PathBuf,
     pub log_format: LogFormat,
+    /// One log line per request (target `routellm::access`) at info level.
+    pub access_log: bool,
     /// Which model answers a routed request whose router failed to score it, or `error`.
     pub on_router_error: OnRouterError,
     /// Whether a routed request whose model is unavailable is sent to the other model.
@@ -347,6 +351,7 @@ impl Config {
                 .or(file.routers_dir)
                 .unwrap_or_else(|| PathBuf::from("routers")),
             log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
+            access_log: overrides.access_log.or(file.access_log).unwrap_or(false),
             on_router_error: overrides.on_router_error.or(file.on_router_error).unwrap_or_default(),
             on_upstream_error: overrides
                 .on_upstream_error

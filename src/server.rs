@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::error::Error;
-use crate::gateway::{Completion, Gateway, Tier};
+use crate::gateway::{Completion, Gateway, RouteDecision, Tier};
 use crate::metrics::{Metrics, TierLabel};
 use crate::request::Api;
 use crate::upstream::{ByteStream, Reply};
@@ -71,6 +71,8 @@ pub const HEADER_MODEL: &str = "x-routellm-model";
 pub const HEADER_FALLBACK: &str = "x-routellm-fallback";
 /// Microseconds the proxy itself spent on the request, outside the upstream call.
 pub const HEADER_OVERHEAD: &str = "x-routellm-overhead-us";
+/// The client's request id, logged with its request in the access log.
+const REQUEST_ID: &str = "x-request-id";
 
 /// Builds the HTTP routes over `state`.
 pub fn app(state: AppState) -> Router {
@@ -128,11 +130,11 @@ impl FromRequest<AppState> for BodyBytes {
     }
 }
 
-async fn chat_completions(state: State<AppState>, headers: HeaderMap, body: BodyBytes) -> Response {
+async fn chat_completions(state: State<AppState>, headers: HeaderMap, body: Result<BodyBytes, Error>) -> Response {
     complete(Api::ChatCompletions, state, &headers, body).await
 }
 
-async fn responses(state: State<AppState>, headers: HeaderMap, body: BodyBytes) -> Response {
+async fn responses(state: State<AppState>, headers: HeaderMap, body: Result<BodyBytes, Error>) -> Response {
     complete(Api::Responses, state, &headers, body).await
 }
 
@@ -140,24 +142,40 @@ async fn complete(
     api: Api,
     State(state): State<AppState>,
     headers: &HeaderMap,
-    BodyBytes(body): BodyBytes,
+    body: Result<BodyBytes, Error>,
 ) -> Response {
     let received = Instant::now();
     let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-    if let Err(error) = state.authorize(authorization) {
-        state.metrics().record(TierLabel::None, error.status().as_u16(), None);
-        return error.into_response();
-    }
-    match state.complete_with_headers(api, &body, headers).await {
-        Ok(completion) => respond(completion, received, &state),
+    let answer = match (state.authorize(authorization), body) {
+        (Err(error), _) | (Ok(()), Err(error)) => Err(error),
+        (Ok(()), Ok(BodyBytes(body))) => state.complete_with_headers(api, &body, headers).await,
+    };
+    let request_id = headers.get(REQUEST_ID);
+    match answer {
+        Ok(completion) => respond(api, completion, received, request_id, &state),
         Err(error) => {
-            state.metrics().record(TierLabel::None, error.status().as_u16(), None);
+            let status = error.status();
+            state.metrics().record(TierLabel::None, status.as_u16(), None);
+            tracing::info!(
+                target: "routellm::access",
+                api = api.path(),
+                request_id = request_id.and_then(|id| id.to_str().ok()),
+                status = status.as_u16(),
+                error = %error,
+                "request refused"
+            );
             error.into_response()
         }
     }
 }
 
-fn respond(completion: Completion, received: Instant, state: &AppState) -> Response {
+fn respond(
+    api: Api,
+    completion: Completion,
+    received: Instant,
+    request_id: Option<&HeaderValue>,
+    state: &AppState,
+) -> Response {
     let metrics = state.metrics();
     let Completion {
         decision,
@@ -180,17 +198,22 @@ fn respond(completion: Completion, received: Instant, state: &AppState) -> Respo
     if let Some(routed) = decision.as_ref().filter(|d| d.upstream_fallback) {
         metrics.record_upstream_fallback(routed.tier.other());
     }
-    // Per-request lines at debug: at thousands of requests a second, an info line each
-    // would cost more than the routing itself. Errors are logged where they happen.
-    tracing::debug!(
+    // The access log is off unless asked for (`access_log`): at thousands of requests a
+    // second a line each costs more than the routing itself. Errors are logged where they happen.
+    tracing::info!(
+        target: "routellm::access",
+        api = api.path(),
+        request_id = request_id.and_then(|id| id.to_str().ok()),
         router = decision.as_ref().map(|d| d.router.as_str()),
-        win_rate = decision.as_ref().map(|d| d.win_rate),
+        win_rate = decision.as_ref().filter(|d| !d.fallback).map(|d| d.win_rate),
         threshold = decision.as_ref().map(|d| d.threshold),
+        tier = decision.as_ref().map(|d| d.tier.as_str()),
+        fallback = decision.as_ref().and_then(fallback_note),
         model = %model,
         status = status.as_u16(),
         upstream_ms = upstream_time.as_secs_f64() * 1e3,
         overhead_us = overhead.as_micros(),
-        "chat completion"
+        "request"
     );
     let (mut response, mut extra) = match reply {
         Reply::Complete { status, headers, body } => {
@@ -220,17 +243,8 @@ fn respond(completion: Completion, received: Instant, state: &AppState) -> Respo
         if !decision.fallback {
             insert(&mut extra, HEADER_WIN_RATE, &decision.win_rate.to_string());
         }
-        let fallbacks = [
-            (decision.fallback, "router_error"),
-            (decision.upstream_fallback, "upstream_error"),
-        ];
-        let fallbacks: Vec<&str> = fallbacks
-            .iter()
-            .filter(|(happened, _)| *happened)
-            .map(|(_, what)| *what)
-            .collect();
-        if !fallbacks.is_empty() {
-            insert(&mut extra, HEADER_FALLBACK, &fallbacks.join(", "));
+        if let Some(note) = fallback_note(decision) {
+            insert(&mut extra, HEADER_FALLBACK, &note);
         }
         insert(&mut extra, HEADER_TIER, decision.tier.as_str());
     }
@@ -243,6 +257,20 @@ fn respond(completion: Completion, received: Instant, state: &AppState) -> Respo
         }
     }
     response
+}
+
+/// How the model was chosen other than by the router's score, if it was: `router_error`,
+/// `upstream_error`, or both.
+fn fallback_note(decision: &RouteDecision) -> Option<String> {
+    let notes: Vec<&str> = [
+        (decision.fallback, "router_error"),
+        (decision.upstream_fallback, "upstream_error"),
+    ]
+    .iter()
+    .filter(|(happened, _)| *happened)
+    .map(|(_, what)| *what)
+    .collect();
+    (!notes.is_empty()).then(|| notes.join(", "))
 }
 
 /// Passes the stream through unchanged, counting the tokens of its usage chunk (if the

@@ -14,11 +14,16 @@ use tokio::process::{Child, Command};
 
 /// Starts the binary on an OS-chosen port and returns it with its base URL.
 async fn start_binary(args: &[&str]) -> (Child, String) {
-    start_command(Command::new(env!("CARGO_BIN_EXE_routellm")), args).await
+    let (child, base_url, _log) = start_command(Command::new(env!("CARGO_BIN_EXE_routellm")), args).await;
+    (child, base_url)
 }
 
-/// As [`start_binary`], with the command's environment prepared by the caller.
-async fn start_command(mut command: Command, args: &[&str]) -> (Child, String) {
+/// As [`start_binary`], with the command's environment prepared by the caller; also
+/// returns the log lines written after start-up.
+async fn start_command(
+    mut command: Command,
+    args: &[&str],
+) -> (Child, String, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let mut child = command
         .args(["serve", "--host", "127.0.0.1", "--port", "0"])
         .args(args)
@@ -32,8 +37,15 @@ async fn start_command(mut command: Command, args: &[&str]) -> (Child, String) {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let address = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("address=").nth(1).filter(|_| line.contains("listening")) {
+            if !line.contains("listening") {
+                continue;
+            }
+            // Text logs say `address=127.0.0.1:port`, JSON logs `"address":"127.0.0.1:port"`.
+            if let Some(rest) = line.split("address=").nth(1) {
                 return rest.split_whitespace().next().unwrap().to_owned();
+            }
+            if let Some(rest) = line.split(r#""address":""#).nth(1) {
+                return rest.split('"').next().unwrap().to_owned();
             }
         }
         panic!("routellm exited before listening")
@@ -41,8 +53,13 @@ async fn start_command(mut command: Command, args: &[&str]) -> (Child, String) {
     .await
     .expect("routellm reports its address");
     // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, format!("http://{address}/v1"))
+    let (log, log_lines) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = log.send(line);
+        }
+    });
+    (child, format!("http://{address}/v1"), log_lines)
 }
 
 async fn run_sdk_script(base_url: &str, mode: &str) {
@@ -130,7 +147,7 @@ async fn upstream_calls_go_through_the_proxy_named_in_the_environment() {
         .env("HTTP_PROXY", proxy.base_url().trim_end_matches("/v1"))
         .env_remove("NO_PROXY")
         .env_remove("no_proxy");
-    let (_child, base_url) = start_command(
+    let (_child, base_url, _log) = start_command(
         child,
         &[
             "--routers",
@@ -202,6 +219,95 @@ async fn serve_check_validates_and_describes_without_secrets() {
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("`Authorization` cannot be set"), "{stderr}");
+}
+
+/// The access log is off by default and, with `--access-log`, has one line per request
+/// naming what was decided and the client's request id.
+#[tokio::test]
+async fn access_log_lines_name_the_decision_and_the_request_id() {
+    routellm::upstream::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let echo_models = [
+        "--routers",
+        "random",
+        "--strong-model",
+        "echo/gpt-4o",
+        "--weak-model",
+        "echo/mixtral",
+    ];
+    let request = |base_url: &str, id: &str| {
+        client
+            .post(format!("{base_url}/chat/completions"))
+            .header("content-type", "application/json")
+            .header("x-request-id", id)
+            .body(r#"{"model":"router-random-0","messages":[{"role":"user","content":"Hello"}]}"#)
+            .send()
+    };
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
+    command.env_remove("RUST_LOG");
+    let mut args = vec!["--access-log", "--log-format", "json"];
+    args.extend(echo_models);
+    let (child, base_url, mut log) = start_command(command, &args).await;
+    assert_eq!(request(&base_url, "trace-42").await.unwrap().status(), 200);
+    let entry = next_access_line(&mut log).await;
+    let fields = &entry["fields"];
+    assert_eq!(fields["request_id"], "trace-42", "{entry}");
+    assert_eq!(fields["router"], "random");
+    assert_eq!(fields["tier"], "strong");
+    assert_eq!(fields["model"], "echo/gpt-4o");
+    assert_eq!(fields["status"], 200);
+    assert_eq!(fields["api"], "chat/completions");
+    // A refused request is logged too, with its status and why.
+    let refused = client
+        .post(format!("{base_url}/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", "trace-refused")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let entry = next_access_line(&mut log).await;
+    assert_eq!(entry["fields"]["request_id"], "trace-refused", "{entry}");
+    assert_eq!(entry["fields"]["status"], 400);
+    assert!(
+        entry["fields"]["error"].as_str().is_some_and(|error| !error.is_empty()),
+        "{entry}"
+    );
+    drop(child);
+
+    // Without the flag: the request is served, and no access line is written by the time
+    // the server has answered and shut down.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
+    command.env_remove("RUST_LOG");
+    let (mut child, base_url, mut log) = start_command(command, &echo_models).await;
+    assert_eq!(request(&base_url, "trace-43").await.unwrap().status(), 200);
+    child.kill().await.unwrap();
+    let mut rest = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), log.recv()).await {
+        rest.push(line);
+    }
+    assert!(!rest.iter().any(|line| is_access_line(line)), "{rest:?}");
+}
+
+fn is_access_line(line: &str) -> bool {
+    line.contains("routellm::access")
+}
+
+/// The next access log line (JSON format), within 10 s.
+async fn next_access_line(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> serde_json::Value {
+    let line = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = log.recv().await.expect("the log continues");
+            if is_access_line(&line) {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("an access log line");
+    serde_json::from_str(&line).unwrap()
 }
 
 /// A config file in the target directory, unique per call.
