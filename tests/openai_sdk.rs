@@ -12,6 +12,16 @@ use common::MockUpstream;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// Flags for the `random` router between the built-in offline models.
+const ECHO_MODELS: [&str; 6] = [
+    "--routers",
+    "random",
+    "--strong-model",
+    "echo/gpt-4o",
+    "--weak-model",
+    "echo/mixtral",
+];
+
 /// Starts the binary on an OS-chosen port and returns it with its base URL.
 async fn start_binary(args: &[&str]) -> (Child, String) {
     let (child, base_url, _log) = start_command(Command::new(env!("CARGO_BIN_EXE_routellm")), args).await;
@@ -124,15 +134,7 @@ async fn official_sdk_against_mock_upstreams() {
 
 #[tokio::test]
 async fn official_sdk_against_offline_echo_models() {
-    let (_child, base_url) = start_binary(&[
-        "--routers",
-        "random",
-        "--strong-model",
-        "echo/gpt-4o",
-        "--weak-model",
-        "echo/mixtral",
-    ])
-    .await;
+    let (_child, base_url) = start_binary(&ECHO_MODELS).await;
     run_sdk_script(&base_url, "echo").await;
 }
 
@@ -227,14 +229,6 @@ async fn serve_check_validates_and_describes_without_secrets() {
 async fn access_log_lines_name_the_decision_and_the_request_id() {
     routellm::upstream::install_crypto_provider();
     let client = reqwest::Client::new();
-    let echo_models = [
-        "--routers",
-        "random",
-        "--strong-model",
-        "echo/gpt-4o",
-        "--weak-model",
-        "echo/mixtral",
-    ];
     let request = |base_url: &str, id: &str| {
         client
             .post(format!("{base_url}/chat/completions"))
@@ -247,7 +241,7 @@ async fn access_log_lines_name_the_decision_and_the_request_id() {
     let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
     command.env_remove("RUST_LOG");
     let mut args = vec!["--access-log", "--log-format", "json"];
-    args.extend(echo_models);
+    args.extend(ECHO_MODELS);
     let (child, base_url, mut log) = start_command(command, &args).await;
     assert_eq!(request(&base_url, "trace-42").await.unwrap().status(), 200);
     let entry = next_access_line(&mut log).await;
@@ -281,7 +275,7 @@ async fn access_log_lines_name_the_decision_and_the_request_id() {
     // the server has answered and shut down.
     let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
     command.env_remove("RUST_LOG");
-    let (mut child, base_url, mut log) = start_command(command, &echo_models).await;
+    let (mut child, base_url, mut log) = start_command(command, &ECHO_MODELS).await;
     assert_eq!(request(&base_url, "trace-43").await.unwrap().status(), 200);
     child.kill().await.unwrap();
     let mut rest = Vec::new();
