@@ -146,6 +146,7 @@ impl TrainCommon {
                 model: self.openai_model.clone(),
                 base_url: self.openai_base_url.clone(),
                 api_key_env: Some(self.openai_api_key_env.clone()),
+                headers: std::collections::BTreeMap::new(),
             },
             other => anyhow::bail!("--embedder must be static, minilm or openai, not `{other}`"),
         })

@@ -294,14 +294,34 @@ fn configured_headers(
     }
     configured
         .into_iter()
-        .map(|(header, key, value)| {
-            let expanded = expand_env(&key, value.expose(), env)?;
-            let mut value = HeaderValue::from_str(&expanded)
-                .map_err(|_| Error::Config(format!("{key}: the value is not a valid header value")))?;
-            value.set_sensitive(true);
-            Ok((header, value))
+        .map(|(header, key, value)| Ok((header, header_value(&key, value, env)?)))
+        .collect()
+}
+
+/// Configured headers as sent: names checked, `${VAR}` expanded, values sensitive. `key`
+/// names the setting in error messages.
+pub fn header_map(
+    key: &str,
+    headers: &BTreeMap<String, Secret>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<axum::http::HeaderMap, Error> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let name = config::header_name(key, name)?;
+            let value = header_value(&format!("{key}: {name}"), value, env)?;
+            Ok((name, value))
         })
         .collect()
+}
+
+/// A configured header value with `${VAR}` expanded, marked sensitive (never logged).
+fn header_value(key: &str, value: &Secret, env: &dyn Fn(&str) -> Option<String>) -> Result<HeaderValue, Error> {
+    let expanded = expand_env(key, value.expose(), env)?;
+    let mut value = HeaderValue::from_str(&expanded)
+        .map_err(|_| Error::Config(format!("{key}: the value is not a valid header value")))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Replaces each `${VAR}` in a configured value with that environment variable, so the

@@ -223,7 +223,8 @@ fn bag_of_words(text: &str) -> Vec<f32> {
 }
 
 impl MockEmbeddings {
-    fn start(key: Option<&'static str>) -> Self {
+    /// An endpoint that answers only requests carrying `required` (a header and its value).
+    fn start(required: Option<(&'static str, &'static str)>) -> Self {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
@@ -236,9 +237,8 @@ impl MockEmbeddings {
                     move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| async move {
                         use axum::response::IntoResponse;
                         counter.fetch_add(1, Ordering::SeqCst);
-                        let authorised = key.is_none_or(|key| {
-                            headers.get("authorization").is_some_and(|value| *value == *format!("Bearer {key}"))
-                        });
+                        let authorised = required
+                            .is_none_or(|(name, expected)| headers.get(name).is_some_and(|value| value == expected));
                         if !authorised {
                             return axum::http::StatusCode::UNAUTHORIZED.into_response();
                         }
@@ -287,7 +287,7 @@ impl MockEmbeddings {
 
 #[test]
 fn openai_embedder_talks_to_a_compatible_endpoint() {
-    let mock = MockEmbeddings::start(Some("sk-embed"));
+    let mock = MockEmbeddings::start(Some(("authorization", "Bearer sk-embed")));
     let embedder =
         OpenAiEmbedder::connect("text-embedding-3-small", Some(&mock.base_url), Some("sk-embed".into())).unwrap();
     assert_eq!(embedder.dim(), 32);
@@ -325,11 +325,36 @@ fn openai_embedder_talks_to_a_compatible_endpoint() {
     assert!(matches!(config, EmbedderConfig::Openai { .. }));
 }
 
+/// An embedder header naming an unset variable stops start-up, saying which.
+#[test]
+fn an_embedder_header_with_an_unset_variable_fails_at_start_up() {
+    let file = routellm::config::FileConfig::from_yaml(
+        "router_settings:\n  mf:\n    embedder:\n      kind: openai\n      headers: {X-Gateway-Key: 'Bearer ${ROUTELLM_TEST_UNSET_GATEWAY}'}\n",
+    )
+    .unwrap();
+    let config = Config::merge(
+        file,
+        Overrides {
+            routers: Some(vec!["mf".into()]),
+            routers_dir: Some(std::env::temp_dir().join("routellm-no-artifacts-here")),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    let Err(error) = routellm::routers::build("mf", &config) else {
+        panic!("an unset header variable must fail at start-up")
+    };
+    assert!(
+        error.to_string().contains("ROUTELLM_TEST_UNSET_GATEWAY is not set"),
+        "{error}"
+    );
+}
+
 /// What a team with an embeddings endpoint does: `train mf --embedder openai` writes the
 /// artifact where `serve` looks for it, and a config naming the endpoint serves it.
 #[test]
 fn an_openai_embedder_artifact_trains_from_the_command_line_and_serves() {
-    let mock = MockEmbeddings::start(Some("sk-embed"));
+    let mock = MockEmbeddings::start(Some(("authorization", "Bearer sk-embed")));
     let dir = std::env::temp_dir().join(format!("routellm-openai-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -386,12 +411,13 @@ fn an_openai_embedder_artifact_trains_from_the_command_line_and_serves() {
         "a rerun reads the cached embeddings: only the probe"
     );
 
-    // Served through a keyless endpoint of the same embeddings (this process cannot set the
-    // key variable: `set_var` is unsafe code, which the crate forbids).
-    let keyless = MockEmbeddings::start(None);
+    // Served through an endpoint of the same embeddings behind a gateway that wants its own
+    // header, configured on the embedder (this process cannot set the key variable:
+    // `set_var` is unsafe code, which the crate forbids).
+    let gateway = MockEmbeddings::start(Some(("x-gateway-key", "gk-embed")));
     let file = routellm::config::FileConfig::from_yaml(&format!(
-        "router_settings:\n  mf:\n    strong_identity: big-model\n    weak_identity: small-model\n    embedder:\n      kind: openai\n      base_url: {}\n      api_key_env: ROUTELLM_TEST_UNSET_KEY\n",
-        keyless.base_url
+        "router_settings:\n  mf:\n    strong_identity: big-model\n    weak_identity: small-model\n    embedder:\n      kind: openai\n      base_url: {}\n      api_key_env: ROUTELLM_TEST_UNSET_KEY\n      headers: {{X-Gateway-Key: gk-embed}}\n",
+        gateway.base_url
     ))
     .unwrap();
     let config = Config::merge(
@@ -418,10 +444,10 @@ fn an_openai_embedder_artifact_trains_from_the_command_line_and_serves() {
     assert!(hard > easy, "{hard} vs {easy}");
     // Batch scoring (`score`, `calibrate`, `eval`) embeds 128 prompts a request.
     let prompts: Vec<String> = (0..300).map(|i| format!("Name fruit number {i}")).collect();
-    let before = keyless.requests();
+    let before = gateway.requests();
     let scores = routellm::scoring::score_all(router.as_ref(), "mf", &prompts).unwrap();
     assert_eq!(
-        keyless.requests() - before,
+        gateway.requests() - before,
         4,
         "300 prompts in three requests, and the retry after the mock's one 429"
     );

@@ -89,6 +89,9 @@ pub enum EmbedderConfig {
         base_url: Option<String>,
         #[serde(default)]
         api_key_env: Option<String>,
+        /// Extra headers for the endpoint (a gateway's key); `${VAR}` reads the environment.
+        #[serde(default)]
+        headers: std::collections::BTreeMap<String, crate::config::Secret>,
     },
 }
 
@@ -138,12 +141,17 @@ fn load(config: &EmbedderConfig, routers_dir: &std::path::Path) -> Result<std::s
             model,
             base_url,
             api_key_env,
+            headers,
         } => {
             let variable = api_key_env.as_deref().unwrap_or("OPENAI_API_KEY");
-            std::sync::Arc::new(OpenAiEmbedder::connect(
+            let env = |name: &str| std::env::var(name).ok();
+            let headers = crate::providers::header_map("embedder.headers", headers, &env)
+                .map_err(|error| EmbedError::Load(error.to_string()))?;
+            std::sync::Arc::new(OpenAiEmbedder::connect_with_headers(
                 model,
                 base_url.as_deref(),
                 std::env::var(variable).ok(),
+                headers,
             )?)
         }
     })

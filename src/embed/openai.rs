@@ -17,6 +17,8 @@ pub struct OpenAiEmbedder {
     url: String,
     model: String,
     api_key: Option<String>,
+    /// Configured extra headers (sensitive).
+    headers: reqwest::header::HeaderMap,
     dim: usize,
     id: String,
 }
@@ -66,6 +68,17 @@ impl OpenAiEmbedder {
     /// Connects to `base_url` (default `https://api.openai.com/v1`) and learns the vector
     /// size with one probe request, so a wrong endpoint fails at start-up, not per request.
     pub fn connect(model: &str, base_url: Option<&str>, api_key: Option<String>) -> Result<Self, EmbedError> {
+        Self::connect_with_headers(model, base_url, api_key, reqwest::header::HeaderMap::new())
+    }
+
+    /// As [`OpenAiEmbedder::connect`], sending `headers` with every request (a gateway's
+    /// key in front of the endpoint, say).
+    pub fn connect_with_headers(
+        model: &str,
+        base_url: Option<&str>,
+        api_key: Option<String>,
+        headers: reqwest::header::HeaderMap,
+    ) -> Result<Self, EmbedError> {
         crate::upstream::install_crypto_provider();
         let base_url = base_url.unwrap_or("https://api.openai.com/v1").trim_end_matches('/');
         let client = reqwest::blocking::Client::builder()
@@ -77,6 +90,7 @@ impl OpenAiEmbedder {
             url: format!("{base_url}/embeddings"),
             model: model.to_owned(),
             api_key,
+            headers,
             dim: 0,
             id: format!("openai:{model}"),
         };
@@ -95,7 +109,7 @@ impl OpenAiEmbedder {
         let mut attempt = 0;
         let response = loop {
             attempt += 1;
-            let mut request = self.client.post(&self.url).json(&body);
+            let mut request = self.client.post(&self.url).headers(self.headers.clone()).json(&body);
             if let Some(key) = &self.api_key {
                 request = request.bearer_auth(key);
             }
