@@ -771,17 +771,12 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
                 api_key,
                 headers,
             } => {
-                let names: Vec<&str> = headers.iter().map(|(name, _)| name.as_str()).collect();
                 format!(
                     "{} ({}), API key {}, extra headers: {}",
                     without_credentials(base_url),
                     model.provider,
                     if api_key.is_some() { "set" } else { "not set" },
-                    if names.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        names.join(", ")
-                    }
+                    header_names(headers.keys())
                 )
             }
         };
@@ -801,19 +796,10 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
             let _ = writeln!(out, "  warning: {warning}");
         }
     }
-    let forwarded: Vec<&str> = config
-        .forward_headers
-        .iter()
-        .map(axum::http::HeaderName::as_str)
-        .collect();
     let _ = writeln!(
         out,
         "client headers forwarded: {}",
-        if forwarded.is_empty() {
-            "none".to_owned()
-        } else {
-            forwarded.join(", ")
-        }
+        header_names(&config.forward_headers)
     );
     let name =
         |value: Option<clap::builder::PossibleValue>| value.map_or_else(String::new, |v| v.get_name().to_owned());
@@ -825,6 +811,16 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
         config.api_keys.len()
     );
     out
+}
+
+/// Header names, comma-separated, or `none`.
+fn header_names<'a>(names: impl IntoIterator<Item = &'a axum::http::HeaderName>) -> String {
+    let names: Vec<&str> = names.into_iter().map(axum::http::HeaderName::as_str).collect();
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
 }
 
 /// A base URL with any user name and password replaced, for printing.

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::{self, ModelConfig, Price, ProviderConfig, Secret};
 use crate::error::Error;
@@ -119,7 +119,7 @@ pub enum Endpoint {
         api_key: Option<Secret>,
         /// Configured extra headers, environment references expanded, marked sensitive
         /// (a gateway key is a secret like any other).
-        headers: Vec<(HeaderName, HeaderValue)>,
+        headers: HeaderMap,
     },
     /// The built-in offline provider: answers locally with the routing decision.
     Echo,
@@ -274,28 +274,18 @@ fn configured_headers(
     file_provider: Option<&ProviderConfig>,
     model: &ModelConfig,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<(HeaderName, HeaderValue)>, Error> {
-    // The model's own headers replace its provider's of the same name.
-    let mut configured: Vec<(HeaderName, String, &Secret)> = Vec::new();
-    let layers = [
-        (
-            format!("providers.{provider}.headers"),
-            file_provider.map(|p| &p.headers),
-        ),
-        (format!("the headers of `{name}`"), Some(&model.headers)),
-    ];
-    for (key, headers) in &layers {
-        for (header, value) in headers.iter().flat_map(|headers| headers.iter()) {
-            let header = config::header_name(key, header)?;
-            configured.retain(|(earlier, _, _)| *earlier != header);
-            let key = format!("{key}: {header}");
-            configured.push((header, key, value));
-        }
+) -> Result<HeaderMap, Error> {
+    // Names first, values after: a provider's header the model replaces is never expanded,
+    // so its `${VAR}` need not be set.
+    let mut layered = match file_provider {
+        Some(provider_config) => checked_names(&format!("providers.{provider}.headers"), &provider_config.headers)?,
+        None => Vec::new(),
+    };
+    for own in checked_names(&format!("the headers of `{name}`"), &model.headers)? {
+        layered.retain(|(earlier, _, _)| *earlier != own.0);
+        layered.push(own);
     }
-    configured
-        .into_iter()
-        .map(|(header, key, value)| Ok((header, header_value(&key, value, env)?)))
-        .collect()
+    expand_values(layered, env)
 }
 
 /// Configured headers as sent: names checked, `${VAR}` expanded, values sensitive. `key`
@@ -304,14 +294,33 @@ pub fn header_map(
     key: &str,
     headers: &BTreeMap<String, Secret>,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<axum::http::HeaderMap, Error> {
+) -> Result<HeaderMap, Error> {
+    expand_values(checked_names(key, headers)?, env)
+}
+
+/// Each configured header's checked name, the setting it came from (for messages), and its
+/// value as written.
+fn checked_names<'a>(
+    key: &str,
+    headers: &'a BTreeMap<String, Secret>,
+) -> Result<Vec<(HeaderName, String, &'a Secret)>, Error> {
     headers
         .iter()
         .map(|(name, value)| {
             let name = config::header_name(key, name)?;
-            let value = header_value(&format!("{key}: {name}"), value, env)?;
-            Ok((name, value))
+            let setting = format!("{key}: {name}");
+            Ok((name, setting, value))
         })
+        .collect()
+}
+
+fn expand_values(
+    headers: Vec<(HeaderName, String, &Secret)>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<HeaderMap, Error> {
+    headers
+        .into_iter()
+        .map(|(name, setting, value)| Ok((name, header_value(&setting, value, env)?)))
         .collect()
 }
 
@@ -493,7 +502,7 @@ mod tests {
         provider_headers: &[(&str, &str)],
         model_headers: &[(&str, &str)],
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, Error> {
+    ) -> Result<HeaderMap, Error> {
         let providers = BTreeMap::from([(
             "openrouter".to_owned(),
             ProviderConfig {
@@ -523,7 +532,7 @@ mod tests {
         )
         .unwrap();
         let value = |name: &str| {
-            let found: Vec<&HeaderValue> = resolved.iter().filter(|(n, _)| n == name).map(|(_, v)| v).collect();
+            let found: Vec<&HeaderValue> = resolved.get_all(name).iter().collect();
             assert_eq!(found.len(), 1, "{name}: {resolved:?}");
             found[0].to_str().unwrap().to_owned()
         };
@@ -550,6 +559,9 @@ mod tests {
         assert!(error.contains("not a valid header name"), "{error}");
         let error = failure(&[("X-Key", "Bearer ${MISSING_KEY}")], &[]);
         assert!(error.contains("MISSING_KEY is not set"), "{error}");
+        // A provider's header the model replaces is never read, so its variable need not exist.
+        let replaced = resolve_headers(&[("X-Key", "Bearer ${MISSING_KEY}")], &[("x-key", "own")], &no_env).unwrap();
+        assert_eq!(replaced["x-key"], "own");
         let error = failure(&[], &[("X-Key", "${sk-pasted-secret}")]);
         assert!(error.contains("must name an environment variable"), "{error}");
         assert!(!error.contains("sk-pasted-secret"), "{error}");

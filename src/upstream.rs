@@ -132,7 +132,7 @@ impl Upstream {
                     chat_completions_url,
                     responses_url,
                     authorization,
-                    headers: headers.iter().cloned().collect(),
+                    headers: headers.clone(),
                 }))
             }
         };
