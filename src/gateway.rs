@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderName};
 
 use crate::config::{Config, OnRouterError, OnUpstreamError, Secret};
 use crate::error::Error;
+use crate::metrics::RouterStats;
 use crate::model_name::{self, ModelTarget};
 use crate::providers;
 use crate::request::{Api, ModelRequest};
@@ -74,6 +75,8 @@ pub struct Completion {
 /// Everything needed to serve requests: routers, upstreams and the shared HTTP client.
 pub struct Gateway {
     routers: BTreeMap<String, Arc<dyn Router>>,
+    /// Decisions and scores per router, for `/metrics`.
+    router_stats: BTreeMap<String, RouterStats>,
     thresholds: BTreeMap<String, f64>,
     strong: Upstream,
     weak: Upstream,
@@ -129,6 +132,10 @@ impl Gateway {
             .build()
             .map_err(|error| Error::Config(format!("HTTP client: {error}")))?;
         Ok(Self {
+            router_stats: routers
+                .keys()
+                .map(|name| (name.clone(), RouterStats::default()))
+                .collect(),
             routers,
             thresholds: config.thresholds.clone(),
             strong: Upstream::new(strong)?,
@@ -151,6 +158,11 @@ impl Gateway {
     #[must_use]
     pub fn routers(&self) -> &BTreeMap<String, Arc<dyn Router>> {
         &self.routers
+    }
+
+    /// Each served router's decisions and scores so far.
+    pub fn router_stats(&self) -> impl Iterator<Item = (&str, &RouterStats)> + Clone {
+        self.router_stats.iter().map(|(name, stats)| (name.as_str(), stats))
     }
 
     /// A router's default threshold, used for `router-<name>` without one.
@@ -241,6 +253,9 @@ impl Gateway {
                 (f64::NAN, tier, true)
             }
         };
+        if let Some(stats) = self.router_stats.get(router_name) {
+            stats.record(tier, (!fallback).then_some(win_rate));
+        }
         Ok(RouteDecision {
             router: router_name.to_owned(),
             threshold,

@@ -3,7 +3,9 @@
 //! configured, their cost and what they would have cost at the strong model's price,
 //! requests answered without a score (`on_router_error`), and a histogram of the proxy's
 //! own overhead per request (time spent outside the upstream call), as TensorZero and
-//! LiteLLM expose theirs.
+//! LiteLLM expose theirs. Per router ([`RouterStats`]): decisions by tier and a histogram
+//! of its scores, so each router's strong share and the drift of its scores are visible,
+//! and the threshold for a wanted share can be read off live traffic.
 //!
 //! Plain atomics and a hand-written exposition: a few counters do not justify a metrics
 //! framework on the hot path.
@@ -31,6 +33,119 @@ const TIERS: [&str; 4] = ["strong", "weak", "direct", "none"];
 const CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
 /// Overhead histogram bucket bounds in microseconds.
 const BUCKETS_US: [u64; 9] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000];
+/// Score histogram buckets: upper bounds 0.01, 0.02, …, 1.00. Hundredths because a
+/// threshold read off them (`histogram_quantile`) is then good to about 0.005, finer than
+/// the share of traffic it moves can be told from a day's requests at most sites.
+const SCORE_BUCKETS: usize = 100;
+
+/// One router's decisions and scores. Scores failing to come (`on_router_error`) count as
+/// decisions only.
+pub struct RouterStats {
+    /// Decisions for the strong and the weak model.
+    decisions: [AtomicU64; 2],
+    /// Observations per score bucket, not cumulative (one add per request); cumulated
+    /// when rendered.
+    scores: [AtomicU64; SCORE_BUCKETS],
+    /// Sum of the scores, f64 bits.
+    score_sum: AtomicU64,
+}
+
+impl Default for RouterStats {
+    fn default() -> Self {
+        Self {
+            decisions: [AtomicU64::new(0), AtomicU64::new(0)],
+            scores: std::array::from_fn(|_| AtomicU64::new(0)),
+            score_sum: AtomicU64::new(0),
+        }
+    }
+}
+
+impl RouterStats {
+    /// Counts one routing decision; `score` is `None` when the router could not score and
+    /// `on_router_error` chose the tier.
+    pub fn record(&self, tier: Tier, score: Option<f64>) {
+        let index = match tier {
+            Tier::Strong => 0,
+            Tier::Weak => 1,
+        };
+        self.decisions[index].fetch_add(1, Ordering::Relaxed);
+        if let Some(score) = score.filter(|score| (0.0..=1.0).contains(score)) {
+            self.scores[score_bucket(score)].fetch_add(1, Ordering::Relaxed);
+            add_f64(&self.score_sum, score);
+        }
+    }
+}
+
+/// Upper bound of score bucket `index` (0-based); one function for both the comparison
+/// and the label, so a score equal to a printed bound lands in that bound's bucket.
+fn score_bound(index: usize) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let hundredths = (index + 1) as f64;
+    hundredths / 100.0
+}
+
+/// The first bucket whose upper bound is at least `score` (in [0, 1]).
+fn score_bucket(score: f64) -> usize {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let estimate = ((score * 100.0).ceil() as usize).clamp(1, SCORE_BUCKETS) - 1;
+    // `score * 100` may round up past an exact bound (0.07 * 100 = 7.000000000000001).
+    if estimate > 0 && score <= score_bound(estimate - 1) {
+        estimate - 1
+    } else {
+        estimate
+    }
+}
+
+/// The per-router series: `routellm_router_decisions_total{router, tier}` and the
+/// `routellm_router_score{router}` histogram.
+#[must_use]
+pub fn render_router_stats<'a>(routers: impl IntoIterator<Item = (&'a str, &'a RouterStats)> + Clone) -> String {
+    let mut out = String::with_capacity(4096);
+    out.push_str(
+        "# HELP routellm_router_decisions_total Routed requests by router and the model tier it chose (by score, or by on_router_error when it could not score), before any on_upstream_error fallback.\n",
+    );
+    out.push_str("# TYPE routellm_router_decisions_total counter\n");
+    for (name, stats) in routers.clone() {
+        let name = label_value(name);
+        for (tier, count) in ["strong", "weak"].iter().zip(&stats.decisions) {
+            let _ = writeln!(
+                out,
+                "routellm_router_decisions_total{{router=\"{name}\",tier=\"{tier}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+    }
+    out.push_str(
+        "# HELP routellm_router_score Each router's scores (the strong model's predicted win rate) in hundredths; histogram_quantile(1 - share, ...) is the threshold that would have sent that share of these requests to the strong model.\n",
+    );
+    out.push_str("# TYPE routellm_router_score histogram\n");
+    for (name, stats) in routers {
+        let name = label_value(name);
+        let mut cumulative = 0_u64;
+        for (index, bucket) in stats.scores.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "routellm_router_score_bucket{{router=\"{name}\",le=\"{}\"}} {cumulative}",
+                score_bound(index)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "routellm_router_score_bucket{{router=\"{name}\",le=\"+Inf\"}} {cumulative}"
+        );
+        let sum = f64::from_bits(stats.score_sum.load(Ordering::Relaxed));
+        let _ = writeln!(out, "routellm_router_score_sum{{router=\"{name}\"}} {sum}");
+        let _ = writeln!(out, "routellm_router_score_count{{router=\"{name}\"}} {cumulative}");
+    }
+    out
+}
+
+/// A label value as the exposition format wants it (routers added through the library
+/// may have any name).
+fn label_value(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -292,6 +407,43 @@ mod tests {
             text.contains("routellm_upstream_fallbacks_total{from=\"weak\"} 0\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn scores_land_in_the_hundredth_whose_printed_bound_holds_them() {
+        for hundredths in 1..=100_u32 {
+            let bound = f64::from(hundredths) / 100.0;
+            let index = usize::try_from(hundredths).unwrap() - 1;
+            assert_eq!(score_bucket(bound), index, "{bound}");
+            assert_eq!(format!("{}", score_bound(index)), format!("{bound}"));
+            if hundredths < 100 {
+                assert_eq!(score_bucket(bound + 1e-12), index + 1, "just above {bound}");
+            }
+        }
+        assert_eq!(score_bucket(0.0), 0);
+
+        let stats = RouterStats::default();
+        for score in [0.0, 0.07, 0.071, 0.5, 1.0] {
+            stats.record(Tier::Weak, Some(score));
+        }
+        stats.record(Tier::Strong, None);
+        stats.record(Tier::Strong, Some(f64::NAN));
+        let text = render_router_stats([("sw \"x\"", &stats)]);
+        let name = "router=\"sw \\\"x\\\"\"";
+        for expected in [
+            format!("routellm_router_decisions_total{{{name},tier=\"strong\"}} 2\n"),
+            format!("routellm_router_decisions_total{{{name},tier=\"weak\"}} 5\n"),
+            format!("routellm_router_score_bucket{{{name},le=\"0.01\"}} 1\n"),
+            format!("routellm_router_score_bucket{{{name},le=\"0.07\"}} 2\n"),
+            format!("routellm_router_score_bucket{{{name},le=\"0.08\"}} 3\n"),
+            format!("routellm_router_score_bucket{{{name},le=\"0.5\"}} 4\n"),
+            format!("routellm_router_score_bucket{{{name},le=\"0.99\"}} 4\n"),
+            format!("routellm_router_score_bucket{{{name},le=\"1\"}} 5\n"),
+            format!("routellm_router_score_count{{{name}}} 5\n"),
+        ] {
+            assert!(text.contains(&expected), "{expected} in {text}");
+        }
+        assert_eq!(text.matches("routellm_router_score_bucket{").count(), SCORE_BUCKETS + 1);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 
 use crate::error::Error;
 use crate::gateway::{Completion, Gateway, RouteDecision, Tier};
-use crate::metrics::{Metrics, TierLabel};
+use crate::metrics::{Metrics, TierLabel, render_router_stats};
 use crate::request::Api;
 use crate::upstream::{ByteStream, Reply};
 use crate::usage::{self, SseUsageScanner};
@@ -332,7 +332,9 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut response = state.metrics().render().into_response();
+    let mut text = state.metrics().render();
+    text.push_str(&render_router_stats(state.router_stats()));
+    let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -480,6 +480,60 @@ async fn metrics_count_requests_by_tier_and_status() {
 }
 
 #[tokio::test]
+async fn metrics_show_each_routers_decisions_and_scores() {
+    let (_strong, _weak, proxy) = setup("").await;
+    // fixed_high scores 0.8: strong at 0.5 and at 0.8 (inclusive), weak at 0.9.
+    for threshold in ["0.5", "0.8", "0.9"] {
+        let response = proxy
+            .post_chat(&body(&format!("router-fixed_high-{threshold}"), ""))
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    let text = proxy.metrics().await;
+    for expected in [
+        "routellm_router_decisions_total{router=\"fixed_high\",tier=\"strong\"} 2\n",
+        "routellm_router_decisions_total{router=\"fixed_high\",tier=\"weak\"} 1\n",
+        "routellm_router_decisions_total{router=\"random\",tier=\"strong\"} 0\n",
+        "routellm_router_score_bucket{router=\"fixed_high\",le=\"0.79\"} 0\n",
+        "routellm_router_score_bucket{router=\"fixed_high\",le=\"0.8\"} 3\n",
+        "routellm_router_score_bucket{router=\"fixed_high\",le=\"1\"} 3\n",
+        "routellm_router_score_bucket{router=\"fixed_high\",le=\"+Inf\"} 3\n",
+        "routellm_router_score_count{router=\"fixed_high\"} 3\n",
+        "routellm_router_score_count{router=\"random\"} 0\n",
+    ] {
+        assert!(text.contains(expected), "{expected} in {text}");
+    }
+    let sum: f64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("routellm_router_score_sum{router=\"fixed_high\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((sum - 2.4).abs() < 1e-9, "{sum}");
+
+    // The decision is counted when it is made, even if the chosen model then cannot be
+    // reached, and a router that cannot score counts a decision without a score.
+    let weak = MockUpstream::start("weak").await;
+    let dead = format!("http://127.0.0.1:{}/v1", closed_port().await);
+    let mut routers: std::collections::BTreeMap<String, std::sync::Arc<dyn routellm::routers::Router>> =
+        std::collections::BTreeMap::new();
+    routers.insert("fixed_high".into(), std::sync::Arc::new(FixedRouter(0.8)));
+    routers.insert("failing".into(), std::sync::Arc::new(FailingRouter));
+    let proxy = Proxy::start_with(&dead, &weak.base_url(), "", routers).await;
+    assert_eq!(proxy.post_chat(&body("router-fixed_high-0.5", "")).await.status(), 502);
+    assert_eq!(proxy.post_chat(&body("router-failing-0.5", "")).await.status(), 502);
+    let text = proxy.metrics().await;
+    for expected in [
+        "routellm_router_decisions_total{router=\"fixed_high\",tier=\"strong\"} 1\n",
+        "routellm_router_score_count{router=\"fixed_high\"} 1\n",
+        "routellm_router_decisions_total{router=\"failing\",tier=\"strong\"} 1\n",
+        "routellm_router_score_count{router=\"failing\"} 0\n",
+    ] {
+        assert!(text.contains(expected), "{expected} in {text}");
+    }
+}
+
+#[tokio::test]
 async fn metrics_count_the_tokens_each_tier_answered_with() {
     let (_strong, _weak, proxy) = setup("").await;
     let tokens = |text: &str, tier: &str, kind: &str| -> u64 {
