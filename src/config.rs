@@ -410,20 +410,13 @@ impl Config {
     }
 }
 
-/// Headers that describe one connection or the body's framing, which the HTTP client sets
-/// for each request itself, and `accept-encoding`, since streams are read as they pass (a
-/// compressed one could not be watched for its end or its usage).
-const HOP_AND_FRAMING_HEADERS: &[&str] = &[
-    "connection",
+/// Besides the hop-by-hop headers: the body's framing, which the HTTP client sets for each
+/// request itself, and `accept-encoding`, since streams are read as they pass (a compressed
+/// one could not be watched for its end or its usage).
+const FRAMING_HEADERS: &[&str] = &[
     "content-length",
     "content-type",
     "content-encoding",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "keep-alive",
-    "proxy-connection",
     "host",
     "accept",
     "accept-encoding",
@@ -436,7 +429,9 @@ pub fn reserved_header(name: &HeaderName) -> Option<&'static str> {
         "authorization" | "proxy-authorization" => {
             Some("the models get their own key (`api_key`); a client's Authorization is for the proxy")
         }
-        other if HOP_AND_FRAMING_HEADERS.contains(&other) => Some("the proxy sets it for each request"),
+        other if crate::upstream::HOP_BY_HOP.contains(&other) || FRAMING_HEADERS.contains(&other) => {
+            Some("the proxy sets it for each request")
+        }
         _ => None,
     }
 }

@@ -27,16 +27,21 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Infallible>> + Sen
 /// Non-streaming answers larger than this are refused rather than held in memory.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Response headers that describe one hop, not the message, and are not forwarded.
-const HOP_BY_HOP: &[header::HeaderName] = &[
-    header::CONNECTION,
-    header::CONTENT_LENGTH,
-    header::TRANSFER_ENCODING,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
+/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1, and
+/// the non-standard `keep-alive` and `proxy-connection`): never passed on in either direction.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
+
+/// Response headers not passed back besides the hop-by-hop ones: the body's length is the
+/// proxy's to frame, and a proxy challenge was meant for this hop.
+const NOT_PASSED_BACK: &[&str] = &["content-length", "proxy-authenticate"];
 
 /// What came back from the model.
 pub enum Reply {
@@ -389,11 +394,9 @@ async fn read_bounded(response: reqwest::Response) -> Result<Bytes, ReadError> {
 
 fn forwarded_headers(upstream: &HeaderMap) -> HeaderMap {
     let mut headers = upstream.clone();
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for name in HOP_BY_HOP.iter().chain(NOT_PASSED_BACK) {
+        headers.remove(*name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
     headers
 }
 
