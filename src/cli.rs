@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{Config, LogFormat, OnRouterError, OnUpstreamError, Overrides, Secret};
+use crate::config::{Config, LogFormat, OnRouterError, OnUpstreamError, Overrides, ScoreTurns, Secret};
 use crate::controller::Controller;
 use crate::gateway::Gateway;
 use crate::providers::Endpoint;
@@ -369,6 +369,11 @@ pub struct ServeArgs {
     /// `other_model` asks the other model once. [default: fail]
     #[arg(long, env = "ROUTELLM_ON_UPSTREAM_ERROR", value_enum)]
     pub on_upstream_error: Option<OnUpstreamError>,
+    /// Which user turns of a conversation the router scores: `last` (RouteLLM's), or `max`,
+    /// the highest score among the last 8, so a conversation that needed the strong model
+    /// keeps it for its short follow-ups. [default: last]
+    #[arg(long, env = "ROUTELLM_SCORE_TURNS", value_enum)]
+    pub score_turns: Option<ScoreTurns>,
     /// Load the configuration, the routers and both models as `serve` would, print what
     /// would be served (no secrets), and exit without listening: for deployment pipelines.
     #[arg(long)]
@@ -689,6 +694,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         access_log: args.access_log,
         on_router_error: args.on_router_error,
         on_upstream_error: args.on_upstream_error,
+        score_turns: args.score_turns,
         ..args.common.overrides()
     };
     let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;
@@ -805,9 +811,10 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
         |value: Option<clap::builder::PossibleValue>| value.map_or_else(String::new, |v| v.get_name().to_owned());
     let _ = writeln!(
         out,
-        "on_router_error: {}, on_upstream_error: {}, client API keys: {}",
+        "on_router_error: {}, on_upstream_error: {}, score_turns: {}, client API keys: {}",
         name(config.on_router_error.to_possible_value()),
         name(config.on_upstream_error.to_possible_value()),
+        name(config.score_turns.to_possible_value()),
         config.api_keys.len()
     );
     out

@@ -157,6 +157,23 @@ pub enum OnRouterError {
     Error,
 }
 
+/// Which user turns of a multi-turn request a router scores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreTurns {
+    /// The last user message only, as RouteLLM.
+    #[default]
+    Last,
+    /// Each of the last [`MAX_SCORED_TURNS`] user messages, routing on the highest score:
+    /// a conversation that needed the strong model keeps it for its short follow-ups
+    /// ("now commit it") instead of bouncing to the weak model mid-task.
+    Max,
+}
+
+/// How many user turns `score_turns: max` scores at most (the most recent ones), which
+/// bounds the cost of a long conversation to that many scorings.
+pub const MAX_SCORED_TURNS: usize = 8;
+
 /// What a routed request gets when the model it was routed to is unavailable: rate-limited
 /// (429), failing (5xx), unreachable or too slow, before any of its answer was sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -207,6 +224,7 @@ pub struct FileConfig {
     access_log: Option<bool>,
     on_router_error: Option<OnRouterError>,
     on_upstream_error: Option<OnUpstreamError>,
+    score_turns: Option<ScoreTurns>,
     #[serde(default)]
     router_settings: RouterSettings,
 }
@@ -254,6 +272,7 @@ pub struct Overrides {
     pub access_log: Option<bool>,
     pub on_router_error: Option<OnRouterError>,
     pub on_upstream_error: Option<OnUpstreamError>,
+    pub score_turns: Option<ScoreTurns>,
 }
 
 /// The validated configuration everything else is built from.
@@ -288,6 +307,8 @@ pub struct Config {
     pub on_router_error: OnRouterError,
     /// Whether a routed request whose model is unavailable is sent to the other model.
     pub on_upstream_error: OnUpstreamError,
+    /// Which user turns a router scores.
+    pub score_turns: ScoreTurns,
     pub router_settings: RouterSettings,
 }
 
@@ -357,6 +378,7 @@ impl Config {
                 .on_upstream_error
                 .or(file.on_upstream_error)
                 .unwrap_or_default(),
+            score_turns: overrides.score_turns.or(file.score_turns).unwrap_or_default(),
             router_settings: file.router_settings,
         };
         config.validate()?;
@@ -601,6 +623,24 @@ mod tests {
         );
         let error = FileConfig::from_yaml("on_upstream_error: retry\n").unwrap_err();
         assert!(error.to_string().contains("retry"), "{error}");
+    }
+
+    #[test]
+    fn routers_score_the_last_turn_unless_configured_otherwise() {
+        let default = Config::merge(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(default.score_turns, ScoreTurns::Last);
+        let file = || FileConfig::from_yaml("score_turns: max\n").unwrap();
+        assert_eq!(
+            Config::merge(file(), Overrides::default()).unwrap().score_turns,
+            ScoreTurns::Max
+        );
+        let flag = Overrides {
+            score_turns: Some(ScoreTurns::Last),
+            ..Overrides::default()
+        };
+        assert_eq!(Config::merge(file(), flag).unwrap().score_turns, ScoreTurns::Last);
+        let error = FileConfig::from_yaml("score_turns: all\n").unwrap_err();
+        assert!(error.to_string().contains("all"), "{error}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderName};
 
-use crate::config::{Config, OnRouterError, OnUpstreamError, Secret};
+use crate::config::{Config, MAX_SCORED_TURNS, OnRouterError, OnUpstreamError, ScoreTurns, Secret};
 use crate::error::Error;
 use crate::metrics::RouterStats;
 use crate::model_name::{self, ModelTarget};
@@ -90,6 +90,7 @@ pub struct Gateway {
     scoring_slots: Arc<tokio::sync::Semaphore>,
     on_router_error: OnRouterError,
     on_upstream_error: OnUpstreamError,
+    score_turns: ScoreTurns,
     started_at: u64,
 }
 
@@ -148,6 +149,7 @@ impl Gateway {
             scoring_slots: Arc::new(tokio::sync::Semaphore::new(config.scoring_concurrency)),
             on_router_error: config.on_router_error,
             on_upstream_error: config.on_upstream_error,
+            score_turns: config.score_turns,
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
@@ -221,22 +223,23 @@ impl Gateway {
         threshold: Option<f64>,
         prompt: String,
     ) -> Result<RouteDecision, Error> {
-        self.route_or(router_name, threshold, prompt, OnRouterError::Error)
+        self.route_or(router_name, threshold, vec![prompt], OnRouterError::Error)
             .await
     }
 
-    /// [`Gateway::route`], except that when the router fails to score, `on_error` may pick
-    /// the model (chat completions are answered even then); the failure is logged, and the
-    /// decision says so for the response header and the metrics.
+    /// [`Gateway::route`] on the highest score among `prompts`, except that when the router
+    /// fails to score, `on_error` may pick the model (chat completions are answered even
+    /// then); the failure is logged, and the decision says so for the response header and
+    /// the metrics.
     async fn route_or(
         &self,
         router_name: &str,
         threshold: Option<f64>,
-        prompt: String,
+        prompts: Vec<String>,
         on_error: OnRouterError,
     ) -> Result<RouteDecision, Error> {
         let (router, threshold) = self.resolve(router_name, threshold)?;
-        let (win_rate, tier, fallback) = match score(router, router_name, prompt, &self.scoring_slots).await {
+        let (win_rate, tier, fallback) = match score(router, router_name, prompts, &self.scoring_slots).await {
             Ok(win_rate) => (win_rate, tier_for(win_rate, threshold), false),
             Err(error) => {
                 let tier = match on_error {
@@ -327,9 +330,11 @@ impl Gateway {
         let request = ModelRequest::parse(api, body)?;
         let (mut decision, tier) = match model_name::parse(request.model())? {
             ModelTarget::Routed { router, threshold } => {
-                let decision = self
-                    .route_or(router, threshold, request.last_user_prompt()?, self.on_router_error)
-                    .await?;
+                let prompts = match self.score_turns {
+                    ScoreTurns::Last => vec![request.last_user_prompt()?],
+                    ScoreTurns::Max => request.user_prompts(MAX_SCORED_TURNS)?,
+                };
+                let decision = self.route_or(router, threshold, prompts, self.on_router_error).await?;
                 let tier = decision.tier;
                 (Some(decision), tier)
             }
@@ -482,16 +487,17 @@ fn tier_for(win_rate: f64, threshold: f64) -> Tier {
 /// semaphore is fair), each request scored at full speed, and a request whose client has
 /// gone before its turn costs nothing, instead of hundreds of threads sharing two cores.
 /// A router that mostly waits on the network (`Remote`) needs no CPU slot: it would only
-/// queue behind the cores for a round trip.
+/// queue behind the cores for a round trip. Several prompts (the turns of a conversation)
+/// are scored in one batch, one job and one permit, and the highest score counts.
 async fn score(
     router: &Arc<dyn Router>,
     name: &str,
-    prompt: String,
+    prompts: Vec<String>,
     slots: &Arc<tokio::sync::Semaphore>,
 ) -> Result<f64, Error> {
     let cost = router.scoring_cost();
     let result = if cost == ScoringCost::Inline {
-        router.strong_win_rate(&prompt)
+        score_all(router.as_ref(), &prompts)
     } else {
         let permit = if cost == ScoringCost::Blocking {
             let permit = Arc::clone(slots)
@@ -506,12 +512,36 @@ async fn score(
         tokio::task::spawn_blocking(move || {
             // Held until scoring ends, even if the request is dropped meanwhile.
             let _permit = permit;
-            router.strong_win_rate(&prompt)
+            score_all(router.as_ref(), &prompts)
         })
         .await
         .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
     };
-    crate::scoring::in_range(name, result.map_err(|cause| Error::router(name, cause))?, None)
+    let scores = result.map_err(|cause| Error::router(name, cause))?;
+    let mut highest: Option<f64> = None;
+    for score in scores {
+        let score = crate::scoring::in_range(name, score, None)?;
+        highest = Some(highest.map_or(score, |best| best.max(score)));
+    }
+    highest.ok_or_else(|| Error::Internal(format!("router `{name}` returned no score")))
+}
+
+/// The scores of `prompts`: one call for one prompt, the router's batch call for several.
+fn score_all(router: &dyn Router, prompts: &[String]) -> Result<Vec<f64>, crate::routers::RouterError> {
+    if let [prompt] = prompts {
+        return router.strong_win_rate(prompt).map(|score| vec![score]);
+    }
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let scores = router.strong_win_rates(&prompts)?;
+    if scores.len() == prompts.len() {
+        Ok(scores)
+    } else {
+        Err(crate::routers::RouterError::Score(format!(
+            "{} scores for {} prompts",
+            scores.len(),
+            prompts.len()
+        )))
+    }
 }
 
 fn describe(decision: Option<&RouteDecision>, upstream: &Upstream) -> String {

@@ -136,29 +136,46 @@ impl<'a> ModelRequest<'a> {
     /// The text a router scores: the last user message, its text parts joined by newlines
     /// (images and other non-text parts carry no text to score).
     pub fn last_user_prompt(&self) -> Result<String, Error> {
+        let mut prompts = self.user_prompts(1)?;
+        Ok(prompts.pop().unwrap_or_default())
+    }
+
+    /// The texts of the last `limit` user messages (at least one), oldest first, each as
+    /// [`ModelRequest::last_user_prompt`] reads it.
+    pub fn user_prompts(&self, limit: usize) -> Result<Vec<String>, Error> {
         let field = self.api.prompt_field();
-        let (index, message) = self
+        let mut user_messages = self
             .messages
             .iter()
+            .filter(|(_, message)| message.role == "user")
             .rev()
-            .find(|(_, message)| message.role == "user")
-            .ok_or_else(|| Error::InvalidRequest {
+            .take(limit.max(1))
+            .peekable();
+        if user_messages.peek().is_none() {
+            return Err(Error::InvalidRequest {
                 message: format!("Invalid '{field}': routing needs at least one message with role 'user'."),
                 param: Some(field),
                 code: None,
-            })?;
-        let Some(raw) = message.content else {
-            return Ok(String::new());
-        };
-        let content = Content::deserialize(raw).map_err(|_| Error::InvalidRequest {
-            message: format!(
-                "Invalid type for '{field}[{index}].content': expected a string or an array of content parts, but got {} instead.",
-                json_type_name(raw)
-            ),
-            param: Some(field),
-            code: None,
-        })?;
-        Ok(content.into_text())
+            });
+        }
+        let mut prompts = user_messages
+            .map(|(index, message)| {
+                let Some(raw) = message.content else {
+                    return Ok(String::new());
+                };
+                let content = Content::deserialize(raw).map_err(|_| Error::InvalidRequest {
+                    message: format!(
+                        "Invalid type for '{field}[{index}].content': expected a string or an array of content parts, but got {} instead.",
+                        json_type_name(raw)
+                    ),
+                    param: Some(field),
+                    code: None,
+                })?;
+                Ok(content.into_text())
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        prompts.reverse();
+        Ok(prompts)
     }
 
     /// The body to send upstream: the original fields, in order and byte for byte, with
@@ -392,6 +409,26 @@ mod tests {
             {"role":"tool","content":"result","tool_call_id":"x"}]}"#;
         let request = ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
         assert_eq!(request.last_user_prompt().unwrap(), "second é");
+    }
+
+    #[test]
+    fn user_prompts_are_the_last_user_turns_oldest_first() {
+        let body = br#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"one"},
+            {"role":"assistant","content":"a"},{"role":"user","content":[{"type":"text","text":"two"}]},
+            {"role":"assistant","content":"b"},{"role":"user","content":"three"}]}"#;
+        let request = ModelRequest::parse(Api::ChatCompletions, body).unwrap();
+        assert_eq!(request.user_prompts(8).unwrap(), ["one", "two", "three"]);
+        assert_eq!(request.user_prompts(2).unwrap(), ["two", "three"]);
+        assert_eq!(request.user_prompts(0).unwrap(), ["three"]);
+        let bad_earlier_turn =
+            br#"{"model":"m","messages":[{"role":"user","content":5},{"role":"user","content":"x"}]}"#;
+        let request = ModelRequest::parse(Api::ChatCompletions, bad_earlier_turn).unwrap();
+        assert_eq!(request.last_user_prompt().unwrap(), "x");
+        let error = request.user_prompts(8).unwrap_err().to_string();
+        assert!(error.contains("messages[0].content"), "{error}");
+        let no_user = br#"{"model":"m","messages":[{"role":"system","content":"s"}]}"#;
+        let request = ModelRequest::parse(Api::ChatCompletions, no_user).unwrap();
+        assert!(request.user_prompts(8).unwrap_err().to_string().contains("role 'user'"));
     }
 
     #[test]

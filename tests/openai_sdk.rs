@@ -210,7 +210,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "price per million tokens: input 2.5, output 10",
         "weak model echo/mixtral as `mixtral`: built-in offline echo",
         "client headers forwarded: traceparent",
-        "on_router_error: strong, on_upstream_error: fail, client API keys: 1",
+        "on_router_error: strong, on_upstream_error: fail, score_turns: last, client API keys: 1",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
     }

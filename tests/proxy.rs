@@ -480,6 +480,61 @@ async fn metrics_count_requests_by_tier_and_status() {
 }
 
 #[tokio::test]
+async fn score_turns_max_keeps_a_demanding_conversation_on_the_strong_model() {
+    async fn setup(yaml: &str) -> (MockUpstream, MockUpstream, Proxy) {
+        let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+        let mut routers: std::collections::BTreeMap<String, std::sync::Arc<dyn routellm::routers::Router>> =
+            std::collections::BTreeMap::new();
+        routers.insert("length".into(), std::sync::Arc::new(routellm::routers::LengthRouter));
+        let proxy = Proxy::start_with(&strong.base_url(), &weak.base_url(), yaml, routers).await;
+        (strong, weak, proxy)
+    }
+    // The length router scores the 3,000-character first turn 0.75 and the follow-up "ok" 0.002.
+    let task = "x".repeat(3000);
+    let conversation = format!(
+        r#"{{"model":"router-length-0.5","messages":[{{"role":"system","content":"be brief"}},{{"role":"user","content":"{task}"}},{{"role":"assistant","content":"done"}},{{"role":"user","content":"ok"}}]}}"#
+    );
+
+    let (strong, weak, proxy) = setup("").await;
+    let response = proxy.post_chat(&conversation).await;
+    assert_eq!(response.headers()["x-routellm-tier"], "weak");
+    assert_eq!((strong.received().len(), weak.received().len()), (0, 1));
+
+    let (strong, weak, proxy) = setup("score_turns: max\n").await;
+    let response = proxy.post_chat(&conversation).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    assert_eq!(response.headers()["x-routellm-win-rate"], "0.75");
+    assert_eq!((strong.received().len(), weak.received().len()), (1, 0));
+    // The body goes upstream as it came, every turn included.
+    assert_eq!(strong.received()[0].json()["messages"].as_array().unwrap().len(), 4);
+    // A one-turn request scores as before.
+    let response = proxy.post_chat(&body("router-length-0.5", "")).await;
+    assert_eq!(response.headers()["x-routellm-tier"], "weak");
+    // The Responses API's input items are turns too.
+    let input = format!(
+        r#"{{"model":"router-length-0.5","input":[{{"role":"user","content":"{task}"}},{{"role":"assistant","content":"done"}},{{"role":"user","content":"ok"}}]}}"#
+    );
+    let response = proxy.post_json("/v1/responses", &input).await;
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    // Only the last eight user turns count: the demanding one falls out of a long conversation.
+    let mut messages = vec![format!(r#"{{"role":"user","content":"{task}"}}"#)];
+    messages.extend((0..8).map(|turn| format!(r#"{{"role":"user","content":"follow-up {turn}"}}"#)));
+    let long = format!(r#"{{"model":"router-length-0.5","messages":[{}]}}"#, messages.join(","));
+    let response = proxy.post_chat(&long).await;
+    assert_eq!(response.headers()["x-routellm-tier"], "weak");
+    // An earlier turn the router now reads must be well-formed.
+    let malformed =
+        r#"{"model":"router-length-0.5","messages":[{"role":"user","content":7},{"role":"user","content":"ok"}]}"#;
+    let error = openai_error(proxy.post_chat(malformed).await, 400).await;
+    assert!(
+        error["message"].as_str().unwrap().contains("messages[0].content"),
+        "{error}"
+    );
+    assert_eq!(error["param"], "messages");
+}
+
+#[tokio::test]
 async fn metrics_show_each_routers_decisions_and_scores() {
     let (_strong, _weak, proxy) = setup("").await;
     // fixed_high scores 0.8: strong at 0.5 and at 0.8 (inclusive), weak at 0.9.
