@@ -99,6 +99,14 @@ fn router_scoring(c: &mut Criterion) {
             });
         }
     }
+    // `score_turns: max` scores a conversation's last 8 user turns in one batch.
+    let turns: Vec<String> = (0..8).map(|turn| words(300 + turn)).collect();
+    let turns: Vec<&str> = turns.iter().map(String::as_str).collect();
+    for (name, router) in &routers[2..] {
+        group.bench_with_input(BenchmarkId::new(*name, "8_turns_x_300"), &turns, |b, turns| {
+            b.iter(|| router.strong_win_rates(black_box(turns)).expect("scores"));
+        });
+    }
     group.finish();
 
     // MiniLM's latency budget is for 128 tokens; the model folder is outside the repo.
