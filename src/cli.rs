@@ -295,6 +295,11 @@ pub struct CalibrateArgs {
     /// [default: the calibration set shipped in routers/calibration/prompts.jsonl]
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// Which user turns of a chat entry (`messages`) to score: `last`, or `max` (the highest
+    /// score among the last 8), as `serve` routes with the same setting. [default: the
+    /// config's `score_turns`, else last]
+    #[arg(long, env = "ROUTELLM_SCORE_TURNS", value_enum)]
+    pub score_turns: Option<ScoreTurns>,
     #[command(flatten)]
     pub artifacts: ArtifactArgs,
 }
@@ -313,6 +318,11 @@ pub struct ScoreArgs {
     /// Seed for the random router, for reproducible output.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Which user turns of a chat entry (`messages`) to score: `last`, or `max` (the highest
+    /// score among the last 8), as `serve` routes with the same setting. [default: the
+    /// config's `score_turns`, else last]
+    #[arg(long, env = "ROUTELLM_SCORE_TURNS", value_enum)]
+    pub score_turns: Option<ScoreTurns>,
     #[command(flatten)]
     pub artifacts: ArtifactArgs,
 }
@@ -621,7 +631,7 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
         .prompts
         .clone()
         .unwrap_or_else(|| config.routers_dir.join(DEFAULT_CALIBRATION_PROMPTS));
-    let prompts = crate::prompts::read(&path)?;
+    let prompts = read_entries(&path, args.score_turns.unwrap_or(config.score_turns))?;
     for name in &args.routers {
         let calibration = if name == "random" {
             // Its scores are uniform by construction: the exact answer needs no sample.
@@ -636,7 +646,7 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
             }
         } else {
             let router = crate::routers::build(name, &config)?;
-            let scores = crate::scoring::score_all(router.as_ref(), name, &prompts)?;
+            let scores = prompts.score(router.as_ref(), name)?;
             crate::scoring::calibrate(&scores, args.strong_model_pct)?
         };
         println!(
@@ -658,10 +668,41 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A prompt file's entries as `score_turns` has a router read them.
+enum Entries {
+    /// One prompt per entry (a chat entry's last user turn).
+    Last(Vec<String>),
+    /// Each entry's last user turns, scored by the highest.
+    Max(Vec<Vec<String>>),
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        match self {
+            Self::Last(prompts) => prompts.len(),
+            Self::Max(entries) => entries.len(),
+        }
+    }
+
+    fn score(&self, router: &dyn crate::routers::Router, name: &str) -> Result<Vec<f64>, crate::error::Error> {
+        match self {
+            Self::Last(prompts) => crate::scoring::score_all(router, name, prompts),
+            Self::Max(entries) => crate::scoring::score_highest(router, name, entries),
+        }
+    }
+}
+
+fn read_entries(path: &std::path::Path, score_turns: ScoreTurns) -> Result<Entries, crate::error::Error> {
+    Ok(match score_turns {
+        ScoreTurns::Last => Entries::Last(crate::prompts::read(path)?),
+        ScoreTurns::Max => Entries::Max(crate::prompts::read_turns(path, crate::config::MAX_SCORED_TURNS)?),
+    })
+}
+
 fn score(args: &ScoreArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let config = offline_config(&args.artifacts)?;
-    let prompts = crate::prompts::read(&args.input)?;
+    let prompts = read_entries(&args.input, args.score_turns.unwrap_or(config.score_turns))?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
@@ -673,7 +714,7 @@ fn score(args: &ScoreArgs) -> anyhow::Result<()> {
             ("random", Some(seed)) => std::sync::Arc::new(crate::routers::RandomRouter::with_seed(seed)),
             _ => crate::routers::build(name, &config)?,
         };
-        let scores = crate::scoring::score_all(router.as_ref(), name, &prompts)?;
+        let scores = prompts.score(router.as_ref(), name)?;
         for (index, win_rate) in scores.iter().enumerate() {
             writeln!(
                 out,

@@ -1,20 +1,33 @@
 //! Reading prompt files for `score` and `calibrate`: JSONL with a `prompt` field or a
-//! chat-style `messages` field (the last user turn), or plain text, one prompt per line.
+//! chat-style `messages` field (the last user turn, or the last few for `score_turns:
+//! max`), or plain text, one prompt per line.
 
 use std::path::Path;
 
 use crate::error::Error;
-use crate::request::last_user_text;
+use crate::request::user_texts;
 
 /// Reads the prompts of `path`, in file order.
 pub fn read(path: &Path) -> Result<Vec<String>, Error> {
-    let text = std::fs::read_to_string(path).map_err(|error| Error::io(path.display().to_string(), error))?;
-    parse(&text).map_err(|error| Error::invalid(format!("{}: {error}", path.display())))
+    Ok(read_turns(path, 1)?.into_iter().flatten().collect())
 }
 
-/// Parses prompt-file text. The first non-empty line decides the format: a JSON object
-/// means JSONL (every line must then be one), anything else means plain text.
+/// Reads the entries of `path`, in file order, each as its last `turns` user turns (oldest
+/// first; a `prompt` or a plain-text line is one turn).
+pub fn read_turns(path: &Path, turns: usize) -> Result<Vec<Vec<String>>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|error| Error::io(path.display().to_string(), error))?;
+    parse_turns(&text, turns).map_err(|error| Error::invalid(format!("{}: {error}", path.display())))
+}
+
+/// Parses prompt-file text into one prompt per entry (a chat entry's last user turn).
 pub fn parse(text: &str) -> Result<Vec<String>, Error> {
+    Ok(parse_turns(text, 1)?.into_iter().flatten().collect())
+}
+
+/// Parses prompt-file text into entries of up to `turns` user turns. The first non-empty
+/// line decides the format: a JSON object means JSONL (every line must then be one),
+/// anything else means plain text.
+pub fn parse_turns(text: &str, turns: usize) -> Result<Vec<Vec<String>>, Error> {
     let is_jsonl = text
         .lines()
         .find(|line| !line.trim().is_empty())
@@ -23,19 +36,19 @@ pub fn parse(text: &str) -> Result<Vec<String>, Error> {
         return Ok(text
             .lines()
             .filter(|line| !line.trim().is_empty())
-            .map(str::to_owned)
+            .map(|line| vec![line.to_owned()])
             .collect());
     }
-    let mut prompts = Vec::new();
+    let mut entries = Vec::new();
     for (number, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let row: serde_json::Value = serde_json::from_str(line)
             .map_err(|error| Error::invalid(format!("line {}: not JSON ({error})", number + 1)))?;
-        let prompt = match (row.get("prompt"), row.get("messages")) {
-            (Some(serde_json::Value::String(prompt)), _) => prompt.clone(),
-            (_, Some(messages)) => last_user_text(messages)
+        let entry = match (row.get("prompt"), row.get("messages")) {
+            (Some(serde_json::Value::String(prompt)), _) => vec![prompt.clone()],
+            (_, Some(messages)) => user_texts(messages, turns)
                 .ok_or_else(|| Error::invalid(format!("line {}: `messages` has no user message", number + 1)))?,
             _ => {
                 return Err(Error::invalid(format!(
@@ -44,9 +57,9 @@ pub fn parse(text: &str) -> Result<Vec<String>, Error> {
                 )));
             }
         };
-        prompts.push(prompt);
+        entries.push(entry);
     }
-    Ok(prompts)
+    Ok(entries)
 }
 
 #[cfg(test)]
@@ -57,6 +70,9 @@ mod tests {
     fn jsonl_prompts_and_messages() {
         let text = "{\"prompt\": \"one\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"two\"}], \"id\": 3}\n";
         assert_eq!(parse(text).unwrap(), vec!["one", "two"]);
+        let chat = "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"b\"}]}\n{\"prompt\": \"c\"}\n";
+        assert_eq!(parse(chat).unwrap(), vec!["b", "c"]);
+        assert_eq!(parse_turns(chat, 8).unwrap(), vec![vec!["a", "b"], vec!["c"]]);
     }
 
     #[test]

@@ -212,15 +212,30 @@ impl<'a> ModelRequest<'a> {
 /// read exactly as routed requests are; `None` if there is no user message.
 #[must_use]
 pub fn last_user_text(messages: &serde_json::Value) -> Option<String> {
-    let message = messages
+    user_texts(messages, 1)?.pop()
+}
+
+/// The texts of the last `limit` user messages (at least one) in a `messages` array,
+/// oldest first, as [`last_user_text`] reads each; `None` if there is no user message or
+/// one of them is not a string or an array of content parts.
+#[must_use]
+pub fn user_texts(messages: &serde_json::Value, limit: usize) -> Option<Vec<String>> {
+    let mut texts = messages
         .as_array()?
         .iter()
+        .filter(|message| message.get("role").and_then(serde_json::Value::as_str) == Some("user"))
         .rev()
-        .find(|message| message.get("role").and_then(serde_json::Value::as_str) == Some("user"))?;
-    match message.get("content") {
-        None | Some(serde_json::Value::Null) => Some(String::new()),
-        Some(content) => Content::deserialize(content).ok().map(Content::into_text),
+        .take(limit.max(1))
+        .map(|message| match message.get("content") {
+            None | Some(serde_json::Value::Null) => Some(String::new()),
+            Some(content) => Content::deserialize(content).ok().map(Content::into_text),
+        })
+        .collect::<Option<Vec<_>>>()?;
+    if texts.is_empty() {
+        return None;
     }
+    texts.reverse();
+    Some(texts)
 }
 
 /// The messages, checked for shape: a non-empty array of objects with a string `role`.
@@ -456,6 +471,12 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         ]);
         assert_eq!(last_user_text(&messages).as_deref(), Some("a\nb"));
+        let conversation = serde_json::json!([
+            {"role": "user", "content": "one"}, {"role": "assistant", "content": "x"},
+            {"role": "user", "content": null}, {"role": "user", "content": [{"type": "text", "text": "three"}]}
+        ]);
+        assert_eq!(user_texts(&conversation, 8).unwrap(), ["one", "", "three"]);
+        assert_eq!(user_texts(&conversation, 2).unwrap(), ["", "three"]);
         assert_eq!(
             last_user_text(&serde_json::json!([{"role": "system", "content": "x"}])),
             None

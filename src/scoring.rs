@@ -27,6 +27,23 @@ pub fn score_all(router: &dyn Router, name: &str, prompts: &[String]) -> Result<
     })
 }
 
+/// Scores entries of several prompts (a conversation's user turns) as `score_turns: max`
+/// routes them: each entry's highest score. All prompts are scored as one run.
+pub fn score_highest(router: &dyn Router, name: &str, entries: &[Vec<String>]) -> Result<Vec<f64>, Error> {
+    let flat: Vec<String> = entries.iter().flatten().cloned().collect();
+    let mut scores = score_all(router, name, &flat)?.into_iter();
+    entries
+        .iter()
+        .map(|entry| {
+            scores
+                .by_ref()
+                .take(entry.len())
+                .reduce(f64::max)
+                .ok_or_else(|| Error::Internal(format!("router `{name}`: an entry without a prompt")))
+        })
+        .collect()
+}
+
 /// `win_rate` if it is a probability; a router that returns anything else has a bug, which
 /// must not decide a route (`prompt`: its index in a batch, for the message).
 pub fn in_range(name: &str, win_rate: f64, prompt: Option<usize>) -> Result<f64, Error> {

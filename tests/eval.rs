@@ -239,6 +239,86 @@ fn calibrate_hits_the_share_on_a_prompts_file_and_score_agrees() {
 }
 
 #[test]
+fn score_and_calibrate_read_conversations_as_score_turns_says() {
+    let dir = out_dir("score-turns");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conversations = dir.join("chats.jsonl");
+    // Each conversation: a demanding first turn of 1000 * (i + 1) characters, then "ok".
+    let text: String = (0..10)
+        .map(|i| {
+            let messages = serde_json::json!([
+                {"role": "user", "content": "x".repeat(1000 * (i + 1))},
+                {"role": "assistant", "content": "done"},
+                {"role": "user", "content": "ok"},
+            ]);
+            format!("{}\n", serde_json::json!({"messages": messages}))
+        })
+        .collect();
+    std::fs::write(&conversations, text).unwrap();
+    let scores = |extra: &[&str]| -> Vec<f64> {
+        let output = binary()
+            .args(["score", "--routers", "length", "--input"])
+            .arg(&conversations)
+            .args(extra)
+            .env_remove("ROUTELLM_SCORE_TURNS")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(line).unwrap()["win_rate"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    // The length router: chars / (chars + 1000).
+    let last = scores(&[]);
+    assert!(
+        last.iter().all(|score| (score - 2.0 / 1002.0).abs() < 1e-12),
+        "{last:?}"
+    );
+    let highest = scores(&["--score-turns", "max"]);
+    for (i, score) in highest.iter().enumerate() {
+        #[allow(clippy::cast_precision_loss)]
+        let chars = 1000.0 * (i + 1) as f64;
+        assert!((score - chars / (chars + 1000.0)).abs() < 1e-12, "{i}: {score}");
+    }
+    // The config's setting applies unless the flag says otherwise.
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, "score_turns: max\n").unwrap();
+    let config_arg = config.to_str().unwrap();
+    assert_eq!(scores(&["--config", config_arg]), highest);
+    assert_eq!(scores(&["--config", config_arg, "--score-turns", "last"]), last);
+
+    let output = binary()
+        .args([
+            "calibrate",
+            "--routers",
+            "length",
+            "--strong-model-pct",
+            "0.3",
+            "--score-turns",
+            "max",
+            "--prompts",
+        ])
+        .arg(&conversations)
+        .env_remove("ROUTELLM_SCORE_TURNS")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let threshold: f64 = stdout.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(
+        highest.iter().filter(|score| **score >= threshold).count(),
+        3,
+        "{stdout}"
+    );
+}
+
+#[test]
 fn eval_cli_reports_missing_data_dir_clearly() {
     let output = binary()
         .args(["eval", "--benchmark", "gsm8k"])
