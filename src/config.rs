@@ -25,6 +25,11 @@ pub const DEFAULT_HOST: &str = "0.0.0.0";
 const DEFAULT_MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 10.0;
 const DEFAULT_REQUEST_TIMEOUT_SECS: f64 = 600.0;
+/// A client's time to send a request head, and then its body: 32 MiB (the size limit) at
+/// about 0.5 MB/s, far beyond what any SDK on a working link needs.
+const DEFAULT_CLIENT_TIMEOUT_SECS: f64 = 60.0;
+/// Kubernetes' default termination grace period: a pod is killed after it anyway.
+const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 30.0;
 
 /// A credential: deserialised like a string, never printed.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -216,6 +221,8 @@ pub struct FileConfig {
     #[serde(default)]
     upstream: UpstreamFile,
     max_request_bytes: Option<usize>,
+    client_timeout_secs: Option<f64>,
+    shutdown_timeout_secs: Option<f64>,
     scoring_concurrency: Option<usize>,
     #[serde(default)]
     api_keys: Vec<Secret>,
@@ -293,6 +300,10 @@ pub struct Config {
     /// Client request headers passed on to the models (tracing ids and the like); none by default.
     pub forward_headers: Vec<HeaderName>,
     pub max_request_bytes: usize,
+    /// How long a client may take to send a request's head, and then its body.
+    pub client_timeout: Duration,
+    /// How long open requests may run on after a shutdown signal.
+    pub shutdown_timeout: Duration,
     /// How many requests a CPU-bound router (MiniLM, `sw_ranking`) scores at once; the rest
     /// wait their turn. Defaults to the machine's cores.
     pub scoring_concurrency: usize,
@@ -363,6 +374,14 @@ impl Config {
             )?,
             forward_headers: forward_headers(&file.upstream.forward_headers)?,
             max_request_bytes: file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+            client_timeout: seconds(
+                "client_timeout_secs",
+                file.client_timeout_secs.unwrap_or(DEFAULT_CLIENT_TIMEOUT_SECS),
+            )?,
+            shutdown_timeout: seconds(
+                "shutdown_timeout_secs",
+                file.shutdown_timeout_secs.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+            )?,
             scoring_concurrency: file
                 .scoring_concurrency
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get)),
@@ -623,6 +642,22 @@ mod tests {
         );
         let error = FileConfig::from_yaml("on_upstream_error: retry\n").unwrap_err();
         assert!(error.to_string().contains("retry"), "{error}");
+    }
+
+    #[test]
+    fn client_and_shutdown_timeouts_have_defaults_and_must_be_positive() {
+        let default = Config::merge(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(default.client_timeout, Duration::from_secs(60));
+        assert_eq!(default.shutdown_timeout, Duration::from_secs(30));
+        let file = FileConfig::from_yaml("client_timeout_secs: 5\nshutdown_timeout_secs: 0.5\n").unwrap();
+        let config = Config::merge(file, Overrides::default()).unwrap();
+        assert_eq!(config.client_timeout, Duration::from_secs(5));
+        assert_eq!(config.shutdown_timeout, Duration::from_millis(500));
+        for key in ["client_timeout_secs", "shutdown_timeout_secs"] {
+            let file = FileConfig::from_yaml(&format!("{key}: 0\n")).unwrap();
+            let error = Config::merge(file, Overrides::default()).unwrap_err().to_string();
+            assert!(error.contains(key), "{error}");
+        }
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub enum Error {
     /// The request body exceeds the configured limit.
     #[error("Request body too large: the limit is {limit} bytes.")]
     PayloadTooLarge { limit: usize },
+    /// The client did not send the request body within `client_timeout_secs`.
+    #[error("The request body did not arrive within {seconds} s.")]
+    ClientTimeout { seconds: f64 },
     /// The upstream could not be reached, or broke the connection before answering.
     #[error("Upstream `{model}` is unreachable: {reason}")]
     UpstreamUnreachable { model: String, reason: String },
@@ -115,6 +118,7 @@ impl Error {
             Error::ModelNotFound(_) | Error::UnknownUrl { .. } => StatusCode::NOT_FOUND,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::UpstreamStatus { status, .. } => *status,
@@ -130,7 +134,8 @@ impl Error {
             Error::InvalidRequest { .. }
             | Error::ModelNotFound(_)
             | Error::UnknownUrl { .. }
-            | Error::PayloadTooLarge { .. } => "invalid_request_error",
+            | Error::PayloadTooLarge { .. }
+            | Error::ClientTimeout { .. } => "invalid_request_error",
             Error::Unauthorized(_) => "authentication_error",
             Error::UpstreamUnreachable { .. }
             | Error::UpstreamTimeout { .. }
@@ -156,6 +161,7 @@ impl Error {
             Error::ModelNotFound(_) => Some("model_not_found"),
             Error::Unauthorized(_) => Some("invalid_api_key"),
             Error::PayloadTooLarge { .. } => Some("request_too_large"),
+            Error::ClientTimeout { .. } => Some("request_timeout"),
             Error::UpstreamUnreachable { .. } => Some("upstream_unreachable"),
             Error::UpstreamTimeout { .. } => Some("upstream_timeout"),
             Error::UpstreamStatus { .. } => Some("upstream_status"),

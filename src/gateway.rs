@@ -86,6 +86,8 @@ pub struct Gateway {
     /// Client request headers passed on to the models (`upstream.forward_headers`).
     forward_headers: Vec<HeaderName>,
     max_request_bytes: usize,
+    client_timeout: Duration,
+    shutdown_timeout: Duration,
     /// Permits for CPU-bound scoring (see [`score`]).
     scoring_slots: Arc<tokio::sync::Semaphore>,
     on_router_error: OnRouterError,
@@ -146,6 +148,8 @@ impl Gateway {
             request_timeout: config.request_timeout,
             forward_headers: config.forward_headers.clone(),
             max_request_bytes: config.max_request_bytes,
+            client_timeout: config.client_timeout,
+            shutdown_timeout: config.shutdown_timeout,
             scoring_slots: Arc::new(tokio::sync::Semaphore::new(config.scoring_concurrency)),
             on_router_error: config.on_router_error,
             on_upstream_error: config.on_upstream_error,
@@ -160,6 +164,18 @@ impl Gateway {
     #[must_use]
     pub fn routers(&self) -> &BTreeMap<String, Arc<dyn Router>> {
         &self.routers
+    }
+
+    /// How long a client may take to send a request's head, and then its body.
+    #[must_use]
+    pub fn client_timeout(&self) -> Duration {
+        self.client_timeout
+    }
+
+    /// How long open requests may run on after a shutdown signal.
+    #[must_use]
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.shutdown_timeout
     }
 
     /// Each served router's decisions and scores so far.

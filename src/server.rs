@@ -90,13 +90,89 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves, then drains open requests.
+/// Serves `state` on `listener` until `shutdown` resolves, then drains open requests for
+/// up to `shutdown_timeout_secs` and returns, closing what is still open.
+///
+/// Why not `axum::serve`: it installs no timer in hyper, so hyper's header-read timeout
+/// never fires and a client that sends half a request head holds its connection for
+/// ever (slowloris), and its graceful shutdown waits for every stream however long.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let shutdown_timeout = state.shutdown_timeout();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.client_timeout());
+    builder.http2().timer(TokioTimer::new());
+    let service = TowerToHyperService::new(app(state));
+    let connections = GracefulShutdown::new();
+    // The connections' tasks, so those still open at the deadline can be stopped.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    accept_failed(&error).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Streamed tokens go out as they come, not when Nagle's algorithm has gathered a packet.
+        let _ = stream.set_nodelay(true);
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service.clone())
+            .into_owned();
+        let connection = connections.watch(connection);
+        tasks.spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let open = connections.count();
+    if open > 0 {
+        tracing::info!(open, "waiting for open connections to finish");
+    }
+    if tokio::time::timeout(shutdown_timeout, connections.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tasks.len(),
+            seconds = shutdown_timeout.as_secs_f64(),
+            "requests still open after shutdown_timeout_secs are cut off"
+        );
+    }
+    tasks.shutdown().await;
+    Ok(())
+}
+
+/// A failed `accept`: a client that gave up is nothing; anything else (out of file
+/// descriptors, say) is logged and retried after a pause rather than spinning.
+async fn accept_failed(error: &std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+    ) {
+        return;
+    }
+    tracing::error!(error = %error, "accepting a connection failed");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 }
 
 /// The raw request body, read under the configured limit, with an OpenAI-shaped error otherwise.
@@ -115,8 +191,12 @@ impl FromRequest<AppState> for BodyBytes {
         if declared.is_some_and(|length| length > limit) {
             return Err(Error::PayloadTooLarge { limit });
         }
-        axum::body::to_bytes(request.into_body(), limit)
+        let timeout = state.client_timeout();
+        tokio::time::timeout(timeout, axum::body::to_bytes(request.into_body(), limit))
             .await
+            .map_err(|_| Error::ClientTimeout {
+                seconds: timeout.as_secs_f64(),
+            })?
             .map(BodyBytes)
             .map_err(|error| {
                 if std::error::Error::source(&error)

@@ -828,7 +828,7 @@ async fn cpu_bound_scoring_is_bounded_by_scoring_concurrency() {
 async fn shutdown_stops_accepting_and_lets_an_open_stream_finish() {
     let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (proxy, server) = Proxy::start_until(&strong.base_url(), &weak.base_url(), async move {
+    let (proxy, server) = Proxy::start_until(&strong.base_url(), &weak.base_url(), "", async move {
         let _ = stopped.await;
     })
     .await;
@@ -1060,4 +1060,73 @@ async fn metrics_price_each_answer_at_its_model_and_at_the_strong_model() {
         value(&text, "routellm_cost_at_strong_prices_total", "strong"),
         (10.0 + 3.0 * 30.0) * per_million,
     );
+}
+
+#[tokio::test]
+async fn shutdown_cuts_off_what_is_still_open_after_shutdown_timeout() {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let yaml = "shutdown_timeout_secs: 0.5\n";
+    let (proxy, server) = Proxy::start_until(&strong.base_url(), &weak.base_url(), yaml, async move {
+        let _ = stopped.await;
+    })
+    .await;
+    let response = proxy
+        .post_chat(&body("router-random-0", r#","stream":true,"mock":"gated""#))
+        .await;
+    let mut chunks = response.bytes_stream();
+    assert!(
+        std::str::from_utf8(&chunks.next().await.unwrap().unwrap())
+            .unwrap()
+            .contains("from strong")
+    );
+    stop.send(()).unwrap();
+    // The upstream never sends the rest: the server stops on its deadline all the same.
+    let stopped = tokio::time::timeout(Duration::from_secs(10), server).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut rest = Vec::new();
+        while let Some(Ok(chunk)) = chunks.next().await {
+            rest.extend_from_slice(&chunk);
+        }
+        String::from_utf8(rest).unwrap()
+    })
+    .await
+    .expect("the cut stream ends");
+    assert!(!rest.contains("[DONE]"), "{rest}");
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_its_request_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_strong, _weak, proxy) = setup("client_timeout_secs: 0.5\n").await;
+
+    // Half a request head, then nothing: the connection is closed, not held for ever.
+    let mut stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut reply)).await;
+    assert!(closed.is_ok(), "a half-sent request head kept its connection open");
+
+    // A whole head but only part of the body: 408 in OpenAI's shape.
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut reply = vec![0; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut reply))
+        .await
+        .expect("an answer before the test's own deadline")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..read]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains(r#""code":"request_timeout""#), "{reply}");
+
+    // Clients that send promptly are served as before.
+    assert_eq!(proxy.post_chat(&body("router-random-0", "")).await.status(), 200);
 }

@@ -333,9 +333,10 @@ impl Proxy {
     pub async fn start_until(
         strong: &str,
         weak: &str,
+        yaml: &str,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> (Self, JoinHandle<std::io::Result<()>>) {
-        Self::serve_until(gateway(strong, weak, "", default_routers()), shutdown).await
+        Self::serve_until(gateway(strong, weak, yaml, default_routers()), shutdown).await
     }
 
     async fn serve_until(
