@@ -1130,3 +1130,22 @@ async fn a_client_that_stalls_its_request_is_cut_off() {
     // Clients that send promptly are served as before.
     assert_eq!(proxy.post_chat(&body("router-random-0", "")).await.status(), 200);
 }
+
+#[tokio::test]
+async fn http2_clients_are_served_too() {
+    let (strong, _weak, proxy) = setup("").await;
+    let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let response = client
+        .post(proxy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body("router-random-0", r#","stream":true"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    let events = response.text().await.unwrap();
+    assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+    assert_eq!(strong.received().len(), 1);
+}
