@@ -108,10 +108,11 @@ pub fn render_router_stats<'a>(routers: impl IntoIterator<Item = (&'a str, &'a R
     for (name, stats) in routers.clone() {
         let name = label_value(name);
         for (tier, count) in ["strong", "weak"].iter().zip(&stats.decisions) {
-            let _ = writeln!(
-                out,
-                "routellm_router_decisions_total{{router=\"{name}\",tier=\"{tier}\"}} {}",
-                count.load(Ordering::Relaxed)
+            write_sample(
+                &mut out,
+                "routellm_router_decisions_total",
+                [("router", name.as_str()), ("tier", tier)],
+                count.load(Ordering::Relaxed),
             );
         }
     }
@@ -139,6 +140,24 @@ pub fn render_router_stats<'a>(routers: impl IntoIterator<Item = (&'a str, &'a R
         let _ = writeln!(out, "routellm_router_score_count{{router=\"{name}\"}} {cumulative}");
     }
     out
+}
+
+/// One sample line, `name{label="value",…} value`, with label values already escaped.
+fn write_sample<const N: usize>(
+    out: &mut String,
+    name: &str,
+    labels: [(&str, &str); N],
+    value: impl std::fmt::Display,
+) {
+    out.push_str(name);
+    for (index, (label, label_value)) in labels.iter().enumerate() {
+        out.push(if index == 0 { '{' } else { ',' });
+        let _ = write!(out, "{label}=\"{label_value}\"");
+    }
+    if N > 0 {
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
 }
 
 /// A label value as the exposition format wants it (routers added through the library
@@ -247,10 +266,11 @@ impl Metrics {
         out.push_str("# TYPE routellm_requests_total counter\n");
         for (tier, row) in TIERS.iter().zip(&self.requests) {
             for (class, count) in CLASSES.iter().zip(row) {
-                let _ = writeln!(
-                    out,
-                    "routellm_requests_total{{tier=\"{tier}\",status=\"{class}\"}} {}",
-                    count.load(Ordering::Relaxed)
+                write_sample(
+                    &mut out,
+                    "routellm_requests_total",
+                    [("tier", tier), ("status", class)],
+                    count.load(Ordering::Relaxed),
                 );
             }
         }

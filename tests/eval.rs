@@ -173,6 +173,27 @@ fn binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_routellm"))
 }
 
+/// `routellm score --routers length` over `input`, with `extra` arguments: the win rates in order.
+fn length_scores(input: &std::path::Path, extra: &[&str]) -> Vec<f64> {
+    let output = binary()
+        .args(["score", "--routers", "length", "--input"])
+        .arg(input)
+        .args(extra)
+        .env_remove("ROUTELLM_SCORE_TURNS")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["win_rate"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn calibrate_hits_the_share_on_a_prompts_file_and_score_agrees() {
     let dir = out_dir("calibrate");
@@ -218,21 +239,7 @@ fn calibrate_hits_the_share_on_a_prompts_file_and_score_agrees() {
     );
     let threshold: f64 = length_line.rsplit(' ').next().unwrap().parse().unwrap();
 
-    let scored = binary()
-        .args(["score", "--routers", "length", "--input"])
-        .arg(&prompts)
-        .output()
-        .unwrap();
-    assert!(scored.status.success());
-    let rates: Vec<f64> = String::from_utf8(scored.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            serde_json::from_str::<serde_json::Value>(line).unwrap()["win_rate"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let rates = length_scores(&prompts, &[]);
     assert_eq!(rates.len(), 200);
     let strong = rates.iter().filter(|rate| **rate >= threshold).count();
     assert_eq!(strong, 60, "30% of 200 prompts");
@@ -255,25 +262,7 @@ fn score_and_calibrate_read_conversations_as_score_turns_says() {
         })
         .collect();
     std::fs::write(&conversations, text).unwrap();
-    let scores = |extra: &[&str]| -> Vec<f64> {
-        let output = binary()
-            .args(["score", "--routers", "length", "--input"])
-            .arg(&conversations)
-            .args(extra)
-            .env_remove("ROUTELLM_SCORE_TURNS")
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout)
-            .unwrap()
-            .lines()
-            .map(|line| {
-                serde_json::from_str::<serde_json::Value>(line).unwrap()["win_rate"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect()
-    };
+    let scores = |extra: &[&str]| length_scores(&conversations, extra);
     // The length router: chars / (chars + 1000).
     let last = scores(&[]);
     assert!(
