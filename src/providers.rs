@@ -32,6 +32,20 @@ pub const BUILTIN: &[BuiltinProvider] = &[
         key_vars: &["OPENAI_API_KEY"],
         base_url_var: "OPENAI_BASE_URL",
     },
+    // Anthropic's and Google's OpenAI-compatible endpoints (Chat Completions only), so
+    // Claude or Gemini can be the strong model with one flag and their usual key variable.
+    BuiltinProvider {
+        prefixes: &["anthropic"],
+        default_base_url: "https://api.anthropic.com/v1",
+        key_vars: &["ANTHROPIC_API_KEY"],
+        base_url_var: "ANTHROPIC_BASE_URL",
+    },
+    BuiltinProvider {
+        prefixes: &["gemini"],
+        default_base_url: "https://generativelanguage.googleapis.com/v1beta/openai",
+        key_vars: &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+        base_url_var: "GEMINI_BASE_URL",
+    },
     BuiltinProvider {
         prefixes: &["together", "together_ai"],
         default_base_url: "https://api.together.xyz/v1",
@@ -423,11 +437,29 @@ mod tests {
         .unwrap();
         assert_eq!(resolved.provider_model, "mistralai/Mixtral-8x7B-Instruct-v0.1");
         assert_eq!(http(&resolved), ("https://api.together.xyz/v1", Some("tk")));
+
+        let env = |var: &str| match var {
+            "ANTHROPIC_API_KEY" => Some("ak".to_owned()),
+            "GOOGLE_API_KEY" => Some("gk".to_owned()),
+            _ => None,
+        };
+        let resolved = |name: &str| resolve(&model(name), &GlobalOverrides::default(), &BTreeMap::new(), &env).unwrap();
+        let claude = resolved("anthropic/claude-sonnet-4-5");
+        assert_eq!(claude.provider_model, "claude-sonnet-4-5");
+        assert_eq!(http(&claude), ("https://api.anthropic.com/v1", Some("ak")));
+        let gemini = resolved("gemini/gemini-2.5-flash");
+        assert_eq!(gemini.provider_model, "gemini-2.5-flash");
+        assert_eq!(
+            http(&gemini),
+            ("https://generativelanguage.googleapis.com/v1beta/openai", Some("gk"))
+        );
     }
 
     #[test]
     fn every_required_prefix_is_known() {
         for prefix in [
+            "anthropic",
+            "gemini",
             "together",
             "groq",
             "fireworks_ai",
