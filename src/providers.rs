@@ -162,11 +162,16 @@ impl ResolvedModel {
         let Endpoint::Http {
             base_url,
             api_key: None,
-            ..
+            headers,
         } = &self.endpoint
         else {
             return None;
         };
+        // Azure's `api-key`, Anthropic's and others' `x-api-key`, Google's `x-goog-api-key`:
+        // credentials configured as a header are credentials all the same.
+        if CREDENTIAL_HEADERS.iter().any(|name| headers.contains_key(*name)) {
+            return None;
+        }
         let host = reqwest::Url::parse(base_url).ok()?.host_str()?.to_owned();
         let local = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]" | "::1");
         (!local).then(|| {
@@ -178,6 +183,9 @@ impl ResolvedModel {
         })
     }
 }
+
+/// Header names that carry an API key in place of `Authorization: Bearer`.
+const CREDENTIAL_HEADERS: [&str; 4] = ["api-key", "x-api-key", "x-goog-api-key", "ocp-apim-subscription-key"];
 
 /// Settings that apply to both models (RouteLLM's `--base-url` and `--api-key`).
 #[derive(Debug, Clone, Default)]
@@ -623,6 +631,21 @@ mod tests {
             "local"
         );
         assert_eq!(resolve_with("echo/gpt-4o", &no_env).missing_key_warning(), None);
+
+        // A key configured as a header (Azure's `api-key`) is a key; a title header is not.
+        let with_headers = |pairs: &[(&str, &str)]| {
+            let providers = BTreeMap::from([(
+                "azure".to_owned(),
+                ProviderConfig {
+                    base_url: Some("https://res.openai.azure.com/openai/v1".into()),
+                    headers: headers(pairs),
+                    ..ProviderConfig::default()
+                },
+            )]);
+            resolve(&model("azure/gpt-4o"), &GlobalOverrides::default(), &providers, &no_env).unwrap()
+        };
+        assert_eq!(with_headers(&[("api-key", "k")]).missing_key_warning(), None);
+        assert!(with_headers(&[("X-Title", "t")]).missing_key_warning().is_some());
     }
 
     #[test]
