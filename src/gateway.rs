@@ -309,7 +309,9 @@ impl Gateway {
         Ok((router, threshold))
     }
 
-    fn upstream(&self, tier: Tier) -> &Upstream {
+    /// The model of `tier`.
+    #[must_use]
+    pub fn upstream(&self, tier: Tier) -> &Upstream {
         match tier {
             Tier::Strong => &self.strong,
             Tier::Weak => &self.weak,
@@ -317,7 +319,8 @@ impl Gateway {
     }
 
     /// Which configured model a directly named one is, by configured or provider name.
-    fn direct_tier(&self, model: &str) -> Option<Tier> {
+    #[must_use]
+    pub fn direct_tier(&self, model: &str) -> Option<Tier> {
         [Tier::Strong, Tier::Weak].into_iter().find(|tier| {
             let upstream = self.upstream(*tier);
             upstream.model.name == model || upstream.model.provider_model == model

@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP server: `POST /v1/chat/completions` and `POST /v1/responses`
-//! (routed alike), `GET /v1/models`, `GET /health`, `GET /metrics`, with OpenAI-shaped
+//! (routed alike), `GET /v1/models` and `/v1/models/{id}`, `GET /health`, `GET /metrics`, with OpenAI-shaped
 //! errors for everything else.
 //!
 //! [`run`] serves on a listener it is given and never binds one itself, so the binary
@@ -83,6 +83,8 @@ pub fn app(state: AppState) -> Router {
         .route("/responses", post(responses))
         .route("/v1/models", get(list_models))
         .route("/models", get(list_models))
+        .route("/v1/models/{*id}", get(retrieve_model))
+        .route("/models/{*id}", get(retrieve_model))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
@@ -378,37 +380,77 @@ fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
 }
 
 async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-    if let Err(error) = state.authorize(authorization) {
+    if let Err(error) = authorize(&state, &headers) {
         return error.into_response();
     }
-    let created = state.started_at();
-    let mut data = Vec::new();
-    for name in state.routers().keys() {
-        let threshold = state.default_threshold(name);
-        let id = match threshold {
-            Some(threshold) => format!("router-{name}-{threshold}"),
-            None => format!("router-{name}"),
-        };
-        data.push(json!({
-            "id": id,
-            "object": "model",
-            "created": created,
-            "owned_by": "routellm",
-            "router": name,
-            "default_threshold": threshold,
-        }));
-    }
-    for (tier, upstream) in [("strong", state.strong()), ("weak", state.weak())] {
-        data.push(json!({
-            "id": upstream.model.name,
-            "object": "model",
-            "created": created,
-            "owned_by": upstream.model.provider,
-            "tier": tier,
-        }));
-    }
+    let mut data: Vec<serde_json::Value> = state
+        .routers()
+        .keys()
+        .map(|name| {
+            let id = match state.default_threshold(name) {
+                Some(threshold) => format!("router-{name}-{threshold}"),
+                None => format!("router-{name}"),
+            };
+            router_model(&state, &id, name)
+        })
+        .collect();
+    data.extend([Tier::Strong, Tier::Weak].map(|tier| configured_model(&state, tier)));
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{id}`: any name a request may use, `router-<name>` with or without a
+/// threshold or a configured model by either of its names; 404 `model_not_found` otherwise.
+async fn retrieve_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let model = authorize(&state, &headers).and_then(|()| match crate::model_name::parse(&id)? {
+        crate::model_name::ModelTarget::Routed { router, threshold } if state.routers().contains_key(router) => {
+            let mut model = router_model(&state, &id, router);
+            if let Some(threshold) = threshold {
+                model["threshold"] = json!(threshold);
+            }
+            Ok(model)
+        }
+        crate::model_name::ModelTarget::Routed { .. } => Err(Error::ModelNotFound(id.clone())),
+        crate::model_name::ModelTarget::Direct(model) => state
+            .direct_tier(model)
+            .map(|tier| configured_model(&state, tier))
+            .ok_or_else(|| Error::ModelNotFound(id.clone())),
+    });
+    match model {
+        Ok(model) => Json(model).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Error> {
+    state.authorize(headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()))
+}
+
+/// A router as OpenAI's model object, with its configured default threshold.
+fn router_model(state: &AppState, id: &str, router: &str) -> serde_json::Value {
+    json!({
+        "id": id,
+        "object": "model",
+        "created": state.started_at(),
+        "owned_by": "routellm",
+        "router": router,
+        "default_threshold": state.default_threshold(router),
+    })
+}
+
+/// One of the two configured models as OpenAI's model object.
+fn configured_model(state: &AppState, tier: Tier) -> serde_json::Value {
+    let upstream = state.upstream(tier);
+    json!({
+        "id": upstream.model.name,
+        "object": "model",
+        "created": state.started_at(),
+        "owned_by": upstream.model.provider,
+        "tier": tier.as_str(),
+    })
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -422,6 +422,30 @@ async fn models_and_health_endpoints() {
             .iter()
             .all(|m| m["object"] == "model")
     );
+
+    // Each name a request may use can be retrieved, as the SDKs' `models.retrieve` does.
+    let retrieve = |id: &str| proxy.client.get(proxy.url(&format!("/v1/models/{id}"))).send();
+    let random: Value = retrieve("router-random").await.unwrap().json().await.unwrap();
+    assert_eq!(random["id"], "router-random");
+    assert_eq!(random["default_threshold"], 0.25);
+    assert!(random.get("threshold").is_none());
+    let explicit: Value = retrieve("router-random-0.7").await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (explicit["threshold"].as_f64(), explicit["router"].as_str()),
+        (Some(0.7), Some("random"))
+    );
+    for name in ["openai/strong-model", "strong-model"] {
+        let model: Value = retrieve(name).await.unwrap().json().await.unwrap();
+        assert_eq!(
+            (model["id"].as_str(), model["tier"].as_str()),
+            (Some("openai/strong-model"), Some("strong"))
+        );
+    }
+    for unknown in ["router-nope-0.5", "gpt-imaginary", "org/imaginary"] {
+        let error = openai_error(retrieve(unknown).await.unwrap(), 404).await;
+        assert_eq!(error["code"], "model_not_found", "{unknown}");
+    }
+    openai_error(retrieve("router-random-7").await.unwrap(), 400).await;
 }
 
 #[tokio::test]

@@ -106,6 +106,13 @@ if mode == "mock":
 
     ids = [model.id for model in client.models.list()]
     expect("router-random-0.5" in ids and "openai/gpt-4o" in ids, ids)
+    expect(client.models.retrieve("router-random-0.3").id == "router-random-0.3", "retrieve a router")
+    expect(client.models.retrieve("openai/gpt-4o").owned_by == "openai", "retrieve a model")
+    try:
+        client.models.retrieve("gpt-5-imaginary")
+        raise AssertionError("an unknown model must not be found")
+    except openai.NotFoundError as error:
+        expect(error.code == "model_not_found", error)
 elif mode == "echo":
     completion = client.chat.completions.create(model="router-random-0", messages=messages)
     content = completion.choices[0].message.content
