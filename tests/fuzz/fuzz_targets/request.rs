@@ -1,5 +1,5 @@
-//! Request bodies for both APIs: parsing never panics, and the body forwarded upstream is
-//! JSON equal to the client's with only `model` replaced.
+//! Request bodies for both APIs: parsing never panics, the scored turns agree, and the body
+//! forwarded upstream is JSON equal to the client's with only `model` replaced.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use routellm::request::{Api, ModelRequest};
@@ -21,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = request.model();
     let _ = request.stream();
-    let _ = request.last_user_prompt();
+    // The turns `score_turns: max` scores end with the one `last` scores.
+    if let (Ok(last), Ok(turns)) = (request.last_user_prompt(), request.user_prompts(8)) {
+        assert!((1..=8).contains(&turns.len()));
+        assert_eq!(turns.last(), Some(&last));
+    }
     let rewritten = request.rewrite_model(UPSTREAM_MODEL);
     let Ok(mut original) = serde_json::from_slice::<serde_json::Value>(body) else {
         // serde_json::Value refuses some numbers the raw parser keeps (1e400): the rewrite

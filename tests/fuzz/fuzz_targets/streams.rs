@@ -33,6 +33,14 @@ fuzz_target!(|data: &[u8]| {
         {
             assert!((0.0..=1.0).contains(&threshold));
         }
-        let _ = prompts::parse(text);
+        // A chat entry's turns end with the turn `parse` reads (an earlier malformed turn
+        // may fail the whole file where the last turn alone does not).
+        if let (Ok(last), Ok(turns)) = (prompts::parse(text), prompts::parse_turns(text, 8)) {
+            assert_eq!(last.len(), turns.len());
+            for (prompt, entry) in last.iter().zip(&turns) {
+                assert!((1..=8).contains(&entry.len()));
+                assert_eq!(entry.last(), Some(prompt));
+            }
+        }
     }
 });
