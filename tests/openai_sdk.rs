@@ -1,4 +1,5 @@
-//! The real `routellm` binary driven by the official OpenAI Python SDK (`pip install openai`),
+//! The real `routellm` binary driven by the official OpenAI SDKs for Python (`pip install openai`)
+//! and Node (`npm ci --prefix tests/sdk`),
 //! and the binary's behaviour that depends on its process environment.
 
 #![allow(clippy::unwrap_used, clippy::format_collect)] // test code: a panic is the failure report
@@ -72,23 +73,45 @@ async fn start_command(
     (child, format!("http://{address}/v1"), log_lines)
 }
 
-async fn run_sdk_script(base_url: &str, mode: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_client.py");
-    let output = Command::new("python3")
-        .args([script, base_url, mode])
+/// The official OpenAI SDKs the tests drive the binary with.
+#[derive(Clone, Copy, Debug)]
+enum Sdk {
+    /// `pip install openai`.
+    Python,
+    /// `npm ci --prefix tests/sdk` (the version pinned in `tests/sdk/package-lock.json`).
+    Node,
+}
+
+async fn run_sdk_script(sdk: Sdk, base_url: &str, mode: &str) {
+    let (program, script, install) = match sdk {
+        Sdk::Python => ("python3", "openai_client.py", "python3 with `pip install openai`"),
+        Sdk::Node => ("node", "openai_client.mjs", "node with `npm ci --prefix tests/sdk`"),
+    };
+    let script = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(program)
+        .args([&script, base_url, mode])
         .output()
         .await
-        .expect("python3 runs (the SDK tests need python3 with `pip install openai`)");
+        .unwrap_or_else(|error| panic!("{program} runs (the SDK tests need {install}): {error}"));
     assert!(
         output.status.success(),
-        "OpenAI SDK checks failed ({mode}):\nstdout: {}\nstderr: {}",
+        "OpenAI {sdk:?} SDK checks failed ({mode}; they need {install}):\nstdout: {}\nstderr: {}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
 }
 
 #[tokio::test]
-async fn official_sdk_against_mock_upstreams() {
+async fn python_sdk_against_mock_upstreams() {
+    sdk_against_mock_upstreams(Sdk::Python).await;
+}
+
+#[tokio::test]
+async fn node_sdk_against_mock_upstreams() {
+    sdk_against_mock_upstreams(Sdk::Node).await;
+}
+
+async fn sdk_against_mock_upstreams(sdk: Sdk) {
     let upstream = MockUpstream::start("mock").await;
     let config = tempfile(
         "thresholds: {random: 0.5}\nstrong_model: openai/gpt-4o\nweak_model: groq/llama3-8b\n\
@@ -105,7 +128,7 @@ async fn official_sdk_against_mock_upstreams() {
         "sk-upstream",
     ])
     .await;
-    run_sdk_script(&base_url, "mock").await;
+    run_sdk_script(sdk, &base_url, "mock").await;
 
     let received = upstream.received();
     assert!(
@@ -133,9 +156,15 @@ async fn official_sdk_against_mock_upstreams() {
 }
 
 #[tokio::test]
-async fn official_sdk_against_offline_echo_models() {
+async fn python_sdk_against_offline_echo_models() {
     let (_child, base_url) = start_binary(&ECHO_MODELS).await;
-    run_sdk_script(&base_url, "echo").await;
+    run_sdk_script(Sdk::Python, &base_url, "echo").await;
+}
+
+#[tokio::test]
+async fn node_sdk_against_offline_echo_models() {
+    let (_child, base_url) = start_binary(&ECHO_MODELS).await;
+    run_sdk_script(Sdk::Node, &base_url, "echo").await;
 }
 
 /// Deployments behind an egress proxy set `HTTPS_PROXY`/`HTTP_PROXY` (and `NO_PROXY`): the
