@@ -32,7 +32,7 @@ use crate::gateway::{Gateway, RouteDecision};
 use crate::request::Api;
 use crate::upstream::Reply;
 
-/// Routes prompts, chat completions and Responses API requests between the configured strong
+/// Routes prompts, chat completions, Responses API and legacy Completions requests between the configured strong
 /// and weak models.
 #[derive(Clone)]
 pub struct Controller {
@@ -93,6 +93,20 @@ impl Controller {
         self.events(Api::Responses, request).await
     }
 
+    /// A non-streaming legacy Completions request (`prompt` instead of `messages`), routed
+    /// as [`Controller::chat_completion`] is; the answer is the `text_completion` object.
+    pub async fn completion(&self, request: &serde_json::Value) -> Result<serde_json::Value, Error> {
+        self.answer(Api::Completions, request).await
+    }
+
+    /// A streaming legacy Completions request: each item is one `text_completion` chunk.
+    pub async fn completion_stream(
+        &self,
+        request: &serde_json::Value,
+    ) -> Result<impl Stream<Item = Result<serde_json::Value, Error>> + use<>, Error> {
+        self.events(Api::Completions, request).await
+    }
+
     async fn answer(&self, api: Api, request: &serde_json::Value) -> Result<serde_json::Value, Error> {
         let body = serde_json::to_vec(request).map_err(|error| Error::Internal(error.to_string()))?;
         let completion = self.gateway.complete(api, &body).await?;
@@ -110,6 +124,7 @@ impl Controller {
                 let method = match api {
                     Api::ChatCompletions => "chat_completion_stream",
                     Api::Responses => "response_stream",
+                    Api::Completions => "completion_stream",
                 };
                 return Err(Error::invalid_param(
                     format!("this request asks for a stream: use {method}"),
@@ -337,6 +352,34 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.to_string().contains("response_stream"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn legacy_completions_are_answered_and_streamed_by_the_routed_model() {
+        let controller = controller();
+        let answer = controller
+            .completion(&serde_json::json!({"model": "router-random-0", "prompt": "hi"}))
+            .await
+            .unwrap();
+        assert_eq!(answer["object"], "text_completion");
+        assert_eq!(answer["model"], "big");
+        let chunks: Vec<serde_json::Value> = controller
+            .completion_stream(&serde_json::json!({"model": "router-random-1", "prompt": ["hello world"]}))
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        let text: String = chunks
+            .iter()
+            .filter_map(|chunk| chunk["choices"][0]["text"].as_str())
+            .collect();
+        assert!(text.contains("echo/small") && text.contains("hello world"), "{text}");
+        let error = controller
+            .completion(&serde_json::json!({"model": "router-random-0", "prompt": [50256]}))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("token ids"), "{error}");
     }
 
     #[test]

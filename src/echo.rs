@@ -29,6 +29,7 @@ pub fn reply(api: Api, model: &str, stream: bool, input: &EchoInput<'_>) -> Repl
     match api {
         Api::ChatCompletions => chat_completion(model, stream, input),
         Api::Responses => response(model, stream, input),
+        Api::Completions => text_completion(model, stream, input),
     }
 }
 
@@ -129,6 +130,50 @@ fn chat_completion(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
             "choices": [],
             "usage": usage,
         }));
+    }
+    let mut frames: Vec<String> = events.into_iter().map(|event| format!("data: {event}\n\n")).collect();
+    frames.push("data: [DONE]\n\n".to_owned());
+    event_stream_reply(frames)
+}
+
+/// A legacy Completions answer (`text_completion`); streamed as chunks of the same object,
+/// the last with a `finish_reason`, then the usage chunk when asked for, then `[DONE]`.
+fn text_completion(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
+    let text = answer_text(model, input);
+    let id = format!("cmpl-echo-{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
+    let created = unix_now();
+    let prompt_tokens = count_tokens(input.prompt);
+    let completion_tokens = count_tokens(&text);
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    let completion = |choices: serde_json::Value, usage: Option<&serde_json::Value>| {
+        let mut body = json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "system_fingerprint": null,
+        });
+        if let (Some(fields), Some(usage)) = (body.as_object_mut(), usage) {
+            fields.insert("usage".into(), usage.clone());
+        }
+        body
+    };
+    let choice = |text: &str, finish_reason: Option<&str>| json!([{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason}]);
+    if !stream {
+        return json_reply(&completion(choice(&text, Some("stop")), Some(&usage)));
+    }
+    let mut events: Vec<serde_json::Value> = stream_pieces(&text)
+        .iter()
+        .map(|piece| completion(choice(piece, None), None))
+        .collect();
+    events.push(completion(choice("", Some("stop")), None));
+    if input.include_usage {
+        events.push(completion(json!([]), Some(&usage)));
     }
     let mut frames: Vec<String> = events.into_iter().map(|event| format!("data: {event}\n\n")).collect();
     frames.push("data: [DONE]\n\n".to_owned());
@@ -320,5 +365,40 @@ mod tests {
         assert_eq!(deltas, answer_text("mixtral", &input(false)));
         assert_eq!(kinds.first().map(String::as_str), Some("response.created"));
         assert_eq!(kinds.last().map(String::as_str), Some("response.completed"));
+    }
+
+    #[tokio::test]
+    async fn text_completion_answers_and_streams_the_same_text() {
+        let Reply::Complete { body, .. } = reply(Api::Completions, "gpt-4o", false, &input(false)) else {
+            panic!("expected a complete reply")
+        };
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["object"], "text_completion");
+        assert_eq!(json["choices"][0]["text"], answer_text("gpt-4o", &input(false)));
+        assert_eq!(json["choices"][0]["finish_reason"], "stop");
+        assert_eq!(json["usage"]["prompt_tokens"], 2);
+
+        let Reply::Stream { body, .. } = reply(Api::Completions, "mixtral", true, &input(true)) else {
+            panic!("expected a stream")
+        };
+        let frames: Vec<Bytes> = body.map(|frame| frame.unwrap()).collect().await;
+        let text: String = frames.iter().map(|f| std::str::from_utf8(f).unwrap()).collect();
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        let events: Vec<serde_json::Value> = text
+            .split("\n\n")
+            .filter(|event| !event.is_empty() && *event != "data: [DONE]")
+            .map(|event| serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap())
+            .collect();
+        assert!(events.iter().all(|event| event["object"] == "text_completion"));
+        let streamed: String = events
+            .iter()
+            .filter_map(|event| event["choices"][0]["text"].as_str())
+            .collect();
+        assert_eq!(streamed, answer_text("mixtral", &input(true)));
+        let finished = events
+            .iter()
+            .position(|event| event["choices"][0]["finish_reason"] == "stop");
+        assert_eq!(finished, Some(events.len() - 2), "the stop chunk, then usage");
+        assert!(events[events.len() - 1]["usage"]["total_tokens"].is_number());
     }
 }

@@ -9,7 +9,7 @@
 //! - [`sse`]: server-sent events as they pass: bounded line splitting, and whether a stream reached its final event.
 //! - [`usage`]: token usage read off answers and streams as they pass, for the per-tier token counters.
 //! - [`routers`]: the [`Router`] trait and the routers (`random`, ...), one file each.
-//! - [`request`]: reading a Chat Completions or Responses request just enough to route it; rewriting `model` byte-exactly.
+//! - [`request`]: reading a Chat Completions, Responses or legacy Completions request just enough to route it; rewriting `model` byte-exactly.
 //! - [`model_name`]: parsing `router-<name>-<threshold>`.
 //! - [`providers`]: LiteLLM-style `<provider>/<model>` names resolved to OpenAI-compatible endpoints.
 //! - [`upstream`]: forwarding to a model, streaming passthrough, SSE error events.

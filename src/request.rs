@@ -1,4 +1,5 @@
-//! A request body (Chat Completions or Responses) read just far enough to route it, and
+//! A request body (Chat Completions, Responses or legacy Completions) read just far enough
+//! to route it, and
 //! rewritten by replacing `model` alone.
 //!
 //! The body is kept as its top-level fields' raw JSON text, in order. Everything the
@@ -28,6 +29,10 @@ pub enum Api {
     /// `POST /v1/responses`: the prompt is `input` when it is a string, else its last
     /// item with role `user`.
     Responses,
+    /// `POST /v1/completions` (legacy): the prompt is `prompt` when it is a string; an
+    /// array of strings (a batch, all answered by one model) is scored like a
+    /// conversation's user turns.
+    Completions,
 }
 
 impl Api {
@@ -37,6 +42,7 @@ impl Api {
         match self {
             Api::ChatCompletions => "chat/completions",
             Api::Responses => "responses",
+            Api::Completions => "completions",
         }
     }
 
@@ -46,6 +52,7 @@ impl Api {
         match self {
             Api::ChatCompletions => "messages",
             Api::Responses => "input",
+            Api::Completions => "prompt",
         }
     }
 }
@@ -105,6 +112,7 @@ impl<'a> ModelRequest<'a> {
         let messages = match api {
             Api::ChatCompletions => parse_messages(last_field(&fields, "messages"))?,
             Api::Responses => parse_input(last_field(&fields, "input"))?,
+            Api::Completions => parse_prompt(last_field(&fields, "prompt"))?,
         };
         Ok(Self {
             api,
@@ -152,8 +160,16 @@ impl<'a> ModelRequest<'a> {
             .take(limit.max(1))
             .peekable();
         if user_messages.peek().is_none() {
+            let message = if self.api == Api::Completions {
+                // parse_prompt keeps no text only for prompts given as token ids.
+                "Invalid 'prompt': routing needs the prompt as text (a string or an array of strings); \
+                 a prompt of token ids can only be sent to a model named directly."
+                    .to_owned()
+            } else {
+                format!("Invalid '{field}': routing needs at least one message with role 'user'.")
+            };
             return Err(Error::InvalidRequest {
-                message: format!("Invalid '{field}': routing needs at least one message with role 'user'."),
+                message,
                 param: Some(field),
                 code: None,
             });
@@ -287,6 +303,52 @@ fn parse_input(raw: Option<&RawValue>) -> Result<Vec<(usize, Message<'_>)>, Erro
             ))
         })
         .collect())
+}
+
+/// The legacy Completions API's `prompt`: a string, an array of strings (each read as a
+/// user turn), or token ids (an array of integers, or of such arrays), which carry no text
+/// to score and are forwarded as they are.
+fn parse_prompt(raw: Option<&RawValue>) -> Result<Vec<(usize, Message<'_>)>, Error> {
+    let raw = raw.ok_or(Error::missing_param("prompt"))?;
+    let user = |index, content| {
+        (
+            index,
+            Message {
+                role: Cow::Borrowed("user"),
+                content: Some(content),
+            },
+        )
+    };
+    if raw.get().starts_with('"') {
+        return Ok(vec![user(0, raw)]);
+    }
+    let invalid = || {
+        Error::invalid_param(
+            format!(
+                "Invalid type for 'prompt': expected a string, an array of strings, an array of integers \
+                 or an array of arrays of integers, but got {} instead.",
+                json_type_name(raw)
+            ),
+            "prompt",
+        )
+    };
+    let items = Vec::<&RawValue>::deserialize(raw).map_err(|_| invalid())?;
+    if items.is_empty() {
+        return Err(Error::invalid_param(
+            "Invalid 'prompt': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            "prompt",
+        ));
+    }
+    if items.iter().all(|item| item.get().starts_with('"')) {
+        return Ok(items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| user(index, item))
+            .collect());
+    }
+    let token_ids = items.iter().all(|item| i64::deserialize(*item).is_ok())
+        || items.iter().all(|item| Vec::<i64>::deserialize(*item).is_ok());
+    if token_ids { Ok(Vec::new()) } else { Err(invalid()) }
 }
 
 /// JSON objects may repeat a key; like most parsers (and OpenAI), the last one wins.
@@ -598,5 +660,50 @@ mod tests {
             .last_user_prompt()
             .unwrap_err();
         assert!(bad_content.to_string().contains("'input[1].content'"), "{bad_content}");
+    }
+
+    #[test]
+    fn completions_prompt_is_a_string_or_a_batch_of_strings() {
+        let body = br#"{"model":"m","prompt":"Once upon a time","max_tokens":5}"#;
+        let request = ModelRequest::parse(Api::Completions, body).unwrap();
+        assert_eq!(request.last_user_prompt().unwrap(), "Once upon a time");
+        assert_eq!(
+            request.rewrite_model("up"),
+            br#"{"model":"up","prompt":"Once upon a time","max_tokens":5}"#
+        );
+        let batch = br#"{"model":"m","prompt":["first","second","third"]}"#;
+        let request = ModelRequest::parse(Api::Completions, batch).unwrap();
+        assert_eq!(request.last_user_prompt().unwrap(), "third");
+        assert_eq!(request.user_prompts(2).unwrap(), ["second", "third"]);
+    }
+
+    #[test]
+    fn completions_token_prompts_are_forwarded_but_cannot_be_routed() {
+        for prompt in ["[1734, 318]", "[[1734, 318], [50256]]"] {
+            let body = format!(r#"{{"model":"m","prompt":{prompt}}}"#);
+            let request = ModelRequest::parse(Api::Completions, body.as_bytes()).unwrap();
+            assert_eq!(
+                request.rewrite_model("up"),
+                format!(r#"{{"model":"up","prompt":{prompt}}}"#).as_bytes()
+            );
+            let error = request.last_user_prompt().unwrap_err();
+            assert_eq!(error.param(), Some("prompt"));
+            assert!(error.to_string().contains("token ids"), "{error}");
+        }
+    }
+
+    #[test]
+    fn completions_prompt_errors_name_the_prompt_field() {
+        for body in [
+            r#"{"model":"m"}"#,
+            r#"{"model":"m","prompt":5}"#,
+            r#"{"model":"m","prompt":[]}"#,
+            r#"{"model":"m","prompt":["text",5]}"#,
+            r#"{"model":"m","prompt":[{"text":"x"}]}"#,
+        ] {
+            let error = ModelRequest::parse(Api::Completions, body.as_bytes()).unwrap_err();
+            assert_eq!(error.param(), Some("prompt"), "{body}");
+            assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST, "{body}");
+        }
     }
 }

@@ -81,6 +81,8 @@ pub fn app(state: AppState) -> Router {
         .route("/chat/completions", post(chat_completions))
         .route("/v1/responses", post(responses))
         .route("/responses", post(responses))
+        .route("/v1/completions", post(completions))
+        .route("/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/models", get(list_models))
         .route("/v1/models/{*id}", get(retrieve_model))
@@ -218,6 +220,10 @@ async fn chat_completions(state: State<AppState>, headers: HeaderMap, body: Resu
 
 async fn responses(state: State<AppState>, headers: HeaderMap, body: Result<BodyBytes, Error>) -> Response {
     complete(Api::Responses, state, &headers, body).await
+}
+
+async fn completions(state: State<AppState>, headers: HeaderMap, body: Result<BodyBytes, Error>) -> Response {
+    complete(Api::Completions, state, &headers, body).await
 }
 
 async fn complete(

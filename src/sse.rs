@@ -119,7 +119,7 @@ const RESPONSES_FINAL_EVENTS: [&[u8]; 4] = [
 
 fn is_final(api: Api, line: &[u8]) -> bool {
     match api {
-        Api::ChatCompletions => data_of_line(line).is_some_and(|data| {
+        Api::ChatCompletions | Api::Completions => data_of_line(line).is_some_and(|data| {
             data.trim_ascii() == b"[DONE]"
                 // `"finish_reason":null` until a choice ends; a string once it has.
                 || values_of(data, "finish_reason").any(|value| value.starts_with(b"\""))

@@ -102,6 +102,7 @@ enum Target {
 struct HttpTarget {
     chat_completions_url: reqwest::Url,
     responses_url: reqwest::Url,
+    completions_url: reqwest::Url,
     authorization: Option<HeaderValue>,
     /// The model's configured extra headers (sensitive, never logged).
     headers: HeaderMap,
@@ -123,6 +124,7 @@ impl Upstream {
                 };
                 let chat_completions_url = url(Api::ChatCompletions)?;
                 let responses_url = url(Api::Responses)?;
+                let completions_url = url(Api::Completions)?;
                 let authorization = api_key
                     .as_ref()
                     .map(|key| {
@@ -136,6 +138,7 @@ impl Upstream {
                 Target::Http(Box::new(HttpTarget {
                     chat_completions_url,
                     responses_url,
+                    completions_url,
                     authorization,
                     headers: headers.clone(),
                 }))
@@ -173,6 +176,7 @@ impl Upstream {
         let url = match api {
             Api::ChatCompletions => &target.chat_completions_url,
             Api::Responses => &target.responses_url,
+            Api::Completions => &target.completions_url,
         };
         let mut request = client
             .post(url.clone())
@@ -356,13 +360,13 @@ pub fn install_crypto_provider() {
 }
 
 /// An SSE event carrying an OpenAI-shaped error in `api`'s stream format: for Chat
-/// Completions a `data:` line with `{"error": …}`, which the OpenAI SDKs raise as an API
+/// Completions (and legacy Completions) a `data:` line with `{"error": …}`, which the OpenAI SDKs raise as an API
 /// error; for Responses an `event: error` event, which they yield as a `type: "error"` event.
 /// The leading blank line closes any event the upstream left half-written.
 #[must_use]
 pub fn sse_error_event(api: Api, error: &Error) -> Bytes {
     match api {
-        Api::ChatCompletions => Bytes::from(format!("\n\ndata: {}\n\n", error.to_json())),
+        Api::ChatCompletions | Api::Completions => Bytes::from(format!("\n\ndata: {}\n\n", error.to_json())),
         Api::Responses => Bytes::from(format!(
             "\n\nevent: error\ndata: {}\n\n",
             error.to_responses_event_json()

@@ -952,6 +952,87 @@ async fn responses_api_requests_are_routed_like_chat_and_forwarded_unchanged() {
 }
 
 #[tokio::test]
+async fn legacy_completions_are_routed_on_the_prompt_and_forwarded_unchanged() {
+    let (strong, weak, proxy) = setup("").await;
+    let request = r#"{"model":"router-random-0","prompt":"Once upon a time","max_tokens":7,"suffix":"The end.","logprobs":2,"x_vendor":1.50}"#;
+    let response = proxy.post_json("/v1/completions", request).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["object"], "text_completion");
+    assert_eq!(answer["choices"][0]["text"], "completion from strong");
+    let received = strong.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].endpoint, "completions");
+    assert_eq!(
+        std::str::from_utf8(&received[0].body).unwrap(),
+        request.replace("router-random-0", "strong-model"),
+        "only the model is rewritten"
+    );
+
+    // A batch of prompts goes to one model; streamed, with the usage chunk asked for.
+    let request =
+        r#"{"model":"router-random-1","stream":true,"stream_options":{"include_usage":true},"prompt":["a","b"]}"#;
+    let response = proxy.post_json("/v1/completions", request).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-tier"], "weak");
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = response.text().await.unwrap();
+    assert!(
+        events.starts_with("data: {") && events.ends_with("data: [DONE]\n\n"),
+        "{events}"
+    );
+    assert!(events.contains(r#""text":"completion from weak""#), "{events}");
+    assert_eq!(weak.received()[0].endpoint, "completions");
+    assert_eq!(weak.received()[0].json()["prompt"], serde_json::json!(["a", "b"]));
+    let metrics = proxy.metrics().await;
+    for tier in ["strong", "weak"] {
+        assert!(
+            metrics.contains(&format!(
+                "routellm_tokens_total{{tier=\"{tier}\",kind=\"completion\"}} 3"
+            )),
+            "{metrics}"
+        );
+    }
+
+    // Broken and cut streams end with the same error event as chat streams.
+    for (mock, reason) in [
+        ("break_soon", "stream broke"),
+        ("truncated", "closed before its final event"),
+    ] {
+        let request = format!(r#"{{"model":"router-random-0","stream":true,"prompt":"hi","mock":"{mock}"}}"#);
+        let events = proxy.post_json("/v1/completions", &request).await.text().await.unwrap();
+        let last = events.trim_end().rsplit("\n\n").next().unwrap();
+        let error: Value = serde_json::from_str(last.strip_prefix("data: ").expect(&events)).unwrap();
+        assert!(error["error"]["message"].as_str().unwrap().contains(reason), "{error}");
+    }
+
+    // Token ids carry no text to score: a router refuses them, a model named directly takes them.
+    let response = proxy
+        .post_json("/v1/completions", r#"{"model":"router-random-0","prompt":[1734,318]}"#)
+        .await;
+    let error = openai_error(response, 400).await;
+    assert_eq!(error["param"], "prompt");
+    assert!(error["message"].as_str().unwrap().contains("token ids"), "{error}");
+    let response = proxy
+        .post_json(
+            "/v1/completions",
+            r#"{"model":"together_ai/weak-model","prompt":[[1734,318]]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        weak.received().last().unwrap().json()["prompt"],
+        serde_json::json!([[1734, 318]])
+    );
+    let response = proxy
+        .post_json("/v1/completions", r#"{"model":"router-random-0"}"#)
+        .await;
+    assert_eq!(openai_error(response, 400).await["param"], "prompt");
+    assert_eq!(strong.received().len(), 3, "invalid requests never reach a model");
+}
+
+#[tokio::test]
 async fn configured_client_headers_and_provider_headers_reach_the_model() {
     use axum::http::StatusCode;
     let (strong, weak, proxy) = setup(

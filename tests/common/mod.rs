@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 /// One request as the mock upstream received it.
 #[derive(Debug, Clone)]
 pub struct Received {
-    /// The endpoint asked, below `/v1`: `chat/completions` or `responses`.
+    /// The endpoint asked, below `/v1`: `chat/completions`, `responses` or `completions`.
     pub endpoint: &'static str,
     pub body: Bytes,
     pub headers: HeaderMap,
@@ -65,6 +65,7 @@ impl MockUpstream {
         let app = Router::new()
             .route("/v1/chat/completions", post(mock_chat))
             .route("/v1/responses", post(mock_responses))
+            .route("/v1/completions", post(mock_completions))
             .with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -153,6 +154,60 @@ async fn mock_responses(State(state): State<MockState>, headers: HeaderMap, body
     }
     let frames = futures_util::StreamExt::then(futures_util::stream::iter(frames), |frame| async move {
         // Apart in time, so the proxy has flushed the first event before the second (or the failure).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        frame
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(frames))
+        .unwrap()
+}
+
+/// A legacy Completions answer; streamed as two `text_completion` chunks (the second with
+/// `finish_reason`), the usage chunk when asked for, then `[DONE]`. `mock: "break_soon"`
+/// kills the stream after its first chunk; `"truncated"` closes it cleanly there.
+async fn mock_completions(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(unavailable) = receive(&state, "completions", headers, &body) {
+        return unavailable;
+    }
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = request["model"].as_str().unwrap_or("?").to_owned();
+    let completion = |text: &str, finish_reason: Value, usage: Option<Value>| {
+        let mut completion = json!({
+            "id": "cmpl-mock", "object": "text_completion", "created": 1, "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason}],
+        });
+        if let Some(usage) = usage {
+            completion["usage"] = usage;
+        }
+        completion
+    };
+    let usage = json!({"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5});
+    if !request["stream"].as_bool().unwrap_or(false) {
+        let text = format!("completion from {}", state.name);
+        return axum::Json(completion(&text, json!("stop"), Some(usage))).into_response();
+    }
+    let frame = |event: Value| Ok::<_, std::io::Error>(Bytes::from(format!("data: {event}\n\n")));
+    let mut frames = vec![frame(completion(
+        &format!("completion from {}", state.name),
+        Value::Null,
+        None,
+    ))];
+    if request["mock"] == "break_soon" {
+        frames.push(Err(std::io::Error::other("upstream died")));
+    } else if request["mock"] == "truncated" {
+        // Ends cleanly before any finish_reason or [DONE].
+    } else {
+        frames.push(frame(completion(" done", json!("stop"), None)));
+        if request["stream_options"]["include_usage"] == true {
+            let mut last = completion("", Value::Null, Some(usage));
+            last["choices"] = json!([]);
+            frames.push(frame(last));
+        }
+        frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+    }
+    let frames = futures_util::StreamExt::then(futures_util::stream::iter(frames), |frame| async move {
+        // Apart in time, so the proxy has flushed the first chunk before the next (or the failure).
         tokio::time::sleep(Duration::from_millis(100)).await;
         frame
     });

@@ -120,6 +120,19 @@ if (mode === 'mock') {
     expect(cut.at(-1).type === 'error' && cut.at(-1).message.includes(message), cut.at(-1));
   }
 
+  const legacy = await client.completions
+    .create({ model: 'router-random-0', prompt: 'Once upon a time', max_tokens: 5 })
+    .withResponse();
+  expect(legacy.response.headers.get('x-routellm-tier') === 'strong', Object.fromEntries(legacy.response.headers));
+  expect(legacy.data.choices[0].text === 'completion from mock', legacy.data);
+  const chunks = await collect(await client.completions.create({ model: 'router-random-1', prompt: ['a', 'b'], stream: true }));
+  expect(chunks.map((chunk) => chunk.choices[0].text).join('') === 'completion from mock done', chunks);
+  error = await rejects(
+    client.completions.create({ model: 'router-random-0', prompt: 'hi', stream: true, mock: 'break_soon' }).then(collect),
+    OpenAI.APIError, 'a broken completions stream',
+  );
+  expect(error.message.includes('stream broke'), error.message);
+
   const ids = [];
   for await (const model of client.models.list()) ids.push(model.id);
   expect(ids.includes('router-random-0.5') && ids.includes('openai/gpt-4o'), ids);
@@ -135,6 +148,16 @@ if (mode === 'mock') {
   const streamed = await streamText('router-random-1', { stream_options: { include_usage: true } });
   expect(streamed.text.includes('echo/mixtral') && streamed.text.includes('capital of France'), streamed.text);
   expect(streamed.models.length === 1 && streamed.models[0] === 'mixtral', streamed.models);
+
+  const legacy = await client.completions.create({ model: 'router-random-1', prompt: 'What is the capital of France?' });
+  expect(legacy.choices[0].text.includes('echo/mixtral') && legacy.usage.total_tokens > 0, legacy);
+  const chunks = await collect(await client.completions.create({
+    model: 'router-random-0', prompt: 'What is the capital of France?', stream: true,
+    stream_options: { include_usage: true },
+  }));
+  expect(chunks.filter((chunk) => chunk.choices.length).map((chunk) => chunk.choices[0].text).join('')
+    .includes('echo/gpt-4o'), chunks);
+  expect(chunks.at(-1).usage.completion_tokens > 0, chunks.at(-1));
 
   const response = await client.responses.create({ model: 'router-random-0', input: 'What is the capital of France?' });
   expect(response.output_text.includes('echo/gpt-4o'), response);

@@ -104,6 +104,17 @@ if mode == "mock":
     cut = list(client.responses.create(model="router-random-0", input="hi", stream=True, extra_body={"mock": "truncated"}))
     expect(cut[-1].type == "error" and "closed before its final event" in cut[-1].message, cut[-1])
 
+    raw = client.completions.with_raw_response.create(model="router-random-0", prompt="Once upon a time", max_tokens=5)
+    expect(raw.headers["x-routellm-tier"] == "strong", raw.headers)
+    expect(raw.parse().choices[0].text == "completion from mock", raw.parse())
+    chunks = list(client.completions.create(model="router-random-1", prompt=["a", "b"], stream=True))
+    expect("".join(chunk.choices[0].text for chunk in chunks) == "completion from mock done", chunks)
+    try:
+        list(client.completions.create(model="router-random-0", prompt="hi", stream=True, extra_body={"mock": "break_soon"}))
+        raise AssertionError("a broken completions stream must raise")
+    except openai.APIError as error:
+        expect("stream broke" in str(error.message), error.message)
+
     ids = [model.id for model in client.models.list()]
     expect("router-random-0.5" in ids and "openai/gpt-4o" in ids, ids)
     expect(client.models.retrieve("router-random-0.3").id == "router-random-0.3", "retrieve a router")
@@ -121,6 +132,14 @@ elif mode == "echo":
     text, models = stream_text("router-random-1", stream_options={"include_usage": True})
     expect("echo/mixtral" in text and "capital of France" in text, text)
     expect(models == {"mixtral"}, models)
+
+    completion = client.completions.create(model="router-random-1", prompt="What is the capital of France?")
+    expect("echo/mixtral" in completion.choices[0].text and completion.usage.total_tokens > 0, completion)
+    chunks = list(client.completions.create(
+        model="router-random-0", prompt="What is the capital of France?", stream=True, stream_options={"include_usage": True}
+    ))
+    expect("echo/gpt-4o" in "".join(chunk.choices[0].text for chunk in chunks if chunk.choices), chunks)
+    expect(chunks[-1].usage.completion_tokens > 0, chunks[-1])
 
     response = client.responses.create(model="router-random-0", input="What is the capital of France?")
     expect("echo/gpt-4o" in response.output_text and "capital of France" in response.output_text, response)

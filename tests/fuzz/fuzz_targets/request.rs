@@ -1,4 +1,4 @@
-//! Request bodies for both APIs: parsing never panics, the scored turns agree, and the body
+//! Request bodies for all three APIs: parsing never panics, the scored turns agree, and the body
 //! forwarded upstream is JSON equal to the client's with only `model` replaced.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
@@ -11,10 +11,10 @@ fuzz_target!(|data: &[u8]| {
     let Some((&first, body)) = data.split_first() else {
         return;
     };
-    let api = if first & 1 == 0 {
-        Api::ChatCompletions
-    } else {
-        Api::Responses
+    let api = match first % 3 {
+        0 => Api::ChatCompletions,
+        1 => Api::Responses,
+        _ => Api::Completions,
     };
     let Ok(request) = ModelRequest::parse(api, body) else {
         return;

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         let mut split = usage::SseUsageScanner::default();
         let found_split = split.feed(&body[..cut]).or_else(|| split.feed(&body[cut..]));
         assert_eq!(format!("{found_whole:?}"), format!("{found_split:?}"));
-        for api in [Api::ChatCompletions, Api::Responses] {
+        for api in [Api::ChatCompletions, Api::Responses, Api::Completions] {
             let mut whole = StreamEnd::new(api);
             whole.feed(body);
             let mut split = StreamEnd::new(api);
