@@ -384,6 +384,10 @@ pub struct ServeArgs {
     /// keeps it for its short follow-ups. [default: last]
     #[arg(long, env = "ROUTELLM_SCORE_TURNS", value_enum)]
     pub score_turns: Option<ScoreTurns>,
+    /// Append what routers score (a sample of routed requests, see `prompt_log` in the
+    /// config) to this JSONL file, which `calibrate --prompts` reads. [default: off]
+    #[arg(long, env = "ROUTELLM_PROMPT_LOG", value_name = "PATH")]
+    pub prompt_log: Option<PathBuf>,
     /// Load the configuration, the routers and both models as `serve` would, print what
     /// would be served (no secrets), and exit without listening: for deployment pipelines.
     #[arg(long)]
@@ -736,6 +740,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         on_router_error: args.on_router_error,
         on_upstream_error: args.on_upstream_error,
         score_turns: args.score_turns,
+        prompt_log: args.prompt_log,
         ..args.common.overrides()
     };
     let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;
@@ -858,6 +863,15 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
         name(config.score_turns.to_possible_value()),
         config.api_keys.len()
     );
+    if let Some(prompt_log) = &config.prompt_log {
+        let _ = writeln!(
+            out,
+            "prompt log: {} (sample rate {}, rotated at {} bytes)",
+            prompt_log.path.display(),
+            prompt_log.sample_rate,
+            prompt_log.max_bytes
+        );
+    }
     out
 }
 

@@ -232,6 +232,7 @@ pub struct FileConfig {
     on_router_error: Option<OnRouterError>,
     on_upstream_error: Option<OnUpstreamError>,
     score_turns: Option<ScoreTurns>,
+    prompt_log: Option<crate::prompt_log::PromptLogConfig>,
     #[serde(default)]
     router_settings: RouterSettings,
 }
@@ -280,6 +281,9 @@ pub struct Overrides {
     pub on_router_error: Option<OnRouterError>,
     pub on_upstream_error: Option<OnUpstreamError>,
     pub score_turns: Option<ScoreTurns>,
+    /// `--prompt-log`: the file routed prompts are logged to (the file's other
+    /// `prompt_log` settings still apply).
+    pub prompt_log: Option<PathBuf>,
 }
 
 /// The validated configuration everything else is built from.
@@ -320,6 +324,8 @@ pub struct Config {
     pub on_upstream_error: OnUpstreamError,
     /// Which user turns a router scores.
     pub score_turns: ScoreTurns,
+    /// Where (and how much of) routed traffic's scored prompts are logged; off when `None`.
+    pub prompt_log: Option<crate::prompt_log::PromptLogConfig>,
     pub router_settings: RouterSettings,
 }
 
@@ -398,6 +404,11 @@ impl Config {
                 .or(file.on_upstream_error)
                 .unwrap_or_default(),
             score_turns: overrides.score_turns.or(file.score_turns).unwrap_or_default(),
+            prompt_log: match (overrides.prompt_log, file.prompt_log) {
+                (Some(path), Some(file)) => Some(crate::prompt_log::PromptLogConfig { path, ..file }),
+                (Some(path), None) => Some(crate::prompt_log::PromptLogConfig::at(path)),
+                (None, file) => file,
+            },
             router_settings: file.router_settings,
         };
         config.validate()?;
@@ -405,6 +416,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Error> {
+        if let Some(prompt_log) = &self.prompt_log {
+            prompt_log.validate()?;
+        }
         if self.routers.is_empty() {
             return Err(Error::Config(
                 "at least one router is required (e.g. --routers random)".into(),
@@ -676,6 +690,37 @@ mod tests {
         assert_eq!(Config::merge(file(), flag).unwrap().score_turns, ScoreTurns::Last);
         let error = FileConfig::from_yaml("score_turns: all\n").unwrap_err();
         assert!(error.to_string().contains("all"), "{error}");
+    }
+
+    #[test]
+    fn prompt_log_from_the_file_with_the_flag_naming_the_file() {
+        assert!(
+            Config::merge(FileConfig::default(), Overrides::default())
+                .unwrap()
+                .prompt_log
+                .is_none()
+        );
+        let file = || FileConfig::from_yaml("prompt_log: {path: a.jsonl, sample_rate: 0.1}\n").unwrap();
+        let config = Config::merge(file(), Overrides::default()).unwrap();
+        let log = config.prompt_log.unwrap();
+        assert_eq!((log.path.to_str(), log.sample_rate), (Some("a.jsonl"), 0.1));
+        assert_eq!(log.max_bytes, crate::prompt_log::DEFAULT_MAX_BYTES);
+        let flag = Overrides {
+            prompt_log: Some(PathBuf::from("b.jsonl")),
+            ..Overrides::default()
+        };
+        let log = Config::merge(file(), flag.clone()).unwrap().prompt_log.unwrap();
+        assert_eq!(
+            (log.path.to_str(), log.sample_rate),
+            (Some("b.jsonl"), 0.1),
+            "the file's rate stays"
+        );
+        let log = Config::merge(FileConfig::default(), flag).unwrap().prompt_log.unwrap();
+        assert_eq!(log.sample_rate, 1.0);
+        let bad = FileConfig::from_yaml("prompt_log: {path: a.jsonl, sample_rate: 0}\n").unwrap();
+        let error = Config::merge(bad, Overrides::default()).unwrap_err();
+        assert!(error.to_string().contains("sample_rate"), "{error}");
+        assert!(FileConfig::from_yaml("prompt_log: {path: a.jsonl, rate: 1}\n").is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::config::{Config, MAX_SCORED_TURNS, OnRouterError, OnUpstreamError, Sc
 use crate::error::Error;
 use crate::metrics::RouterStats;
 use crate::model_name::{self, ModelTarget};
+use crate::prompt_log::PromptLog;
 use crate::providers;
 use crate::request::{Api, ModelRequest};
 use crate::routers::{self, Router, ScoringCost};
@@ -93,6 +94,8 @@ pub struct Gateway {
     on_router_error: OnRouterError,
     on_upstream_error: OnUpstreamError,
     score_turns: ScoreTurns,
+    /// Scored prompts of a sample of routed requests, when `prompt_log` is configured.
+    prompt_log: Option<PromptLog>,
     started_at: u64,
 }
 
@@ -154,6 +157,7 @@ impl Gateway {
             on_router_error: config.on_router_error,
             on_upstream_error: config.on_upstream_error,
             score_turns: config.score_turns,
+            prompt_log: config.prompt_log.as_ref().map(PromptLog::open).transpose()?,
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
@@ -202,6 +206,12 @@ impl Gateway {
     #[must_use]
     pub fn max_request_bytes(&self) -> usize {
         self.max_request_bytes
+    }
+
+    /// The prompt log, when one is configured.
+    #[must_use]
+    pub fn prompt_log(&self) -> Option<&PromptLog> {
+        self.prompt_log.as_ref()
     }
 
     /// Unix time of start-up, reported as `created` in `/v1/models`.
@@ -353,7 +363,16 @@ impl Gateway {
                     ScoreTurns::Last => vec![request.last_user_prompt()?],
                     ScoreTurns::Max => request.user_prompts(MAX_SCORED_TURNS)?,
                 };
+                // Cloned only for the sample that is logged.
+                let logged = self
+                    .prompt_log
+                    .as_ref()
+                    .filter(|log| log.sampled())
+                    .map(|log| (log, prompts.clone()));
                 let decision = self.route_or(router, threshold, prompts, self.on_router_error).await?;
+                if let Some((log, prompts)) = logged {
+                    log.record(api, &decision, &prompts);
+                }
                 let tier = decision.tier;
                 (Some(decision), tier)
             }

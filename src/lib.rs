@@ -17,6 +17,7 @@
 //! - [`eval`]: `routellm eval`: benchmarks, metrics (APGR, AUC, CPT, bootstrap CIs), plots.
 //! - [`scoring`]: batch scoring on all cores and threshold calibration (`score`, `calibrate`).
 //! - [`prompts`]: reading prompt files (JSONL `prompt`/`messages`, or plain text).
+//! - [`prompt_log`]: the opt-in log of what routers scored on live traffic, in the prompt-file format, for recalibrating.
 //! - [`progress`]: a progress bar for long scoring runs.
 //! - [`embed`]: the `Embedder` trait: static table (default), MiniLM (own BERT forward pass, and the
 //!   backward pass of its top layer for fine-tuning), OpenAI-compatible API.
@@ -43,6 +44,7 @@ pub mod metrics;
 pub mod mock_upstream;
 pub mod model_name;
 pub mod progress;
+pub mod prompt_log;
 pub mod prompts;
 pub mod providers;
 pub mod request;

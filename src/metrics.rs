@@ -96,6 +96,19 @@ fn score_bucket(score: f64) -> usize {
     }
 }
 
+/// The prompt log's counters, when one is configured.
+#[must_use]
+pub fn render_prompt_log(written: u64, dropped: u64) -> String {
+    format!(
+        "# HELP routellm_prompt_log_entries_total Routed requests whose scored prompts were written to the prompt log.\n\
+         # TYPE routellm_prompt_log_entries_total counter\n\
+         routellm_prompt_log_entries_total {written}\n\
+         # HELP routellm_prompt_log_dropped_total Sampled requests left out of the prompt log: its queue was full or the file could not be written.\n\
+         # TYPE routellm_prompt_log_dropped_total counter\n\
+         routellm_prompt_log_dropped_total {dropped}\n"
+    )
+}
+
 /// The per-router series: `routellm_router_decisions_total{router, tier}` and the
 /// `routellm_router_score{router}` histogram.
 #[must_use]

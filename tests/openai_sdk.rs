@@ -252,6 +252,89 @@ async fn serve_check_validates_and_describes_without_secrets() {
     assert!(stderr.contains("`Authorization` cannot be set"), "{stderr}");
 }
 
+/// The loop the prompt log exists for: serve with `--prompt-log`, then calibrate on what
+/// was logged. With the `length` router the threshold is known from the prompts alone.
+#[tokio::test]
+async fn calibrate_reads_the_prompt_log_the_server_writes() {
+    let log = tempfile("").with_extension("jsonl");
+    let _ = std::fs::remove_file(&log);
+    let (child, base_url) = start_binary(&[
+        "--routers",
+        "length",
+        "--strong-model",
+        "echo/gpt-4o",
+        "--weak-model",
+        "echo/mixtral",
+        "--prompt-log",
+        log.to_str().unwrap(),
+    ])
+    .await;
+    routellm::upstream::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let prompts = [
+        "Hi",
+        "Name a colour",
+        "Explain how a hash map resizes",
+        "Write a sonnet about the sea at dawn",
+    ];
+    for prompt in prompts {
+        let body = serde_json::json!({"model": "router-length-0.5", "messages": [{"role": "user", "content": prompt}]});
+        let response = client
+            .post(format!("{base_url}/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // The writer flushes after every burst: once the lines are there, killing the server
+    // loses nothing.
+    for _ in 0..100 {
+        if std::fs::read_to_string(&log).is_ok_and(|text| text.lines().count() == prompts.len()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(child);
+    let logged = routellm::prompts::read(&log).unwrap();
+    assert_eq!(logged, prompts);
+
+    let output = Command::new(env!("CARGO_BIN_EXE_routellm"))
+        .args([
+            "calibrate",
+            "--routers",
+            "length",
+            "--strong-model-pct",
+            "0.5",
+            "--prompts",
+        ])
+        .arg(&log)
+        .env_remove("ROUTELLM_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let threshold: f64 = stdout
+        .rsplit("threshold = ")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no threshold in {stdout}"));
+    // Half of the four logged prompts score at or above the threshold.
+    let length = routellm::routers::LengthRouter;
+    let strong = prompts
+        .iter()
+        .filter(|prompt| routellm::routers::Router::strong_win_rate(&length, prompt).unwrap() >= threshold)
+        .count();
+    assert_eq!(strong, 2, "{stdout}");
+    let _ = std::fs::remove_file(&log);
+}
+
 /// The access log is off by default and, with `--access-log`, has one line per request
 /// naming what was decided and the client's request id.
 #[tokio::test]

@@ -1032,6 +1032,79 @@ async fn legacy_completions_are_routed_on_the_prompt_and_forwarded_unchanged() {
     assert_eq!(strong.received().len(), 3, "invalid requests never reach a model");
 }
 
+/// The prompt log holds what each routed request's router scored, with its decision, in
+/// the format `calibrate --prompts` reads; requests that name a model, or fail, are not in it.
+#[tokio::test]
+async fn the_prompt_log_records_what_routers_scored() {
+    let dir = std::env::temp_dir().join(format!("routellm-proxy-prompt-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("traffic.jsonl");
+    let (_strong, _weak, proxy) = setup(&format!(
+        "score_turns: max\nprompt_log: {{path: '{}'}}\n",
+        path.display()
+    ))
+    .await;
+    let chat = r#"{"model":"router-random-0","messages":[{"role":"user","content":"Prove it"},{"role":"assistant","content":"..."},{"role":"user","content":"now in Lean"}]}"#;
+    assert_eq!(proxy.post_chat(chat).await.status(), 200);
+    let responses = r#"{"model":"router-random-1","input":"What is 2+2?"}"#;
+    assert_eq!(proxy.post_json("/v1/responses", responses).await.status(), 200);
+    let completions = r#"{"model":"router-random-1","prompt":"Once upon a time"}"#;
+    assert_eq!(proxy.post_json("/v1/completions", completions).await.status(), 200);
+    assert_eq!(proxy.post_chat(&body("openai/strong-model", "")).await.status(), 200);
+    assert_eq!(
+        proxy
+            .post_chat(r#"{"model":"router-nope-0.5","messages":[]}"#)
+            .await
+            .status(),
+        400
+    );
+
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&path).unwrap();
+        if text.lines().count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        routellm::prompts::parse_turns(&text, 8).unwrap(),
+        [
+            vec!["Prove it", "now in Lean"],
+            vec!["What is 2+2?"],
+            vec!["Once upon a time"]
+        ]
+    );
+    let entries: Vec<Value> = text.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let fields = |entry: &Value| {
+        (
+            entry["api"].as_str().unwrap().to_owned(),
+            entry["router"].as_str().unwrap().to_owned(),
+            entry["threshold"].as_f64().unwrap(),
+            entry["tier"].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(
+        fields(&entries[0]),
+        ("chat/completions".into(), "random".into(), 0.0, "strong".into())
+    );
+    assert_eq!(
+        fields(&entries[1]),
+        ("responses".into(), "random".into(), 1.0, "weak".into())
+    );
+    assert_eq!(fields(&entries[2]).0, "completions");
+    assert!(entries.iter().all(|entry| {
+        entry["win_rate"]
+            .as_f64()
+            .is_some_and(|rate| (0.0..=1.0).contains(&rate))
+    }));
+    let metrics = proxy.metrics().await;
+    assert!(metrics.contains("routellm_prompt_log_entries_total 3\n"), "{metrics}");
+    assert!(metrics.contains("routellm_prompt_log_dropped_total 0\n"), "{metrics}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn configured_client_headers_and_provider_headers_reach_the_model() {
     use axum::http::StatusCode;
