@@ -863,6 +863,9 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
         name(config.score_turns.to_possible_value()),
         config.api_keys.len()
     );
+    if !config.cors_allowed_origins.is_empty() {
+        let _ = writeln!(out, "CORS origins: {}", config.cors_allowed_origins.join(", "));
+    }
     if let Some(prompt_log) = &config.prompt_log {
         let _ = writeln!(
             out,

@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::http::HeaderName;
+use axum::http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::error::Error;
@@ -226,6 +226,8 @@ pub struct FileConfig {
     scoring_concurrency: Option<usize>,
     #[serde(default)]
     api_keys: Vec<Secret>,
+    #[serde(default)]
+    cors_allowed_origins: Vec<String>,
     routers_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
     access_log: Option<bool>,
@@ -313,6 +315,8 @@ pub struct Config {
     pub scoring_concurrency: usize,
     /// When non-empty, clients must send one of these as `Authorization: Bearer <key>`.
     pub api_keys: Vec<Secret>,
+    /// Origins whose browser pages may call the API (`*` for any); none by default.
+    pub cors_allowed_origins: Vec<String>,
     /// Where trained router artifacts live.
     pub routers_dir: PathBuf,
     pub log_format: LogFormat,
@@ -392,6 +396,7 @@ impl Config {
                 .scoring_concurrency
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get)),
             api_keys: file.api_keys,
+            cors_allowed_origins: file.cors_allowed_origins,
             routers_dir: overrides
                 .routers_dir
                 .or(file.routers_dir)
@@ -461,8 +466,35 @@ impl Config {
         if self.api_keys.iter().any(|key| key.expose().is_empty()) {
             return Err(Error::Config("api_keys must not contain an empty key".into()));
         }
+        validate_origins(&self.cors_allowed_origins)?;
         Ok(())
     }
+}
+
+/// `*` alone, or origins as browsers send them: `scheme://host[:port]`, nothing after.
+fn validate_origins(origins: &[String]) -> Result<(), Error> {
+    if origins.iter().any(|origin| origin == "*") {
+        if origins.len() > 1 {
+            return Err(Error::Config(
+                "cors_allowed_origins: `*` allows every origin and cannot be listed with others".into(),
+            ));
+        }
+        return Ok(());
+    }
+    for origin in origins {
+        let well_formed = origin.split_once("://").is_some_and(|(scheme, rest)| {
+            !scheme.is_empty()
+                && !rest.is_empty()
+                && !rest.contains(['/', '?', '#', ' '])
+                && HeaderValue::from_str(origin).is_ok()
+        });
+        if !well_formed {
+            return Err(Error::Config(format!(
+                "cors_allowed_origins: `{origin}` is not an origin (scheme://host[:port], e.g. https://app.example.com)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Besides the hop-by-hop headers: the body's framing, which the HTTP client sets for each
@@ -690,6 +722,24 @@ mod tests {
         assert_eq!(Config::merge(file(), flag).unwrap().score_turns, ScoreTurns::Last);
         let error = FileConfig::from_yaml("score_turns: all\n").unwrap_err();
         assert!(error.to_string().contains("all"), "{error}");
+    }
+
+    #[test]
+    fn cors_origins_are_star_alone_or_bare_origins() {
+        let merge = |yaml: &str| Config::merge(FileConfig::from_yaml(yaml).unwrap(), Overrides::default());
+        assert!(merge("").unwrap().cors_allowed_origins.is_empty());
+        let config = merge("cors_allowed_origins: ['https://app.example.com', 'http://localhost:3000']\n").unwrap();
+        assert_eq!(config.cors_allowed_origins.len(), 2);
+        assert!(merge("cors_allowed_origins: ['*']\n").is_ok());
+        for bad in [
+            "['*', 'https://a.example']",
+            "['app.example.com']",
+            "['https://app.example.com/']",
+            "['https://']",
+        ] {
+            let error = merge(&format!("cors_allowed_origins: {bad}\n")).unwrap_err();
+            assert!(error.to_string().contains("cors_allowed_origins"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -83,6 +83,7 @@ pub struct Gateway {
     weak: Upstream,
     client: reqwest::Client,
     api_keys: Vec<Secret>,
+    cors_allowed_origins: Vec<String>,
     request_timeout: Duration,
     /// Client request headers passed on to the models (`upstream.forward_headers`).
     forward_headers: Vec<HeaderName>,
@@ -148,6 +149,7 @@ impl Gateway {
             weak: Upstream::new(weak)?,
             client,
             api_keys: config.api_keys.clone(),
+            cors_allowed_origins: config.cors_allowed_origins.clone(),
             request_timeout: config.request_timeout,
             forward_headers: config.forward_headers.clone(),
             max_request_bytes: config.max_request_bytes,
@@ -206,6 +208,12 @@ impl Gateway {
     #[must_use]
     pub fn max_request_bytes(&self) -> usize {
         self.max_request_bytes
+    }
+
+    /// Origins whose browser pages may call the API (`*` for any); empty: no CORS.
+    #[must_use]
+    pub fn cors_allowed_origins(&self) -> &[String] {
+        &self.cors_allowed_origins
     }
 
     /// The prompt log, when one is configured.

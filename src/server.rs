@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::ops::Deref;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request, State};
@@ -76,7 +76,8 @@ const REQUEST_ID: &str = "x-request-id";
 
 /// Builds the HTTP routes over `state`.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let cors = cors_layer(state.cors_allowed_origins());
+    let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/chat/completions", post(chat_completions))
         .route("/v1/responses", post(responses))
@@ -91,7 +92,47 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(unknown_route)
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// CORS for browser clients, when origins are configured: preflights are answered before
+/// authentication (browsers never send credentials with them), the headers a client asks
+/// for are allowed (the OpenAI SDKs send their own `x-stainless-*`), and the routing
+/// headers are exposed so a page can read which model answered.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|origin| origin == "*") {
+        AllowOrigin::any()
+    } else {
+        // Validated as header values with the configuration.
+        AllowOrigin::list(origins.iter().filter_map(|origin| HeaderValue::from_str(origin).ok()))
+    };
+    let exposed = [
+        HEADER_ROUTER,
+        HEADER_THRESHOLD,
+        HEADER_WIN_RATE,
+        HEADER_TIER,
+        HEADER_MODEL,
+        HEADER_FALLBACK,
+        HEADER_OVERHEAD,
+        REQUEST_ID,
+    ]
+    .map(HeaderName::from_static);
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers(exposed)
+            .max_age(Duration::from_secs(7200)),
+    )
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then drains open requests for

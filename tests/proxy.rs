@@ -1105,6 +1105,93 @@ async fn the_prompt_log_records_what_routers_scored() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Browser pages of the configured origins may call the API: preflights are answered
+/// without a key, answers carry the CORS headers and expose the routing headers; other
+/// origins, and every origin when none is configured, get no CORS headers.
+#[tokio::test]
+async fn cors_lets_configured_origins_call_from_a_browser() {
+    let (strong, _weak, proxy) =
+        setup("api_keys: [proxy-key]\ncors_allowed_origins: ['https://app.example.com']\n").await;
+    let client = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        client
+            .request(reqwest::Method::OPTIONS, proxy.url("/v1/chat/completions"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type,x-stainless-os",
+            )
+            .send()
+    };
+    let allowed = preflight("https://app.example.com").await.unwrap();
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    let headers = allowed.headers();
+    assert_eq!(headers["access-control-allow-origin"], "https://app.example.com");
+    assert!(
+        headers["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    assert_eq!(
+        headers["access-control-allow-headers"],
+        "authorization,content-type,x-stainless-os"
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    assert!(strong.received().is_empty(), "a preflight never reaches a model");
+
+    let response = client
+        .post(proxy.url("/v1/chat/completions"))
+        .header("origin", "https://app.example.com")
+        .header("authorization", "Bearer proxy-key")
+        .header("content-type", "application/json")
+        .body(body("router-random-0", ""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        exposed.contains("x-routellm-tier") && exposed.contains("x-routellm-model"),
+        "{exposed}"
+    );
+    // Errors carry the headers too, or the page could not read why it was refused.
+    let refused = client
+        .post(proxy.url("/v1/chat/completions"))
+        .header("origin", "https://app.example.com")
+        .header("content-type", "application/json")
+        .body(body("router-random-0", ""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        refused.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+
+    let (_strong, _weak, plain) = setup("").await;
+    let response = client
+        .post(plain.url("/v1/chat/completions"))
+        .header("origin", "https://app.example.com")
+        .header("content-type", "application/json")
+        .body(body("router-random-0", ""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("access-control-allow-origin").is_none());
+}
+
 #[tokio::test]
 async fn configured_client_headers_and_provider_headers_reach_the_model() {
     use axum::http::StatusCode;
