@@ -73,17 +73,29 @@ fn stream_pieces(text: &str) -> Vec<String> {
     pieces.chunks(8).map(<[&str]>::concat).collect()
 }
 
+/// `usage` as Chat Completions and legacy Completions report it.
+fn token_usage(prompt: &str, answer: &str) -> serde_json::Value {
+    let prompt_tokens = count_tokens(prompt);
+    let completion_tokens = count_tokens(answer);
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+/// A stream of `data:` events ended by `[DONE]`, as both completions APIs stream.
+fn data_events_then_done(events: Vec<serde_json::Value>) -> Reply {
+    let mut frames: Vec<String> = events.into_iter().map(|event| format!("data: {event}\n\n")).collect();
+    frames.push("data: [DONE]\n\n".to_owned());
+    event_stream_reply(frames)
+}
+
 fn chat_completion(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
     let text = answer_text(model, input);
     let id = format!("chatcmpl-echo-{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     let created = unix_now();
-    let prompt_tokens = count_tokens(input.prompt);
-    let completion_tokens = count_tokens(&text);
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    });
+    let usage = token_usage(input.prompt, &text);
     if !stream {
         let body = json!({
             "id": id,
@@ -131,9 +143,7 @@ fn chat_completion(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
             "usage": usage,
         }));
     }
-    let mut frames: Vec<String> = events.into_iter().map(|event| format!("data: {event}\n\n")).collect();
-    frames.push("data: [DONE]\n\n".to_owned());
-    event_stream_reply(frames)
+    data_events_then_done(events)
 }
 
 /// A legacy Completions answer (`text_completion`); streamed as chunks of the same object,
@@ -142,13 +152,7 @@ fn text_completion(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
     let text = answer_text(model, input);
     let id = format!("cmpl-echo-{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     let created = unix_now();
-    let prompt_tokens = count_tokens(input.prompt);
-    let completion_tokens = count_tokens(&text);
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    });
+    let usage = token_usage(input.prompt, &text);
     let completion = |choices: serde_json::Value, usage: Option<&serde_json::Value>| {
         let mut body = json!({
             "id": id,
@@ -175,9 +179,7 @@ fn text_completion(model: &str, stream: bool, input: &EchoInput<'_>) -> Reply {
     if input.include_usage {
         events.push(completion(json!([]), Some(&usage)));
     }
-    let mut frames: Vec<String> = events.into_iter().map(|event| format!("data: {event}\n\n")).collect();
-    frames.push("data: [DONE]\n\n".to_owned());
-    event_stream_reply(frames)
+    data_events_then_done(events)
 }
 
 /// A Responses API answer: one assistant message with one `output_text` part; streamed as

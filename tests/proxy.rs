@@ -1142,13 +1142,19 @@ async fn cors_lets_configured_origins_call_from_a_browser() {
     assert!(other.headers().get("access-control-allow-origin").is_none());
     assert!(strong.received().is_empty(), "a preflight never reaches a model");
 
-    let response = client
-        .post(proxy.url("/v1/chat/completions"))
-        .header("origin", "https://app.example.com")
-        .header("authorization", "Bearer proxy-key")
-        .header("content-type", "application/json")
-        .body(body("router-random-0", ""))
-        .send()
+    // A page's request: from the allowed origin, with or without the proxy's key.
+    let from_page = |url: String, key: Option<&'static str>| {
+        let mut request = client
+            .post(url)
+            .header("origin", "https://app.example.com")
+            .header("content-type", "application/json")
+            .body(body("router-random-0", ""));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    let response = from_page(proxy.url("/v1/chat/completions"), Some("proxy-key"))
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -1165,14 +1171,7 @@ async fn cors_lets_configured_origins_call_from_a_browser() {
         "{exposed}"
     );
     // Errors carry the headers too, or the page could not read why it was refused.
-    let refused = client
-        .post(proxy.url("/v1/chat/completions"))
-        .header("origin", "https://app.example.com")
-        .header("content-type", "application/json")
-        .body(body("router-random-0", ""))
-        .send()
-        .await
-        .unwrap();
+    let refused = from_page(proxy.url("/v1/chat/completions"), None).await.unwrap();
     assert_eq!(refused.status(), 401);
     assert_eq!(
         refused.headers()["access-control-allow-origin"],
@@ -1180,14 +1179,7 @@ async fn cors_lets_configured_origins_call_from_a_browser() {
     );
 
     let (_strong, _weak, plain) = setup("").await;
-    let response = client
-        .post(plain.url("/v1/chat/completions"))
-        .header("origin", "https://app.example.com")
-        .header("content-type", "application/json")
-        .body(body("router-random-0", ""))
-        .send()
-        .await
-        .unwrap();
+    let response = from_page(plain.url("/v1/chat/completions"), None).await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.headers().get("access-control-allow-origin").is_none());
 }

@@ -152,15 +152,7 @@ async fn mock_responses(State(state): State<MockState>, headers: HeaderMap, body
     } else {
         frames.push(event("response.completed", 1, json!({"response": completed})));
     }
-    let frames = futures_util::StreamExt::then(futures_util::stream::iter(frames), |frame| async move {
-        // Apart in time, so the proxy has flushed the first event before the second (or the failure).
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        frame
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .body(Body::from_stream(frames))
-        .unwrap()
+    spaced_event_stream(frames)
 }
 
 /// A legacy Completions answer; streamed as two `text_completion` chunks (the second with
@@ -206,8 +198,13 @@ async fn mock_completions(State(state): State<MockState>, headers: HeaderMap, bo
         }
         frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
     }
+    spaced_event_stream(frames)
+}
+
+/// An SSE answer of `frames`, 100 ms apart, so the proxy has flushed one before the next
+/// (or the failure) arrives.
+fn spaced_event_stream(frames: Vec<Result<Bytes, std::io::Error>>) -> Response {
     let frames = futures_util::StreamExt::then(futures_util::stream::iter(frames), |frame| async move {
-        // Apart in time, so the proxy has flushed the first chunk before the next (or the failure).
         tokio::time::sleep(Duration::from_millis(100)).await;
         frame
     });
