@@ -73,6 +73,10 @@ pub const HEADER_FALLBACK: &str = "x-routellm-fallback";
 pub const HEADER_OVERHEAD: &str = "x-routellm-overhead-us";
 /// The client's request id, logged with its request in the access log.
 const REQUEST_ID: &str = "x-request-id";
+/// On every answer of the three APIs, errors included: the client's `x-request-id`, or one
+/// made up when it sent none, as the access log records it, so a client can quote it. The
+/// model's own `x-request-id` passes back untouched beside it.
+pub const HEADER_REQUEST_ID: &str = "x-routellm-request-id";
 
 /// Builds the HTTP routes over `state`.
 pub fn app(state: AppState) -> Router {
@@ -122,6 +126,7 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
         HEADER_MODEL,
         HEADER_FALLBACK,
         HEADER_OVERHEAD,
+        HEADER_REQUEST_ID,
         REQUEST_ID,
     ]
     .map(HeaderName::from_static);
@@ -279,30 +284,59 @@ async fn complete(
         (Err(error), _) | (Ok(()), Err(error)) => Err(error),
         (Ok(()), Ok(BodyBytes(body))) => state.complete_with_headers(api, &body, headers).await,
     };
-    let request_id = headers.get(REQUEST_ID);
-    match answer {
-        Ok(completion) => respond(api, completion, received, request_id, &state),
+    let request_id = request_id(headers);
+    let mut response = match answer {
+        Ok(completion) => respond(api, completion, received, &request_id, &state),
         Err(error) => {
             let status = error.status();
             state.metrics().record(TierLabel::None, status.as_u16(), None);
             tracing::info!(
                 target: "routellm::access",
                 api = api.path(),
-                request_id = request_id.and_then(|id| id.to_str().ok()),
+                request_id = request_id.to_str().ok(),
                 status = status.as_u16(),
                 error = %error,
                 "request refused"
             );
             error.into_response()
         }
+    };
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static(HEADER_REQUEST_ID), request_id);
+    response
+}
+
+/// The id a request is known by: the client's `x-request-id` when it is a plausible id
+/// (visible ASCII, at most 200 bytes), else `req_` and 32 hex digits, unique in practice.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(id) = headers.get(REQUEST_ID)
+        && !id.is_empty()
+        && id.len() <= 200
+        && id.as_bytes().iter().all(u8::is_ascii_graphic)
+    {
+        return id.clone();
     }
+    // A per-process random seed (std's hasher keys come from the OS), so ids from two
+    // replicas or two runs do not collide.
+    let seed = *SEED.get_or_init(|| {
+        use std::hash::BuildHasher;
+        std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+    });
+    let count = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let high = crate::rng::mix(seed ^ count.wrapping_mul(crate::rng::GOLDEN_GAMMA));
+    let low = crate::rng::mix(high ^ seed.rotate_left(32));
+    // Hex digits are always a valid header value.
+    HeaderValue::from_str(&format!("req_{high:016x}{low:016x}")).unwrap_or(HeaderValue::from_static("req_unknown"))
 }
 
 fn respond(
     api: Api,
     completion: Completion,
     received: Instant,
-    request_id: Option<&HeaderValue>,
+    request_id: &HeaderValue,
     state: &AppState,
 ) -> Response {
     let metrics = state.metrics();
@@ -332,7 +366,7 @@ fn respond(
     tracing::info!(
         target: "routellm::access",
         api = api.path(),
-        request_id = request_id.and_then(|id| id.to_str().ok()),
+        request_id = request_id.to_str().ok(),
         router = decision.as_ref().map(|d| d.router.as_str()),
         win_rate = decision.as_ref().filter(|d| !d.fallback).map(|d| d.win_rate),
         threshold = decision.as_ref().map(|d| d.threshold),

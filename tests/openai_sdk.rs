@@ -381,6 +381,17 @@ async fn access_log_lines_name_the_decision_and_the_request_id() {
         entry["fields"]["error"].as_str().is_some_and(|error| !error.is_empty()),
         "{entry}"
     );
+    // Without an id of its own, the client gets the one the log made up.
+    let untraced = client
+        .post(format!("{base_url}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"router-random-0","messages":[{"role":"user","content":"Hello"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    let made_up = untraced.headers()["x-routellm-request-id"].to_str().unwrap().to_owned();
+    let entry = next_access_line(&mut log).await;
+    assert_eq!(entry["fields"]["request_id"], made_up.as_str(), "{entry}");
     drop(child);
 
     // Without the flag: the request is served, and no access line is written by the time

@@ -1184,6 +1184,41 @@ async fn cors_lets_configured_origins_call_from_a_browser() {
     assert!(response.headers().get("access-control-allow-origin").is_none());
 }
 
+/// Every answer, refusals included, says which id the access log knows it by: the client's
+/// `x-request-id`, or a fresh one; the model's own `x-request-id` passes back beside it.
+#[tokio::test]
+async fn answers_carry_the_request_id_the_log_knows_them_by() {
+    let (_strong, _weak, proxy) = setup("").await;
+    let client = reqwest::Client::new();
+    let send = |model: &'static str, id: Option<&'static str>| {
+        let mut request = client
+            .post(proxy.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body(model, ""));
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        request.send()
+    };
+    let request_id =
+        |response: &reqwest::Response| response.headers()["x-routellm-request-id"].to_str().unwrap().to_owned();
+    let traced = send("router-random-0", Some("trace-7")).await.unwrap();
+    assert_eq!(request_id(&traced), "trace-7");
+    assert_eq!(traced.headers()["x-request-id"], "req-mock", "the model's own id");
+    let (first, second) = (
+        send("router-random-0", None).await.unwrap(),
+        send("router-random-0", Some("has a space")).await.unwrap(),
+    );
+    for made_up in [request_id(&first), request_id(&second)] {
+        assert!(made_up.starts_with("req_") && made_up.len() == 36, "{made_up}");
+        assert!(made_up[4..].bytes().all(|byte| byte.is_ascii_hexdigit()), "{made_up}");
+    }
+    assert_ne!(request_id(&first), request_id(&second));
+    let refused = send("router-nope-0.5", Some("trace-8")).await.unwrap();
+    assert_eq!(refused.status(), 400);
+    assert_eq!(request_id(&refused), "trace-8");
+}
+
 #[tokio::test]
 async fn configured_client_headers_and_provider_headers_reach_the_model() {
     use axum::http::StatusCode;
