@@ -341,13 +341,15 @@ async fn calibrate_reads_the_prompt_log_the_server_writes() {
 async fn access_log_lines_name_the_decision_and_the_request_id() {
     routellm::upstream::install_crypto_provider();
     let client = reqwest::Client::new();
-    let request = |base_url: &str, id: &str| {
-        client
+    let request = |base_url: &str, id: Option<&str>| {
+        let mut request = client
             .post(format!("{base_url}/chat/completions"))
             .header("content-type", "application/json")
-            .header("x-request-id", id)
-            .body(r#"{"model":"router-random-0","messages":[{"role":"user","content":"Hello"}]}"#)
-            .send()
+            .body(r#"{"model":"router-random-0","messages":[{"role":"user","content":"Hello"}]}"#);
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        request.send()
     };
 
     let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
@@ -355,7 +357,9 @@ async fn access_log_lines_name_the_decision_and_the_request_id() {
     let mut args = vec!["--access-log", "--log-format", "json"];
     args.extend(ECHO_MODELS);
     let (child, base_url, mut log) = start_command(command, &args).await;
-    assert_eq!(request(&base_url, "trace-42").await.unwrap().status(), 200);
+    let traced = request(&base_url, Some("trace-42")).await.unwrap();
+    assert_eq!(traced.status(), 200);
+    assert_eq!(traced.headers()["x-routellm-request-id"], "trace-42");
     let entry = next_access_line(&mut log).await;
     let fields = &entry["fields"];
     assert_eq!(fields["request_id"], "trace-42", "{entry}");
@@ -382,13 +386,7 @@ async fn access_log_lines_name_the_decision_and_the_request_id() {
         "{entry}"
     );
     // Without an id of its own, the client gets the one the log made up.
-    let untraced = client
-        .post(format!("{base_url}/chat/completions"))
-        .header("content-type", "application/json")
-        .body(r#"{"model":"router-random-0","messages":[{"role":"user","content":"Hello"}]}"#)
-        .send()
-        .await
-        .unwrap();
+    let untraced = request(&base_url, None).await.unwrap();
     let made_up = untraced.headers()["x-routellm-request-id"].to_str().unwrap().to_owned();
     let entry = next_access_line(&mut log).await;
     assert_eq!(entry["fields"]["request_id"], made_up.as_str(), "{entry}");
@@ -399,7 +397,7 @@ async fn access_log_lines_name_the_decision_and_the_request_id() {
     let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
     command.env_remove("RUST_LOG");
     let (mut child, base_url, mut log) = start_command(command, &ECHO_MODELS).await;
-    assert_eq!(request(&base_url, "trace-43").await.unwrap().status(), 200);
+    assert_eq!(request(&base_url, Some("trace-43")).await.unwrap().status(), 200);
     child.kill().await.unwrap();
     let mut rest = Vec::new();
     while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), log.recv()).await {
