@@ -22,6 +22,7 @@ use serde_json::json;
 use crate::error::Error;
 use crate::gateway::RouteDecision;
 use crate::request::Api;
+use crate::rng::AtomicSplitMix;
 
 /// Entries waiting for the writer at most; beyond this they are dropped (and counted).
 const QUEUE_CAPACITY: usize = 4096;
@@ -93,8 +94,8 @@ pub struct PromptLog {
     writer: Mutex<Option<JoinHandle<()>>>,
     counts: Arc<Counts>,
     sample_rate: f64,
-    /// Draws for sampling: a counter mixed by SplitMix64, so no lock and no shared RNG state.
-    draws: AtomicU64,
+    /// Draws for sampling, lock-free.
+    draws: AtomicSplitMix,
 }
 
 impl PromptLog {
@@ -121,7 +122,7 @@ impl PromptLog {
             writer: Mutex::new(Some(handle)),
             counts,
             sample_rate: config.sample_rate,
-            draws: AtomicU64::new(crate::rng::fnv1a(
+            draws: AtomicSplitMix::new(crate::rng::fnv1a(
                 crate::rng::FNV_OFFSET,
                 config.path.as_os_str().as_encoded_bytes(),
             )),
@@ -130,14 +131,7 @@ impl PromptLog {
 
     /// Whether the next routed request is one of the sample.
     pub fn sampled(&self) -> bool {
-        if self.sample_rate >= 1.0 {
-            return true;
-        }
-        let state = self
-            .draws
-            .fetch_add(crate::rng::GOLDEN_GAMMA, Ordering::Relaxed)
-            .wrapping_add(crate::rng::GOLDEN_GAMMA);
-        crate::rng::unit(crate::rng::mix(state)) < self.sample_rate
+        self.sample_rate >= 1.0 || self.draws.next_unit() < self.sample_rate
     }
 
     /// Queues one entry: the user turns `decision`'s router scored (oldest first), as a

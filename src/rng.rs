@@ -33,6 +33,42 @@ pub fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
         .fold(hash, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(FNV_PRIME))
 }
 
+/// SplitMix64 with an atomic state, shared lock-free by concurrent callers: each call
+/// advances the state once, so no two calls ever get the same draw.
+pub struct AtomicSplitMix(std::sync::atomic::AtomicU64);
+
+impl AtomicSplitMix {
+    /// A sequence fixed by `seed` (reproducible).
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self(std::sync::atomic::AtomicU64::new(seed))
+    }
+
+    /// A sequence seeded from the OS's randomness (std's hasher keys), the clock and the
+    /// process id, so separate processes draw different sequences.
+    #[must_use]
+    pub fn from_entropy() -> Self {
+        use std::hash::BuildHasher;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos());
+        Self::new(std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id())))
+    }
+
+    pub fn next_u64(&self) -> u64 {
+        let state = self
+            .0
+            .fetch_add(GOLDEN_GAMMA, std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(GOLDEN_GAMMA);
+        mix(state)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_unit(&self) -> f64 {
+        unit(self.next_u64())
+    }
+}
+
 /// A small, seedable generator for resampling and initialisation; statistical quality far
 /// beyond what a bootstrap needs.
 pub struct SplitMix(u64);
@@ -71,6 +107,15 @@ mod tests {
         let mut rng = SplitMix::new(1_234_567);
         assert_eq!(rng.next_u64(), 6_457_827_717_110_365_317);
         assert_eq!(rng.next_u64(), 3_203_168_211_198_807_973);
+    }
+
+    #[test]
+    fn the_shared_generator_draws_splitmix_sequence() {
+        let (mut plain, shared) = (SplitMix::new(1_234_567), AtomicSplitMix::new(1_234_567));
+        for _ in 0..4 {
+            assert_eq!(shared.next_u64(), plain.next_u64());
+        }
+        assert_eq!(shared.next_unit().to_bits(), plain.next_unit().to_bits());
     }
 
     #[test]

@@ -310,8 +310,7 @@ async fn complete(
 /// The id a request is known by: the client's `x-request-id` when it is a plausible id
 /// (visible ASCII, at most 200 bytes), else `req_` and 32 hex digits, unique in practice.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static IDS: std::sync::OnceLock<crate::rng::AtomicSplitMix> = std::sync::OnceLock::new();
     if let Some(id) = headers.get(REQUEST_ID)
         && !id.is_empty()
         && id.len() <= 200
@@ -319,15 +318,9 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     {
         return id.clone();
     }
-    // A per-process random seed (std's hasher keys come from the OS), so ids from two
-    // replicas or two runs do not collide.
-    let seed = *SEED.get_or_init(|| {
-        use std::hash::BuildHasher;
-        std::collections::hash_map::RandomState::new().hash_one(std::process::id())
-    });
-    let count = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let high = crate::rng::mix(seed ^ count.wrapping_mul(crate::rng::GOLDEN_GAMMA));
-    let low = crate::rng::mix(high ^ seed.rotate_left(32));
+    // Seeded from entropy, so ids from two replicas or two runs do not collide.
+    let ids = IDS.get_or_init(crate::rng::AtomicSplitMix::from_entropy);
+    let (high, low) = (ids.next_u64(), ids.next_u64());
     // Hex digits are always a valid header value.
     HeaderValue::from_str(&format!("req_{high:016x}{low:016x}")).unwrap_or(HeaderValue::from_static("req_unknown"))
 }

@@ -4,15 +4,12 @@
 //! fresh install can route immediately. At threshold `t` it sends a share `1 - t` of
 //! traffic to the strong model.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use super::{Router, RouterError, ScoringCost};
-use crate::rng::{GOLDEN_GAMMA, mix, unit};
+use crate::rng::AtomicSplitMix;
 
 /// Lock-free uniform scores from a SplitMix64 sequence shared by all requests.
 pub struct RandomRouter {
-    state: AtomicU64,
+    draws: AtomicSplitMix,
 }
 
 impl RandomRouter {
@@ -20,31 +17,22 @@ impl RandomRouter {
     #[must_use]
     pub fn with_seed(seed: u64) -> Self {
         Self {
-            state: AtomicU64::new(seed),
+            draws: AtomicSplitMix::new(seed),
         }
     }
 
-    /// A router seeded from the clock, so separate processes draw different sequences.
+    /// A router seeded from entropy, so separate processes draw different sequences.
     #[must_use]
     pub fn from_entropy() -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_nanos());
-        // Folding the 128-bit count keeps every bit that changes between starts.
-        #[allow(clippy::cast_possible_truncation)]
-        let seed = (nanos as u64) ^ ((nanos >> 64) as u64) ^ u64::from(std::process::id());
-        Self::with_seed(seed)
+        Self {
+            draws: AtomicSplitMix::from_entropy(),
+        }
     }
 
-    /// The next uniform draw in [0, 1).
+    /// The next uniform draw in [0, 1); concurrent requests never share a draw.
     #[must_use]
     pub fn next_uniform(&self) -> f64 {
-        // SplitMix64 with an atomic state, so concurrent requests never share a draw.
-        let state = self
-            .state
-            .fetch_add(GOLDEN_GAMMA, Ordering::Relaxed)
-            .wrapping_add(GOLDEN_GAMMA);
-        unit(mix(state))
+        self.draws.next_unit()
     }
 }
 
