@@ -388,6 +388,12 @@ pub struct ServeArgs {
     /// config) to this JSONL file, which `calibrate --prompts` reads. [default: off]
     #[arg(long, env = "ROUTELLM_PROMPT_LOG", value_name = "PATH")]
     pub prompt_log: Option<PathBuf>,
+    /// A name clients may send as `model` for a router or a configured model, e.g.
+    /// `--model-alias auto=router-mf-0.79329`; repeatable (environment: comma-separated),
+    /// added to the config's `model_aliases`.
+    #[arg(long = "model-alias", env = "ROUTELLM_MODEL_ALIASES", value_name = "NAME=MODEL",
+          value_delimiter = ',', value_parser = parse_alias)]
+    pub model_aliases: Vec<(String, String)>,
     /// Load the configuration, the routers and both models as `serve` would, print what
     /// would be served (no secrets), and exit without listening: for deployment pipelines.
     #[arg(long)]
@@ -731,6 +737,16 @@ fn score(args: &ScoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `NAME=MODEL`, split at the first `=` (a model name may hold one, an alias may not).
+fn parse_alias(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((alias, model)) if !alias.trim().is_empty() && !model.trim().is_empty() => {
+            Ok((alias.trim().to_owned(), model.trim().to_owned()))
+        }
+        _ => Err(format!("`{text}` is not NAME=MODEL, e.g. auto=router-mf-0.79329")),
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let overrides = Overrides {
         host: args.host,
@@ -741,6 +757,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         on_upstream_error: args.on_upstream_error,
         score_turns: args.score_turns,
         prompt_log: args.prompt_log,
+        model_aliases: args.model_aliases,
         ..args.common.overrides()
     };
     let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;
@@ -866,6 +883,17 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
     if !config.cors_allowed_origins.is_empty() {
         let _ = writeln!(out, "CORS origins: {}", config.cors_allowed_origins.join(", "));
     }
+    for (alias, target) in &config.model_aliases {
+        let unserved = match crate::model_name::parse(target) {
+            Ok(crate::model_name::ModelTarget::Routed { router, .. })
+                if !config.routers.iter().any(|r| r == router) =>
+            {
+                format!(" (router `{router}` is not loaded: requests for it are refused)")
+            }
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "model alias `{alias}` → `{target}`{unserved}");
+    }
     if let Some(prompt_log) = &config.prompt_log {
         let _ = writeln!(
             out,
@@ -988,5 +1016,34 @@ mod tests {
         assert_eq!(args.common.routers, Some(vec!["random".to_owned(), "mf".to_owned()]));
         assert_eq!(args.port, Some(7000));
         assert_eq!(args.common.weak_model.as_deref(), Some("groq/llama3"));
+    }
+
+    #[test]
+    fn model_alias_flags_split_at_the_first_equals_sign() {
+        let cli = Cli::try_parse_from([
+            "routellm",
+            "serve",
+            "--model-alias",
+            "auto=router-mf-0.8",
+            "--model-alias",
+            "odd=vendor/model=v2",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve")
+        };
+        assert_eq!(
+            args.model_aliases,
+            vec![
+                ("auto".to_owned(), "router-mf-0.8".to_owned()),
+                ("odd".to_owned(), "vendor/model=v2".to_owned())
+            ]
+        );
+        for bad in ["auto", "=router-mf", "auto="] {
+            assert!(
+                Cli::try_parse_from(["routellm", "serve", "--model-alias", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -228,6 +228,8 @@ pub struct FileConfig {
     api_keys: Vec<Secret>,
     #[serde(default)]
     cors_allowed_origins: Vec<String>,
+    #[serde(default)]
+    model_aliases: BTreeMap<String, String>,
     routers_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
     access_log: Option<bool>,
@@ -286,6 +288,8 @@ pub struct Overrides {
     /// `--prompt-log`: the file routed prompts are logged to (the file's other
     /// `prompt_log` settings still apply).
     pub prompt_log: Option<PathBuf>,
+    /// `--model-alias NAME=MODEL`: added to the file's `model_aliases`, replacing any of the same name.
+    pub model_aliases: Vec<(String, String)>,
 }
 
 /// The validated configuration everything else is built from.
@@ -317,6 +321,9 @@ pub struct Config {
     pub api_keys: Vec<Secret>,
     /// Origins whose browser pages may call the API (`*` for any); none by default.
     pub cors_allowed_origins: Vec<String>,
+    /// Names a request's `model` may use for a router (with or without a threshold) or a
+    /// configured model, so the routing policy lives in one place instead of every client.
+    pub model_aliases: BTreeMap<String, String>,
     /// Where trained router artifacts live.
     pub routers_dir: PathBuf,
     pub log_format: LogFormat,
@@ -397,6 +404,11 @@ impl Config {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get)),
             api_keys: file.api_keys,
             cors_allowed_origins: file.cors_allowed_origins,
+            model_aliases: {
+                let mut aliases = file.model_aliases;
+                aliases.extend(overrides.model_aliases);
+                aliases
+            },
             routers_dir: overrides
                 .routers_dir
                 .or(file.routers_dir)
@@ -467,8 +479,35 @@ impl Config {
             return Err(Error::Config("api_keys must not contain an empty key".into()));
         }
         validate_origins(&self.cors_allowed_origins)?;
+        validate_aliases(&self.model_aliases)?;
         Ok(())
     }
+}
+
+/// The aliases' shape; whether each names a loaded router or a configured model is
+/// checked when the gateway is built.
+fn validate_aliases(aliases: &BTreeMap<String, String>) -> Result<(), Error> {
+    for (alias, target) in aliases {
+        if alias.trim().is_empty() || alias.trim() != alias {
+            return Err(Error::Config(format!(
+                "model_aliases: `{alias}` is not a usable model name (empty, or with spaces around it)"
+            )));
+        }
+        // A `router-…` name already means a router; letting an alias redefine it would
+        // make the same name route differently on different deployments.
+        if alias.starts_with("router-") {
+            return Err(Error::Config(format!(
+                "model_aliases: `{alias}` starts with `router-`, which names a router and threshold by itself"
+            )));
+        }
+        if aliases.contains_key(target) {
+            return Err(Error::Config(format!(
+                "model_aliases.{alias}: `{target}` is itself an alias; name the router or model directly"
+            )));
+        }
+        crate::model_name::parse(target).map_err(|error| Error::Config(format!("model_aliases.{alias}: {error}")))?;
+    }
+    Ok(())
 }
 
 /// `*` alone, or origins as browsers send them: `scheme://host[:port]`, nothing after.
@@ -636,6 +675,32 @@ mod tests {
         assert!(config.routers.contains(&"random".to_owned()));
         assert!(config.thresholds.contains_key("random"));
         assert!(!config.providers.is_empty());
+    }
+
+    #[test]
+    fn model_aliases_merge_flags_over_the_file_and_are_checked_for_shape() {
+        let file = FileConfig::from_yaml("model_aliases: {auto: router-mf-0.8, cheap: groq/llama3}\n").unwrap();
+        let overrides = Overrides {
+            model_aliases: vec![("auto".into(), "router-random-0.5".into())],
+            ..Overrides::default()
+        };
+        let config = Config::merge(file, overrides).unwrap();
+        assert_eq!(config.model_aliases["auto"], "router-random-0.5");
+        assert_eq!(config.model_aliases["cheap"], "groq/llama3");
+        for (bad, why) in [
+            ("{router-x: router-random-0.5}", "starts with `router-`"),
+            ("{'': router-random-0.5}", "not a usable model name"),
+            ("{' auto': router-random-0.5}", "not a usable model name"),
+            ("{a: b, b: router-random}", "itself an alias"),
+            ("{auto: router-random-2}", "outside [0, 1]"),
+        ] {
+            let error = Config::merge(
+                FileConfig::from_yaml(&format!("model_aliases: {bad}\n")).unwrap(),
+                Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(error.to_string().contains(why), "{bad}: {error}");
+        }
     }
 
     #[test]

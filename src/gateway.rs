@@ -84,6 +84,8 @@ pub struct Gateway {
     client: reqwest::Client,
     api_keys: Vec<Secret>,
     cors_allowed_origins: Vec<String>,
+    /// `model_aliases`: each a router (and threshold) or a configured model, checked at start.
+    model_aliases: BTreeMap<String, String>,
     request_timeout: Duration,
     /// Client request headers passed on to the models (`upstream.forward_headers`).
     forward_headers: Vec<HeaderName>,
@@ -138,7 +140,7 @@ impl Gateway {
             .user_agent(concat!("routellm/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| Error::Config(format!("HTTP client: {error}")))?;
-        Ok(Self {
+        let gateway = Self {
             router_stats: routers
                 .keys()
                 .map(|name| (name.clone(), RouterStats::default()))
@@ -150,6 +152,7 @@ impl Gateway {
             client,
             api_keys: config.api_keys.clone(),
             cors_allowed_origins: config.cors_allowed_origins.clone(),
+            model_aliases: config.model_aliases.clone(),
             request_timeout: config.request_timeout,
             forward_headers: config.forward_headers.clone(),
             max_request_bytes: config.max_request_bytes,
@@ -163,7 +166,68 @@ impl Gateway {
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
-        })
+        };
+        gateway.check_aliases()?;
+        Ok(gateway)
+    }
+
+    /// Refuses to start with an alias a request could not use: a router nothing knows, a
+    /// loaded one without a threshold to apply, or a model that is not configured. As with
+    /// thresholds, an alias may name a known router this server does not load (one config
+    /// file serves deployments with different `--routers`); requests for it are refused.
+    fn check_aliases(&self) -> Result<(), Error> {
+        for (alias, target) in &self.model_aliases {
+            let usable = match model_name::parse(target)? {
+                ModelTarget::Routed { router, .. }
+                    if !self.routers.contains_key(router) && routers::AVAILABLE.contains(&router) =>
+                {
+                    Ok(())
+                }
+                ModelTarget::Routed { router, threshold } => self.resolve(router, threshold).map(|_| ()),
+                ModelTarget::Direct(model) => self
+                    .direct_tier(model)
+                    .map(|_| ())
+                    .ok_or_else(|| Error::ModelNotFound(model.to_owned())),
+            };
+            usable.map_err(|error| {
+                Error::Config(format!(
+                    "model_aliases.{alias}: `{target}` cannot be served here: {}",
+                    match error {
+                        Error::ModelNotFound(_) => "it is neither a router nor the strong or weak model".to_owned(),
+                        other => other.to_string(),
+                    }
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// What a request's `model` asks for, its alias resolved.
+    pub fn target<'m>(&'m self, model: &'m str) -> Result<ModelTarget<'m>, Error> {
+        let Some(target) = self.model_aliases.get(model) else {
+            return model_name::parse(model);
+        };
+        let resolved = model_name::parse(target)?;
+        if let ModelTarget::Routed { router, .. } = resolved
+            && !self.routers.contains_key(router)
+        {
+            return Err(Error::InvalidRequest {
+                message: format!(
+                    "Model `{model}` stands for `{target}`, but this server does not load router `{router}`. \
+                     Available routers: {}.",
+                    self.routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                ),
+                param: Some("model"),
+                code: Some("invalid_model"),
+            });
+        }
+        Ok(resolved)
+    }
+
+    /// The configured aliases, by name.
+    #[must_use]
+    pub fn model_aliases(&self) -> &BTreeMap<String, String> {
+        &self.model_aliases
     }
 
     /// The served routers by name.
@@ -365,7 +429,7 @@ impl Gateway {
     ) -> Result<Completion, Error> {
         let forwarded = self.forwarded(client_headers);
         let request = ModelRequest::parse(api, body)?;
-        let (mut decision, tier) = match model_name::parse(request.model())? {
+        let (mut decision, tier) = match self.target(request.model())? {
             ModelTarget::Routed { router, threshold } => {
                 let prompts = match self.score_turns {
                     ScoreTurns::Last => vec![request.last_user_prompt()?],
@@ -715,6 +779,72 @@ mod tests {
         .unwrap();
         let gateway = Gateway::from_config(&shared).unwrap();
         assert_eq!(gateway.default_threshold("random"), Some(0.5));
+    }
+
+    #[test]
+    fn aliases_resolve_to_what_they_stand_for() {
+        let gateway = gateway(
+            0.5,
+            "thresholds: {random: 0.3}\nmodel_aliases: {auto: router-random, fast: echo/weak}\n",
+        );
+        assert_eq!(
+            gateway.target("auto").unwrap(),
+            ModelTarget::Routed {
+                router: "random",
+                threshold: None
+            }
+        );
+        assert_eq!(gateway.target("fast").unwrap(), ModelTarget::Direct("echo/weak"));
+        // Names that are not aliases mean what they always did.
+        assert_eq!(
+            gateway.target("echo/strong").unwrap(),
+            ModelTarget::Direct("echo/strong")
+        );
+        assert!(gateway.target("router-random-7").is_err());
+        // A known router this server does not load may keep its alias, as its threshold.
+        let shared = self::gateway(0.5, "model_aliases: {auto: router-mf-0.8}\n");
+        let error = shared.target("auto").unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(
+            error
+                .to_string()
+                .contains("`auto` stands for `router-mf-0.8`, but this server does not load router `mf`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn aliases_that_cannot_be_served_fail_start_up() {
+        let config = |yaml: &str| {
+            Config::merge(
+                FileConfig::from_yaml(yaml).unwrap(),
+                Overrides {
+                    strong_model: Some("echo/strong".into()),
+                    weak_model: Some("echo/weak".into()),
+                    ..Overrides::default()
+                },
+            )
+            .unwrap()
+        };
+        for (yaml, why) in [
+            ("model_aliases: {auto: router-fm-0.5}\n", "Unknown router `fm`"),
+            ("model_aliases: {auto: router-random}\n", "no default threshold"),
+            (
+                "model_aliases: {auto: echo/other}\n",
+                "neither a router nor the strong or weak model",
+            ),
+        ] {
+            let mut routers: BTreeMap<String, Arc<dyn Router>> = BTreeMap::new();
+            routers.insert("random".into(), Arc::new(Fixed(0.5)));
+            let Err(error) = Gateway::with_routers(&config(yaml), routers) else {
+                panic!("{yaml} must fail start-up")
+            };
+            let message = error.to_string();
+            assert!(
+                message.contains("model_aliases.auto") && message.contains(why),
+                "{yaml}: {message}"
+            );
+        }
     }
 
     #[test]

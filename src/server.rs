@@ -469,34 +469,59 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
         })
         .collect();
     data.extend([Tier::Strong, Tier::Weak].map(|tier| configured_model(&state, tier)));
+    // Left out: aliases of routers this server does not load (start-up checked the rest).
+    data.extend(
+        state
+            .model_aliases()
+            .keys()
+            .filter_map(|alias| model_object(&state, alias).ok()),
+    );
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// `GET /v1/models/{id}`: any name a request may use, `router-<name>` with or without a
-/// threshold or a configured model by either of its names; 404 `model_not_found` otherwise.
+/// threshold, a configured model by either of its names, or an alias; 404 `model_not_found` otherwise.
 async fn retrieve_model(
     State(state): State<AppState>,
     headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    let model = authorize(&state, &headers).and_then(|()| match crate::model_name::parse(&id)? {
-        crate::model_name::ModelTarget::Routed { router, threshold } if state.routers().contains_key(router) => {
-            let mut model = router_model(&state, &id, router);
-            if let Some(threshold) = threshold {
-                model["threshold"] = json!(threshold);
-            }
-            Ok(model)
-        }
-        crate::model_name::ModelTarget::Routed { .. } => Err(Error::ModelNotFound(id.clone())),
-        crate::model_name::ModelTarget::Direct(model) => state
-            .direct_tier(model)
-            .map(|tier| configured_model(&state, tier))
-            .ok_or_else(|| Error::ModelNotFound(id.clone())),
-    });
-    match model {
+    match authorize(&state, &headers).and_then(|()| model_object(&state, &id)) {
         Ok(model) => Json(model).into_response(),
         Err(error) => error.into_response(),
     }
+}
+
+/// The model object for `id`, a name a request may send as `model`; an alias is described
+/// as what it stands for, under its own id, with `alias_for` naming that.
+fn model_object(state: &AppState, id: &str) -> Result<serde_json::Value, Error> {
+    // An alias of a router this server does not load is, to a listing, no model at all.
+    let target = state.target(id).map_err(|error| {
+        if state.model_aliases().contains_key(id) {
+            Error::ModelNotFound(id.to_owned())
+        } else {
+            error
+        }
+    })?;
+    let mut model = match target {
+        crate::model_name::ModelTarget::Routed { router, threshold } if state.routers().contains_key(router) => {
+            let mut model = router_model(state, id, router);
+            if let Some(threshold) = threshold {
+                model["threshold"] = json!(threshold);
+            }
+            model
+        }
+        crate::model_name::ModelTarget::Routed { .. } => return Err(Error::ModelNotFound(id.to_owned())),
+        crate::model_name::ModelTarget::Direct(model) => state
+            .direct_tier(model)
+            .map(|tier| configured_model(state, tier))
+            .ok_or_else(|| Error::ModelNotFound(id.to_owned()))?,
+    };
+    if let Some(target) = state.model_aliases().get(id) {
+        model["id"] = json!(id);
+        model["alias_for"] = json!(target);
+    }
+    Ok(model)
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Error> {

@@ -223,7 +223,8 @@ async fn serve_check_validates_and_describes_without_secrets() {
     let check = |config: &std::path::Path| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
         command
-            .args(["serve", "--check", "--routers", "random", "--port", "0", "--config"])
+            .args(["serve", "--check", "--routers", "random", "--port", "0"])
+            .args(["--model-alias", "auto=router-random,later=router-mf", "--config"])
             .arg(config)
             .env_remove("ROUTELLM_CONFIG")
             .kill_on_drop(true);
@@ -240,6 +241,8 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "weak model echo/mixtral as `mixtral`: built-in offline echo",
         "client headers forwarded: traceparent",
         "on_router_error: strong, on_upstream_error: fail, score_turns: last, client API keys: 1",
+        "model alias `auto` → `router-random`",
+        "model alias `later` → `router-mf` (router `mf` is not loaded: requests for it are refused)",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
     }

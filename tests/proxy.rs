@@ -449,6 +449,103 @@ async fn models_and_health_endpoints() {
 }
 
 #[tokio::test]
+async fn model_aliases_route_requests_and_are_listed_as_models() {
+    let (strong, weak, proxy) = setup(
+        "thresholds: {fixed_high: 0.9}\n\
+         model_aliases: {auto: router-fixed_high-0.5, gpt-4o: router-fixed_high, cheap: together_ai/weak-model, \
+         later: router-mf-0.5}\n",
+    )
+    .await;
+    // fixed_high scores 0.8: over the alias's threshold 0.5, under the configured 0.9.
+    let response = proxy.post_chat(&body("auto", "")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-router"], "fixed_high");
+    assert_eq!(response.headers()["x-routellm-threshold"], "0.5");
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    let response = proxy.post_chat(&body("gpt-4o", "")).await;
+    assert_eq!(response.headers()["x-routellm-threshold"], "0.9");
+    assert_eq!(response.headers()["x-routellm-tier"], "weak");
+    let response = proxy.post_chat(&body("cheap", "")).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("x-routellm-router").is_none());
+    assert_eq!(response.headers()["x-routellm-model"], "together_ai/weak-model");
+    // A router this deployment does not load: refused, saying what the alias stands for.
+    let error = openai_error(proxy.post_chat(&body("later", "")).await, 400).await;
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("`later` stands for `router-mf-0.5`"),
+        "{error}"
+    );
+    // The models get their own names, never the alias.
+    let models = |received: Vec<common::Received>| {
+        received
+            .iter()
+            .map(|request| request.json()["model"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(models(strong.received()), vec!["strong-model"]);
+    assert_eq!(models(weak.received()), vec!["weak-model", "weak-model"]);
+
+    let listed: Value = proxy
+        .client
+        .get(proxy.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let aliases: Vec<(&str, &str)> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|model| Some((model["id"].as_str()?, model["alias_for"].as_str()?)))
+        .collect();
+    assert_eq!(
+        aliases,
+        vec![
+            ("auto", "router-fixed_high-0.5"),
+            ("cheap", "together_ai/weak-model"),
+            ("gpt-4o", "router-fixed_high")
+        ]
+    );
+    let auto: Value = proxy
+        .client
+        .get(proxy.url("/v1/models/auto"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            auto["router"].as_str(),
+            auto["threshold"].as_f64(),
+            auto["default_threshold"].as_f64()
+        ),
+        (Some("fixed_high"), Some(0.5), Some(0.9))
+    );
+    let cheap: Value = proxy
+        .client
+        .get(proxy.url("/v1/models/cheap"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (cheap["id"].as_str(), cheap["tier"].as_str()),
+        (Some("cheap"), Some("weak"))
+    );
+    let later = proxy.client.get(proxy.url("/v1/models/later")).send().await.unwrap();
+    assert_eq!(openai_error(later, 404).await["code"], "model_not_found");
+}
+
+#[tokio::test]
 async fn proxy_reports_its_own_overhead() {
     let (_strong, _weak, proxy) = setup("").await;
     let response = proxy.post_chat(&body("router-random-0", "")).await;
