@@ -760,6 +760,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_aliases: args.model_aliases,
         ..args.common.overrides()
     };
+    #[cfg(unix)]
+    let reload_overrides = overrides.clone();
     let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;
     init_tracing(config.log_format, config.access_log);
     let gateway = Gateway::from_config(&config).context("loading the routers and models")?;
@@ -784,8 +786,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("binding {address}"))?;
+    let state = AppState::new(gateway);
+    #[cfg(unix)]
+    reload_on_hangup(state.clone(), args.common.config.clone(), reload_overrides);
     tracing::info!(address = %listener.local_addr()?, "routellm listening");
-    server::run(listener, AppState::new(gateway), shutdown_signal())
+    server::run(listener, state, shutdown_signal())
         .await
         .context("serving")?;
     tracing::info!("shut down");
@@ -957,6 +962,45 @@ fn init_tracing(format: LogFormat, access_log: bool) {
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `docker stop` sends).
+/// Re-reads the configuration on SIGHUP and applies its routing policy (thresholds,
+/// aliases, client API keys, `on_*_error`, `score_turns`: see `Gateway::reload`), so a
+/// recalibrated threshold or a rotated key needs no restart. A file that does not load or
+/// check out leaves the running policy in force. Flags and environment variables given at
+/// start still win over the file.
+#[cfg(unix)]
+fn reload_on_hangup(state: AppState, file: Option<PathBuf>, overrides: Overrides) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP: the configuration cannot be reloaded");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let (file, overrides) = (file.clone(), overrides.clone());
+            let loaded = tokio::task::spawn_blocking(move || Config::load(file.as_deref(), overrides)).await;
+            let outcome = match loaded {
+                Ok(config) => config.and_then(|config| state.reload(&config)),
+                Err(panicked) => Err(crate::error::Error::Config(panicked.to_string())),
+            };
+            match outcome {
+                Ok(needs_restart) if needs_restart.is_empty() => {
+                    tracing::info!("SIGHUP: configuration reloaded");
+                }
+                Ok(needs_restart) => tracing::warn!(
+                    needs_restart = ?needs_restart,
+                    "SIGHUP: configuration reloaded; these settings changed and take effect at the next restart"
+                ),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "SIGHUP: configuration not reloaded; the running one stays in force"
+                ),
+            }
+        }
+    });
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {

@@ -2,7 +2,7 @@
 //! parse the request, score the prompt, pick a model, rewrite `model`, forward.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderName};
@@ -73,19 +73,79 @@ pub struct Completion {
     pub upstream_time: Duration,
 }
 
+/// What a running server takes from a changed config file ([`Gateway::reload`], SIGHUP):
+/// who may call it and how requests are routed. Routers, models, listeners and the rest
+/// are fixed at start.
+#[derive(Debug)]
+pub struct Policy {
+    /// Default thresholds, for `router-<name>` without one.
+    thresholds: BTreeMap<String, f64>,
+    /// `model_aliases`: each a router (and threshold) or a configured model.
+    model_aliases: BTreeMap<String, String>,
+    api_keys: Vec<Secret>,
+    on_router_error: OnRouterError,
+    on_upstream_error: OnUpstreamError,
+    score_turns: ScoreTurns,
+}
+
+impl Policy {
+    fn from_config(config: &Config) -> Self {
+        Self {
+            thresholds: config.thresholds.clone(),
+            model_aliases: config.model_aliases.clone(),
+            api_keys: config.api_keys.clone(),
+            on_router_error: config.on_router_error,
+            on_upstream_error: config.on_upstream_error,
+            score_turns: config.score_turns,
+        }
+    }
+
+    /// A router's default threshold, used for `router-<name>` without one.
+    #[must_use]
+    pub fn default_threshold(&self, router: &str) -> Option<f64> {
+        self.thresholds.get(router).copied()
+    }
+
+    /// The configured aliases, by name.
+    #[must_use]
+    pub fn model_aliases(&self) -> &BTreeMap<String, String> {
+        &self.model_aliases
+    }
+
+    /// Checks a request's `Authorization` header against the configured proxy keys.
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), Error> {
+        if self.api_keys.is_empty() {
+            return Ok(());
+        }
+        let Some(presented) = authorization.and_then(|value| value.strip_prefix("Bearer ")) else {
+            return Err(Error::Unauthorized(
+                "You didn't provide an API key. Provide it in the Authorization header as `Bearer <key>`.",
+            ));
+        };
+        let presented = presented.trim().as_bytes();
+        // Compare every key in full so the time taken does not reveal how much of a key matched.
+        let matched = self.api_keys.iter().fold(false, |found, key| {
+            found | constant_time_eq(key.expose().as_bytes(), presented)
+        });
+        if matched {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized("Incorrect API key provided."))
+        }
+    }
+}
+
 /// Everything needed to serve requests: routers, upstreams and the shared HTTP client.
 pub struct Gateway {
     routers: BTreeMap<String, Arc<dyn Router>>,
     /// Decisions and scores per router, for `/metrics`.
     router_stats: BTreeMap<String, RouterStats>,
-    thresholds: BTreeMap<String, f64>,
+    /// Swapped whole by [`Gateway::reload`]; requests hold the one they started with.
+    policy: RwLock<Arc<Policy>>,
     strong: Upstream,
     weak: Upstream,
     client: reqwest::Client,
-    api_keys: Vec<Secret>,
     cors_allowed_origins: Vec<String>,
-    /// `model_aliases`: each a router (and threshold) or a configured model, checked at start.
-    model_aliases: BTreeMap<String, String>,
     request_timeout: Duration,
     /// Client request headers passed on to the models (`upstream.forward_headers`).
     forward_headers: Vec<HeaderName>,
@@ -94,9 +154,6 @@ pub struct Gateway {
     shutdown_timeout: Duration,
     /// Permits for CPU-bound scoring (see [`score`]).
     scoring_slots: Arc<tokio::sync::Semaphore>,
-    on_router_error: OnRouterError,
-    on_upstream_error: OnUpstreamError,
-    score_turns: ScoreTurns,
     /// Scored prompts of a sample of routed requests, when `prompt_log` is configured.
     prompt_log: Option<PromptLog>,
     started_at: u64,
@@ -116,18 +173,6 @@ impl Gateway {
 
     /// Like [`Gateway::from_config`] with routers built by the caller (tests, custom routers).
     pub fn with_routers(config: &Config, routers: BTreeMap<String, Arc<dyn Router>>) -> Result<Self, Error> {
-        // A threshold for a known router this server does not load is fine (one config file
-        // serves deployments with different `--routers`); a name nothing knows is a typo.
-        let unknown = config
-            .thresholds
-            .keys()
-            .find(|name| !routers.contains_key(*name) && !routers::AVAILABLE.contains(&name.as_str()));
-        if let Some(router) = unknown {
-            return Err(Error::Config(format!(
-                "thresholds.{router}: no router is called `{router}` (available: {})",
-                routers::AVAILABLE.join(", ")
-            )));
-        }
         let env = |name: &str| std::env::var(name).ok();
         let strong = providers::resolve(&config.strong_model, &config.global, &config.providers, &env)?;
         let weak = providers::resolve(&config.weak_model, &config.global, &config.providers, &env)?;
@@ -146,44 +191,79 @@ impl Gateway {
                 .map(|name| (name.clone(), RouterStats::default()))
                 .collect(),
             routers,
-            thresholds: config.thresholds.clone(),
+            policy: RwLock::new(Arc::new(Policy::from_config(config))),
             strong: Upstream::new(strong)?,
             weak: Upstream::new(weak)?,
             client,
-            api_keys: config.api_keys.clone(),
             cors_allowed_origins: config.cors_allowed_origins.clone(),
-            model_aliases: config.model_aliases.clone(),
             request_timeout: config.request_timeout,
             forward_headers: config.forward_headers.clone(),
             max_request_bytes: config.max_request_bytes,
             client_timeout: config.client_timeout,
             shutdown_timeout: config.shutdown_timeout,
             scoring_slots: Arc::new(tokio::sync::Semaphore::new(config.scoring_concurrency)),
-            on_router_error: config.on_router_error,
-            on_upstream_error: config.on_upstream_error,
-            score_turns: config.score_turns,
             prompt_log: config.prompt_log.as_ref().map(PromptLog::open).transpose()?,
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
         };
-        gateway.check_aliases()?;
+        gateway.check(&gateway.policy())?;
         Ok(gateway)
     }
 
-    /// Refuses to start with an alias a request could not use: a router nothing knows, a
-    /// loaded one without a threshold to apply, or a model that is not configured. As with
-    /// thresholds, an alias may name a known router this server does not load (one config
-    /// file serves deployments with different `--routers`); requests for it are refused.
-    fn check_aliases(&self) -> Result<(), Error> {
-        for (alias, target) in &self.model_aliases {
+    /// The routing policy in force; a request keeps the one it started with.
+    #[must_use]
+    pub fn policy(&self) -> Arc<Policy> {
+        // Only a whole `Arc` is ever written, so a poisoned lock still holds a valid one.
+        Arc::clone(&self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Takes the policy settings of `config` (thresholds, aliases, API keys, the
+    /// `on_*_error` choices, `score_turns`) for requests from now on, once they check out
+    /// against the routers and models this server runs; on error the running policy stays.
+    /// Returns the settings of `config` that differ and need a restart to take effect.
+    pub fn reload(&self, config: &Config) -> Result<Vec<&'static str>, Error> {
+        let policy = Policy::from_config(config);
+        self.check(&policy)?;
+        *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+        let mut fixed = Vec::new();
+        let wanted: std::collections::BTreeSet<&str> = config.routers.iter().map(String::as_str).collect();
+        if !wanted.into_iter().eq(self.routers.keys().map(String::as_str)) {
+            fixed.push("routers");
+        }
+        if config.strong_model.name != self.strong.model.name {
+            fixed.push("strong_model");
+        }
+        if config.weak_model.name != self.weak.model.name {
+            fixed.push("weak_model");
+        }
+        Ok(fixed)
+    }
+
+    /// Refuses a policy a request could not use: a threshold or alias naming a router
+    /// nothing knows, an alias of a loaded router without a threshold to apply, or of a
+    /// model that is not configured. A known router this server does not load may keep its
+    /// threshold and aliases (one config file serves deployments with different
+    /// `--routers`); requests for it are refused.
+    fn check(&self, policy: &Policy) -> Result<(), Error> {
+        let unknown = policy
+            .thresholds
+            .keys()
+            .find(|name| !self.routers.contains_key(*name) && !routers::AVAILABLE.contains(&name.as_str()));
+        if let Some(router) = unknown {
+            return Err(Error::Config(format!(
+                "thresholds.{router}: no router is called `{router}` (available: {})",
+                routers::AVAILABLE.join(", ")
+            )));
+        }
+        for (alias, target) in &policy.model_aliases {
             let usable = match model_name::parse(target)? {
                 ModelTarget::Routed { router, .. }
                     if !self.routers.contains_key(router) && routers::AVAILABLE.contains(&router) =>
                 {
                     Ok(())
                 }
-                ModelTarget::Routed { router, threshold } => self.resolve(router, threshold).map(|_| ()),
+                ModelTarget::Routed { router, threshold } => self.resolve(policy, router, threshold).map(|_| ()),
                 ModelTarget::Direct(model) => self
                     .direct_tier(model)
                     .map(|_| ())
@@ -202,9 +282,9 @@ impl Gateway {
         Ok(())
     }
 
-    /// What a request's `model` asks for, its alias resolved.
-    pub fn target<'m>(&'m self, model: &'m str) -> Result<ModelTarget<'m>, Error> {
-        let Some(target) = self.model_aliases.get(model) else {
+    /// What a request's `model` asks for under `policy`, its alias resolved.
+    pub fn target<'m>(&self, policy: &'m Policy, model: &'m str) -> Result<ModelTarget<'m>, Error> {
+        let Some(target) = policy.model_aliases.get(model) else {
             return model_name::parse(model);
         };
         let resolved = model_name::parse(target)?;
@@ -222,12 +302,6 @@ impl Gateway {
             });
         }
         Ok(resolved)
-    }
-
-    /// The configured aliases, by name.
-    #[must_use]
-    pub fn model_aliases(&self) -> &BTreeMap<String, String> {
-        &self.model_aliases
     }
 
     /// The served routers by name.
@@ -256,7 +330,7 @@ impl Gateway {
     /// A router's default threshold, used for `router-<name>` without one.
     #[must_use]
     pub fn default_threshold(&self, router: &str) -> Option<f64> {
-        self.thresholds.get(router).copied()
+        self.policy().default_threshold(router)
     }
 
     #[must_use]
@@ -292,26 +366,9 @@ impl Gateway {
         self.started_at
     }
 
-    /// Checks a request's `Authorization` header against the configured proxy keys.
+    /// Checks a request's `Authorization` header against the proxy keys in force.
     pub fn authorize(&self, authorization: Option<&str>) -> Result<(), Error> {
-        if self.api_keys.is_empty() {
-            return Ok(());
-        }
-        let Some(presented) = authorization.and_then(|value| value.strip_prefix("Bearer ")) else {
-            return Err(Error::Unauthorized(
-                "You didn't provide an API key. Provide it in the Authorization header as `Bearer <key>`.",
-            ));
-        };
-        let presented = presented.trim().as_bytes();
-        // Compare every key in full so the time taken does not reveal how much of a key matched.
-        let matched = self.api_keys.iter().fold(false, |found, key| {
-            found | constant_time_eq(key.expose().as_bytes(), presented)
-        });
-        if matched {
-            Ok(())
-        } else {
-            Err(Error::Unauthorized("Incorrect API key provided."))
-        }
+        self.policy().authorize(authorization)
     }
 
     /// Scores `prompt` with `router` and picks the model for `threshold` (or the router's default).
@@ -321,8 +378,14 @@ impl Gateway {
         threshold: Option<f64>,
         prompt: String,
     ) -> Result<RouteDecision, Error> {
-        self.route_or(router_name, threshold, vec![prompt], OnRouterError::Error)
-            .await
+        self.route_or(
+            &self.policy(),
+            router_name,
+            threshold,
+            vec![prompt],
+            OnRouterError::Error,
+        )
+        .await
     }
 
     /// [`Gateway::route`] on the highest score among `prompts`, except that when the router
@@ -331,12 +394,13 @@ impl Gateway {
     /// the metrics.
     async fn route_or(
         &self,
+        policy: &Policy,
         router_name: &str,
         threshold: Option<f64>,
         prompts: Vec<String>,
         on_error: OnRouterError,
     ) -> Result<RouteDecision, Error> {
-        let (router, threshold) = self.resolve(router_name, threshold)?;
+        let (router, threshold) = self.resolve(policy, router_name, threshold)?;
         let (win_rate, tier, fallback) = match score(router, router_name, prompts, &self.scoring_slots).await {
             Ok(win_rate) => (win_rate, tier_for(win_rate, threshold), false),
             Err(error) => {
@@ -369,7 +433,12 @@ impl Gateway {
     }
 
     /// The router called `router_name` and the threshold to use: `threshold`, or its default.
-    fn resolve(&self, router_name: &str, threshold: Option<f64>) -> Result<(&Arc<dyn Router>, f64), Error> {
+    fn resolve(
+        &self,
+        policy: &Policy,
+        router_name: &str,
+        threshold: Option<f64>,
+    ) -> Result<(&Arc<dyn Router>, f64), Error> {
         let router = self.routers.get(router_name).ok_or_else(|| Error::InvalidRequest {
             message: format!(
                 "Unknown router `{router_name}`. Available routers: {}.",
@@ -379,7 +448,7 @@ impl Gateway {
             code: Some("invalid_model"),
         })?;
         let threshold = threshold
-            .or_else(|| self.default_threshold(router_name))
+            .or_else(|| policy.default_threshold(router_name))
             .ok_or_else(|| Error::InvalidRequest {
                 message: format!(
                     "Router `{router_name}` has no default threshold: use `router-{router_name}-<threshold>` with a \
@@ -429,9 +498,10 @@ impl Gateway {
     ) -> Result<Completion, Error> {
         let forwarded = self.forwarded(client_headers);
         let request = ModelRequest::parse(api, body)?;
-        let (mut decision, tier) = match self.target(request.model())? {
+        let policy = self.policy();
+        let (mut decision, tier) = match self.target(&policy, request.model())? {
             ModelTarget::Routed { router, threshold } => {
-                let prompts = match self.score_turns {
+                let prompts = match policy.score_turns {
                     ScoreTurns::Last => vec![request.last_user_prompt()?],
                     ScoreTurns::Max => request.user_prompts(MAX_SCORED_TURNS)?,
                 };
@@ -441,7 +511,9 @@ impl Gateway {
                     .as_ref()
                     .filter(|log| log.sampled())
                     .map(|log| (log, prompts.clone()));
-                let decision = self.route_or(router, threshold, prompts, self.on_router_error).await?;
+                let decision = self
+                    .route_or(&policy, router, threshold, prompts, policy.on_router_error)
+                    .await?;
                 if let Some((log, prompts)) = logged {
                     log.record(api, &decision, &prompts);
                 }
@@ -469,7 +541,7 @@ impl Gateway {
             .await;
         // Only a routed request may change model: a client that named one gets that one.
         if let Some(routed) = decision.as_mut()
-            && self.on_upstream_error == OnUpstreamError::OtherModel
+            && policy.on_upstream_error == OnUpstreamError::OtherModel
             && let Some(reason) = unavailable(&answer)
         {
             let other = routed.tier.other();
@@ -787,23 +859,27 @@ mod tests {
             0.5,
             "thresholds: {random: 0.3}\nmodel_aliases: {auto: router-random, fast: echo/weak}\n",
         );
+        let policy = gateway.policy();
         assert_eq!(
-            gateway.target("auto").unwrap(),
+            gateway.target(&policy, "auto").unwrap(),
             ModelTarget::Routed {
                 router: "random",
                 threshold: None
             }
         );
-        assert_eq!(gateway.target("fast").unwrap(), ModelTarget::Direct("echo/weak"));
+        assert_eq!(
+            gateway.target(&policy, "fast").unwrap(),
+            ModelTarget::Direct("echo/weak")
+        );
         // Names that are not aliases mean what they always did.
         assert_eq!(
-            gateway.target("echo/strong").unwrap(),
+            gateway.target(&policy, "echo/strong").unwrap(),
             ModelTarget::Direct("echo/strong")
         );
-        assert!(gateway.target("router-random-7").is_err());
+        assert!(gateway.target(&policy, "router-random-7").is_err());
         // A known router this server does not load may keep its alias, as its threshold.
         let shared = self::gateway(0.5, "model_aliases: {auto: router-mf-0.8}\n");
-        let error = shared.target("auto").unwrap_err();
+        let error = shared.target(&shared.policy(), "auto").unwrap_err();
         assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST);
         assert!(
             error
@@ -845,6 +921,66 @@ mod tests {
                 "{yaml}: {message}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn reload_swaps_the_policy_or_keeps_the_running_one() {
+        let config = |yaml: &str, overrides: Overrides| {
+            Config::merge(
+                FileConfig::from_yaml(yaml).unwrap(),
+                Overrides {
+                    strong_model: overrides.strong_model.or(Some("echo/strong".into())),
+                    weak_model: Some("echo/weak".into()),
+                    ..overrides
+                },
+            )
+            .unwrap()
+        };
+        let gateway = gateway(0.5, "thresholds: {random: 0.6}\n");
+        let started_with = gateway.policy();
+        assert_eq!(
+            gateway.route("random", None, String::new()).await.unwrap().tier,
+            Tier::Weak
+        );
+
+        let needs_restart = gateway
+            .reload(&config(
+                "thresholds: {random: 0.4}\napi_keys: [k1]\nmodel_aliases: {auto: router-random}\n",
+                Overrides::default(),
+            ))
+            .unwrap();
+        assert!(needs_restart.is_empty(), "{needs_restart:?}");
+        assert_eq!(
+            gateway.route("random", None, String::new()).await.unwrap().tier,
+            Tier::Strong
+        );
+        assert!(gateway.authorize(None).is_err());
+        assert!(gateway.authorize(Some("Bearer k1")).is_ok());
+        assert!(gateway.target(&gateway.policy(), "auto").is_ok());
+        // A request that began before the reload finishes under the policy it began with.
+        assert_eq!(started_with.default_threshold("random"), Some(0.6));
+
+        // A policy that does not check out is refused whole.
+        let refused = gateway.reload(&config(
+            "thresholds: {random: 0.9}\nmodel_aliases: {auto: echo/nowhere}\n",
+            Overrides::default(),
+        ));
+        assert!(refused.unwrap_err().to_string().contains("model_aliases.auto"));
+        assert_eq!(gateway.default_threshold("random"), Some(0.4));
+        assert!(gateway.authorize(None).is_err());
+
+        // Settings fixed at start are applied at the next restart, and said so.
+        let moved = config(
+            "",
+            Overrides {
+                strong_model: Some("echo/other".into()),
+                routers: Some(vec!["random".into(), "mf".into()]),
+                ..Overrides::default()
+            },
+        );
+        assert_eq!(gateway.reload(&moved).unwrap(), vec!["routers", "strong_model"]);
+        assert_eq!(gateway.strong().model.name, "echo/strong");
+        assert!(gateway.authorize(None).is_ok());
     }
 
     #[test]

@@ -472,6 +472,7 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
     // Left out: aliases of routers this server does not load (start-up checked the rest).
     data.extend(
         state
+            .policy()
             .model_aliases()
             .keys()
             .filter_map(|alias| model_object(&state, alias).ok()),
@@ -496,8 +497,9 @@ async fn retrieve_model(
 /// as what it stands for, under its own id, with `alias_for` naming that.
 fn model_object(state: &AppState, id: &str) -> Result<serde_json::Value, Error> {
     // An alias of a router this server does not load is, to a listing, no model at all.
-    let target = state.target(id).map_err(|error| {
-        if state.model_aliases().contains_key(id) {
+    let policy = state.policy();
+    let target = state.target(&policy, id).map_err(|error| {
+        if policy.model_aliases().contains_key(id) {
             Error::ModelNotFound(id.to_owned())
         } else {
             error
@@ -517,7 +519,7 @@ fn model_object(state: &AppState, id: &str) -> Result<serde_json::Value, Error> 
             .map(|tier| configured_model(state, tier))
             .ok_or_else(|| Error::ModelNotFound(id.to_owned()))?,
     };
-    if let Some(target) = state.model_aliases().get(id) {
+    if let Some(target) = policy.model_aliases().get(id) {
         model["id"] = json!(id);
         model["alias_for"] = json!(target);
     }

@@ -255,6 +255,74 @@ async fn serve_check_validates_and_describes_without_secrets() {
     assert!(stderr.contains("`Authorization` cannot be set"), "{stderr}");
 }
 
+/// SIGHUP re-reads the config file: a new threshold and new client keys apply to the
+/// next requests without a restart, and a file that does not check out changes nothing.
+#[cfg(unix)]
+#[tokio::test]
+async fn sighup_reloads_thresholds_and_keys_and_refuses_a_broken_file() {
+    let config = tempfile("strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nthresholds: {random: 0}\n");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
+    command.env_remove("RUST_LOG");
+    let (child, base_url, mut log) =
+        start_command(command, &["--routers", "random", "--config", config.to_str().unwrap()]).await;
+    routellm::upstream::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let tier = |key: Option<&'static str>| {
+        let mut request = client
+            .post(format!("{base_url}/chat/completions"))
+            .header("content-type", "application/json")
+            .body(r#"{"model":"router-random","messages":[{"role":"user","content":"Hello"}]}"#);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let tier = response
+                .headers()
+                .get("x-routellm-tier")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (response.status().as_u16(), tier)
+        }
+    };
+    let hangup = |child: &tokio::process::Child| {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &child.id().unwrap().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    // Threshold 0: every score is at or above it.
+    assert_eq!(tier(None).await, (200, Some("strong".to_owned())));
+
+    std::fs::write(
+        &config,
+        "strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nthresholds: {random: 1}\napi_keys: [k-new]\n",
+    )
+    .unwrap();
+    hangup(&child);
+    let line = next_log_line(&mut log, |line| line.contains("SIGHUP")).await;
+    assert!(line.contains("configuration reloaded"), "{line}");
+    // Threshold 1: the random router's scores in [0, 1) all fall below it.
+    assert_eq!(tier(Some("k-new")).await, (200, Some("weak".to_owned())));
+    assert_eq!(tier(None).await.0, 401);
+
+    std::fs::write(
+        &config,
+        "strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nthresholds: {random: 7}\n",
+    )
+    .unwrap();
+    hangup(&child);
+    let line = next_log_line(&mut log, |line| line.contains("SIGHUP")).await;
+    assert!(
+        line.contains("not reloaded") && line.contains("thresholds.random"),
+        "{line}"
+    );
+    assert_eq!(tier(Some("k-new")).await, (200, Some("weak".to_owned())));
+    assert_eq!(tier(None).await.0, 401);
+    drop(child);
+    let _ = std::fs::remove_file(&config);
+}
+
 /// The loop the prompt log exists for: serve with `--prompt-log`, then calibrate on what
 /// was logged. With the `length` router the threshold is known from the prompts alone.
 #[tokio::test]
@@ -415,17 +483,24 @@ fn is_access_line(line: &str) -> bool {
 
 /// The next access log line (JSON format), within 10 s.
 async fn next_access_line(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> serde_json::Value {
-    let line = tokio::time::timeout(Duration::from_secs(10), async {
+    serde_json::from_str(&next_log_line(log, is_access_line).await).unwrap()
+}
+
+/// The next log line that `wanted` picks, within 10 s.
+async fn next_log_line(
+    log: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let line = log.recv().await.expect("the log continues");
-            if is_access_line(&line) {
+            if wanted(&line) {
                 return line;
             }
         }
     })
     .await
-    .expect("an access log line");
-    serde_json::from_str(&line).unwrap()
+    .expect("the log line awaited")
 }
 
 /// A config file in the target directory, unique per call.
