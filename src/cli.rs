@@ -179,9 +179,9 @@ impl TrainCommon {
 pub struct TrainSwRankingArgs {
     #[command(flatten)]
     pub common: TrainCommon,
-    /// Where the artifact (model.safetensors, manifest.json) is written [default:
+    /// Where the artifact (model.safetensors, manifest.json) is written (default:
     /// `<routers-dir>/sw_ranking`, or `sw_ranking-minilm` / `sw_ranking-openai` for those embedders:
-    /// where `serve` looks for it].
+    /// where `serve` looks for it).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Model tiers (RouteLLM: 10).
@@ -197,9 +197,9 @@ pub struct TrainSwRankingArgs {
 pub struct TrainMfArgs {
     #[command(flatten)]
     pub common: TrainCommon,
-    /// Where the artifact (model.safetensors, manifest.json) is written [default:
+    /// Where the artifact (model.safetensors, manifest.json) is written (default:
     /// `<routers-dir>/mf`, or `mf-minilm` / `mf-openai` for those embedders:
-    /// where `serve` looks for it].
+    /// where `serve` looks for it).
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]

@@ -14,8 +14,8 @@ use crate::request::Api;
 pub(crate) const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Splits a byte stream into lines (without their `\n`) whatever its chunk boundaries,
-/// holding at most [`MAX_LINE_BYTES`] of a partial line: a longer line is passed on cut to
-/// its first [`MAX_LINE_BYTES`], the same however it was chunked. Why the start: an
+/// holding at most `MAX_LINE_BYTES` (64 KiB) of a partial line: a longer line is passed on cut to
+/// its first `MAX_LINE_BYTES`, the same however it was chunked. Why the start: an
 /// event's `type` comes first, and a Responses stream's `response.completed` line carries
 /// the whole answer, so can be longer than any buffer the proxy should hold.
 #[derive(Default)]

@@ -15,7 +15,7 @@ use super::{EmbedError, Embedder};
 pub const MAX_TOKENS: usize = 256;
 const FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
 
-/// Which tokens of a prompt longer than [`MAX_TOKENS`] the encoder sees.
+/// Which tokens of a prompt longer than the encoder's 256-token window it sees.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Truncation {

@@ -23,7 +23,7 @@ pub struct BertOptions {
     pub l2_grid: Vec<f32>,
     pub steps: usize,
     pub learning_rate: f32,
-    /// One bias per training source (see [`fit`]).
+    /// One bias per training source (see `fit`).
     pub per_source_bias: bool,
     /// Epochs of fine-tuning the encoder's top layer with the head after the head alone is
     /// fitted (0: the encoder stays frozen). The epoch with the best validation APGR is
