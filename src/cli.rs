@@ -978,12 +978,11 @@ fn reload_on_hangup(state: AppState, file: Option<PathBuf>, overrides: Overrides
     };
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            let (file, overrides) = (file.clone(), overrides.clone());
-            let loaded = tokio::task::spawn_blocking(move || Config::load(file.as_deref(), overrides)).await;
-            let outcome = match loaded {
-                Ok(config) => config.and_then(|config| state.reload(&config)),
-                Err(panicked) => Err(crate::error::Error::Config(panicked.to_string())),
-            };
+            let (file, overrides, reloading) = (file.clone(), overrides.clone(), state.clone());
+            // Reads a file: kept off the async workers.
+            let outcome = tokio::task::spawn_blocking(move || reloading.reload_file(file.as_deref(), overrides))
+                .await
+                .unwrap_or_else(|panicked| Err(crate::error::Error::Config(panicked.to_string())));
             match outcome {
                 Ok(needs_restart) if needs_restart.is_empty() => {
                     tracing::info!("SIGHUP: configuration reloaded");

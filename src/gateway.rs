@@ -2,6 +2,7 @@
 //! parse the request, score the prompt, pick a model, rewrite `model`, forward.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -142,6 +143,8 @@ pub struct Gateway {
     router_stats: BTreeMap<String, RouterStats>,
     /// Swapped whole by [`Gateway::reload`]; requests hold the one they started with.
     policy: RwLock<Arc<Policy>>,
+    /// Reloads applied and refused, for `/metrics`.
+    reloads: [AtomicU64; 2],
     strong: Upstream,
     weak: Upstream,
     client: reqwest::Client,
@@ -192,6 +195,7 @@ impl Gateway {
                 .collect(),
             routers,
             policy: RwLock::new(Arc::new(Policy::from_config(config))),
+            reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             strong: Upstream::new(strong)?,
             weak: Upstream::new(weak)?,
             client,
@@ -224,7 +228,11 @@ impl Gateway {
     /// Returns the settings of `config` that differ and need a restart to take effect.
     pub fn reload(&self, config: &Config) -> Result<Vec<&'static str>, Error> {
         let policy = Policy::from_config(config);
-        self.check(&policy)?;
+        if let Err(error) = self.check(&policy) {
+            self.reloads[1].fetch_add(1, Ordering::Relaxed);
+            return Err(error);
+        }
+        self.reloads[0].fetch_add(1, Ordering::Relaxed);
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
         let mut fixed = Vec::new();
         let wanted: std::collections::BTreeSet<&str> = config.routers.iter().map(String::as_str).collect();
@@ -238,6 +246,31 @@ impl Gateway {
             fixed.push("weak_model");
         }
         Ok(fixed)
+    }
+
+    /// [`Gateway::reload`] from the config file (if any) with `overrides` on top, as at
+    /// start-up; a file that does not load counts as a refused reload too.
+    pub fn reload_file(
+        &self,
+        file: Option<&std::path::Path>,
+        overrides: crate::config::Overrides,
+    ) -> Result<Vec<&'static str>, Error> {
+        match Config::load(file, overrides) {
+            Ok(config) => self.reload(&config),
+            Err(error) => {
+                self.reloads[1].fetch_add(1, Ordering::Relaxed);
+                Err(error)
+            }
+        }
+    }
+
+    /// How many reloads were applied and how many refused.
+    #[must_use]
+    pub fn reloads(&self) -> (u64, u64) {
+        (
+            self.reloads[0].load(Ordering::Relaxed),
+            self.reloads[1].load(Ordering::Relaxed),
+        )
     }
 
     /// Refuses a policy a request could not use: a threshold or alias naming a router
@@ -966,6 +999,7 @@ mod tests {
             Overrides::default(),
         ));
         assert!(refused.unwrap_err().to_string().contains("model_aliases.auto"));
+        assert_eq!(gateway.reloads(), (1, 1));
         assert_eq!(gateway.default_threshold("random"), Some(0.4));
         assert!(gateway.authorize(None).is_err());
 

@@ -109,6 +109,43 @@ pub fn render_prompt_log(written: u64, dropped: u64) -> String {
     )
 }
 
+/// The routing policy in force and how its reloads went: the default threshold of each
+/// loaded router that has one, and `SIGHUP` reloads applied and refused, so a dashboard
+/// shows which thresholds serve and an alert can catch a config that did not take.
+#[must_use]
+pub fn render_policy<'a>(thresholds: impl IntoIterator<Item = (&'a str, f64)>, applied: u64, refused: u64) -> String {
+    let mut out = String::with_capacity(512);
+    out.push_str(
+        "# HELP routellm_router_default_threshold The threshold a router applies to `router-<name>` without one (and to aliases without one).\n\
+         # TYPE routellm_router_default_threshold gauge\n",
+    );
+    for (router, threshold) in thresholds {
+        write_sample(
+            &mut out,
+            "routellm_router_default_threshold",
+            [("router", &label_value(router))],
+            threshold,
+        );
+    }
+    out.push_str(
+        "# HELP routellm_config_reloads_total Configuration reloads on SIGHUP, by whether the new routing policy was applied or refused.\n\
+         # TYPE routellm_config_reloads_total counter\n",
+    );
+    write_sample(
+        &mut out,
+        "routellm_config_reloads_total",
+        [("result", "applied")],
+        applied,
+    );
+    write_sample(
+        &mut out,
+        "routellm_config_reloads_total",
+        [("result", "refused")],
+        refused,
+    );
+    out
+}
+
 /// The per-router series: `routellm_router_decisions_total{router, tier}` and the
 /// `routellm_router_score{router}` histogram.
 #[must_use]

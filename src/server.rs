@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 
 use crate::error::Error;
 use crate::gateway::{Completion, Gateway, RouteDecision, Tier};
-use crate::metrics::{Metrics, TierLabel, render_prompt_log, render_router_stats};
+use crate::metrics::{Metrics, TierLabel, render_policy, render_prompt_log, render_router_stats};
 use crate::request::Api;
 use crate::upstream::{ByteStream, Reply};
 use crate::usage::{self, SseUsageScanner};
@@ -557,6 +557,16 @@ fn configured_model(state: &AppState, tier: Tier) -> serde_json::Value {
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut text = state.metrics().render();
     text.push_str(&render_router_stats(state.router_stats()));
+    let policy = state.policy();
+    let (applied, refused) = state.reloads();
+    text.push_str(&render_policy(
+        state
+            .routers()
+            .keys()
+            .filter_map(|router| Some((router.as_str(), policy.default_threshold(router)?))),
+        applied,
+        refused,
+    ));
     if let Some(prompt_log) = state.prompt_log() {
         text.push_str(&render_prompt_log(prompt_log.written(), prompt_log.dropped()));
     }

@@ -319,6 +319,21 @@ async fn sighup_reloads_thresholds_and_keys_and_refuses_a_broken_file() {
     );
     assert_eq!(tier(Some("k-new")).await, (200, Some("weak".to_owned())));
     assert_eq!(tier(None).await.0, 401);
+    let metrics = client
+        .get(format!("{}/metrics", base_url.trim_end_matches("/v1")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "routellm_router_default_threshold{router=\"random\"} 1\n",
+        "routellm_config_reloads_total{result=\"applied\"} 1\n",
+        "routellm_config_reloads_total{result=\"refused\"} 1\n",
+    ] {
+        assert!(metrics.contains(expected), "{expected} in {metrics}");
+    }
     drop(child);
     let _ = std::fs::remove_file(&config);
 }
