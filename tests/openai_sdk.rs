@@ -284,35 +284,28 @@ async fn sighup_reloads_thresholds_and_keys_and_refuses_a_broken_file() {
             (response.status().as_u16(), tier)
         }
     };
-    let hangup = |child: &tokio::process::Child| {
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &child.id().unwrap().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
     // Threshold 0: every score is at or above it.
     assert_eq!(tier(None).await, (200, Some("strong".to_owned())));
 
-    std::fs::write(
+    let line = rewrite_and_hang_up(
         &config,
         "strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nthresholds: {random: 1}\napi_keys: [k-new]\n",
+        &child,
+        &mut log,
     )
-    .unwrap();
-    hangup(&child);
-    let line = next_log_line(&mut log, |line| line.contains("SIGHUP")).await;
+    .await;
     assert!(line.contains("configuration reloaded"), "{line}");
     // Threshold 1: the random router's scores in [0, 1) all fall below it.
     assert_eq!(tier(Some("k-new")).await, (200, Some("weak".to_owned())));
     assert_eq!(tier(None).await.0, 401);
 
-    std::fs::write(
+    let line = rewrite_and_hang_up(
         &config,
         "strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nthresholds: {random: 7}\n",
+        &child,
+        &mut log,
     )
-    .unwrap();
-    hangup(&child);
-    let line = next_log_line(&mut log, |line| line.contains("SIGHUP")).await;
+    .await;
     assert!(
         line.contains("not reloaded") && line.contains("thresholds.random"),
         "{line}"
@@ -499,6 +492,22 @@ fn is_access_line(line: &str) -> bool {
 /// The next access log line (JSON format), within 10 s.
 async fn next_access_line(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> serde_json::Value {
     serde_json::from_str(&next_log_line(log, is_access_line).await).unwrap()
+}
+
+/// Writes the config file, sends SIGHUP and returns the server's log line about it.
+async fn rewrite_and_hang_up(
+    config: &std::path::Path,
+    yaml: &str,
+    child: &tokio::process::Child,
+    log: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+) -> String {
+    std::fs::write(config, yaml).unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    next_log_line(log, |line| line.contains("SIGHUP")).await
 }
 
 /// The next log line that `wanted` picks, within 10 s.

@@ -380,25 +380,9 @@ async fn api_keys_guard_the_proxy() {
 #[tokio::test]
 async fn models_and_health_endpoints() {
     let (_strong, _weak, proxy) = setup("thresholds: {random: 0.25}\n").await;
-    let health: Value = proxy
-        .client
-        .get(proxy.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = proxy.get_json("/health").await;
     assert_eq!(health, serde_json::json!({"status": "online"}));
-    let models: Value = proxy
-        .client
-        .get(proxy.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = proxy.get_json("/v1/models").await;
     assert_eq!(models["object"], "list");
     let ids: Vec<&str> = models["data"]
         .as_array()
@@ -488,15 +472,7 @@ async fn model_aliases_route_requests_and_are_listed_as_models() {
     assert_eq!(models(strong.received()), vec!["strong-model"]);
     assert_eq!(models(weak.received()), vec!["weak-model", "weak-model"]);
 
-    let listed: Value = proxy
-        .client
-        .get(proxy.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = proxy.get_json("/v1/models").await;
     let aliases: Vec<(&str, &str)> = listed["data"]
         .as_array()
         .unwrap()
@@ -511,15 +487,7 @@ async fn model_aliases_route_requests_and_are_listed_as_models() {
             ("gpt-4o", "router-fixed_high")
         ]
     );
-    let auto: Value = proxy
-        .client
-        .get(proxy.url("/v1/models/auto"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let auto = proxy.get_json("/v1/models/auto").await;
     assert_eq!(
         (
             auto["router"].as_str(),
@@ -528,15 +496,7 @@ async fn model_aliases_route_requests_and_are_listed_as_models() {
         ),
         (Some("fixed_high"), Some(0.5), Some(0.9))
     );
-    let cheap: Value = proxy
-        .client
-        .get(proxy.url("/v1/models/cheap"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cheap = proxy.get_json("/v1/models/cheap").await;
     assert_eq!(
         (cheap["id"].as_str(), cheap["tier"].as_str()),
         (Some("cheap"), Some("weak"))

@@ -409,6 +409,18 @@ impl Proxy {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The JSON answer to `GET path`.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn post_chat(&self, body: &str) -> reqwest::Response {
         self.post_json("/v1/chat/completions", body).await
     }
