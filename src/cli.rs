@@ -300,6 +300,10 @@ pub struct CalibrateArgs {
     /// config's `score_turns`, else last]
     #[arg(long, env = "ROUTELLM_SCORE_TURNS", value_enum)]
     pub score_turns: Option<ScoreTurns>,
+    /// Print one JSON object per router (`router`, `threshold`, `strong_model_pct`,
+    /// `achieved_pct`, `prompts`) instead of a sentence, for scripts that update the config.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub artifacts: ArtifactArgs,
 }
@@ -659,13 +663,28 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
             let scores = prompts.score(router.as_ref(), name)?;
             crate::scoring::calibrate(&scores, args.strong_model_pct)?
         };
+        #[allow(clippy::cast_precision_loss)]
+        let half_prompt = 0.5 / prompts.len().max(1) as f64;
+        if args.json {
+            // The printed threshold (the fewest decimals that keep the split), as in the sentence.
+            let threshold: f64 = calibration.display.parse().unwrap_or(calibration.threshold);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "router": name,
+                    "threshold": threshold,
+                    "strong_model_pct": args.strong_model_pct,
+                    "achieved_pct": calibration.achieved_share,
+                    "prompts": prompts.len(),
+                })
+            );
+            continue;
+        }
         println!(
             "For {:.1}% strong model calls for {name}, threshold = {}",
             args.strong_model_pct * 100.0,
             calibration.display
         );
-        #[allow(clippy::cast_precision_loss)]
-        let half_prompt = 0.5 / prompts.len().max(1) as f64;
         if (calibration.achieved_share - args.strong_model_pct).abs() > half_prompt {
             eprintln!(
                 "note: tied scores allow {:.1}% rather than {:.1}% on these {} prompts",

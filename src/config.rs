@@ -169,7 +169,7 @@ pub enum ScoreTurns {
     /// The last user message only, as RouteLLM.
     #[default]
     Last,
-    /// Each of the last [`MAX_SCORED_TURNS`] user messages, routing on the highest score:
+    /// Each of the last 8 user messages (`MAX_SCORED_TURNS`), routing on the highest score:
     /// a conversation that needed the strong model keeps it for its short follow-ups
     /// ("now commit it") instead of bouncing to the weak model mid-task.
     Max,

@@ -212,21 +212,25 @@ fn calibrate_hits_the_share_on_a_prompts_file_and_score_agrees() {
         })
         .collect();
     std::fs::write(&prompts, text).unwrap();
-    let output = binary()
-        .args([
-            "calibrate",
-            "--routers",
-            "length",
-            "random",
-            "--strong-model-pct",
-            "0.3",
-            "--prompts",
-        ])
-        .arg(&prompts)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let stdout = String::from_utf8(output.stdout).unwrap();
+    let calibrate = |extra: &[&str]| {
+        let output = binary()
+            .args([
+                "calibrate",
+                "--routers",
+                "length",
+                "random",
+                "--strong-model-pct",
+                "0.3",
+                "--prompts",
+            ])
+            .arg(&prompts)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let stdout = calibrate(&[]);
     let mut lines = stdout.lines();
     let length_line = lines.next().unwrap();
     assert!(
@@ -243,6 +247,20 @@ fn calibrate_hits_the_share_on_a_prompts_file_and_score_agrees() {
     assert_eq!(rates.len(), 200);
     let strong = rates.iter().filter(|rate| **rate >= threshold).count();
     assert_eq!(strong, 60, "30% of 200 prompts");
+
+    // For scripts: the same thresholds, one JSON object per router.
+    let json: Vec<serde_json::Value> = calibrate(&["--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(json.len(), 2);
+    assert_eq!(json[0]["router"], "length");
+    assert_eq!(json[0]["threshold"].as_f64(), Some(threshold));
+    assert_eq!(json[0]["strong_model_pct"].as_f64(), Some(0.3));
+    assert_eq!(json[0]["achieved_pct"].as_f64(), Some(0.3));
+    assert_eq!(json[0]["prompts"], 200);
+    assert_eq!(json[1]["router"], "random");
+    assert_eq!(json[1]["threshold"].as_f64(), Some(0.7));
 }
 
 #[test]
