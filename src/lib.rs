@@ -2,15 +2,15 @@
 //! to a strong or a weak model.
 //!
 //! Module map:
-//! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/responses`, `/v1/models`, `/health`, `/metrics`) and [`server::run`].
-//! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward.
+//! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/responses`, `/v1/completions`, `/v1/models`, `/health`, `/metrics`) and [`server::run`].
+//! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
+//! - [`model_name`]: parsing `router-<name>-<threshold>` (aliases are resolved by the gateway first).
 //! - [`controller`]: routing from Rust code without HTTP ([`Controller`]).
 //! - [`metrics`]: Prometheus counters and the overhead histogram at `GET /metrics`.
 //! - [`sse`]: server-sent events as they pass: bounded line splitting, and whether a stream reached its final event.
 //! - [`usage`]: token usage read off answers and streams as they pass, for the per-tier token counters.
 //! - [`routers`]: the [`Router`] trait and the routers (`random`, ...), one file each.
 //! - [`request`]: reading a Chat Completions, Responses or legacy Completions request just enough to route it; rewriting `model` byte-exactly.
-//! - [`model_name`]: parsing `router-<name>-<threshold>`.
 //! - [`providers`]: LiteLLM-style `<provider>/<model>` names resolved to OpenAI-compatible endpoints.
 //! - [`upstream`]: forwarding to a model, streaming passthrough, SSE error events.
 //! - [`echo`]: the offline `echo/<name>` provider for trying the router without keys.
