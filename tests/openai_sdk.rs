@@ -115,7 +115,7 @@ async fn sdk_against_mock_upstreams(sdk: Sdk) {
     let upstream = MockUpstream::start("mock").await;
     let config = tempfile(
         "thresholds: {random: 0.5}\nstrong_model: openai/gpt-4o\nweak_model: groq/llama3-8b\n\
-         upstream: {forward_headers: [x-request-id]}\n",
+         upstream: {forward_headers: [x-request-id]}\nmodel_aliases: {gpt-4: router-random-1}\n",
     );
     let (_child, base_url) = start_binary(&[
         "--config",

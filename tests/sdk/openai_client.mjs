@@ -140,6 +140,13 @@ if (mode === 'mock') {
   expect((await client.models.retrieve('openai/gpt-4o')).owned_by === 'openai', 'retrieve a model');
   error = await rejects(client.models.retrieve('gpt-5-imaginary'), OpenAI.NotFoundError, 'an unknown model');
   expect(error.code === 'model_not_found', error.code);
+
+  // A client hard-coded to a model name is routed when the server makes that name an alias.
+  const aliased = await client.chat.completions.create({ model: 'gpt-4', messages }).withResponse();
+  expect(aliased.response.headers.get('x-routellm-router') === 'random', Object.fromEntries(aliased.response.headers));
+  expect(aliased.response.headers.get('x-routellm-tier') === 'weak', Object.fromEntries(aliased.response.headers));
+  expect(aliased.data.model === 'llama3-8b', aliased.data.model);
+  expect((await client.models.retrieve('gpt-4')).alias_for === 'router-random-1', 'retrieve an alias');
 } else if (mode === 'echo') {
   const completion = await client.chat.completions.create({ model: 'router-random-0', messages });
   const content = completion.choices[0].message.content;

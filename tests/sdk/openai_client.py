@@ -124,6 +124,13 @@ if mode == "mock":
         raise AssertionError("an unknown model must not be found")
     except openai.NotFoundError as error:
         expect(error.code == "model_not_found", error)
+
+    # A client hard-coded to a model name is routed when the server makes that name an alias.
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4", messages=messages)
+    expect(raw.headers["x-routellm-router"] == "random", raw.headers)
+    expect(raw.headers["x-routellm-tier"] == "weak", raw.headers)
+    expect(raw.parse().model == "llama3-8b", raw.parse().model)
+    expect(client.models.retrieve("gpt-4").alias_for == "router-random-1", "retrieve an alias")
 elif mode == "echo":
     completion = client.chat.completions.create(model="router-random-0", messages=messages)
     content = completion.choices[0].message.content
