@@ -980,7 +980,6 @@ fn init_tracing(format: LogFormat, access_log: bool) {
     };
 }
 
-/// Resolves on Ctrl-C or SIGTERM (what `docker stop` sends).
 /// Re-reads the configuration on SIGHUP and applies its routing policy (thresholds,
 /// aliases, client API keys, `on_*_error`, `score_turns`: see `Gateway::reload`), so a
 /// recalibrated threshold or a rotated key needs no restart. A file that does not load or
@@ -1019,6 +1018,7 @@ fn reload_on_hangup(state: AppState, file: Option<PathBuf>, overrides: Overrides
     });
 }
 
+/// Resolves on Ctrl-C or SIGTERM (what `docker stop` sends).
 async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
