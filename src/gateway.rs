@@ -328,13 +328,18 @@ impl Gateway {
                 message: format!(
                     "Model `{model}` stands for `{target}`, but this server does not load router `{router}`. \
                      Available routers: {}.",
-                    self.routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                    self.router_names()
                 ),
                 param: Some("model"),
                 code: Some("invalid_model"),
             });
         }
         Ok(resolved)
+    }
+
+    /// The served routers' names, for messages: `a, b, c`.
+    fn router_names(&self) -> String {
+        self.routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
     }
 
     /// The served routers by name.
@@ -475,7 +480,7 @@ impl Gateway {
         let router = self.routers.get(router_name).ok_or_else(|| Error::InvalidRequest {
             message: format!(
                 "Unknown router `{router_name}`. Available routers: {}.",
-                self.routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                self.router_names()
             ),
             param: Some("model"),
             code: Some("invalid_model"),
@@ -529,10 +534,22 @@ impl Gateway {
         body: &[u8],
         client_headers: &HeaderMap,
     ) -> Result<Completion, Error> {
+        self.complete_under(&self.policy(), api, body, client_headers).await
+    }
+
+    /// As [`Gateway::complete_with_headers`] under `policy`: the server takes one snapshot
+    /// when a request arrives, so the keys that admitted it also route it, whatever a
+    /// reload changes meanwhile.
+    pub async fn complete_under(
+        &self,
+        policy: &Policy,
+        api: Api,
+        body: &[u8],
+        client_headers: &HeaderMap,
+    ) -> Result<Completion, Error> {
         let forwarded = self.forwarded(client_headers);
         let request = ModelRequest::parse(api, body)?;
-        let policy = self.policy();
-        let (mut decision, tier) = match self.target(&policy, request.model())? {
+        let (mut decision, tier) = match self.target(policy, request.model())? {
             ModelTarget::Routed { router, threshold } => {
                 let prompts = match policy.score_turns {
                     ScoreTurns::Last => vec![request.last_user_prompt()?],
@@ -545,7 +562,7 @@ impl Gateway {
                     .filter(|log| log.sampled())
                     .map(|log| (log, prompts.clone()));
                 let decision = self
-                    .route_or(&policy, router, threshold, prompts, policy.on_router_error)
+                    .route_or(policy, router, threshold, prompts, policy.on_router_error)
                     .await?;
                 if let Some((log, prompts)) = logged {
                     log.record(api, &decision, &prompts);

@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::error::Error;
-use crate::gateway::{Completion, Gateway, RouteDecision, Tier};
+use crate::gateway::{Completion, Gateway, Policy, RouteDecision, Tier};
 use crate::metrics::{Metrics, TierLabel, render_policy, render_prompt_log, render_router_stats};
 use crate::request::Api;
 use crate::upstream::{ByteStream, Reply};
@@ -279,10 +279,10 @@ async fn complete(
     body: Result<BodyBytes, Error>,
 ) -> Response {
     let received = Instant::now();
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-    let answer = match (state.authorize(authorization), body) {
+    let policy = state.policy();
+    let answer = match (authorize(&policy, headers), body) {
         (Err(error), _) | (Ok(()), Err(error)) => Err(error),
-        (Ok(()), Ok(BodyBytes(body))) => state.complete_with_headers(api, &body, headers).await,
+        (Ok(()), Ok(BodyBytes(body))) => state.complete_under(&policy, api, &body, headers).await,
     };
     let request_id = request_id(headers);
     let mut response = match answer {
@@ -454,28 +454,29 @@ fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
 }
 
 async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(error) = authorize(&state, &headers) {
+    // One snapshot for the whole listing, so a reload cannot mix two policies in it.
+    let policy = state.policy();
+    if let Err(error) = authorize(&policy, &headers) {
         return error.into_response();
     }
     let mut data: Vec<serde_json::Value> = state
         .routers()
         .keys()
         .map(|name| {
-            let id = match state.default_threshold(name) {
+            let id = match policy.default_threshold(name) {
                 Some(threshold) => format!("router-{name}-{threshold}"),
                 None => format!("router-{name}"),
             };
-            router_model(&state, &id, name)
+            router_model(&state, &policy, &id, name)
         })
         .collect();
     data.extend([Tier::Strong, Tier::Weak].map(|tier| configured_model(&state, tier)));
     // Left out: aliases of routers this server does not load (start-up checked the rest).
     data.extend(
-        state
-            .policy()
+        policy
             .model_aliases()
             .keys()
-            .filter_map(|alias| model_object(&state, alias).ok()),
+            .filter_map(|alias| model_object(&state, &policy, alias).ok()),
     );
     Json(json!({"object": "list", "data": data})).into_response()
 }
@@ -487,7 +488,8 @@ async fn retrieve_model(
     headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    match authorize(&state, &headers).and_then(|()| model_object(&state, &id)) {
+    let policy = state.policy();
+    match authorize(&policy, &headers).and_then(|()| model_object(&state, &policy, &id)) {
         Ok(model) => Json(model).into_response(),
         Err(error) => error.into_response(),
     }
@@ -495,10 +497,9 @@ async fn retrieve_model(
 
 /// The model object for `id`, a name a request may send as `model`; an alias is described
 /// as what it stands for, under its own id, with `alias_for` naming that.
-fn model_object(state: &AppState, id: &str) -> Result<serde_json::Value, Error> {
+fn model_object(state: &AppState, policy: &Policy, id: &str) -> Result<serde_json::Value, Error> {
     // An alias of a router this server does not load is, to a listing, no model at all.
-    let policy = state.policy();
-    let target = state.target(&policy, id).map_err(|error| {
+    let target = state.target(policy, id).map_err(|error| {
         if policy.model_aliases().contains_key(id) {
             Error::ModelNotFound(id.to_owned())
         } else {
@@ -507,7 +508,7 @@ fn model_object(state: &AppState, id: &str) -> Result<serde_json::Value, Error> 
     })?;
     let mut model = match target {
         crate::model_name::ModelTarget::Routed { router, threshold } if state.routers().contains_key(router) => {
-            let mut model = router_model(state, id, router);
+            let mut model = router_model(state, policy, id, router);
             if let Some(threshold) = threshold {
                 model["threshold"] = json!(threshold);
             }
@@ -526,19 +527,19 @@ fn model_object(state: &AppState, id: &str) -> Result<serde_json::Value, Error> 
     Ok(model)
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Error> {
-    state.authorize(headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()))
+fn authorize(policy: &Policy, headers: &HeaderMap) -> Result<(), Error> {
+    policy.authorize(headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()))
 }
 
-/// A router as OpenAI's model object, with its configured default threshold.
-fn router_model(state: &AppState, id: &str, router: &str) -> serde_json::Value {
+/// A router as OpenAI's model object, with its default threshold under `policy`.
+fn router_model(state: &AppState, policy: &Policy, id: &str, router: &str) -> serde_json::Value {
     json!({
         "id": id,
         "object": "model",
         "created": state.started_at(),
         "owned_by": "routellm",
         "router": router,
-        "default_threshold": state.default_threshold(router),
+        "default_threshold": policy.default_threshold(router),
     })
 }
 
