@@ -12,6 +12,7 @@ use crate::controller::Controller;
 use crate::gateway::Gateway;
 use crate::providers::Endpoint;
 use crate::server::{self, AppState};
+use crate::strong_share::MIN_TRACKED_SCORES;
 
 /// Route LLM requests between a strong and a weak model, offline and fast.
 #[derive(Debug, Parser)]
@@ -846,11 +847,19 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
     let mut out = String::from("configuration OK\n");
     let _ = writeln!(out, "listen: {address}");
     for name in &config.routers {
-        match config.thresholds.get(name) {
-            Some(threshold) => {
+        match (config.thresholds.get(name), config.strong_share.get(name)) {
+            (Some(threshold), Some(share)) => {
+                let _ = writeln!(
+                    out,
+                    "router {name}: loaded, default threshold {threshold} until {MIN_TRACKED_SCORES} requests are \
+                     scored, then the one that sends {share} of its latest {} scores to the strong model",
+                    config.strong_share_window
+                );
+            }
+            (Some(threshold), None) => {
                 let _ = writeln!(out, "router {name}: loaded, default threshold {threshold}");
             }
-            None => {
+            (None, _) => {
                 let _ = writeln!(out, "router {name}: loaded, no default threshold");
             }
         }
@@ -980,7 +989,7 @@ fn init_tracing(format: LogFormat, access_log: bool) {
     };
 }
 
-/// Re-reads the configuration on SIGHUP and applies its routing policy (thresholds,
+/// Re-reads the configuration on SIGHUP and applies its routing policy (thresholds, `strong_share`,
 /// aliases, client API keys, `on_*_error`, `score_turns`: see `Gateway::reload`), so a
 /// recalibrated threshold or a rotated key needs no restart. A file that does not load or
 /// check out leaves the running policy in force. Flags and environment variables given at

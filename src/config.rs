@@ -217,6 +217,9 @@ pub struct FileConfig {
     #[serde(default)]
     thresholds: BTreeMap<String, f64>,
     #[serde(default)]
+    strong_share: BTreeMap<String, f64>,
+    strong_share_window: Option<usize>,
+    #[serde(default)]
     providers: BTreeMap<String, ProviderConfig>,
     #[serde(default)]
     upstream: UpstreamFile,
@@ -304,6 +307,11 @@ pub struct Config {
     pub global: GlobalOverrides,
     /// Default thresholds, used for `router-<name>` without a threshold.
     pub thresholds: BTreeMap<String, f64>,
+    /// Routers whose default threshold follows their live scores so this share of their
+    /// traffic goes to the strong model (`thresholds` is where each starts).
+    pub strong_share: BTreeMap<String, f64>,
+    /// How many of a router's latest scores `strong_share` looks at.
+    pub strong_share_window: usize,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
@@ -376,6 +384,8 @@ impl Config {
                 api_key: overrides.api_key.or(file.api_key),
             },
             thresholds: file.thresholds,
+            strong_share: file.strong_share,
+            strong_share_window: file.strong_share_window.unwrap_or(crate::strong_share::DEFAULT_WINDOW),
             providers: file.providers,
             connect_timeout: seconds(
                 "upstream.connect_timeout_secs",
@@ -455,6 +465,22 @@ impl Config {
                     "thresholds.{router} = {threshold} is outside [0, 1]"
                 )));
             }
+        }
+        for (router, share) in &self.strong_share {
+            if !share.is_finite() || !(0.0..=1.0).contains(share) {
+                return Err(Error::Config(format!(
+                    "strong_share.{router} = {share} is outside [0, 1]"
+                )));
+            }
+        }
+        let window = crate::strong_share::MIN_TRACKED_SCORES..=crate::strong_share::MAX_WINDOW;
+        if !window.contains(&self.strong_share_window) {
+            return Err(Error::Config(format!(
+                "strong_share_window = {} is outside [{}, {}]",
+                self.strong_share_window,
+                window.start(),
+                window.end()
+            )));
         }
         for model in [&self.strong_model, &self.weak_model] {
             if let Some(price) = model.price_per_million_tokens
@@ -675,6 +701,32 @@ mod tests {
         assert!(config.routers.contains(&"random".to_owned()));
         assert!(config.thresholds.contains_key("random"));
         assert!(!config.providers.is_empty());
+    }
+
+    #[test]
+    fn strong_share_is_read_with_its_window_and_range_checked() {
+        let merge = |yaml: &str| Config::merge(FileConfig::from_yaml(yaml).unwrap(), Overrides::default());
+        let config = merge("strong_share: {mf: 0.3}\n").unwrap();
+        assert_eq!(config.strong_share["mf"], 0.3);
+        assert_eq!(config.strong_share_window, crate::strong_share::DEFAULT_WINDOW);
+        assert_eq!(merge("strong_share_window: 250\n").unwrap().strong_share_window, 250);
+        for bad in [
+            "strong_share: {mf: -0.1}\n",
+            "strong_share: {mf: .nan}\n",
+            "strong_share_window: 99\n",
+            "strong_share_window: 1000001\n",
+        ] {
+            let error = merge(bad).unwrap_err();
+            assert!(error.to_string().contains("outside"), "{bad}: {error}");
+        }
+        // The example documents the keys; uncommented, they load.
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")).unwrap();
+        let uncommented = text
+            .replace("# strong_share:\n#   mf: 0.3", "strong_share:\n  mf: 0.3")
+            .replace("# strong_share_window: 1000", "strong_share_window: 1000");
+        assert_ne!(uncommented, text);
+        let config = Config::merge(FileConfig::from_yaml(&uncommented).unwrap(), Overrides::default()).unwrap();
+        assert_eq!((config.strong_share["mf"], config.strong_share_window), (0.3, 1000));
     }
 
     #[test]

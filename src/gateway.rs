@@ -16,6 +16,7 @@ use crate::prompt_log::PromptLog;
 use crate::providers;
 use crate::request::{Api, ModelRequest};
 use crate::routers::{self, Router, ScoringCost};
+use crate::strong_share::{MIN_TRACKED_SCORES, ScoreWindow};
 use crate::upstream::{EchoInput, Reply, Upstream, UpstreamRequest};
 
 /// Which of the two models a request goes to.
@@ -81,6 +82,8 @@ pub struct Completion {
 pub struct Policy {
     /// Default thresholds, for `router-<name>` without one.
     thresholds: BTreeMap<String, f64>,
+    /// `strong_share`: routers whose default threshold follows their live scores.
+    strong_share: BTreeMap<String, f64>,
     /// `model_aliases`: each a router (and threshold) or a configured model.
     model_aliases: BTreeMap<String, String>,
     api_keys: Vec<Secret>,
@@ -93,6 +96,7 @@ impl Policy {
     fn from_config(config: &Config) -> Self {
         Self {
             thresholds: config.thresholds.clone(),
+            strong_share: config.strong_share.clone(),
             model_aliases: config.model_aliases.clone(),
             api_keys: config.api_keys.clone(),
             on_router_error: config.on_router_error,
@@ -101,10 +105,19 @@ impl Policy {
         }
     }
 
-    /// A router's default threshold, used for `router-<name>` without one.
+    /// A router's configured default threshold, used for `router-<name>` without one
+    /// (with `strong_share`, only until the router has scored enough requests: see
+    /// [`Gateway::default_threshold_under`]).
     #[must_use]
     pub fn default_threshold(&self, router: &str) -> Option<f64> {
         self.thresholds.get(router).copied()
+    }
+
+    /// The share of `router`'s traffic its default threshold keeps on the strong model,
+    /// when `strong_share` sets one.
+    #[must_use]
+    pub fn strong_share(&self, router: &str) -> Option<f64> {
+        self.strong_share.get(router).copied()
     }
 
     /// The configured aliases, by name.
@@ -141,6 +154,10 @@ pub struct Gateway {
     routers: BTreeMap<String, Arc<dyn Router>>,
     /// Decisions and scores per router, for `/metrics`.
     router_stats: BTreeMap<String, RouterStats>,
+    /// Each router's latest scores, for `strong_share`; kept for every router so a
+    /// reload that sets a share starts from the traffic already seen.
+    score_windows: BTreeMap<String, ScoreWindow>,
+    strong_share_window: usize,
     /// Swapped whole by [`Gateway::reload`]; requests hold the one they started with.
     policy: RwLock<Arc<Policy>>,
     /// Reloads applied and refused, for `/metrics`.
@@ -193,6 +210,11 @@ impl Gateway {
                 .keys()
                 .map(|name| (name.clone(), RouterStats::default()))
                 .collect(),
+            score_windows: routers
+                .keys()
+                .map(|name| (name.clone(), ScoreWindow::new(config.strong_share_window)))
+                .collect(),
+            strong_share_window: config.strong_share_window,
             routers,
             policy: RwLock::new(Arc::new(Policy::from_config(config))),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -222,7 +244,7 @@ impl Gateway {
         Arc::clone(&self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    /// Takes the policy settings of `config` (thresholds, aliases, API keys, the
+    /// Takes the policy settings of `config` (thresholds, `strong_share`, aliases, API keys, the
     /// `on_*_error` choices, `score_turns`) for requests from now on, once they check out
     /// against the routers and models this server runs; on error the running policy stays.
     /// Returns the settings of `config` that differ and need a restart to take effect.
@@ -244,6 +266,9 @@ impl Gateway {
         }
         if config.weak_model.name != self.weak.model.name {
             fixed.push("weak_model");
+        }
+        if config.strong_share_window != self.strong_share_window {
+            fixed.push("strong_share_window");
         }
         Ok(fixed)
     }
@@ -279,14 +304,25 @@ impl Gateway {
     /// threshold and aliases (one config file serves deployments with different
     /// `--routers`); requests for it are refused.
     fn check(&self, policy: &Policy) -> Result<(), Error> {
-        let unknown = policy
-            .thresholds
-            .keys()
-            .find(|name| !self.routers.contains_key(*name) && !routers::AVAILABLE.contains(&name.as_str()));
-        if let Some(router) = unknown {
+        let unknown = (policy.thresholds.keys().map(|name| ("thresholds", name)))
+            .chain(policy.strong_share.keys().map(|name| ("strong_share", name)))
+            .find(|(_, name)| !self.routers.contains_key(*name) && !routers::AVAILABLE.contains(&name.as_str()));
+        if let Some((section, router)) = unknown {
             return Err(Error::Config(format!(
-                "thresholds.{router}: no router is called `{router}` (available: {})",
+                "{section}.{router}: no router is called `{router}` (available: {})",
                 routers::AVAILABLE.join(", ")
+            )));
+        }
+        // A share is kept by moving a threshold, which needs a configured one to start from.
+        if let Some((router, share)) = policy
+            .strong_share
+            .iter()
+            .find(|(router, _)| !policy.thresholds.contains_key(*router))
+        {
+            return Err(Error::Config(format!(
+                "strong_share.{router} needs thresholds.{router}, the threshold it applies until it has scored \
+                 {MIN_TRACKED_SCORES} requests (`routellm calibrate --routers {router} --strong-model-pct {share}` \
+                 gives one for that share)"
             )));
         }
         for (alias, target) in &policy.model_aliases {
@@ -365,10 +401,21 @@ impl Gateway {
         self.router_stats.iter().map(|(name, stats)| (name.as_str(), stats))
     }
 
-    /// A router's default threshold, used for `router-<name>` without one.
+    /// A router's default threshold now, used for `router-<name>` without one.
     #[must_use]
     pub fn default_threshold(&self, router: &str) -> Option<f64> {
-        self.policy().default_threshold(router)
+        self.default_threshold_under(&self.policy(), router)
+    }
+
+    /// A router's default threshold under `policy`: with `strong_share`, the one that would
+    /// have sent that share of its latest scores to the strong model (once there are
+    /// enough of them), else the configured one.
+    #[must_use]
+    pub fn default_threshold_under(&self, policy: &Policy, router: &str) -> Option<f64> {
+        policy
+            .strong_share(router)
+            .and_then(|share| self.score_windows.get(router)?.threshold(share))
+            .or_else(|| policy.default_threshold(router))
     }
 
     #[must_use]
@@ -459,6 +506,9 @@ impl Gateway {
         if let Some(stats) = self.router_stats.get(router_name) {
             stats.record(tier, (!fallback).then_some(win_rate));
         }
+        if let Some(window) = self.score_windows.get(router_name) {
+            window.record(win_rate);
+        }
         Ok(RouteDecision {
             router: router_name.to_owned(),
             threshold,
@@ -486,7 +536,7 @@ impl Gateway {
             code: Some("invalid_model"),
         })?;
         let threshold = threshold
-            .or_else(|| policy.default_threshold(router_name))
+            .or_else(|| self.default_threshold_under(policy, router_name))
             .ok_or_else(|| Error::InvalidRequest {
                 message: format!(
                     "Router `{router_name}` has no default threshold: use `router-{router_name}-<threshold>` with a \
@@ -1050,5 +1100,137 @@ mod tests {
         assert!(wants_usage(br#"{"stream_options":{"include_usage":true}}"#));
         assert!(!wants_usage(br#"{"stream_options":{}}"#));
         assert!(!wants_usage(b"{}"));
+    }
+
+    /// Scores a prompt as the number it spells, so a test chooses every score.
+    struct Spelled;
+    impl Router for Spelled {
+        fn strong_win_rate(&self, prompt: &str) -> Result<f64, RouterError> {
+            prompt
+                .parse()
+                .map_err(|_| RouterError::Score(format!("not a score: {prompt}")))
+        }
+    }
+
+    fn spelled_gateway(yaml: &str) -> Result<Gateway, Error> {
+        let config = Config::merge(
+            FileConfig::from_yaml(yaml)?,
+            Overrides {
+                strong_model: Some("echo/strong".into()),
+                weak_model: Some("echo/weak".into()),
+                ..Overrides::default()
+            },
+        )?;
+        let mut routers: BTreeMap<String, Arc<dyn Router>> = BTreeMap::new();
+        routers.insert("random".into(), Arc::new(Spelled));
+        Gateway::with_routers(&config, routers)
+    }
+
+    async fn strong_count(gateway: &Gateway, scores: impl Iterator<Item = f64>) -> usize {
+        let mut strong = 0;
+        for score in scores {
+            let decision = gateway.route("random", None, score.to_string()).await.unwrap();
+            strong += usize::from(decision.tier == Tier::Strong);
+        }
+        strong
+    }
+
+    #[tokio::test]
+    async fn strong_share_moves_the_default_threshold_with_the_traffic() {
+        let gateway =
+            spelled_gateway("thresholds: {random: 0.5}\nstrong_share: {random: 0.2}\nstrong_share_window: 100\n")
+                .unwrap();
+        // Until 100 scores are in, the configured threshold decides: every 0.6 goes strong.
+        let early = strong_count(&gateway, std::iter::repeat_n(0.6, 99)).await;
+        assert_eq!(early, 99);
+        assert_eq!(gateway.default_threshold("random"), Some(0.5));
+        // Traffic drifts to scores 0.70..0.79 (all above the configured 0.5): once the
+        // window holds only them, a fifth of them goes strong, not all.
+        let drifted = || (0..100).map(|i| 0.7 + f64::from(i % 10) / 100.0);
+        let _ = strong_count(&gateway, drifted()).await;
+        let threshold = gateway.default_threshold("random").unwrap();
+        assert!((0.77..=0.78).contains(&threshold), "{threshold}");
+        assert_eq!(strong_count(&gateway, drifted()).await, 20);
+        // An explicit threshold is the client's choice and stays as asked.
+        let pinned = gateway.route("random", Some(0.5), "0.7".into()).await.unwrap();
+        assert_eq!((pinned.threshold, pinned.tier), (0.5, Tier::Strong));
+        // Without strong_share, the same traffic is all strong at the configured threshold.
+        let fixed = spelled_gateway("thresholds: {random: 0.5}\n").unwrap();
+        let _ = strong_count(&fixed, drifted()).await;
+        assert_eq!(strong_count(&fixed, drifted()).await, 100);
+    }
+
+    #[tokio::test]
+    async fn strong_share_set_by_a_reload_starts_from_the_scores_already_seen() {
+        let gateway = spelled_gateway("thresholds: {random: 0.5}\n").unwrap();
+        let _ = strong_count(&gateway, (0..200).map(|i| f64::from(i) / 200.0)).await;
+        assert_eq!(gateway.default_threshold("random"), Some(0.5));
+        let config = Config::merge(
+            FileConfig::from_yaml("thresholds: {random: 0.5}\nstrong_share: {random: 0.1}\n").unwrap(),
+            Overrides {
+                strong_model: Some("echo/strong".into()),
+                weak_model: Some("echo/weak".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert!(gateway.reload(&config).unwrap().is_empty());
+        let threshold = gateway.default_threshold("random").unwrap();
+        assert!((0.895..=0.9).contains(&threshold), "{threshold}");
+        assert_eq!(gateway.policy().strong_share("random"), Some(0.1));
+        // A different window needs a restart, and says so.
+        let resized = Config::merge(
+            FileConfig::from_yaml("thresholds: {random: 0.5}\nstrong_share_window: 5000\n").unwrap(),
+            Overrides {
+                strong_model: Some("echo/strong".into()),
+                weak_model: Some("echo/weak".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(gateway.reload(&resized).unwrap(), vec!["strong_share_window"]);
+    }
+
+    #[tokio::test]
+    async fn router_failures_do_not_enter_the_window() {
+        let gateway = spelled_gateway(
+            "thresholds: {random: 0.5}\nstrong_share: {random: 0.5}\nstrong_share_window: 100\non_router_error: weak\n",
+        )
+        .unwrap();
+        let request = |prompt: &str| {
+            format!(r#"{{"model":"router-random","messages":[{{"role":"user","content":"{prompt}"}}]}}"#)
+        };
+        for _ in 0..150 {
+            let answer = gateway
+                .chat_completion(request("not a number").as_bytes())
+                .await
+                .unwrap();
+            assert!(answer.decision.unwrap().fallback);
+        }
+        assert_eq!(gateway.score_windows["random"].len(), 0);
+        assert_eq!(gateway.default_threshold("random"), Some(0.5));
+    }
+
+    #[test]
+    fn strong_share_needs_a_known_router_and_a_starting_threshold() {
+        let Err(error) = spelled_gateway("strong_share: {random: 0.3}\n") else {
+            panic!("a share with no threshold to start from must fail start-up")
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains("strong_share.random needs thresholds.random"),
+            "{message}"
+        );
+        assert!(message.contains("--strong-model-pct 0.3"), "{message}");
+        let Err(error) = spelled_gateway("thresholds: {random: 0.5}\nstrong_share: {fm: 0.3}\n") else {
+            panic!("a share for a router nothing knows (a typo) must fail start-up")
+        };
+        assert!(error.to_string().contains("strong_share.fm: no router"), "{error}");
+        for bad in ["strong_share: {random: 1.5}\n", "strong_share_window: 10\n"] {
+            let Err(error) = spelled_gateway(&format!("thresholds: {{random: 0.5}}\n{bad}")) else {
+                panic!("{bad} must be refused")
+            };
+            assert!(error.to_string().contains("outside"), "{error}");
+        }
     }
 }

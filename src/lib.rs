@@ -4,6 +4,7 @@
 //! Module map:
 //! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/responses`, `/v1/completions`, `/v1/models`, `/health`, `/metrics`) and [`server::run`].
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
+//! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.
 //! - [`model_name`]: parsing `router-<name>-<threshold>` (aliases are resolved by the gateway first).
 //! - [`controller`]: routing from Rust code without HTTP ([`Controller`]).
 //! - [`metrics`]: Prometheus counters and the overhead histogram at `GET /metrics`.
@@ -53,6 +54,7 @@ pub mod routers;
 pub mod scoring;
 pub mod server;
 pub mod sse;
+pub mod strong_share;
 pub mod train;
 pub mod upstream;
 pub mod usage;

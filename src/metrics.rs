@@ -110,10 +110,16 @@ pub fn render_prompt_log(written: u64, dropped: u64) -> String {
 }
 
 /// The routing policy in force and how its reloads went: the default threshold of each
-/// loaded router that has one, and `SIGHUP` reloads applied and refused, so a dashboard
-/// shows which thresholds serve and an alert can catch a config that did not take.
+/// loaded router that has one, the `strong_share` targets, and `SIGHUP` reloads applied
+/// and refused, so a dashboard shows which thresholds serve and an alert can catch a
+/// config that did not take.
 #[must_use]
-pub fn render_policy<'a>(thresholds: impl IntoIterator<Item = (&'a str, f64)>, applied: u64, refused: u64) -> String {
+pub fn render_policy<'a>(
+    thresholds: impl IntoIterator<Item = (&'a str, f64)>,
+    strong_shares: impl IntoIterator<Item = (&'a str, f64)>,
+    applied: u64,
+    refused: u64,
+) -> String {
     let mut out = String::with_capacity(512);
     out.push_str(
         "# HELP routellm_router_default_threshold The threshold a router applies to `router-<name>` without one (and to aliases without one).\n\
@@ -125,6 +131,18 @@ pub fn render_policy<'a>(thresholds: impl IntoIterator<Item = (&'a str, f64)>, a
             "routellm_router_default_threshold",
             [("router", &label_value(router))],
             threshold,
+        );
+    }
+    out.push_str(
+        "# HELP routellm_router_strong_share_target The share of a router's latest scores its default threshold sends to the strong model (strong_share).\n\
+         # TYPE routellm_router_strong_share_target gauge\n",
+    );
+    for (router, share) in strong_shares {
+        write_sample(
+            &mut out,
+            "routellm_router_strong_share_target",
+            [("router", &label_value(router))],
+            share,
         );
     }
     out.push_str(

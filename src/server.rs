@@ -463,9 +463,10 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
         .routers()
         .keys()
         .map(|name| {
+            // A threshold that follows traffic (`strong_share`) is no fixed name to pin.
             let id = match policy.default_threshold(name) {
-                Some(threshold) => format!("router-{name}-{threshold}"),
-                None => format!("router-{name}"),
+                Some(threshold) if policy.strong_share(name).is_none() => format!("router-{name}-{threshold}"),
+                _ => format!("router-{name}"),
             };
             router_model(&state, &policy, &id, name)
         })
@@ -531,16 +532,21 @@ fn authorize(policy: &Policy, headers: &HeaderMap) -> Result<(), Error> {
     policy.authorize(headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()))
 }
 
-/// A router as OpenAI's model object, with its default threshold under `policy`.
+/// A router as OpenAI's model object, with its default threshold under `policy` (and the
+/// share of traffic that threshold follows, with `strong_share`).
 fn router_model(state: &AppState, policy: &Policy, id: &str, router: &str) -> serde_json::Value {
-    json!({
+    let mut model = json!({
         "id": id,
         "object": "model",
         "created": state.started_at(),
         "owned_by": "routellm",
         "router": router,
-        "default_threshold": policy.default_threshold(router),
-    })
+        "default_threshold": state.default_threshold_under(policy, router),
+    });
+    if let Some(share) = policy.strong_share(router) {
+        model["strong_share"] = json!(share);
+    }
+    model
 }
 
 /// One of the two configured models as OpenAI's model object.
@@ -564,7 +570,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state
             .routers()
             .keys()
-            .filter_map(|router| Some((router.as_str(), policy.default_threshold(router)?))),
+            .filter_map(|router| Some((router.as_str(), state.default_threshold_under(&policy, router)?))),
+        state
+            .routers()
+            .keys()
+            .filter_map(|router| Some((router.as_str(), policy.strong_share(router)?))),
         applied,
         refused,
     ));

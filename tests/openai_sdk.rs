@@ -217,8 +217,8 @@ async fn serve_check_validates_and_describes_without_secrets() {
     let config = tempfile(
         "strong_model: {name: openai/gpt-4o, api_key: sk-strong-secret, base_url: 'https://user:pw-secret@llm.example/v1', \
          headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
-         weak_model: echo/mixtral\nthresholds: {random: 0.4}\nupstream: {forward_headers: [traceparent]}\n\
-         api_keys: [client-key-secret]\n",
+         weak_model: echo/mixtral\nthresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
+         upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret]\n",
     );
     let check = |config: &std::path::Path| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
@@ -235,7 +235,8 @@ async fn serve_check_validates_and_describes_without_secrets() {
     assert!(output.status.success(), "{stdout}");
     for expected in [
         "configuration OK",
-        "router random: loaded, default threshold 0.4",
+        "router random: loaded, default threshold 0.4 until 100 requests are scored, then the one that sends 0.3 \
+         of its latest 1000 scores to the strong model",
         "strong model openai/gpt-4o as `gpt-4o`: https://redacted@llm.example/v1 (openai), API key set, extra headers: x-gateway-key",
         "price per million tokens: input 2.5, output 10",
         "weak model echo/mixtral as `mixtral`: built-in offline echo",

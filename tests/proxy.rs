@@ -113,6 +113,68 @@ async fn default_threshold_from_config_serves_bare_router_name() {
     assert_eq!(weak.received().len(), 1);
 }
 
+/// With `strong_share`, `router-<name>` follows the router's own traffic: once the window
+/// has its scores, the threshold moves to where that share of them goes strong, and the
+/// listing and metrics say so.
+#[tokio::test]
+async fn strong_share_moves_the_default_threshold_to_the_traffic() {
+    let (strong, weak, proxy) = setup(
+        "thresholds: {fixed_high: 0.9, random: 0.25}\nstrong_share: {fixed_high: 0.5}\nstrong_share_window: 100\n",
+    )
+    .await;
+    let listed = proxy.get_json("/v1/models").await;
+    let fixed_high = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|model| model["router"] == "fixed_high")
+        .unwrap()
+        .clone();
+    // No threshold in the id: the default moves, a client should not pin today's.
+    assert_eq!(fixed_high["id"], "router-fixed_high");
+    assert_eq!(
+        (
+            fixed_high["default_threshold"].as_f64(),
+            fixed_high["strong_share"].as_f64()
+        ),
+        (Some(0.9), Some(0.5))
+    );
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("routellm_router_strong_share_target{router=\"fixed_high\"} 0.5\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("routellm_router_strong_share_target{router=\"random\"}"),
+        "{metrics}"
+    );
+
+    // fixed_high scores every prompt 0.8: below the configured 0.9, so weak at first ...
+    for _ in 0..100 {
+        let response = proxy.post_chat(&body("router-fixed_high", "")).await;
+        assert_eq!(response.headers()["x-routellm-threshold"], "0.9");
+    }
+    assert_eq!((weak.received().len(), strong.received().len()), (100, 0));
+    // ... then its window holds 100 scores of 0.8, and the threshold that sends half of
+    // them strong is 0.8 itself (all tied: all in is as near half as none).
+    let response = proxy.post_chat(&body("router-fixed_high", "")).await;
+    assert_eq!(response.headers()["x-routellm-threshold"], "0.8");
+    assert_eq!(response.headers()["x-routellm-tier"], "strong");
+    assert_eq!(
+        proxy.get_json("/v1/models/router-fixed_high").await["default_threshold"].as_f64(),
+        Some(0.8)
+    );
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("routellm_router_default_threshold{router=\"fixed_high\"} 0.8\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("routellm_router_default_threshold{router=\"random\"} 0.25\n"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn streams_pass_through_chunk_by_chunk() {
     let (strong, _weak, proxy) = setup("").await;
