@@ -37,9 +37,9 @@ fn words(count: usize) -> String {
         .join(" ")
 }
 
-fn chat_body(prompt: &str, stream: bool) -> Vec<u8> {
+fn chat_body(model: &str, prompt: &str, stream: bool) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
-        "model": "router-random-0.5",
+        "model": model,
         "stream": stream,
         "messages": [
             {"role": "system", "content": "You are a helpful assistant."},
@@ -54,7 +54,7 @@ fn chat_body(prompt: &str, stream: bool) -> Vec<u8> {
 fn request_parsing(c: &mut Criterion) {
     let mut group = c.benchmark_group("request");
     for count in [20, 300, 2000] {
-        let body = chat_body(&words(count), false);
+        let body = chat_body("router-random-0.5", &words(count), false);
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_with_input(BenchmarkId::new("parse_prompt_rewrite", count), &body, |b, body| {
             b.iter(|| {
@@ -151,8 +151,8 @@ fn router_scoring(c: &mut Criterion) {
     }
 }
 
-fn gateway(strong: &str, weak: &str) -> Gateway {
-    let file = FileConfig::from_yaml(&format!("strong_model: {strong}\nweak_model: {weak}\n")).expect("yaml");
+fn gateway(strong: &str, weak: &str, policy: &str) -> Gateway {
+    let file = FileConfig::from_yaml(&format!("strong_model: {strong}\nweak_model: {weak}\n{policy}")).expect("yaml");
     let config = Config::merge(file, Overrides::default()).expect("config");
     let mut routers: BTreeMap<String, Arc<dyn Router>> = BTreeMap::new();
     routers.insert("random".into(), Arc::new(RandomRouter::with_seed(1)));
@@ -198,15 +198,26 @@ fn whole_requests(c: &mut Criterion) {
         tokio::spawn(async move { axum::serve(listener, app).await });
         format!("http://{address}/v1")
     });
-    let echo = gateway("echo/strong", "echo/weak");
+    let echo = gateway("echo/strong", "echo/weak", "");
+    // The default threshold, tracked over the last 1,000 scores: what strong_share adds.
+    let echo_share = gateway(
+        "echo/strong",
+        "echo/weak",
+        "thresholds: {random: 0.5}\nstrong_share: {random: 0.3}\n",
+    );
     let http = gateway(
         &format!("{{name: openai/strong, base_url: '{upstream}'}}"),
         &format!("{{name: openai/weak, base_url: '{upstream}'}}"),
+        "",
     );
     let mut group = c.benchmark_group("gateway");
-    for (name, gateway) in [("echo", &echo), ("http_mock", &http)] {
+    for (name, gateway, model) in [
+        ("echo", &echo, "router-random-0.5"),
+        ("echo_strong_share", &echo_share, "router-random"),
+        ("http_mock", &http, "router-random-0.5"),
+    ] {
         for stream in [false, true] {
-            let body = chat_body(&words(300), stream);
+            let body = chat_body(model, &words(300), stream);
             let id = format!("{name}/{}", if stream { "stream" } else { "complete" });
             group.bench_function(id, |b| {
                 b.to_async(&runtime).iter(|| async {
