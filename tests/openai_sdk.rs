@@ -415,6 +415,94 @@ async fn calibrate_reads_the_prompt_log_the_server_writes() {
     let _ = std::fs::remove_file(&log);
 }
 
+/// The rollout the README describes: clients hard-coded to `gpt-4o` are scored but still
+/// all sent to the strong model (an alias at threshold 0), the prompt log is calibrated,
+/// and a reload points the alias at the calibrated threshold, which then splits the same
+/// prompts as calibrated.
+#[cfg(unix)]
+#[tokio::test]
+async fn rollout_scores_in_shadow_then_routes_at_the_calibrated_threshold_after_a_reload() {
+    let log_path = tempfile("").with_extension("jsonl");
+    let _ = std::fs::remove_file(&log_path);
+    let config_for = |alias: &str| {
+        format!(
+            "strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nrouters: [length]\n\
+             model_aliases: {{gpt-4o: '{alias}'}}\nprompt_log: {{path: '{}'}}\n",
+            log_path.display()
+        )
+    };
+    let config = tempfile(&config_for("router-length-0"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
+    command.env_remove("RUST_LOG");
+    let (child, base_url, mut log) = start_command(command, &["--config", config.to_str().unwrap()]).await;
+    routellm::upstream::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let prompts = [
+        "Hi",
+        "Name a colour",
+        "Explain how a hash map resizes, step by step, with the cost of each step",
+        "Write a sonnet about the sea at dawn, in iambic pentameter, rhyming ABAB CDCD EFEF GG",
+    ];
+    let tiers = || async {
+        let mut tiers = Vec::new();
+        for prompt in prompts {
+            let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]});
+            let response = client
+                .post(format!("{base_url}/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            tiers.push(response.headers()["x-routellm-tier"].to_str().unwrap().to_owned());
+        }
+        tiers
+    };
+    assert_eq!(
+        tiers().await,
+        ["strong"; 4],
+        "in shadow every request goes to the strong model"
+    );
+    for _ in 0..100 {
+        if std::fs::read_to_string(&log_path).is_ok_and(|text| text.lines().count() == prompts.len()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_routellm"))
+        .args([
+            "calibrate",
+            "--routers",
+            "length",
+            "--strong-model-pct",
+            "0.5",
+            "--json",
+            "--prompts",
+        ])
+        .arg(&log_path)
+        .env_remove("ROUTELLM_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let calibration: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(calibration["prompts"], 4);
+    let threshold = calibration["threshold"].as_f64().unwrap();
+
+    let line = rewrite_and_hang_up(
+        &config,
+        &config_for(&format!("router-length-{threshold}")),
+        &child,
+        &mut log,
+    )
+    .await;
+    assert!(line.contains("configuration reloaded"), "{line}");
+    assert_eq!(tiers().await, ["weak", "weak", "strong", "strong"]);
+    drop(child);
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(&log_path);
+}
+
 /// The access log is off by default and, with `--access-log`, has one line per request
 /// naming what was decided and the client's request id.
 #[tokio::test]
