@@ -913,6 +913,9 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
         name(config.score_turns.to_possible_value()),
         config.api_keys.len()
     );
+    if let Some(limit) = config.scoring_timeout {
+        let _ = writeln!(out, "scoring timeout: {} ms", limit.as_millis());
+    }
     if !config.cors_allowed_origins.is_empty() {
         let _ = writeln!(out, "CORS origins: {}", config.cors_allowed_origins.join(", "));
     }
@@ -990,7 +993,7 @@ fn init_tracing(format: LogFormat, access_log: bool) {
 }
 
 /// Re-reads the configuration on SIGHUP and applies its routing policy (thresholds, `strong_share`,
-/// aliases, client API keys, `on_*_error`, `score_turns`: see `Gateway::reload`), so a
+/// aliases, client API keys, `on_*_error`, `score_turns`, the scoring timeout: see `Gateway::reload`), so a
 /// recalibrated threshold or a rotated key needs no restart. A file that does not load or
 /// check out leaves the running policy in force. Flags and environment variables given at
 /// start still win over the file.

@@ -30,6 +30,8 @@ const DEFAULT_REQUEST_TIMEOUT_SECS: f64 = 600.0;
 const DEFAULT_CLIENT_TIMEOUT_SECS: f64 = 60.0;
 /// Kubernetes' default termination grace period: a pod is killed after it anyway.
 const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 30.0;
+/// The longest `scoring_timeout_ms`: beyond it the upstream timeout is the real bound.
+const MAX_SCORING_TIMEOUT_MS: u64 = 600_000;
 
 /// A credential: deserialised like a string, never printed.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -227,6 +229,7 @@ pub struct FileConfig {
     client_timeout_secs: Option<f64>,
     shutdown_timeout_secs: Option<f64>,
     scoring_concurrency: Option<usize>,
+    scoring_timeout_ms: Option<u64>,
     #[serde(default)]
     api_keys: Vec<Secret>,
     #[serde(default)]
@@ -325,6 +328,9 @@ pub struct Config {
     /// How many requests a CPU-bound router (MiniLM, `sw_ranking`) scores at once; the rest
     /// wait their turn. Defaults to the machine's cores.
     pub scoring_concurrency: usize,
+    /// How long a request may wait for its score (queueing for a scoring slot included)
+    /// before `on_router_error` decides; none by default.
+    pub scoring_timeout: Option<Duration>,
     /// When non-empty, clients must send one of these as `Authorization: Bearer <key>`.
     pub api_keys: Vec<Secret>,
     /// Origins whose browser pages may call the API (`*` for any); none by default.
@@ -412,6 +418,15 @@ impl Config {
             scoring_concurrency: file
                 .scoring_concurrency
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get)),
+            scoring_timeout: match file.scoring_timeout_ms {
+                Some(0) => return Err(Error::Config("scoring_timeout_ms must be positive".into())),
+                Some(ms) if ms > MAX_SCORING_TIMEOUT_MS => {
+                    return Err(Error::Config(format!(
+                        "scoring_timeout_ms = {ms} is over {MAX_SCORING_TIMEOUT_MS} (ten minutes)"
+                    )));
+                }
+                ms => ms.map(Duration::from_millis),
+            },
             api_keys: file.api_keys,
             cors_allowed_origins: file.cors_allowed_origins,
             model_aliases: {
@@ -723,10 +738,12 @@ mod tests {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")).unwrap();
         let uncommented = text
             .replace("# strong_share:\n#   mf: 0.3", "strong_share:\n  mf: 0.3")
-            .replace("# strong_share_window: 1000", "strong_share_window: 1000");
+            .replace("# strong_share_window: 1000", "strong_share_window: 1000")
+            .replace("# scoring_timeout_ms: 250", "scoring_timeout_ms: 250");
         assert_ne!(uncommented, text);
         let config = Config::merge(FileConfig::from_yaml(&uncommented).unwrap(), Overrides::default()).unwrap();
         assert_eq!((config.strong_share["mf"], config.strong_share_window), (0.3, 1000));
+        assert_eq!(config.scoring_timeout, Some(Duration::from_millis(250)));
     }
 
     #[test]

@@ -54,6 +54,12 @@ pub enum Error {
     /// `source`: printed as a chain, it would appear twice.)
     #[error("Router `{router}` failed: {cause}")]
     Router { router: String, cause: RouterError },
+    /// A router did not score within `scoring_timeout_ms` (a burst queued for the scoring
+    /// slots, or a slow embeddings endpoint).
+    #[error(
+        "Router `{router}` did not score the prompt within {limit_ms} ms (scoring_timeout_ms); the server is busy, retry later."
+    )]
+    RouterTimeout { router: String, limit_ms: u128 },
     /// The configuration is invalid; reported at start-up, never per request.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -122,6 +128,7 @@ impl Error {
             Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::UpstreamStatus { status, .. } => *status,
+            Error::RouterTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Router { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -141,7 +148,11 @@ impl Error {
             | Error::UpstreamTimeout { .. }
             | Error::UpstreamStatus { .. }
             | Error::UpstreamProtocol { .. } => "upstream_error",
-            Error::Router { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => "server_error",
+            Error::Router { .. }
+            | Error::RouterTimeout { .. }
+            | Error::Config(_)
+            | Error::Io { .. }
+            | Error::Internal(_) => "server_error",
         }
     }
 
@@ -167,6 +178,7 @@ impl Error {
             Error::UpstreamStatus { .. } => Some("upstream_status"),
             Error::UpstreamProtocol { .. } => Some("upstream_invalid_response"),
             Error::Router { .. } => Some("router_error"),
+            Error::RouterTimeout { .. } => Some("router_timeout"),
             Error::UnknownUrl { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => None,
         }
     }

@@ -90,6 +90,8 @@ pub struct Policy {
     on_router_error: OnRouterError,
     on_upstream_error: OnUpstreamError,
     score_turns: ScoreTurns,
+    /// `scoring_timeout_ms`: how long a request waits for its score.
+    scoring_timeout: Option<Duration>,
 }
 
 impl Policy {
@@ -102,6 +104,7 @@ impl Policy {
             on_router_error: config.on_router_error,
             on_upstream_error: config.on_upstream_error,
             score_turns: config.score_turns,
+            scoring_timeout: config.scoring_timeout,
         }
     }
 
@@ -245,7 +248,7 @@ impl Gateway {
     }
 
     /// Takes the policy settings of `config` (thresholds, `strong_share`, aliases, API keys, the
-    /// `on_*_error` choices, `score_turns`) for requests from now on, once they check out
+    /// `on_*_error` choices, `score_turns`, `scoring_timeout_ms`) for requests from now on, once they check out
     /// against the routers and models this server runs; on error the running policy stays.
     /// Returns the settings of `config` that differ and need a restart to take effect.
     pub fn reload(&self, config: &Config) -> Result<Vec<&'static str>, Error> {
@@ -486,7 +489,22 @@ impl Gateway {
         on_error: OnRouterError,
     ) -> Result<RouteDecision, Error> {
         let (router, threshold) = self.resolve(policy, router_name, threshold)?;
-        let (win_rate, tier, fallback) = match score(router, router_name, prompts, &self.scoring_slots).await {
+        let scored = score(router, router_name, prompts, &self.scoring_slots);
+        let scored = match policy.scoring_timeout {
+            // Dropping the scoring future gives up a queued slot at once; scoring already
+            // running finishes on its thread (and keeps its slot until then), unobserved.
+            Some(limit) => tokio::time::timeout(limit, scored).await.unwrap_or_else(|_| {
+                if let Some(stats) = self.router_stats.get(router_name) {
+                    stats.record_timeout();
+                }
+                Err(Error::RouterTimeout {
+                    router: router_name.to_owned(),
+                    limit_ms: limit.as_millis(),
+                })
+            }),
+            None => scored.await,
+        };
+        let (win_rate, tier, fallback) = match scored {
             Ok(win_rate) => (win_rate, tier_for(win_rate, threshold), false),
             Err(error) => {
                 let tier = match on_error {
@@ -1231,6 +1249,91 @@ mod tests {
                 panic!("{bad} must be refused")
             };
             assert!(error.to_string().contains("outside"), "{error}");
+        }
+    }
+
+    /// Takes its time, off the async workers, as MiniLM does under load.
+    struct Slow(Duration);
+    impl Router for Slow {
+        fn strong_win_rate(&self, _prompt: &str) -> Result<f64, RouterError> {
+            std::thread::sleep(self.0);
+            Ok(0.9)
+        }
+        fn scoring_cost(&self) -> ScoringCost {
+            ScoringCost::Blocking
+        }
+    }
+
+    fn slow_gateway(delay_ms: u64, yaml: &str) -> Gateway {
+        let config = Config::merge(
+            FileConfig::from_yaml(yaml).unwrap(),
+            Overrides {
+                strong_model: Some("echo/strong".into()),
+                weak_model: Some("echo/weak".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        let mut routers: BTreeMap<String, Arc<dyn Router>> = BTreeMap::new();
+        routers.insert("bert".into(), Arc::new(Slow(Duration::from_millis(delay_ms))));
+        Gateway::with_routers(&config, routers).unwrap()
+    }
+
+    const SLOW_REQUEST: &[u8] = br#"{"model":"router-bert-0.5","messages":[{"role":"user","content":"hi"}]}"#;
+
+    #[tokio::test]
+    async fn a_score_that_takes_too_long_is_given_up_and_on_router_error_decides() {
+        let gateway = slow_gateway(1000, "scoring_timeout_ms: 50\non_router_error: weak\n");
+        let started = Instant::now();
+        let answer = gateway.chat_completion(SLOW_REQUEST).await.unwrap();
+        // Answered without waiting for the score (which takes a second).
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            started.elapsed()
+        );
+        let decision = answer.decision.unwrap();
+        assert!(decision.fallback);
+        assert_eq!(decision.tier, Tier::Weak);
+        assert_eq!(gateway.router_stats["bert"].timeouts(), 1);
+        // Without a fallback the client gets a retryable 503 that says why.
+        let strict = slow_gateway(1000, "scoring_timeout_ms: 50\non_router_error: error\n");
+        let Err(error) = strict.chat_completion(SLOW_REQUEST).await else {
+            panic!("the score never came")
+        };
+        assert_eq!(error.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(error.to_string().contains("within 50 ms"), "{error}");
+        // In time, the score decides as usual.
+        let patient = slow_gateway(10, "scoring_timeout_ms: 2000\non_router_error: weak\n");
+        let decision = patient.chat_completion(SLOW_REQUEST).await.unwrap().decision.unwrap();
+        assert_eq!((decision.fallback, decision.tier), (false, Tier::Strong));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_scoring_slot_counts_against_the_timeout() {
+        // One slot, 200 ms a score, 350 ms allowed. Both requests start together; the
+        // first takes the slot, so the second cannot have its score before 400 ms.
+        let gateway = slow_gateway(
+            200,
+            "scoring_timeout_ms: 350\nscoring_concurrency: 1\non_router_error: weak\n",
+        );
+        let (first, second) = tokio::join!(
+            gateway.chat_completion(SLOW_REQUEST),
+            gateway.chat_completion(SLOW_REQUEST)
+        );
+        let (first, second) = (first.unwrap().decision.unwrap(), second.unwrap().decision.unwrap());
+        assert_eq!((first.fallback, first.tier), (false, Tier::Strong));
+        assert_eq!((second.fallback, second.tier), (true, Tier::Weak));
+    }
+
+    #[test]
+    fn scoring_timeout_is_checked() {
+        for (yaml, why) in [
+            ("scoring_timeout_ms: 0\n", "must be positive"),
+            ("scoring_timeout_ms: 600001\n", "over 600000"),
+        ] {
+            let error = Config::merge(FileConfig::from_yaml(yaml).unwrap(), Overrides::default()).unwrap_err();
+            assert!(error.to_string().contains(why), "{yaml}: {error}");
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct RouterStats {
     scores: [AtomicU64; SCORE_BUCKETS],
     /// Sum of the scores, f64 bits.
     score_sum: AtomicU64,
+    /// Requests that gave up waiting for a score (`scoring_timeout_ms`).
+    timeouts: AtomicU64,
 }
 
 impl Default for RouterStats {
@@ -56,6 +58,7 @@ impl Default for RouterStats {
             decisions: [AtomicU64::new(0), AtomicU64::new(0)],
             scores: std::array::from_fn(|_| AtomicU64::new(0)),
             score_sum: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
         }
     }
 }
@@ -73,6 +76,17 @@ impl RouterStats {
             self.scores[score_bucket(score)].fetch_add(1, Ordering::Relaxed);
             add_f64(&self.score_sum, score);
         }
+    }
+
+    /// Counts a request that stopped waiting for its score after `scoring_timeout_ms`.
+    pub fn record_timeout(&self) {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests that stopped waiting for a score so far.
+    #[must_use]
+    pub fn timeouts(&self) -> u64 {
+        self.timeouts.load(Ordering::Relaxed)
     }
 }
 
@@ -188,6 +202,7 @@ pub fn render_router_stats<'a>(routers: impl IntoIterator<Item = (&'a str, &'a R
         "# HELP routellm_router_score Each router's scores (the strong model's predicted win rate) in hundredths; histogram_quantile(1 - share, ...) is the threshold that would have sent that share of these requests to the strong model.\n",
     );
     out.push_str("# TYPE routellm_router_score histogram\n");
+    let for_timeouts = routers.clone();
     for (name, stats) in routers {
         let name = label_value(name);
         let mut cumulative = 0_u64;
@@ -206,6 +221,18 @@ pub fn render_router_stats<'a>(routers: impl IntoIterator<Item = (&'a str, &'a R
         let sum = f64::from_bits(stats.score_sum.load(Ordering::Relaxed));
         let _ = writeln!(out, "routellm_router_score_sum{{router=\"{name}\"}} {sum}");
         let _ = writeln!(out, "routellm_router_score_count{{router=\"{name}\"}} {cumulative}");
+    }
+    out.push_str(
+        "# HELP routellm_router_timeouts_total Routed requests that stopped waiting for their router's score after scoring_timeout_ms (on_router_error then decided).\n\
+         # TYPE routellm_router_timeouts_total counter\n",
+    );
+    for (name, stats) in for_timeouts {
+        write_sample(
+            &mut out,
+            "routellm_router_timeouts_total",
+            [("router", label_value(name).as_str())],
+            stats.timeouts.load(Ordering::Relaxed),
+        );
     }
     out
 }

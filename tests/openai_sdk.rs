@@ -218,7 +218,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "strong_model: {name: openai/gpt-4o, api_key: sk-strong-secret, base_url: 'https://user:pw-secret@llm.example/v1', \
          headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
          weak_model: echo/mixtral\nthresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
-         upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret]\n",
+         upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret]\nscoring_timeout_ms: 250\n",
     );
     let check = |config: &std::path::Path| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
@@ -242,6 +242,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "weak model echo/mixtral as `mixtral`: built-in offline echo",
         "client headers forwarded: traceparent",
         "on_router_error: strong, on_upstream_error: fail, score_turns: last, client API keys: 1",
+        "scoring timeout: 250 ms",
         "model alias `auto` → `router-random`",
         "model alias `later` → `router-mf` (router `mf` is not loaded: requests for it are refused)",
     ] {

@@ -731,6 +731,40 @@ async fn metrics_show_each_routers_decisions_and_scores() {
     }
 }
 
+/// `scoring_timeout_ms` bounds what a router may add to a request: past it, without a
+/// fallback, the client gets OpenAI's error shape with a retryable 503, no model is called,
+/// and /metrics counts the timeout.
+#[tokio::test]
+async fn a_router_slower_than_scoring_timeout_gets_a_503_and_is_counted() {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let mut routers: std::collections::BTreeMap<String, std::sync::Arc<dyn routellm::Router>> =
+        std::collections::BTreeMap::new();
+    let router = SlowRouter {
+        running: 0.into(),
+        most: 0.into(),
+        cost: routellm::routers::ScoringCost::Blocking,
+        delay: Duration::from_secs(1),
+    };
+    routers.insert("bert".into(), std::sync::Arc::new(router));
+    let proxy = Proxy::start_with(
+        &strong.base_url(),
+        &weak.base_url(),
+        "scoring_timeout_ms: 50\non_router_error: error\n",
+        routers,
+    )
+    .await;
+    let error = openai_error(proxy.post_chat(&body("router-bert-0.5", "")).await, 503).await;
+    assert_eq!(error["type"], "server_error");
+    assert_eq!(error["code"], "router_timeout");
+    assert!(error["message"].as_str().unwrap().contains("within 50 ms"), "{error}");
+    assert_eq!(strong.received().len() + weak.received().len(), 0);
+    let text = proxy.metrics().await;
+    assert!(
+        text.contains("routellm_router_timeouts_total{router=\"bert\"} 1\n"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn metrics_count_the_tokens_each_tier_answered_with() {
     let (_strong, _weak, proxy) = setup("").await;
@@ -897,12 +931,13 @@ async fn a_router_that_cannot_score_falls_back_to_the_configured_model() {
     openai_error(proxy.post_chat(&body("router-nosuch-0.5", "")).await, 400).await;
 }
 
-/// A slow router: sleeps on the blocking pool and records how many run at once; `cost`
-/// says whether it claims CPU (`Blocking`) or waits on the network (`Remote`).
+/// A slow router: sleeps `delay` on the blocking pool and records how many run at once;
+/// `cost` says whether it claims CPU (`Blocking`) or waits on the network (`Remote`).
 struct SlowRouter {
     running: std::sync::atomic::AtomicUsize,
     most: std::sync::atomic::AtomicUsize,
     cost: routellm::routers::ScoringCost,
+    delay: Duration,
 }
 
 impl routellm::routers::Router for SlowRouter {
@@ -914,7 +949,7 @@ impl routellm::routers::Router for SlowRouter {
         use std::sync::atomic::Ordering;
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(self.delay);
         self.running.fetch_sub(1, Ordering::SeqCst);
         Ok(0.9)
     }
@@ -929,6 +964,7 @@ async fn most_scored_at_once(slots: usize, requests: usize, cost: routellm::rout
         running: 0.into(),
         most: 0.into(),
         cost,
+        delay: Duration::from_millis(100),
     });
     let mut routers: std::collections::BTreeMap<String, std::sync::Arc<dyn routellm::routers::Router>> =
         std::collections::BTreeMap::new();
