@@ -156,7 +156,7 @@ impl Policy {
 pub struct Gateway {
     routers: BTreeMap<String, Arc<dyn Router>>,
     /// Decisions and scores per router, for `/metrics`.
-    router_stats: BTreeMap<String, RouterStats>,
+    router_stats: BTreeMap<String, Arc<RouterStats>>,
     /// Each router's latest scores, for `strong_share`; kept for every router so a
     /// reload that sets a share starts from the traffic already seen.
     score_windows: BTreeMap<String, ScoreWindow>,
@@ -211,7 +211,7 @@ impl Gateway {
         let gateway = Self {
             router_stats: routers
                 .keys()
-                .map(|name| (name.clone(), RouterStats::default()))
+                .map(|name| (name.clone(), Arc::new(RouterStats::default())))
                 .collect(),
             score_windows: routers
                 .keys()
@@ -401,7 +401,9 @@ impl Gateway {
 
     /// Each served router's decisions and scores so far.
     pub fn router_stats(&self) -> impl Iterator<Item = (&str, &RouterStats)> + Clone {
-        self.router_stats.iter().map(|(name, stats)| (name.as_str(), stats))
+        self.router_stats
+            .iter()
+            .map(|(name, stats)| (name.as_str(), stats.as_ref()))
     }
 
     /// A router's default threshold now, used for `router-<name>` without one.
@@ -489,21 +491,38 @@ impl Gateway {
         on_error: OnRouterError,
     ) -> Result<RouteDecision, Error> {
         let (router, threshold) = self.resolve(policy, router_name, threshold)?;
-        let scored = score(router, router_name, prompts, &self.scoring_slots);
-        let scored = match policy.scoring_timeout {
+        let stats = self.router_stats.get(router_name);
+        let budget = policy.scoring_timeout.map(|limit| {
+            let deadline = tokio::time::Instant::now() + limit;
+            let typical = stats.map_or(Duration::ZERO, |stats| stats.typical_scoring_time());
+            ScoringBudget {
+                limit,
+                deadline,
+                // Under a burst, a request that gets its slot too late to finish in time
+                // would spend the slot on a score nobody waits for, and make the next
+                // request late too: it starts only with a typical scoring's time left.
+                start_by: deadline.checked_sub(typical).unwrap_or(deadline),
+            }
+        });
+        let scored = score(
+            router,
+            router_name,
+            prompts,
+            &self.scoring_slots,
+            stats,
+            budget.as_ref(),
+        );
+        let scored = match &budget {
             // Dropping the scoring future gives up a queued slot at once; scoring already
             // running finishes on its thread (and keeps its slot until then), unobserved.
-            Some(limit) => tokio::time::timeout(limit, scored).await.unwrap_or_else(|_| {
-                if let Some(stats) = self.router_stats.get(router_name) {
-                    stats.record_timeout();
-                }
-                Err(Error::RouterTimeout {
-                    router: router_name.to_owned(),
-                    limit_ms: limit.as_millis(),
-                })
-            }),
+            Some(budget) => tokio::time::timeout_at(budget.deadline, scored)
+                .await
+                .unwrap_or_else(|_| Err(budget.exceeded(router_name))),
             None => scored.await,
         };
+        if let (Err(Error::RouterTimeout { .. }), Some(stats)) = (&scored, stats) {
+            stats.record_timeout();
+        }
         let (win_rate, tier, fallback) = match scored {
             Ok(win_rate) => (win_rate, tier_for(win_rate, threshold), false),
             Err(error) => {
@@ -781,6 +800,23 @@ fn tier_for(win_rate: f64, threshold: f64) -> Tier {
     }
 }
 
+/// `scoring_timeout_ms` for one request: when its score must be in, and when its scoring
+/// must have started to make that.
+struct ScoringBudget {
+    limit: Duration,
+    deadline: tokio::time::Instant,
+    start_by: tokio::time::Instant,
+}
+
+impl ScoringBudget {
+    fn exceeded(&self, router: &str) -> Error {
+        Error::RouterTimeout {
+            router: router.to_owned(),
+            limit_ms: self.limit.as_millis(),
+        }
+    }
+}
+
 /// Runs the router where its cost allows: inline when trivial, else on the blocking pool
 /// so a slow model never stalls the async workers serving other connections. Blocking
 /// scoring takes one of `slots` first: a burst then queues in arrival order (tokio's
@@ -794,25 +830,37 @@ async fn score(
     name: &str,
     prompts: Vec<String>,
     slots: &Arc<tokio::sync::Semaphore>,
+    stats: Option<&Arc<RouterStats>>,
+    budget: Option<&ScoringBudget>,
 ) -> Result<f64, Error> {
     let cost = router.scoring_cost();
     let result = if cost == ScoringCost::Inline {
         score_all(router.as_ref(), &prompts)
     } else {
         let permit = if cost == ScoringCost::Blocking {
-            let permit = Arc::clone(slots)
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::Internal("the scoring pool is closed".into()))?;
-            Some(permit)
+            let acquire = Arc::clone(slots).acquire_owned();
+            let permit = match budget {
+                Some(budget) => tokio::time::timeout_at(budget.start_by, acquire)
+                    .await
+                    .map_err(|_| budget.exceeded(name))?,
+                None => acquire.await,
+            };
+            Some(permit.map_err(|_| Error::Internal("the scoring pool is closed".into()))?)
         } else {
             None
         };
         let router = Arc::clone(router);
+        let stats = stats.cloned();
         tokio::task::spawn_blocking(move || {
             // Held until scoring ends, even if the request is dropped meanwhile.
             let _permit = permit;
-            score_all(router.as_ref(), &prompts)
+            let started = Instant::now();
+            let scores = score_all(router.as_ref(), &prompts);
+            // Measured here, so a scoring whose request gave up still counts.
+            if let Some(stats) = stats {
+                stats.record_scoring_time(started.elapsed());
+            }
+            scores
         })
         .await
         .map_err(|error| Error::Internal(format!("router `{name}` crashed: {error}")))?
@@ -1252,10 +1300,11 @@ mod tests {
         }
     }
 
-    /// Takes its time, off the async workers, as MiniLM does under load.
-    struct Slow(Duration);
+    /// Takes its time, off the async workers, as MiniLM does under load; counts its scorings.
+    struct Slow(Duration, AtomicU64);
     impl Router for Slow {
         fn strong_win_rate(&self, _prompt: &str) -> Result<f64, RouterError> {
+            self.1.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(self.0);
             Ok(0.9)
         }
@@ -1265,6 +1314,10 @@ mod tests {
     }
 
     fn slow_gateway(delay_ms: u64, yaml: &str) -> Gateway {
+        slow_gateway_and_router(delay_ms, yaml).0
+    }
+
+    fn slow_gateway_and_router(delay_ms: u64, yaml: &str) -> (Gateway, Arc<Slow>) {
         let config = Config::merge(
             FileConfig::from_yaml(yaml).unwrap(),
             Overrides {
@@ -1275,8 +1328,9 @@ mod tests {
         )
         .unwrap();
         let mut routers: BTreeMap<String, Arc<dyn Router>> = BTreeMap::new();
-        routers.insert("bert".into(), Arc::new(Slow(Duration::from_millis(delay_ms))));
-        Gateway::with_routers(&config, routers).unwrap()
+        let router = Arc::new(Slow(Duration::from_millis(delay_ms), AtomicU64::new(0)));
+        routers.insert("bert".into(), router.clone());
+        (Gateway::with_routers(&config, routers).unwrap(), router)
     }
 
     const SLOW_REQUEST: &[u8] = br#"{"model":"router-bert-0.5","messages":[{"role":"user","content":"hi"}]}"#;
@@ -1324,6 +1378,34 @@ mod tests {
         let (first, second) = (first.unwrap().decision.unwrap(), second.unwrap().decision.unwrap());
         assert_eq!((first.fallback, first.tier), (false, Tier::Strong));
         assert_eq!((second.fallback, second.tier), (true, Tier::Weak));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_would_start_scoring_too_late_does_not_take_a_slot() {
+        let (gateway, router) = slow_gateway_and_router(
+            200,
+            "scoring_timeout_ms: 350\nscoring_concurrency: 1\non_router_error: weak\n",
+        );
+        // One scoring measured: 200 ms is typical now.
+        let warm = gateway.chat_completion(SLOW_REQUEST).await.unwrap().decision.unwrap();
+        assert!(!warm.fallback);
+        assert!(gateway.router_stats["bert"].typical_scoring_time() >= Duration::from_millis(200));
+        // Three at once: the first scores; the others would get the slot at 200 ms with
+        // 150 ms left, less than a scoring takes, so they give up at 150 ms instead of
+        // scoring for nobody (and holding the slot from whoever comes next).
+        let (first, second, third) = tokio::join!(
+            gateway.chat_completion(SLOW_REQUEST),
+            gateway.chat_completion(SLOW_REQUEST),
+            gateway.chat_completion(SLOW_REQUEST)
+        );
+        let fallbacks = [first, second, third].map(|answer| answer.unwrap().decision.unwrap().fallback);
+        assert_eq!(fallbacks, [false, true, true]);
+        assert_eq!(
+            router.1.load(Ordering::Relaxed),
+            2,
+            "the warm-up and the first request only"
+        );
+        assert_eq!(gateway.router_stats["bert"].timeouts(), 2);
     }
 
     #[test]

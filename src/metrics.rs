@@ -50,6 +50,10 @@ pub struct RouterStats {
     score_sum: AtomicU64,
     /// Requests that gave up waiting for a score (`scoring_timeout_ms`).
     timeouts: AtomicU64,
+    /// A moving average of how long one scoring takes off the async workers, in
+    /// nanoseconds (0 until measured): how much of a request's scoring budget it must
+    /// have left when it starts.
+    scoring_nanos: AtomicU64,
 }
 
 impl Default for RouterStats {
@@ -59,6 +63,7 @@ impl Default for RouterStats {
             scores: std::array::from_fn(|_| AtomicU64::new(0)),
             score_sum: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            scoring_nanos: AtomicU64::new(0),
         }
     }
 }
@@ -87,6 +92,26 @@ impl RouterStats {
     #[must_use]
     pub fn timeouts(&self) -> u64 {
         self.timeouts.load(Ordering::Relaxed)
+    }
+
+    /// Folds one measured scoring time into the moving average (weight 1/8: a few
+    /// scorings follow a change of load, one outlier moves it little). Concurrent updates
+    /// may lose one another's step, which an average of this kind tolerates.
+    pub fn record_scoring_time(&self, took: std::time::Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let average = self.scoring_nanos.load(Ordering::Relaxed);
+        let next = if average == 0 {
+            took
+        } else {
+            average - average / 8 + took / 8
+        };
+        self.scoring_nanos.store(next, Ordering::Relaxed);
+    }
+
+    /// How long one scoring typically takes (zero until one was measured).
+    #[must_use]
+    pub fn typical_scoring_time(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.scoring_nanos.load(Ordering::Relaxed))
     }
 }
 
