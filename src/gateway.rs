@@ -957,19 +957,27 @@ mod tests {
         }
     }
 
-    fn gateway(rate: f64, yaml: &str) -> Gateway {
-        let config = Config::merge(
-            FileConfig::from_yaml(yaml).unwrap(),
+    /// `yaml` with the two offline echo models.
+    fn echo_config(yaml: &str) -> Result<Config, Error> {
+        Config::merge(
+            FileConfig::from_yaml(yaml)?,
             Overrides {
                 strong_model: Some("echo/strong".into()),
                 weak_model: Some("echo/weak".into()),
                 ..Overrides::default()
             },
         )
-        .unwrap();
+    }
+
+    /// A gateway between the echo models serving `router` as `name`, configured by `yaml`.
+    fn gateway_serving(name: &str, router: Arc<dyn Router>, yaml: &str) -> Result<Gateway, Error> {
         let mut routers: BTreeMap<String, Arc<dyn Router>> = BTreeMap::new();
-        routers.insert("random".into(), Arc::new(Fixed(rate)));
-        Gateway::with_routers(&config, routers).unwrap()
+        routers.insert(name.into(), router);
+        Gateway::with_routers(&echo_config(yaml)?, routers)
+    }
+
+    fn gateway(rate: f64, yaml: &str) -> Gateway {
+        gateway_serving("random", Arc::new(Fixed(rate)), yaml).unwrap()
     }
 
     #[tokio::test]
@@ -1057,17 +1065,7 @@ mod tests {
 
     #[test]
     fn aliases_that_cannot_be_served_fail_start_up() {
-        let config = |yaml: &str| {
-            Config::merge(
-                FileConfig::from_yaml(yaml).unwrap(),
-                Overrides {
-                    strong_model: Some("echo/strong".into()),
-                    weak_model: Some("echo/weak".into()),
-                    ..Overrides::default()
-                },
-            )
-            .unwrap()
-        };
+        let config = |yaml: &str| echo_config(yaml).unwrap();
         for (yaml, why) in [
             ("model_aliases: {auto: router-fm-0.5}\n", "Unknown router `fm`"),
             ("model_aliases: {auto: router-random}\n", "no default threshold"),
@@ -1179,17 +1177,7 @@ mod tests {
     }
 
     fn spelled_gateway(yaml: &str) -> Result<Gateway, Error> {
-        let config = Config::merge(
-            FileConfig::from_yaml(yaml)?,
-            Overrides {
-                strong_model: Some("echo/strong".into()),
-                weak_model: Some("echo/weak".into()),
-                ..Overrides::default()
-            },
-        )?;
-        let mut routers: BTreeMap<String, Arc<dyn Router>> = BTreeMap::new();
-        routers.insert("random".into(), Arc::new(Spelled));
-        Gateway::with_routers(&config, routers)
+        gateway_serving("random", Arc::new(Spelled), yaml)
     }
 
     async fn strong_count(gateway: &Gateway, scores: impl Iterator<Item = f64>) -> usize {
@@ -1231,29 +1219,13 @@ mod tests {
         let gateway = spelled_gateway("thresholds: {random: 0.5}\n").unwrap();
         let _ = strong_count(&gateway, (0..200).map(|i| f64::from(i) / 200.0)).await;
         assert_eq!(gateway.default_threshold("random"), Some(0.5));
-        let config = Config::merge(
-            FileConfig::from_yaml("thresholds: {random: 0.5}\nstrong_share: {random: 0.1}\n").unwrap(),
-            Overrides {
-                strong_model: Some("echo/strong".into()),
-                weak_model: Some("echo/weak".into()),
-                ..Overrides::default()
-            },
-        )
-        .unwrap();
+        let config = echo_config("thresholds: {random: 0.5}\nstrong_share: {random: 0.1}\n").unwrap();
         assert!(gateway.reload(&config).unwrap().is_empty());
         let threshold = gateway.default_threshold("random").unwrap();
         assert!((0.895..=0.9).contains(&threshold), "{threshold}");
         assert_eq!(gateway.policy().strong_share("random"), Some(0.1));
         // A different window needs a restart, and says so.
-        let resized = Config::merge(
-            FileConfig::from_yaml("thresholds: {random: 0.5}\nstrong_share_window: 5000\n").unwrap(),
-            Overrides {
-                strong_model: Some("echo/strong".into()),
-                weak_model: Some("echo/weak".into()),
-                ..Overrides::default()
-            },
-        )
-        .unwrap();
+        let resized = echo_config("thresholds: {random: 0.5}\nstrong_share_window: 5000\n").unwrap();
         assert_eq!(gateway.reload(&resized).unwrap(), vec!["strong_share_window"]);
     }
 
@@ -1318,19 +1290,8 @@ mod tests {
     }
 
     fn slow_gateway_and_router(delay_ms: u64, yaml: &str) -> (Gateway, Arc<Slow>) {
-        let config = Config::merge(
-            FileConfig::from_yaml(yaml).unwrap(),
-            Overrides {
-                strong_model: Some("echo/strong".into()),
-                weak_model: Some("echo/weak".into()),
-                ..Overrides::default()
-            },
-        )
-        .unwrap();
-        let mut routers: BTreeMap<String, Arc<dyn Router>> = BTreeMap::new();
         let router = Arc::new(Slow(Duration::from_millis(delay_ms), AtomicU64::new(0)));
-        routers.insert("bert".into(), router.clone());
-        (Gateway::with_routers(&config, routers).unwrap(), router)
+        (gateway_serving("bert", router.clone(), yaml).unwrap(), router)
     }
 
     const SLOW_REQUEST: &[u8] = br#"{"model":"router-bert-0.5","messages":[{"role":"user","content":"hi"}]}"#;

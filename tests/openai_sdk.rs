@@ -352,48 +352,16 @@ async fn calibrate_reads_the_prompt_log_the_server_writes() {
     .await;
     routellm::upstream::install_crypto_provider();
     let client = reqwest::Client::new();
-    let prompts = [
-        "Hi",
-        "Name a colour",
-        "Explain how a hash map resizes",
-        "Write a sonnet about the sea at dawn",
-    ];
-    for prompt in prompts {
-        let body = serde_json::json!({"model": "router-length-0.5", "messages": [{"role": "user", "content": prompt}]});
-        let response = client
-            .post(format!("{base_url}/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-    }
+    let prompts = PROMPTS_BY_LENGTH;
+    chat_tiers(&client, &base_url, "router-length-0.5", &prompts).await;
     // The writer flushes after every burst: once the lines are there, killing the server
     // loses nothing.
-    for _ in 0..100 {
-        if std::fs::read_to_string(&log).is_ok_and(|text| text.lines().count() == prompts.len()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_lines(&log, prompts.len()).await;
     drop(child);
     let logged = routellm::prompts::read(&log).unwrap();
     assert_eq!(logged, prompts);
 
-    let output = Command::new(env!("CARGO_BIN_EXE_routellm"))
-        .args([
-            "calibrate",
-            "--routers",
-            "length",
-            "--strong-model-pct",
-            "0.5",
-            "--prompts",
-        ])
-        .arg(&log)
-        .env_remove("ROUTELLM_CONFIG")
-        .output()
-        .await
-        .unwrap();
+    let output = calibrate_length_for_half(&log, false).await;
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(
         output.status.success(),
@@ -438,53 +406,15 @@ async fn rollout_scores_in_shadow_then_routes_at_the_calibrated_threshold_after_
     let (child, base_url, mut log) = start_command(command, &["--config", config.to_str().unwrap()]).await;
     routellm::upstream::install_crypto_provider();
     let client = reqwest::Client::new();
-    let prompts = [
-        "Hi",
-        "Name a colour",
-        "Explain how a hash map resizes, step by step, with the cost of each step",
-        "Write a sonnet about the sea at dawn, in iambic pentameter, rhyming ABAB CDCD EFEF GG",
-    ];
-    let tiers = || async {
-        let mut tiers = Vec::new();
-        for prompt in prompts {
-            let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]});
-            let response = client
-                .post(format!("{base_url}/chat/completions"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            tiers.push(response.headers()["x-routellm-tier"].to_str().unwrap().to_owned());
-        }
-        tiers
-    };
+    let prompts = PROMPTS_BY_LENGTH;
+    let tiers = || chat_tiers(&client, &base_url, "gpt-4o", &prompts);
     assert_eq!(
         tiers().await,
         ["strong"; 4],
         "in shadow every request goes to the strong model"
     );
-    for _ in 0..100 {
-        if std::fs::read_to_string(&log_path).is_ok_and(|text| text.lines().count() == prompts.len()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let output = Command::new(env!("CARGO_BIN_EXE_routellm"))
-        .args([
-            "calibrate",
-            "--routers",
-            "length",
-            "--strong-model-pct",
-            "0.5",
-            "--json",
-            "--prompts",
-        ])
-        .arg(&log_path)
-        .env_remove("ROUTELLM_CONFIG")
-        .output()
-        .await
-        .unwrap();
+    wait_for_lines(&log_path, prompts.len()).await;
+    let output = calibrate_length_for_half(&log_path, true).await;
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let calibration: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(calibration["prompts"], 4);
@@ -582,6 +512,57 @@ fn is_access_line(line: &str) -> bool {
 /// The next access log line (JSON format), within 10 s.
 async fn next_access_line(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> serde_json::Value {
     serde_json::from_str(&next_log_line(log, is_access_line).await).unwrap()
+}
+
+/// Four prompts, shortest first, none of equal length: `length` ranks them in this order.
+const PROMPTS_BY_LENGTH: [&str; 4] = [
+    "Hi",
+    "Name a colour",
+    "Explain how a hash map resizes",
+    "Write a sonnet about the sea at dawn",
+];
+
+/// `routellm calibrate` of the `length` router for half strong calls on `prompts`.
+async fn calibrate_length_for_half(prompts: &std::path::Path, json: bool) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
+    command.args(["calibrate", "--routers", "length", "--strong-model-pct", "0.5"]);
+    if json {
+        command.arg("--json");
+    }
+    command
+        .arg("--prompts")
+        .arg(prompts)
+        .env_remove("ROUTELLM_CONFIG")
+        .output()
+        .await
+        .unwrap()
+}
+
+/// Waits (up to two seconds) until the file at `path` holds `lines` lines.
+async fn wait_for_lines(path: &std::path::Path, lines: usize) {
+    for _ in 0..100 {
+        if std::fs::read_to_string(path).is_ok_and(|text| text.lines().count() == lines) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends each prompt as a one-turn chat to `model` and returns the tier each went to.
+async fn chat_tiers(client: &reqwest::Client, base_url: &str, model: &str, prompts: &[&str]) -> Vec<String> {
+    let mut tiers = Vec::new();
+    for prompt in prompts {
+        let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": prompt}]});
+        let response = client
+            .post(format!("{base_url}/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        tiers.push(response.headers()["x-routellm-tier"].to_str().unwrap().to_owned());
+    }
+    tiers
 }
 
 /// Writes the config file, sends SIGHUP and returns the server's log line about it.
