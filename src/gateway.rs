@@ -501,6 +501,8 @@ impl Gateway {
                 // Under a burst, a request that gets its slot too late to finish in time
                 // would spend the slot on a score nobody waits for, and make the next
                 // request late too: it starts only with a typical scoring's time left.
+                // A free slot is still taken at once, so however slow the average
+                // (after one slow first scoring, say), new measurements keep coming.
                 start_by: deadline.checked_sub(typical).unwrap_or(deadline),
             }
         });
@@ -531,16 +533,26 @@ impl Gateway {
                     OnRouterError::Weak => Tier::Weak,
                     OnRouterError::Error => return Err(error),
                 };
-                tracing::warn!(
-                    router = router_name,
-                    error = %error,
-                    tier = tier.as_str(),
-                    "the router could not score the prompt; on_router_error chose the model"
-                );
+                if matches!(error, Error::RouterTimeout { .. }) {
+                    // Expected under a burst once a timeout is set, possibly for most
+                    // requests: a line each would flood the log; the metric counts them.
+                    tracing::debug!(
+                        router = router_name,
+                        tier = tier.as_str(),
+                        "no score within scoring_timeout_ms; on_router_error chose the model"
+                    );
+                } else {
+                    tracing::warn!(
+                        router = router_name,
+                        error = %error,
+                        tier = tier.as_str(),
+                        "the router could not score the prompt; on_router_error chose the model"
+                    );
+                }
                 (f64::NAN, tier, true)
             }
         };
-        if let Some(stats) = self.router_stats.get(router_name) {
+        if let Some(stats) = stats {
             stats.record(tier, (!fallback).then_some(win_rate));
         }
         if let Some(window) = self.score_windows.get(router_name) {
@@ -1367,6 +1379,17 @@ mod tests {
             "the warm-up and the first request only"
         );
         assert_eq!(gateway.router_stats["bert"].timeouts(), 2);
+    }
+
+    #[tokio::test]
+    async fn one_slow_scoring_does_not_lock_a_router_out_of_its_budget() {
+        let (gateway, router) = slow_gateway_and_router(30, "scoring_timeout_ms: 300\non_router_error: weak\n");
+        // As if the first scoring had taken a second (a cold start): longer than the budget.
+        gateway.router_stats["bert"].record_scoring_time(Duration::from_secs(1));
+        let decision = gateway.chat_completion(SLOW_REQUEST).await.unwrap().decision.unwrap();
+        assert!(!decision.fallback, "a free slot is taken whatever the average says");
+        assert_eq!(router.1.load(Ordering::Relaxed), 1);
+        assert!(gateway.router_stats["bert"].typical_scoring_time() < Duration::from_secs(1));
     }
 
     #[test]
