@@ -33,6 +33,11 @@ const TIERS: [&str; 4] = ["strong", "weak", "direct", "none"];
 const CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
 /// Overhead histogram bucket bounds in microseconds.
 const BUCKETS_US: [u64; 9] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000];
+/// Upstream wait buckets in milliseconds: a model's time to its first bytes runs from tens
+/// of milliseconds (a cached short answer) to minutes (a long answer, not streamed).
+const UPSTREAM_BUCKETS_MS: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
+];
 /// Score histogram buckets: upper bounds 0.01, 0.02, …, 1.00. Hundredths because a
 /// threshold read off them (`histogram_quantile`) is then good to about 0.005, finer than
 /// the share of traffic it moves can be told from a day's requests at most sites.
@@ -292,6 +297,11 @@ pub struct Metrics {
     overhead_buckets: [AtomicU64; BUCKETS_US.len()],
     overhead_count: AtomicU64,
     overhead_sum_us: AtomicU64,
+    /// Time spent waiting on the model that answered, per tier (strong, weak): buckets
+    /// (not cumulative), count, and sum in microseconds.
+    upstream_buckets: [[AtomicU64; UPSTREAM_BUCKETS_MS.len()]; 2],
+    upstream_count: [AtomicU64; 2],
+    upstream_sum_us: [AtomicU64; 2],
     router_fallbacks: AtomicU64,
     /// Routed requests answered by the other model, by the tier that was unavailable.
     upstream_fallbacks: [AtomicU64; 2],
@@ -333,6 +343,24 @@ impl Metrics {
             self.overhead_count.fetch_add(1, Ordering::Relaxed);
             self.overhead_sum_us.fetch_add(micros, Ordering::Relaxed);
         }
+    }
+
+    /// Adds the time a request spent waiting on the models (its headers, or for a stream
+    /// its first bytes) to the histogram of the tier that answered.
+    pub fn record_upstream_time(&self, answered_by: Tier, waited: Duration) {
+        let tier = match answered_by {
+            Tier::Strong => 0,
+            Tier::Weak => 1,
+        };
+        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        let bucket = UPSTREAM_BUCKETS_MS
+            .iter()
+            .position(|bound| micros <= bound.saturating_mul(1000));
+        if let Some(bucket) = bucket {
+            self.upstream_buckets[tier][bucket].fetch_add(1, Ordering::Relaxed);
+        }
+        self.upstream_count[tier].fetch_add(1, Ordering::Relaxed);
+        self.upstream_sum_us[tier].fetch_add(micros, Ordering::Relaxed);
     }
 
     /// Counts one routed request whose router failed, answered by the `on_router_error` model.
@@ -442,6 +470,7 @@ impl Metrics {
         let sum = self.overhead_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "routellm_overhead_seconds_sum {sum}");
         let _ = writeln!(out, "routellm_overhead_seconds_count {count}");
+        self.render_upstream_seconds(&mut out);
         out.push_str(
             "# HELP routellm_router_fallbacks_total Routed requests whose router could not score the prompt, answered by the on_router_error model.\n",
         );
@@ -463,6 +492,35 @@ impl Metrics {
             );
         }
         out
+    }
+
+    /// `routellm_upstream_seconds{tier}`: the time waited on the model that answered.
+    fn render_upstream_seconds(&self, out: &mut String) {
+        out.push_str(
+            "# HELP routellm_upstream_seconds Time a request waited on the model that answered it (the whole answer, or a stream's first bytes), by tier.\n\
+             # TYPE routellm_upstream_seconds histogram\n",
+        );
+        for (tier, label) in ["strong", "weak"].iter().enumerate() {
+            let mut cumulative = 0_u64;
+            for (bucket, bound) in self.upstream_buckets[tier].iter().zip(UPSTREAM_BUCKETS_MS) {
+                cumulative += bucket.load(Ordering::Relaxed);
+                #[allow(clippy::cast_precision_loss)]
+                let seconds = bound as f64 / 1e3;
+                let _ = writeln!(
+                    out,
+                    "routellm_upstream_seconds_bucket{{tier=\"{label}\",le=\"{seconds}\"}} {cumulative}"
+                );
+            }
+            let count = self.upstream_count[tier].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "routellm_upstream_seconds_bucket{{tier=\"{label}\",le=\"+Inf\"}} {count}"
+            );
+            #[allow(clippy::cast_precision_loss)]
+            let sum = self.upstream_sum_us[tier].load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "routellm_upstream_seconds_sum{{tier=\"{label}\"}} {sum}");
+            let _ = writeln!(out, "routellm_upstream_seconds_count{{tier=\"{label}\"}} {count}");
+        }
     }
 }
 
@@ -488,6 +546,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn upstream_waits_are_a_histogram_per_answering_tier() {
+        let metrics = Metrics::default();
+        metrics.record_upstream_time(Tier::Strong, Duration::from_millis(80));
+        metrics.record_upstream_time(Tier::Strong, Duration::from_secs(2));
+        metrics.record_upstream_time(Tier::Weak, Duration::from_millis(30));
+        metrics.record_upstream_time(Tier::Weak, Duration::from_secs(600));
+        let text = metrics.render();
+        for expected in [
+            "routellm_upstream_seconds_bucket{tier=\"strong\",le=\"0.05\"} 0\n",
+            "routellm_upstream_seconds_bucket{tier=\"strong\",le=\"0.1\"} 1\n",
+            "routellm_upstream_seconds_bucket{tier=\"strong\",le=\"2.5\"} 2\n",
+            "routellm_upstream_seconds_bucket{tier=\"strong\",le=\"+Inf\"} 2\n",
+            "routellm_upstream_seconds_sum{tier=\"strong\"} 2.08\n",
+            "routellm_upstream_seconds_bucket{tier=\"weak\",le=\"0.05\"} 1\n",
+            // Ten minutes is past the last bucket: counted only in +Inf.
+            "routellm_upstream_seconds_bucket{tier=\"weak\",le=\"300\"} 1\n",
+            "routellm_upstream_seconds_bucket{tier=\"weak\",le=\"+Inf\"} 2\n",
+            "routellm_upstream_seconds_count{tier=\"weak\"} 2\n",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
+    }
+
+    #[test]
     fn counts_and_histogram_render_in_prometheus_format() {
         let metrics = Metrics::default();
         metrics.record(TierLabel::Strong, 200, Some(Duration::from_micros(80)));
@@ -507,6 +589,10 @@ mod tests {
         assert!(text.contains("routellm_overhead_seconds_count 2\n"));
         assert!(text.contains("routellm_overhead_seconds_sum 0.00308\n"), "{text}");
         assert!(text.contains("routellm_router_fallbacks_total 0\n"), "{text}");
+        assert!(
+            text.contains("routellm_upstream_seconds_count{tier=\"strong\"} 0\n"),
+            "{text}"
+        );
         metrics.record_router_fallback();
         assert!(metrics.render().contains("routellm_router_fallbacks_total 1\n"));
         metrics.record_usage(

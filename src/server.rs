@@ -348,6 +348,7 @@ fn respond(
         None => TierLabel::Direct,
     };
     metrics.record(tier, status.as_u16(), Some(overhead));
+    metrics.record_upstream_time(answered_by, upstream_time);
     if decision.as_ref().is_some_and(|d| d.fallback) {
         metrics.record_router_fallback();
     }

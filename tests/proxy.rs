@@ -781,6 +781,15 @@ async fn metrics_count_the_tokens_each_tier_answered_with() {
     let text = proxy.metrics().await;
     assert_eq!(tokens(&text, "strong", "prompt"), 1);
     assert_eq!(tokens(&text, "strong", "completion"), 3);
+    // The time spent waiting on each model, by the tier that answered.
+    assert_eq!(
+        metric::<u64>(&text, "routellm_upstream_seconds_count{tier=\"strong\"}"),
+        1
+    );
+    assert_eq!(
+        metric::<u64>(&text, "routellm_upstream_seconds_count{tier=\"weak\"}"),
+        2
+    );
     assert_eq!(tokens(&text, "weak", "prompt"), 2);
     assert_eq!(tokens(&text, "weak", "completion"), 6);
 
