@@ -664,7 +664,7 @@ impl Gateway {
                     .route_or(policy, router, threshold, prompts, policy.on_router_error)
                     .await?;
                 if let Some((log, prompts)) = logged {
-                    log.record(api, &decision, &prompts);
+                    log.record(api, request.model(), &decision, &prompts);
                 }
                 let tier = decision.tier;
                 (Some(decision), tier)

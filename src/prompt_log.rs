@@ -135,8 +135,9 @@ impl PromptLog {
     }
 
     /// Queues one entry: the user turns `decision`'s router scored (oldest first), as a
-    /// `messages` array, with the decision beside them.
-    pub fn record(&self, api: Api, decision: &RouteDecision, scored_turns: &[String]) {
+    /// `messages` array, with the decision and the `model` the client asked for (an alias
+    /// or a `router-…` name) beside them.
+    pub fn record(&self, api: Api, requested_model: &str, decision: &RouteDecision, scored_turns: &[String]) {
         let messages: Vec<_> = scored_turns
             .iter()
             .map(|text| json!({"role": "user", "content": text}))
@@ -147,6 +148,7 @@ impl PromptLog {
         let entry = json!({
             "timestamp": timestamp,
             "api": api.path(),
+            "requested_model": requested_model,
             "router": decision.router,
             "threshold": decision.threshold,
             // NaN when the router failed and on_router_error chose: JSON has no NaN.
@@ -302,10 +304,16 @@ mod tests {
         let log = PromptLog::open(&PromptLogConfig::at(path.clone())).unwrap();
         log.record(
             Api::ChatCompletions,
+            "auto",
             &decision(false),
             &["first turn".into(), "then this".into()],
         );
-        log.record(Api::Completions, &decision(true), &["once upon a time".into()]);
+        log.record(
+            Api::Completions,
+            "router-mf-0.5",
+            &decision(true),
+            &["once upon a time".into()],
+        );
         log.close();
         assert_eq!((log.written(), log.dropped()), (2, 0));
         let text = std::fs::read_to_string(&path).unwrap();
@@ -316,11 +324,13 @@ mod tests {
         );
         let entries: Vec<serde_json::Value> = text.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
         assert_eq!(entries[0]["router"], "mf");
+        assert_eq!(entries[0]["requested_model"], "auto");
+        assert_eq!(entries[1]["requested_model"], "router-mf-0.5");
         assert_eq!(entries[0]["win_rate"], 0.42);
         assert_eq!(entries[0]["tier"], "strong");
         assert_eq!(entries[0]["api"], "chat/completions");
         assert!(entries[1]["win_rate"].is_null(), "a fallback has no score");
-        log.record(Api::ChatCompletions, &decision(false), &["after close".into()]);
+        log.record(Api::ChatCompletions, "auto", &decision(false), &["after close".into()]);
         assert_eq!(log.dropped(), 1);
         #[cfg(unix)]
         {
@@ -339,7 +349,12 @@ mod tests {
         };
         let log = PromptLog::open(&config).unwrap();
         for turn in 0..10 {
-            log.record(Api::Responses, &decision(false), &[format!("prompt number {turn}")]);
+            log.record(
+                Api::Responses,
+                "auto",
+                &decision(false),
+                &[format!("prompt number {turn}")],
+            );
         }
         log.close();
         let current = crate::prompts::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();

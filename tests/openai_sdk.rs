@@ -414,6 +414,14 @@ async fn rollout_scores_in_shadow_then_routes_at_the_calibrated_threshold_after_
         "in shadow every request goes to the strong model"
     );
     wait_for_lines(&log_path, prompts.len()).await;
+    // The log names the alias the clients used, not only the router behind it.
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logged
+            .lines()
+            .all(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["requested_model"] == "gpt-4o"),
+        "{logged}"
+    );
     let output = calibrate_length_for_half(&log_path, true).await;
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let calibration: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();

@@ -1258,6 +1258,8 @@ async fn the_prompt_log_records_what_routers_scored() {
         ("responses".into(), "random".into(), 1.0, "weak".into())
     );
     assert_eq!(fields(&entries[2]).0, "completions");
+    assert_eq!(entries[0]["requested_model"], "router-random-0");
+    assert_eq!(entries[1]["requested_model"], "router-random-1");
     assert!(entries.iter().all(|entry| {
         entry["win_rate"]
             .as_f64()
