@@ -33,10 +33,22 @@ const TIERS: [&str; 4] = ["strong", "weak", "direct", "none"];
 const CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
 /// Overhead histogram bucket bounds in microseconds.
 const BUCKETS_US: [u64; 9] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000];
-/// Upstream wait buckets in milliseconds: a model's time to its first bytes runs from tens
-/// of milliseconds (a cached short answer) to minutes (a long answer, not streamed).
-const UPSTREAM_BUCKETS_MS: [u64; 12] = [
-    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
+/// Upstream wait bucket bounds in microseconds (50 ms to 5 min): a model's time to its
+/// first bytes runs from tens of milliseconds (a cached short answer) to minutes (a long
+/// answer, not streamed).
+const UPSTREAM_BUCKETS_US: [u64; 12] = [
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    120_000_000,
+    300_000_000,
 ];
 /// Score histogram buckets: upper bounds 0.01, 0.02, …, 1.00. Hundredths because a
 /// threshold read off them (`histogram_quantile`) is then good to about 0.005, finer than
@@ -77,11 +89,7 @@ impl RouterStats {
     /// Counts one routing decision; `score` is `None` when the router could not score and
     /// `on_router_error` chose the tier.
     pub fn record(&self, tier: Tier, score: Option<f64>) {
-        let index = match tier {
-            Tier::Strong => 0,
-            Tier::Weak => 1,
-        };
-        self.decisions[index].fetch_add(1, Ordering::Relaxed);
+        self.decisions[tier_index(tier)].fetch_add(1, Ordering::Relaxed);
         if let Some(score) = score.filter(|score| (0.0..=1.0).contains(score)) {
             self.scores[score_bucket(score)].fetch_add(1, Ordering::Relaxed);
             add_f64(&self.score_sum, score);
@@ -165,30 +173,18 @@ pub fn render_policy<'a>(
     refused: u64,
 ) -> String {
     let mut out = String::with_capacity(512);
-    out.push_str(
-        "# HELP routellm_router_default_threshold The threshold a router applies to `router-<name>` without one (and to aliases without one).\n\
-         # TYPE routellm_router_default_threshold gauge\n",
+    write_router_gauge(
+        &mut out,
+        "routellm_router_default_threshold",
+        "The threshold a router applies to `router-<name>` without one (and to aliases without one).",
+        thresholds,
     );
-    for (router, threshold) in thresholds {
-        write_sample(
-            &mut out,
-            "routellm_router_default_threshold",
-            [("router", &label_value(router))],
-            threshold,
-        );
-    }
-    out.push_str(
-        "# HELP routellm_router_strong_share_target The share of a router's latest scores its default threshold sends to the strong model (strong_share).\n\
-         # TYPE routellm_router_strong_share_target gauge\n",
+    write_router_gauge(
+        &mut out,
+        "routellm_router_strong_share_target",
+        "The share of a router's latest scores its default threshold sends to the strong model (strong_share).",
+        strong_shares,
     );
-    for (router, share) in strong_shares {
-        write_sample(
-            &mut out,
-            "routellm_router_strong_share_target",
-            [("router", &label_value(router))],
-            share,
-        );
-    }
     out.push_str(
         "# HELP routellm_config_reloads_total Configuration reloads on SIGHUP, by whether the new routing policy was applied or refused.\n\
          # TYPE routellm_config_reloads_total counter\n",
@@ -206,6 +202,14 @@ pub fn render_policy<'a>(
         refused,
     );
     out
+}
+
+/// A gauge with one sample per router: its HELP and TYPE lines, then `name{router} value`.
+fn write_router_gauge<'a>(out: &mut String, name: &str, help: &str, values: impl IntoIterator<Item = (&'a str, f64)>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (router, value) in values {
+        write_sample(out, name, [("router", &label_value(router))], value);
+    }
 }
 
 /// The per-router series: `routellm_router_decisions_total{router, tier}` and the
@@ -291,17 +295,80 @@ fn label_value(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// Index of `tier` in the per-tier arrays that hold the strong and the weak model only.
+fn tier_index(tier: Tier) -> usize {
+    match tier {
+        Tier::Strong => 0,
+        Tier::Weak => 1,
+    }
+}
+
+/// A Prometheus histogram of durations over `N` bucket bounds given in microseconds (the
+/// bounds are passed in, so one array constant serves every histogram of a kind).
+struct DurationHistogram<const N: usize> {
+    /// Observations per bucket, not cumulative (one add each); cumulated when rendered.
+    buckets: [AtomicU64; N],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl<const N: usize> Default for DurationHistogram<N> {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<const N: usize> DurationHistogram<N> {
+    fn observe(&self, bounds_us: &[u64; N], took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        // Past the last bound an observation counts only in `+Inf` (the count).
+        if let Some(bucket) = bounds_us.iter().position(|bound| micros <= *bound) {
+            self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines of `name`, with `label` (already escaped)
+    /// on each when given.
+    fn render(&self, out: &mut String, name: &str, label: Option<(&str, &str)>, bounds_us: &[u64; N]) {
+        let label = label.map_or_else(String::new, |(key, value)| format!("{key}=\"{value}\""));
+        let bucket_prefix = if label.is_empty() {
+            String::new()
+        } else {
+            format!("{label},")
+        };
+        let mut cumulative = 0_u64;
+        for (bucket, bound) in self.buckets.iter().zip(bounds_us) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            #[allow(clippy::cast_precision_loss)]
+            let seconds = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{{bucket_prefix}le=\"{seconds}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{bucket_prefix}le=\"+Inf\"}} {count}");
+        let labels = if label.is_empty() {
+            String::new()
+        } else {
+            format!("{{{label}}}")
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{labels} {sum}");
+        let _ = writeln!(out, "{name}_count{labels} {count}");
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     requests: [[AtomicU64; 3]; 4],
-    overhead_buckets: [AtomicU64; BUCKETS_US.len()],
-    overhead_count: AtomicU64,
-    overhead_sum_us: AtomicU64,
-    /// Time spent waiting on the model that answered, per tier (strong, weak): buckets
-    /// (not cumulative), count, and sum in microseconds.
-    upstream_buckets: [[AtomicU64; UPSTREAM_BUCKETS_MS.len()]; 2],
-    upstream_count: [AtomicU64; 2],
-    upstream_sum_us: [AtomicU64; 2],
+    overhead: DurationHistogram<{ BUCKETS_US.len() }>,
+    /// Time spent waiting on the model that answered, per tier (strong, weak).
+    upstream: [DurationHistogram<{ UPSTREAM_BUCKETS_US.len() }>; 2],
     router_fallbacks: AtomicU64,
     /// Routed requests answered by the other model, by the tier that was unavailable.
     upstream_fallbacks: [AtomicU64; 2],
@@ -334,33 +401,14 @@ impl Metrics {
         };
         self.requests[tier as usize][class].fetch_add(1, Ordering::Relaxed);
         if let Some(overhead) = overhead {
-            let micros = u64::try_from(overhead.as_micros()).unwrap_or(u64::MAX);
-            for (bucket, bound) in self.overhead_buckets.iter().zip(BUCKETS_US) {
-                if micros <= bound {
-                    bucket.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            self.overhead_count.fetch_add(1, Ordering::Relaxed);
-            self.overhead_sum_us.fetch_add(micros, Ordering::Relaxed);
+            self.overhead.observe(&BUCKETS_US, overhead);
         }
     }
 
     /// Adds the time a request spent waiting on the models (its headers, or for a stream
     /// its first bytes) to the histogram of the tier that answered.
     pub fn record_upstream_time(&self, answered_by: Tier, waited: Duration) {
-        let tier = match answered_by {
-            Tier::Strong => 0,
-            Tier::Weak => 1,
-        };
-        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
-        let bucket = UPSTREAM_BUCKETS_MS
-            .iter()
-            .position(|bound| micros <= bound.saturating_mul(1000));
-        if let Some(bucket) = bucket {
-            self.upstream_buckets[tier][bucket].fetch_add(1, Ordering::Relaxed);
-        }
-        self.upstream_count[tier].fetch_add(1, Ordering::Relaxed);
-        self.upstream_sum_us[tier].fetch_add(micros, Ordering::Relaxed);
+        self.upstream[tier_index(answered_by)].observe(&UPSTREAM_BUCKETS_US, waited);
     }
 
     /// Counts one routed request whose router failed, answered by the `on_router_error` model.
@@ -371,11 +419,7 @@ impl Metrics {
     /// Counts one routed request that the other model answered because the one chosen,
     /// `from`, was unavailable (`on_upstream_error: other_model`).
     pub fn record_upstream_fallback(&self, from: Tier) {
-        let index = match from {
-            Tier::Strong => 0,
-            Tier::Weak => 1,
-        };
-        self.upstream_fallbacks[index].fetch_add(1, Ordering::Relaxed);
+        self.upstream_fallbacks[tier_index(from)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts the tokens an answer reports, and prices them: `tier` is how the request
@@ -455,22 +499,20 @@ impl Metrics {
         }
         out.push_str("# HELP routellm_overhead_seconds Time the proxy spent on a request outside the upstream call.\n");
         out.push_str("# TYPE routellm_overhead_seconds histogram\n");
-        for (bucket, bound) in self.overhead_buckets.iter().zip(BUCKETS_US) {
-            #[allow(clippy::cast_precision_loss)]
-            let seconds = bound as f64 / 1e6;
-            let _ = writeln!(
-                out,
-                "routellm_overhead_seconds_bucket{{le=\"{seconds}\"}} {}",
-                bucket.load(Ordering::Relaxed)
+        self.overhead
+            .render(&mut out, "routellm_overhead_seconds", None, &BUCKETS_US);
+        out.push_str(
+            "# HELP routellm_upstream_seconds Time a request waited on the model that answered it (the whole answer, or a stream's first bytes), by tier.\n\
+             # TYPE routellm_upstream_seconds histogram\n",
+        );
+        for (histogram, tier) in self.upstream.iter().zip(["strong", "weak"]) {
+            histogram.render(
+                &mut out,
+                "routellm_upstream_seconds",
+                Some(("tier", tier)),
+                &UPSTREAM_BUCKETS_US,
             );
         }
-        let count = self.overhead_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "routellm_overhead_seconds_bucket{{le=\"+Inf\"}} {count}");
-        #[allow(clippy::cast_precision_loss)]
-        let sum = self.overhead_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "routellm_overhead_seconds_sum {sum}");
-        let _ = writeln!(out, "routellm_overhead_seconds_count {count}");
-        self.render_upstream_seconds(&mut out);
         out.push_str(
             "# HELP routellm_router_fallbacks_total Routed requests whose router could not score the prompt, answered by the on_router_error model.\n",
         );
@@ -492,35 +534,6 @@ impl Metrics {
             );
         }
         out
-    }
-
-    /// `routellm_upstream_seconds{tier}`: the time waited on the model that answered.
-    fn render_upstream_seconds(&self, out: &mut String) {
-        out.push_str(
-            "# HELP routellm_upstream_seconds Time a request waited on the model that answered it (the whole answer, or a stream's first bytes), by tier.\n\
-             # TYPE routellm_upstream_seconds histogram\n",
-        );
-        for (tier, label) in ["strong", "weak"].iter().enumerate() {
-            let mut cumulative = 0_u64;
-            for (bucket, bound) in self.upstream_buckets[tier].iter().zip(UPSTREAM_BUCKETS_MS) {
-                cumulative += bucket.load(Ordering::Relaxed);
-                #[allow(clippy::cast_precision_loss)]
-                let seconds = bound as f64 / 1e3;
-                let _ = writeln!(
-                    out,
-                    "routellm_upstream_seconds_bucket{{tier=\"{label}\",le=\"{seconds}\"}} {cumulative}"
-                );
-            }
-            let count = self.upstream_count[tier].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "routellm_upstream_seconds_bucket{{tier=\"{label}\",le=\"+Inf\"}} {count}"
-            );
-            #[allow(clippy::cast_precision_loss)]
-            let sum = self.upstream_sum_us[tier].load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "routellm_upstream_seconds_sum{{tier=\"{label}\"}} {sum}");
-            let _ = writeln!(out, "routellm_upstream_seconds_count{{tier=\"{label}\"}} {count}");
-        }
     }
 }
 
