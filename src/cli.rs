@@ -842,6 +842,27 @@ async fn route(args: RouteArgs) -> anyhow::Result<()> {
 /// What `serve` would run, for `serve --check`: routers, thresholds, both models and the
 /// settings that change requests. Keys and header values are secrets: only whether they
 /// are set, and header names, are shown.
+/// A client key's limits and models as `serve --check` lists them (never the key).
+fn describe_key_limits(key: &crate::api_keys::ApiKeySpec) -> String {
+    let mut terms = Vec::new();
+    if let Some(limit) = key.requests_per_minute {
+        terms.push(format!("{limit} requests/min"));
+    }
+    if let Some(limit) = key.tokens_per_minute {
+        terms.push(format!("{limit} tokens/min"));
+    }
+    if let Some(models) = &key.models {
+        terms.push(format!(
+            "models {}",
+            models.iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if terms.is_empty() {
+        terms.push("no limits".to_owned());
+    }
+    terms.join(", ")
+}
+
 fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> String {
     use std::fmt::Write as _;
     let mut out = String::from("configuration OK\n");
@@ -913,6 +934,9 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
         name(config.score_turns.to_possible_value()),
         config.api_keys.len()
     );
+    for key in &config.api_keys {
+        let _ = writeln!(out, "  key `{}`: {}", key.name, describe_key_limits(key));
+    }
     if let Some(limit) = config.scoring_timeout {
         let _ = writeln!(out, "scoring timeout: {} ms", limit.as_millis());
     }

@@ -231,7 +231,7 @@ pub struct FileConfig {
     scoring_concurrency: Option<usize>,
     scoring_timeout_ms: Option<u64>,
     #[serde(default)]
-    api_keys: Vec<Secret>,
+    api_keys: Vec<crate::api_keys::ApiKeyEntry>,
     #[serde(default)]
     cors_allowed_origins: Vec<String>,
     #[serde(default)]
@@ -331,8 +331,9 @@ pub struct Config {
     /// How long a request may wait for its score (queueing for a scoring slot included)
     /// before `on_router_error` decides; none by default.
     pub scoring_timeout: Option<Duration>,
-    /// When non-empty, clients must send one of these as `Authorization: Bearer <key>`.
-    pub api_keys: Vec<Secret>,
+    /// When non-empty, clients must send one of these as `Authorization: Bearer <key>`;
+    /// each with its name, rate limits and allowed models.
+    pub api_keys: Vec<crate::api_keys::ApiKeySpec>,
     /// Origins whose browser pages may call the API (`*` for any); none by default.
     pub cors_allowed_origins: Vec<String>,
     /// Names a request's `model` may use for a router (with or without a threshold) or a
@@ -427,7 +428,7 @@ impl Config {
                 }
                 ms => ms.map(Duration::from_millis),
             },
-            api_keys: file.api_keys,
+            api_keys: crate::api_keys::validate(file.api_keys, &|name| std::env::var(name).ok())?,
             cors_allowed_origins: file.cors_allowed_origins,
             model_aliases: {
                 let mut aliases = file.model_aliases;
@@ -515,9 +516,6 @@ impl Config {
         }
         if self.scoring_concurrency == 0 {
             return Err(Error::Config("scoring_concurrency must be at least 1".into()));
-        }
-        if self.api_keys.iter().any(|key| key.expose().is_empty()) {
-            return Err(Error::Config("api_keys must not contain an empty key".into()));
         }
         validate_origins(&self.cors_allowed_origins)?;
         validate_aliases(&self.model_aliases)?;
@@ -744,6 +742,29 @@ mod tests {
         let config = Config::merge(FileConfig::from_yaml(&uncommented).unwrap(), Overrides::default()).unwrap();
         assert_eq!((config.strong_share["mf"], config.strong_share_window), (0.3, 1000));
         assert_eq!(config.scoring_timeout, Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn example_api_keys_load_when_uncommented() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")).unwrap();
+        let start = text.find("# api_keys:\n").unwrap();
+        // The `# api_keys:` line and its indented entries.
+        let block: String = text[start..]
+            .lines()
+            .enumerate()
+            .take_while(|(index, line)| *index == 0 || line.starts_with("#   "))
+            .map(|(_, line)| format!("{}\n", &line[2..]))
+            .collect();
+        let file = FileConfig::from_yaml(&block).unwrap();
+        let specs = crate::api_keys::validate(file.api_keys, &|name| {
+            (name == "TEAM_A_PROXY_KEY").then(|| "sk-team-a".to_owned())
+        })
+        .unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(
+            (specs[1].name.as_str(), specs[1].key.expose(), specs[1].requests_per_minute),
+            ("team-a", "sk-team-a", Some(600))
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub enum Error {
     /// Proxy authentication is configured and the request did not pass it.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// The client's API key is over its requests or tokens per minute.
+    #[error("{0}")]
+    RateLimited(crate::api_keys::RateLimited),
     /// The request body exceeds the configured limit.
     #[error("Request body too large: the limit is {limit} bytes.")]
     PayloadTooLarge { limit: usize },
@@ -123,6 +126,7 @@ impl Error {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::ModelNotFound(_) | Error::UnknownUrl { .. } => StatusCode::NOT_FOUND,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
@@ -144,6 +148,8 @@ impl Error {
             | Error::PayloadTooLarge { .. }
             | Error::ClientTimeout { .. } => "invalid_request_error",
             Error::Unauthorized(_) => "authentication_error",
+            // OpenAI's rate-limit errors are typed by the limit: `requests` or `tokens`.
+            Error::RateLimited(limited) => limited.limit.as_str(),
             Error::UpstreamUnreachable { .. }
             | Error::UpstreamTimeout { .. }
             | Error::UpstreamStatus { .. }
@@ -171,6 +177,7 @@ impl Error {
             Error::InvalidRequest { code, .. } => *code,
             Error::ModelNotFound(_) => Some("model_not_found"),
             Error::Unauthorized(_) => Some("invalid_api_key"),
+            Error::RateLimited(_) => Some("rate_limit_exceeded"),
             Error::PayloadTooLarge { .. } => Some("request_too_large"),
             Error::ClientTimeout { .. } => Some("request_timeout"),
             Error::UpstreamUnreachable { .. } => Some("upstream_unreachable"),
@@ -260,9 +267,18 @@ impl IntoResponse for Error {
             tracing::debug!(error = %self, "request rejected");
         }
         let mut response = (status, self.to_json()).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Error::RateLimited(limited) = &self {
+            // OpenAI's SDKs wait `retry-after-ms` (else `retry-after`, whole seconds) before
+            // their automatic retry, so a client over its limit backs off by itself.
+            let millis = limited.retry_after_millis();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(millis.div_ceil(1000)));
+            headers.insert(
+                axum::http::HeaderName::from_static("retry-after-ms"),
+                HeaderValue::from(millis),
+            );
+        }
         response
     }
 }

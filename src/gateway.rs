@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderName};
 
-use crate::config::{Config, MAX_SCORED_TURNS, OnRouterError, OnUpstreamError, ScoreTurns, Secret};
+use crate::api_keys::ApiKey;
+use crate::config::{Config, MAX_SCORED_TURNS, OnRouterError, OnUpstreamError, ScoreTurns};
 use crate::error::Error;
 use crate::metrics::RouterStats;
 use crate::model_name::{self, ModelTarget};
@@ -86,7 +87,8 @@ pub struct Policy {
     strong_share: BTreeMap<String, f64>,
     /// `model_aliases`: each a router (and threshold) or a configured model.
     model_aliases: BTreeMap<String, String>,
-    api_keys: Vec<Secret>,
+    /// Client keys with their limits and usage (usage carries over reloads by key name).
+    api_keys: Vec<ApiKey>,
     on_router_error: OnRouterError,
     on_upstream_error: OnUpstreamError,
     score_turns: ScoreTurns,
@@ -100,7 +102,7 @@ impl Policy {
             thresholds: config.thresholds.clone(),
             strong_share: config.strong_share.clone(),
             model_aliases: config.model_aliases.clone(),
-            api_keys: config.api_keys.clone(),
+            api_keys: crate::api_keys::build(&config.api_keys),
             on_router_error: config.on_router_error,
             on_upstream_error: config.on_upstream_error,
             score_turns: config.score_turns,
@@ -129,10 +131,17 @@ impl Policy {
         &self.model_aliases
     }
 
-    /// Checks a request's `Authorization` header against the configured proxy keys.
-    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), Error> {
+    /// The client keys in force, with their usage.
+    #[must_use]
+    pub fn api_keys(&self) -> &[ApiKey] {
+        &self.api_keys
+    }
+
+    /// Checks a request's `Authorization` header against the configured proxy keys: the
+    /// key it presented, or `None` when no keys are configured.
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<Option<ApiKey>, Error> {
         if self.api_keys.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(presented) = authorization.and_then(|value| value.strip_prefix("Bearer ")) else {
             return Err(Error::Unauthorized(
@@ -141,14 +150,16 @@ impl Policy {
         };
         let presented = presented.trim().as_bytes();
         // Compare every key in full so the time taken does not reveal how much of a key matched.
-        let matched = self.api_keys.iter().fold(false, |found, key| {
-            found | constant_time_eq(key.expose().as_bytes(), presented)
-        });
-        if matched {
-            Ok(())
-        } else {
-            Err(Error::Unauthorized("Incorrect API key provided."))
+        let mut matched = None;
+        for key in &self.api_keys {
+            if constant_time_eq(key.spec().key.expose().as_bytes(), presented) {
+                matched = Some(key);
+            }
         }
+        matched
+            .cloned()
+            .map(Some)
+            .ok_or(Error::Unauthorized("Incorrect API key provided."))
     }
 }
 
@@ -252,11 +263,13 @@ impl Gateway {
     /// against the routers and models this server runs; on error the running policy stays.
     /// Returns the settings of `config` that differ and need a restart to take effect.
     pub fn reload(&self, config: &Config) -> Result<Vec<&'static str>, Error> {
-        let policy = Policy::from_config(config);
+        let mut policy = Policy::from_config(config);
         if let Err(error) = self.check(&policy) {
             self.reloads[1].fetch_add(1, Ordering::Relaxed);
             return Err(error);
         }
+        // A key kept by name keeps what it has used, so a reload is no way around a limit.
+        crate::api_keys::carry_over(&mut policy.api_keys, &self.policy().api_keys);
         self.reloads[0].fetch_add(1, Ordering::Relaxed);
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
         let mut fixed = Vec::new();
@@ -350,6 +363,25 @@ impl Gateway {
                     }
                 ))
             })?;
+        }
+        for key in &policy.api_keys {
+            for model in key.spec().models.iter().flatten() {
+                let known = policy.model_aliases.contains_key(model)
+                    || match model_name::parse(model) {
+                        Ok(ModelTarget::Routed { router, .. }) => {
+                            self.routers.contains_key(router) || routers::AVAILABLE.contains(&router)
+                        }
+                        Ok(ModelTarget::Direct(name)) => self.direct_tier(name).is_some(),
+                        Err(_) => false,
+                    };
+                if !known {
+                    return Err(Error::Config(format!(
+                        "api_keys ({}): models: `{model}` is neither an alias, a router (`router-<name>`) nor the \
+                         strong or weak model",
+                        key.name()
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -457,7 +489,7 @@ impl Gateway {
     }
 
     /// Checks a request's `Authorization` header against the proxy keys in force.
-    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), Error> {
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<Option<ApiKey>, Error> {
         self.policy().authorize(authorization)
     }
 
@@ -633,22 +665,30 @@ impl Gateway {
         body: &[u8],
         client_headers: &HeaderMap,
     ) -> Result<Completion, Error> {
-        self.complete_under(&self.policy(), api, body, client_headers).await
+        self.complete_under(&self.policy(), None, api, body, client_headers)
+            .await
     }
 
-    /// As [`Gateway::complete_with_headers`] under `policy`: the server takes one snapshot
-    /// when a request arrives, so the keys that admitted it also route it, whatever a
-    /// reload changes meanwhile.
+    /// As [`Gateway::complete_with_headers`] under `policy`, for `caller` (the key that
+    /// admitted the request, whose `models` it must be allowed): the server takes one
+    /// snapshot when a request arrives, so the keys that admitted it also route it,
+    /// whatever a reload changes meanwhile.
     pub async fn complete_under(
         &self,
         policy: &Policy,
+        caller: Option<&ApiKey>,
         api: Api,
         body: &[u8],
         client_headers: &HeaderMap,
     ) -> Result<Completion, Error> {
         let forwarded = self.forwarded(client_headers);
         let request = ModelRequest::parse(api, body)?;
-        let (mut decision, tier) = match self.target(policy, request.model())? {
+        let target = self.target(policy, request.model())?;
+        if caller.is_some_and(|key| !key.spec().allows(request.model(), &target)) {
+            // OpenAI's answer for a model a key has no access to.
+            return Err(Error::ModelNotFound(request.model().to_owned()));
+        }
+        let (mut decision, tier) = match target {
             ModelTarget::Routed { router, threshold } => {
                 let prompts = match policy.score_turns {
                     ScoreTurns::Last => vec![request.last_user_prompt()?],
@@ -664,7 +704,7 @@ impl Gateway {
                     .route_or(policy, router, threshold, prompts, policy.on_router_error)
                     .await?;
                 if let Some((log, prompts)) = logged {
-                    log.record(api, request.model(), &decision, &prompts);
+                    log.record(api, request.model(), caller.map(ApiKey::name), &decision, &prompts);
                 }
                 let tier = decision.tier;
                 (Some(decision), tier)
@@ -1097,6 +1137,38 @@ mod tests {
                 "{yaml}: {message}"
             );
         }
+    }
+
+    #[test]
+    fn a_reload_keeps_a_keys_usage_by_name_and_checks_its_models() {
+        let reloaded = |gateway: &Gateway, yaml: &str| {
+            let file = FileConfig::from_yaml(&format!("strong_model: echo/strong\nweak_model: echo/weak\n{yaml}"));
+            gateway.reload(&Config::merge(file.unwrap(), Overrides::default()).unwrap())
+        };
+        let limited = "api_keys: [{key: k1, name: team, requests_per_minute: 1}]\n";
+        let gateway = gateway(0.5, limited);
+        let admit = |gateway: &Gateway| gateway.authorize(Some("Bearer k1")).unwrap().unwrap().admit();
+        assert!(admit(&gateway).is_ok());
+        assert!(admit(&gateway).is_err());
+        reloaded(&gateway, limited).unwrap();
+        assert!(admit(&gateway).is_err(), "a reload is no way around a limit");
+        reloaded(
+            &gateway,
+            "api_keys: [{key: k1, name: renamed, requests_per_minute: 1}]\n",
+        )
+        .unwrap();
+        assert!(admit(&gateway).is_ok(), "another name is another key's usage");
+
+        let refused = reloaded(&gateway, "api_keys: [{key: k1, models: [router-random, gpt-5]}]\n").unwrap_err();
+        assert!(refused.to_string().contains("`gpt-5` is neither"), "{refused}");
+        for fine in ["router-random", "router-random-0.3", "echo/weak", "router-mf"] {
+            reloaded(&gateway, &format!("api_keys: [{{key: k1, models: [{fine}]}}]\n")).unwrap();
+        }
+        reloaded(
+            &gateway,
+            "model_aliases: {auto: router-random-0.5}\napi_keys: [{key: k1, models: [auto]}]\n",
+        )
+        .unwrap();
     }
 
     #[tokio::test]

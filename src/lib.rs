@@ -3,6 +3,7 @@
 //!
 //! Module map:
 //! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/responses`, `/v1/completions`, `/v1/models`, `/health`, `/metrics`) and [`server::run`].
+//! - [`api_keys`]: client API keys: names, per-key request and token rate limits (OpenAI's 429s), allowed models.
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
 //! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.
 //! - [`model_name`]: parsing `router-<name>-<threshold>` (aliases are resolved by the gateway first).
@@ -31,6 +32,7 @@
 //! - [`artifact`]: safetensors reading and writing shared by every artifact under `routers/`.
 //! - [`cli`]: the `routellm` command line.
 
+pub mod api_keys;
 pub mod artifact;
 pub mod cli;
 pub mod config;

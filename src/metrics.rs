@@ -161,6 +161,56 @@ pub fn render_prompt_log(written: u64, dropped: u64) -> String {
     )
 }
 
+/// Per client API key (by its name, never the key): requests admitted, requests refused
+/// by each rate limit, and tokens charged, so a dashboard shows who uses what and who is
+/// held back. Counts survive reloads that keep the key's name.
+#[must_use]
+pub fn render_api_keys(keys: &[crate::api_keys::ApiKey]) -> String {
+    use crate::api_keys::Limit;
+    let mut out = String::with_capacity(256 + keys.len() * 192);
+    out.push_str(
+        "# HELP routellm_key_requests_total Requests admitted per client API key (its configured name).\n\
+         # TYPE routellm_key_requests_total counter\n",
+    );
+    for key in keys {
+        write_sample(
+            &mut out,
+            "routellm_key_requests_total",
+            [("key", key.name())],
+            key.counts().0,
+        );
+    }
+    out.push_str(
+        "# HELP routellm_key_rate_limited_total Requests refused with 429 because the key was over its requests or tokens per minute.\n\
+         # TYPE routellm_key_rate_limited_total counter\n",
+    );
+    for key in keys {
+        let refused = key.counts().1;
+        for limit in [Limit::Requests, Limit::Tokens] {
+            let count = refused[usize::from(limit == Limit::Tokens)];
+            write_sample(
+                &mut out,
+                "routellm_key_rate_limited_total",
+                [("key", key.name()), ("limit", limit.as_str())],
+                count,
+            );
+        }
+    }
+    out.push_str(
+        "# HELP routellm_key_tokens_total Tokens charged to a key: prompt plus completion as answers report them, estimated where they do not.\n\
+         # TYPE routellm_key_tokens_total counter\n",
+    );
+    for key in keys {
+        write_sample(
+            &mut out,
+            "routellm_key_tokens_total",
+            [("key", key.name())],
+            key.counts().2,
+        );
+    }
+    out
+}
+
 /// The routing policy in force and how its reloads went: the default threshold of each
 /// loaded router that has one, the `strong_share` targets, and `SIGHUP` reloads applied
 /// and refused, so a dashboard shows which thresholds serve and an alert can catch a

@@ -135,9 +135,17 @@ impl PromptLog {
     }
 
     /// Queues one entry: the user turns `decision`'s router scored (oldest first), as a
-    /// `messages` array, with the decision and the `model` the client asked for (an alias
-    /// or a `router-…` name) beside them.
-    pub fn record(&self, api: Api, requested_model: &str, decision: &RouteDecision, scored_turns: &[String]) {
+    /// `messages` array, with the decision, the `model` the client asked for (an alias
+    /// or a `router-…` name) and the name of the client's API key (when keys are configured)
+    /// beside them.
+    pub fn record(
+        &self,
+        api: Api,
+        requested_model: &str,
+        key: Option<&str>,
+        decision: &RouteDecision,
+        scored_turns: &[String],
+    ) {
         let messages: Vec<_> = scored_turns
             .iter()
             .map(|text| json!({"role": "user", "content": text}))
@@ -149,6 +157,7 @@ impl PromptLog {
             "timestamp": timestamp,
             "api": api.path(),
             "requested_model": requested_model,
+            "key": key,
             "router": decision.router,
             "threshold": decision.threshold,
             // NaN when the router failed and on_router_error chose: JSON has no NaN.
@@ -305,12 +314,14 @@ mod tests {
         log.record(
             Api::ChatCompletions,
             "auto",
+            Some("team-a"),
             &decision(false),
             &["first turn".into(), "then this".into()],
         );
         log.record(
             Api::Completions,
             "router-mf-0.5",
+            None,
             &decision(true),
             &["once upon a time".into()],
         );
@@ -326,11 +337,19 @@ mod tests {
         assert_eq!(entries[0]["router"], "mf");
         assert_eq!(entries[0]["requested_model"], "auto");
         assert_eq!(entries[1]["requested_model"], "router-mf-0.5");
+        assert_eq!(entries[0]["key"], "team-a");
+        assert!(entries[1]["key"].is_null(), "no keys configured");
         assert_eq!(entries[0]["win_rate"], 0.42);
         assert_eq!(entries[0]["tier"], "strong");
         assert_eq!(entries[0]["api"], "chat/completions");
         assert!(entries[1]["win_rate"].is_null(), "a fallback has no score");
-        log.record(Api::ChatCompletions, "auto", &decision(false), &["after close".into()]);
+        log.record(
+            Api::ChatCompletions,
+            "auto",
+            None,
+            &decision(false),
+            &["after close".into()],
+        );
         assert_eq!(log.dropped(), 1);
         #[cfg(unix)]
         {
@@ -352,6 +371,7 @@ mod tests {
             log.record(
                 Api::Responses,
                 "auto",
+                None,
                 &decision(false),
                 &[format!("prompt number {turn}")],
             );

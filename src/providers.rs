@@ -358,7 +358,7 @@ fn header_value(key: &str, value: &Secret, env: &dyn Fn(&str) -> Option<String>)
 /// Replaces each `${VAR}` in a configured value with that environment variable, so the
 /// file need not hold secrets. An unset variable is an error at start-up, not an empty
 /// header on every request. Error messages never include the value.
-fn expand_env(key: &str, value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Error> {
+pub(crate) fn expand_env(key: &str, value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Error> {
     let mut expanded = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(start) = rest.find("${") {

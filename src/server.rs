@@ -21,9 +21,10 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::api_keys::{ApiKey, RateSnapshot, StreamCharge};
 use crate::error::Error;
 use crate::gateway::{Completion, Gateway, Policy, RouteDecision, Tier};
-use crate::metrics::{Metrics, TierLabel, render_policy, render_prompt_log, render_router_stats};
+use crate::metrics::{Metrics, TierLabel, render_api_keys, render_policy, render_prompt_log, render_router_stats};
 use crate::request::Api;
 use crate::upstream::{ByteStream, Reply};
 use crate::usage::{self, SseUsageScanner};
@@ -280,13 +281,28 @@ async fn complete(
 ) -> Response {
     let received = Instant::now();
     let policy = state.policy();
-    let answer = match (authorize(&policy, headers), body) {
-        (Err(error), _) | (Ok(()), Err(error)) => Err(error),
-        (Ok(()), Ok(BodyBytes(body))) => state.complete_under(&policy, api, &body, headers).await,
-    };
+    let answer = async {
+        let caller = authorize(&policy, headers)?;
+        let rates = caller
+            .as_ref()
+            .map(ApiKey::admit)
+            .transpose()
+            .map_err(Error::RateLimited)?;
+        let BodyBytes(body) = body?;
+        let completion = state
+            .complete_under(&policy, caller.as_ref(), api, &body, headers)
+            .await?;
+        let caller = caller.map(|key| Caller {
+            key,
+            rates: rates.unwrap_or_default(),
+            request_bytes: body.len(),
+        });
+        Ok::<_, Error>((completion, caller))
+    }
+    .await;
     let request_id = request_id(headers);
     let mut response = match answer {
-        Ok(completion) => respond(api, completion, received, &request_id, &state),
+        Ok((completion, caller)) => respond(api, completion, caller.as_ref(), received, &request_id, &state),
         Err(error) => {
             let status = error.status();
             state.metrics().record(TierLabel::None, status.as_u16(), None);
@@ -325,9 +341,47 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_str(&format!("req_{high:016x}{low:016x}")).unwrap_or(HeaderValue::from_static("req_unknown"))
 }
 
+/// The API key a request was admitted under, with its rates at admission and what the
+/// request's size tells about its tokens.
+struct Caller {
+    key: ApiKey,
+    rates: RateSnapshot,
+    request_bytes: usize,
+}
+
+impl Caller {
+    /// Charges a complete answer: its reported usage, else the estimate.
+    fn charge(&self, reported: Option<usage::Usage>, answer_bytes: usize) {
+        self.key.charge(reported.map_or_else(
+            || crate::api_keys::estimated_tokens(self.request_bytes, (answer_bytes as u64).div_ceil(4)),
+            |usage| usage.prompt_tokens + usage.completion_tokens,
+        ));
+    }
+
+    /// Puts this key's rate headers in place of the provider's: the client's limits are
+    /// the key's, not those of the provider account behind the proxy.
+    fn replace_rate_headers(&self, headers: &mut HeaderMap) {
+        if !self.key.spec().is_limited() {
+            return;
+        }
+        let providers: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("x-ratelimit-"))
+            .cloned()
+            .collect();
+        for name in providers {
+            headers.remove(name);
+        }
+        for (name, value) in self.rates.headers() {
+            insert(headers, name, &value);
+        }
+    }
+}
+
 fn respond(
     api: Api,
     completion: Completion,
+    caller: Option<&Caller>,
     received: Instant,
     request_id: &HeaderValue,
     state: &AppState,
@@ -361,6 +415,7 @@ fn respond(
         target: "routellm::access",
         api = api.path(),
         request_id = request_id.to_str().ok(),
+        key = caller.map(|caller| caller.key.name()),
         router = decision.as_ref().map(|d| d.router.as_str()),
         win_rate = decision.as_ref().filter(|d| !d.fallback).map(|d| d.win_rate),
         threshold = decision.as_ref().map(|d| d.threshold),
@@ -374,21 +429,27 @@ fn respond(
     );
     let (mut response, mut extra) = match reply {
         Reply::Complete { status, headers, body } => {
-            if status.is_success()
-                && let Some(usage) = usage::of_body(&body)
-            {
+            let reported = usage::of_body(&body).filter(|_| status.is_success());
+            if let Some(usage) = reported {
                 metrics.record_usage(tier, answered_by, usage);
+            }
+            if let Some(caller) = caller.filter(|_| status.is_success()) {
+                caller.charge(reported, body.len());
             }
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
             (response, headers)
         }
         Reply::Stream { status, headers, body } => {
+            let charge = caller
+                .filter(|_| status.is_success())
+                .map(|caller| StreamCharge::new(caller.key.clone(), caller.request_bytes));
             let mut response = Response::new(Body::from_stream(counting_usage(
                 body,
                 state.clone(),
                 tier,
                 answered_by,
+                charge,
             )));
             *response.status_mut() = status;
             (response, headers)
@@ -407,6 +468,9 @@ fn respond(
     }
     insert(&mut extra, HEADER_MODEL, &model);
     insert(&mut extra, HEADER_OVERHEAD, &overhead.as_micros().to_string());
+    if let Some(caller) = caller {
+        caller.replace_rate_headers(&mut extra);
+    }
     let headers = response.headers_mut();
     for (name, value) in extra {
         if let Some(name) = name {
@@ -431,16 +495,29 @@ fn fallback_note(decision: &RouteDecision) -> Option<String> {
 }
 
 /// Passes the stream through unchanged, counting the tokens of its usage chunk (if the
-/// client asked for one) as it goes by.
-fn counting_usage(body: ByteStream, state: AppState, tier: TierLabel, answered_by: Tier) -> ByteStream {
+/// client asked for one) as it goes by; `charge` bills the caller's key when the stream ends.
+fn counting_usage(
+    body: ByteStream,
+    state: AppState,
+    tier: TierLabel,
+    answered_by: Tier,
+    mut charge: Option<StreamCharge>,
+) -> ByteStream {
     let mut scanner = Some(SseUsageScanner::default());
     Box::pin(body.map(move |chunk| {
-        if let (Ok(bytes), Some(active)) = (&chunk, scanner.as_mut())
-            && let Some(usage) = active.feed(bytes)
-        {
-            state.metrics().record_usage(tier, answered_by, usage);
-            // One usage chunk per stream: stop looking once it has passed.
-            scanner = None;
+        if let (Ok(bytes), Some(active)) = (&chunk, scanner.as_mut()) {
+            let usage = active.feed(bytes);
+            if let Some(charge) = charge.as_mut() {
+                charge.passed(active.data_events());
+                if let Some(usage) = usage {
+                    charge.reported(usage);
+                }
+            }
+            if let Some(usage) = usage {
+                state.metrics().record_usage(tier, answered_by, usage);
+                // One usage chunk per stream: stop looking once it has passed.
+                scanner = None;
+            }
         }
         chunk
     }))
@@ -457,9 +534,10 @@ fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
 async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     // One snapshot for the whole listing, so a reload cannot mix two policies in it.
     let policy = state.policy();
-    if let Err(error) = authorize(&policy, &headers) {
-        return error.into_response();
-    }
+    let caller = match authorize(&policy, &headers) {
+        Ok(caller) => caller,
+        Err(error) => return error.into_response(),
+    };
     let mut data: Vec<serde_json::Value> = state
         .routers()
         .keys()
@@ -478,8 +556,17 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
         policy
             .model_aliases()
             .keys()
-            .filter_map(|alias| model_object(&state, &policy, alias).ok()),
+            .filter_map(|alias| model_object(&state, &policy, None, alias).ok()),
     );
+    // A key limited to some models sees only those.
+    if let Some(key) = &caller {
+        data.retain(|model| {
+            let id = model["id"].as_str().unwrap_or_default();
+            state
+                .target(&policy, id)
+                .is_ok_and(|target| key.spec().allows(id, &target))
+        });
+    }
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -491,15 +578,21 @@ async fn retrieve_model(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
     let policy = state.policy();
-    match authorize(&policy, &headers).and_then(|()| model_object(&state, &policy, &id)) {
+    match authorize(&policy, &headers).and_then(|caller| model_object(&state, &policy, caller.as_ref(), &id)) {
         Ok(model) => Json(model).into_response(),
         Err(error) => error.into_response(),
     }
 }
 
-/// The model object for `id`, a name a request may send as `model`; an alias is described
-/// as what it stands for, under its own id, with `alias_for` naming that.
-fn model_object(state: &AppState, policy: &Policy, id: &str) -> Result<serde_json::Value, Error> {
+/// The model object for `id`, a name a request may send as `model` (and, with a key, one
+/// that key may use); an alias is described as what it stands for, under its own id, with
+/// `alias_for` naming that.
+fn model_object(
+    state: &AppState,
+    policy: &Policy,
+    caller: Option<&ApiKey>,
+    id: &str,
+) -> Result<serde_json::Value, Error> {
     // An alias of a router this server does not load is, to a listing, no model at all.
     let target = state.target(policy, id).map_err(|error| {
         if policy.model_aliases().contains_key(id) {
@@ -508,6 +601,9 @@ fn model_object(state: &AppState, policy: &Policy, id: &str) -> Result<serde_jso
             error
         }
     })?;
+    if caller.is_some_and(|key| !key.spec().allows(id, &target)) {
+        return Err(Error::ModelNotFound(id.to_owned()));
+    }
     let mut model = match target {
         crate::model_name::ModelTarget::Routed { router, threshold } if state.routers().contains_key(router) => {
             let mut model = router_model(state, policy, id, router);
@@ -529,7 +625,7 @@ fn model_object(state: &AppState, policy: &Policy, id: &str) -> Result<serde_jso
     Ok(model)
 }
 
-fn authorize(policy: &Policy, headers: &HeaderMap) -> Result<(), Error> {
+fn authorize(policy: &Policy, headers: &HeaderMap) -> Result<Option<ApiKey>, Error> {
     policy.authorize(headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()))
 }
 
@@ -581,6 +677,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ));
     if let Some(prompt_log) = state.prompt_log() {
         text.push_str(&render_prompt_log(prompt_log.written(), prompt_log.dropped()));
+    }
+    if !policy.api_keys().is_empty() {
+        text.push_str(&render_api_keys(policy.api_keys()));
     }
     let mut response = text.into_response();
     response.headers_mut().insert(

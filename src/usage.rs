@@ -43,6 +43,7 @@ pub fn of_body(body: &[u8]) -> Option<Usage> {
 #[derive(Default)]
 pub struct SseUsageScanner {
     lines: crate::sse::LineSplitter,
+    data_events: u64,
 }
 
 impl SseUsageScanner {
@@ -50,12 +51,23 @@ impl SseUsageScanner {
     /// reporting one has passed.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<Usage> {
         let mut found = None;
+        let mut data_events = 0;
         self.lines.feed(bytes, |line| {
+            if crate::sse::data_of_line(line).is_some() {
+                data_events += 1;
+            }
             if found.is_none() {
                 found = usage_of_line(line);
             }
         });
+        self.data_events += data_events;
         found
+    }
+
+    /// The `data:` events seen so far: about a token each in a stream that reports no usage.
+    #[must_use]
+    pub fn data_events(&self) -> u64 {
+        self.data_events
     }
 }
 

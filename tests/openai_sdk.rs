@@ -167,6 +167,39 @@ async fn node_sdk_against_offline_echo_models() {
     run_sdk_script(Sdk::Node, &base_url, "echo").await;
 }
 
+/// A key's rate limit as the SDK meets it: OpenAI's 429 `rate_limit_exceeded` with
+/// `retry-after-ms`, which the SDK's automatic retry honours; its allowed models; and the
+/// per-key counts in `/metrics`.
+#[tokio::test]
+async fn python_sdk_backs_off_on_a_keys_rate_limit() {
+    let config = tempfile(
+        "thresholds: {random: 0.5}\napi_keys: [{key: sk-client, name: sdk, requests_per_minute: 60, \
+         models: [router-random]}]\n",
+    );
+    let (_child, base_url) = start_binary(&[&ECHO_MODELS[..], &["--config", config.to_str().unwrap()]].concat()).await;
+    run_sdk_script(Sdk::Python, &base_url, "limits").await;
+    let metrics = reqwest::get(base_url.replace("/v1", "/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|line| line.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(sample(r#"routellm_key_requests_total{key="sdk"}"#) >= 61);
+    assert!(sample(r#"routellm_key_rate_limited_total{key="sdk",limit="requests"}"#) >= 1);
+    assert_eq!(
+        sample(r#"routellm_key_rate_limited_total{key="sdk",limit="tokens"}"#),
+        0
+    );
+    assert!(sample(r#"routellm_key_tokens_total{key="sdk"}"#) > 0);
+}
+
 /// Deployments behind an egress proxy set `HTTPS_PROXY`/`HTTP_PROXY` (and `NO_PROXY`): the
 /// binary's calls to the models must go through it. The mock stands in for the proxy; the
 /// model's host does not resolve, so an answer can only have come through the proxy.
@@ -218,7 +251,8 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "strong_model: {name: openai/gpt-4o, api_key: sk-strong-secret, base_url: 'https://user:pw-secret@llm.example/v1', \
          headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
          weak_model: echo/mixtral\nthresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
-         upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret]\nscoring_timeout_ms: 250\n",
+         upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret, {key: team-secret, name: team-a, requests_per_minute: 60, \
+         tokens_per_minute: 9000, models: [auto]}]\nscoring_timeout_ms: 250\n",
     );
     let check = |config: &std::path::Path| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
@@ -241,7 +275,9 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "price per million tokens: input 2.5, output 10",
         "weak model echo/mixtral as `mixtral`: built-in offline echo",
         "client headers forwarded: traceparent",
-        "on_router_error: strong, on_upstream_error: fail, score_turns: last, client API keys: 1",
+        "on_router_error: strong, on_upstream_error: fail, score_turns: last, client API keys: 2",
+        ": no limits",
+        "key `team-a`: 60 requests/min, 9000 tokens/min, models auto",
         "scoring timeout: 250 ms",
         "model alias `auto` → `router-random`",
         "model alias `later` → `router-mf` (router `mf` is not loaded: requests for it are refused)",

@@ -1607,3 +1607,199 @@ async fn http2_clients_are_served_too() {
     assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
     assert_eq!(strong.received().len(), 1);
 }
+
+/// `body` posted to the chat endpoint with `key` as the client's API key.
+async fn post_as(proxy: &Proxy, key: &str, body: &str) -> reqwest::Response {
+    proxy
+        .client
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_key_over_its_request_rate_gets_openais_429_and_no_upstream_call() {
+    let (strong, _weak, proxy) =
+        setup("api_keys: [{key: k-limited, name: team-a, requests_per_minute: 2}, k-open]\n").await;
+    for remaining in ["1", "0"] {
+        let response = post_as(&proxy, "k-limited", &body("router-random-0", "")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-ratelimit-limit-requests"], "2");
+        assert_eq!(response.headers()["x-ratelimit-remaining-requests"], remaining);
+        assert!(
+            response.headers().get("x-ratelimit-limit-tokens").is_none(),
+            "no token limit set"
+        );
+    }
+    let refused = post_as(&proxy, "k-limited", &body("router-random-0", "")).await;
+    // Two a minute refill one every 30 s.
+    assert_eq!(refused.headers()["retry-after"], "30");
+    let wait_ms: u64 = refused.headers()["retry-after-ms"].to_str().unwrap().parse().unwrap();
+    assert!((25_000..=30_000).contains(&wait_ms), "{wait_ms}");
+    let error = openai_error(refused, 429).await;
+    assert_eq!(error["type"], "requests");
+    assert_eq!(error["code"], "rate_limit_exceeded");
+    assert!(error["param"].is_null());
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("`team-a`") && message.contains("(RPM): Limit 2"),
+        "{message}"
+    );
+    assert_eq!(strong.received().len(), 2, "a refused request never reaches a model");
+
+    // Limits are per key: another key is not held back, and gets no limit headers.
+    let open = post_as(&proxy, "k-open", &body("router-random-0", "")).await;
+    assert_eq!(open.status(), 200);
+    assert!(open.headers().get("x-ratelimit-limit-requests").is_none());
+
+    let text = proxy.metrics().await;
+    assert_eq!(metric::<u64>(&text, r#"routellm_key_requests_total{key="team-a"}"#), 2);
+    assert_eq!(
+        metric::<u64>(
+            &text,
+            r#"routellm_key_rate_limited_total{key="team-a",limit="requests"}"#
+        ),
+        1
+    );
+    assert_eq!(
+        metric::<u64>(&text, r#"routellm_key_rate_limited_total{key="team-a",limit="tokens"}"#),
+        0
+    );
+    assert!(
+        !text.contains("k-open") && !text.contains("k-limited"),
+        "keys never appear"
+    );
+    assert!(
+        text.contains(r#"routellm_requests_total{tier="none",status="4xx"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_charged_as_answers_report_them_or_estimated_and_a_spent_key_waits() {
+    let (_strong, _weak, proxy) =
+        setup("api_keys: [{key: k-tokens, name: tokens, tokens_per_minute: 10}, {key: k-counted, name: counted}]\n")
+            .await;
+    // 4 tokens (the mock's usage) of 10, then 7 from a stream's usage chunk: one over.
+    let first = post_as(&proxy, "k-tokens", &body("router-random-0", "")).await;
+    assert_eq!(first.headers()["x-ratelimit-remaining-tokens"], "10", "as admitted");
+    first.text().await.unwrap();
+    let second = post_as(
+        &proxy,
+        "k-tokens",
+        &body(
+            "router-random-0",
+            r#","stream":true,"stream_options":{"include_usage":true}"#,
+        ),
+    )
+    .await;
+    assert_eq!(second.headers()["x-ratelimit-remaining-tokens"], "6");
+    assert!(read_to_end(second.bytes_stream()).await.contains("[DONE]"));
+    let tokens_of =
+        |text: &str, key: &str| metric::<u64>(text, &format!(r#"routellm_key_tokens_total{{key="{key}"}}"#));
+    let charged = async |key: &str, expected: u64| {
+        // A stream is charged when the server drops it, just after the client read its end.
+        for _ in 0..100 {
+            if tokens_of(&proxy.metrics().await, key) == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{key} was not charged {expected}: {}", proxy.metrics().await);
+    };
+    charged("tokens", 11).await;
+    let refused = post_as(&proxy, "k-tokens", &body("router-random-0", "")).await;
+    let wait_ms: u64 = refused.headers()["retry-after-ms"].to_str().unwrap().parse().unwrap();
+    // One token in debt, one needed: two at ten a minute is 12 s.
+    assert!((11_000..=12_000).contains(&wait_ms), "{wait_ms}");
+    let error = openai_error(refused, 429).await;
+    assert_eq!(error["type"], "tokens");
+    assert!(
+        error["message"].as_str().unwrap().contains("(TPM): Limit 10"),
+        "{error}"
+    );
+
+    // A stream that reports no usage is charged an estimate: a token per four bytes of the
+    // request and one per event (two chunks and [DONE]).
+    let request = body("router-random-0", r#","stream":true"#);
+    let stream = post_as(&proxy, "k-counted", &request).await;
+    assert!(read_to_end(stream.bytes_stream()).await.contains("[DONE]"));
+    charged("counted", (request.len() as u64).div_ceil(4) + 3).await;
+}
+
+#[tokio::test]
+async fn a_key_limited_to_some_models_sees_and_uses_only_those() {
+    let (strong, weak, proxy) = setup(
+        "model_aliases: {auto: router-random-0}\nthresholds: {fixed_high: 0.5}\n\
+         api_keys: [{key: k-narrow, name: narrow, models: [auto, router-fixed_high]}, k-wide]\n",
+    )
+    .await;
+    let listed = |key: &'static str| {
+        let request = proxy.client.get(proxy.url("/v1/models")).bearer_auth(key);
+        async move {
+            let models: Value = request.send().await.unwrap().json().await.unwrap();
+            models["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|model| model["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("k-narrow").await, ["router-fixed_high-0.5", "auto"]);
+    assert_eq!(listed("k-wide").await.len(), 5);
+    let retrieve = proxy
+        .client
+        .get(proxy.url("/v1/models/openai/strong-model"))
+        .bearer_auth("k-narrow")
+        .send()
+        .await
+        .unwrap();
+    openai_error(retrieve, 404).await;
+
+    for (model, status) in [
+        ("auto", 200),
+        ("router-fixed_high-0.9", 200),
+        ("router-fixed_high", 200),
+        ("router-random-0", 404),
+        ("openai/strong-model", 404),
+    ] {
+        let response = post_as(&proxy, "k-narrow", &body(model, "")).await;
+        assert_eq!(response.status(), status, "{model}");
+        if status == 404 {
+            let error = openai_error(response, 404).await;
+            assert_eq!(error["code"], "model_not_found");
+            assert!(
+                error["message"].as_str().unwrap().contains("do not have access"),
+                "{error}"
+            );
+        }
+    }
+    assert_eq!(strong.received().len() + weak.received().len(), 3);
+    let response = post_as(&proxy, "k-wide", &body("openai/strong-model", "")).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_limited_keys_rate_headers_replace_the_providers() {
+    let (_strong, _weak, proxy) =
+        setup("api_keys: [{key: k-limited, name: limited, requests_per_minute: 5}, k-open]\n").await;
+    // The mock's 429 carries the provider account's x-ratelimit-remaining-requests: 0.
+    let provider_limited = body("router-random-0", r#","mock":"rate_limited""#);
+    let theirs = post_as(&proxy, "k-open", &provider_limited).await;
+    assert_eq!(theirs.status(), 429);
+    assert_eq!(theirs.headers()["x-ratelimit-remaining-requests"], "0");
+    let ours = post_as(&proxy, "k-limited", &provider_limited).await;
+    assert_eq!(ours.status(), 429, "the provider's answer is still passed on");
+    let remaining: Vec<_> = ours
+        .headers()
+        .get_all("x-ratelimit-remaining-requests")
+        .iter()
+        .collect();
+    assert_eq!(remaining, ["4"], "the key's own count, once");
+    assert_eq!(ours.headers()["x-ratelimit-limit-requests"], "5");
+}

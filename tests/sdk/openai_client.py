@@ -1,7 +1,9 @@
 """Drives a running routellm server with the official OpenAI Python SDK.
 
 Usage: openai_client.py BASE_URL MODE, MODE being `mock` (both models behind the test's
-mock upstream) or `echo` (the built-in offline models). Exits non-zero on any failure.
+mock upstream), `echo` (the built-in offline models) or `limits` (echo models behind the
+key `sk-client`, limited to 60 requests a minute and to `router-random`). Exits non-zero
+on any failure.
 """
 import sys
 
@@ -157,6 +159,37 @@ elif mode == "echo":
         final = stream.get_final_response()
     expect(deltas == final.output_text and "echo/mixtral" in deltas, (deltas, final))
     expect(final.usage.output_tokens > 0, final.usage)
+elif mode == "limits":
+    raw = client.chat.completions.with_raw_response.create(model="router-random-0", messages=messages)
+    expect(raw.headers["x-ratelimit-limit-requests"] == "60", raw.headers)
+    expect(raw.headers["x-ratelimit-remaining-requests"] == "59", raw.headers)
+    expect(raw.headers["x-ratelimit-reset-requests"] == "1s", raw.headers)
+    # This key may use router-random only: the listing shows that, other models are not there for it.
+    expect([model.id for model in client.models.list()] == ["router-random-0.5"], client.models.list())
+    try:
+        client.chat.completions.create(model="echo/mixtral", messages=messages)
+        raise AssertionError("a model outside the key's list answered")
+    except openai.NotFoundError as error:
+        expect(error.code == "model_not_found", error)
+    # Spend the burst: the 429 comes once a minute's worth is used (plus what refilled meanwhile).
+    admitted = 2  # the first request and the one for a model outside the list
+    while True:
+        try:
+            client.chat.completions.create(model="router-random-0", messages=messages)
+            admitted += 1
+        except openai.RateLimitError as error:
+            expect(error.status_code == 429 and error.code == "rate_limit_exceeded", error)
+            expect(error.body["type"] == "requests" and "`sdk`" in error.body["message"], error.body)
+            wait_ms = int(error.response.headers["retry-after-ms"])
+            expect(0 < wait_ms <= 1000, error.response.headers)
+            break
+        expect(admitted <= 70, "no limit after 70 requests")
+    expect(admitted >= 60, f"refused after {admitted}")
+    # The SDK's own retry waits as told and then gets through.
+    patient = openai.OpenAI(base_url=base_url, api_key="sk-client", max_retries=3)
+    raw = patient.chat.completions.with_raw_response.create(model="router-random-0", messages=messages)
+    expect(raw.retries_taken >= 1, f"answered without a retry: {raw.retries_taken}")
+    expect("echo/gpt-4o" in raw.parse().choices[0].message.content, raw.parse())
 else:
     raise SystemExit(f"unknown mode {mode}")
 print("sdk checks passed")
