@@ -863,6 +863,32 @@ fn describe_key_limits(key: &crate::api_keys::ApiKeySpec) -> String {
     terms.join(", ")
 }
 
+/// The `serve --check` lines on who may call what: each client key's limits, the scoring
+/// timeout, passthrough paths and CORS origins.
+fn describe_access(out: &mut String, config: &Config) {
+    use std::fmt::Write as _;
+    for key in &config.api_keys {
+        let _ = writeln!(out, "  key `{}`: {}", key.name, describe_key_limits(key));
+    }
+    if let Some(limit) = config.scoring_timeout {
+        let _ = writeln!(out, "scoring timeout: {} ms", limit.as_millis());
+    }
+    if !config.passthrough.paths.is_empty() {
+        let to = match config.passthrough.to {
+            crate::config::PassthroughTo::Strong => &config.strong_model.name,
+            crate::config::PassthroughTo::Weak => &config.weak_model.name,
+        };
+        let _ = writeln!(
+            out,
+            "passed through to {to}: /v1/{}",
+            config.passthrough.paths.join(", /v1/")
+        );
+    }
+    if !config.cors_allowed_origins.is_empty() {
+        let _ = writeln!(out, "CORS origins: {}", config.cors_allowed_origins.join(", "));
+    }
+}
+
 fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> String {
     use std::fmt::Write as _;
     let mut out = String::from("configuration OK\n");
@@ -934,15 +960,7 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
         name(config.score_turns.to_possible_value()),
         config.api_keys.len()
     );
-    for key in &config.api_keys {
-        let _ = writeln!(out, "  key `{}`: {}", key.name, describe_key_limits(key));
-    }
-    if let Some(limit) = config.scoring_timeout {
-        let _ = writeln!(out, "scoring timeout: {} ms", limit.as_millis());
-    }
-    if !config.cors_allowed_origins.is_empty() {
-        let _ = writeln!(out, "CORS origins: {}", config.cors_allowed_origins.join(", "));
-    }
+    describe_access(&mut out, config);
     for (alias, target) in &config.model_aliases {
         let unserved = match crate::model_name::parse(target) {
             Ok(crate::model_name::ModelTarget::Routed { router, .. })

@@ -195,6 +195,82 @@ pub enum OnUpstreamError {
     OtherModel,
 }
 
+/// Which of the two models serves the OpenAI endpoints the proxy does not route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassthroughTo {
+    #[default]
+    Strong,
+    Weak,
+}
+
+/// `passthrough`: other endpoints below `/v1` (embeddings, moderations, ...) that clients
+/// may call through the proxy, unrouted, on one model's endpoint and key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassthroughConfig {
+    /// Paths below `/v1`, e.g. `embeddings`; `files/*` for everything below `files/`.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub to: PassthroughTo,
+}
+
+/// The endpoints the proxy serves itself, which `passthrough` cannot take over.
+const SERVED_PATHS: [&str; 4] = ["chat/completions", "responses", "completions", "models"];
+
+impl PassthroughConfig {
+    /// Whether a request path below `/v1` (without the query) may be passed through.
+    #[must_use]
+    pub fn allows(&self, path: &str) -> bool {
+        safe_relative_path(path)
+            && self.paths.iter().any(|allowed| match allowed.strip_suffix("/*") {
+                Some(prefix) => path
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.len() > 1 && rest.starts_with('/')),
+                None => path == allowed,
+            })
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        for path in &self.paths {
+            let literal = path.strip_suffix("/*").unwrap_or(path);
+            if path.starts_with('/') || path.starts_with("v1/") {
+                return Err(Error::Config(format!(
+                    "passthrough.paths: `{path}`: paths are below /v1, e.g. `embeddings` for /v1/embeddings"
+                )));
+            }
+            if !safe_relative_path(literal) {
+                return Err(Error::Config(format!(
+                    "passthrough.paths: `{path}` is not a plain path (segments of letters, digits, `-`, `_` or `.`, \
+                     optionally ending in `/*`)"
+                )));
+            }
+            if SERVED_PATHS.contains(&path.as_str()) {
+                return Err(Error::Config(format!(
+                    "passthrough.paths: `{path}` is served by the proxy itself"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A path below `/v1` that cannot climb out of it once joined to a base URL: non-empty
+/// segments of URL-safe characters, none of them `.` or `..` (URL parsers resolve those,
+/// percent-encoded ones too, so `%` is not allowed at all).
+fn safe_relative_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '~'))
+        })
+}
+
 /// Upstream HTTP behaviour.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -243,6 +319,8 @@ pub struct FileConfig {
     on_upstream_error: Option<OnUpstreamError>,
     score_turns: Option<ScoreTurns>,
     prompt_log: Option<crate::prompt_log::PromptLogConfig>,
+    #[serde(default)]
+    passthrough: PassthroughConfig,
     #[serde(default)]
     router_settings: RouterSettings,
 }
@@ -352,6 +430,8 @@ pub struct Config {
     pub score_turns: ScoreTurns,
     /// Where (and how much of) routed traffic's scored prompts are logged; off when `None`.
     pub prompt_log: Option<crate::prompt_log::PromptLogConfig>,
+    /// Other endpoints below `/v1` passed to one model unrouted; none by default.
+    pub passthrough: PassthroughConfig,
     pub router_settings: RouterSettings,
 }
 
@@ -452,6 +532,7 @@ impl Config {
                 (Some(path), None) => Some(crate::prompt_log::PromptLogConfig::at(path)),
                 (None, file) => file,
             },
+            passthrough: file.passthrough,
             router_settings: file.router_settings,
         };
         config.validate()?;
@@ -518,6 +599,7 @@ impl Config {
             return Err(Error::Config("scoring_concurrency must be at least 1".into()));
         }
         validate_origins(&self.cors_allowed_origins)?;
+        self.passthrough.validate()?;
         validate_aliases(&self.model_aliases)?;
         Ok(())
     }
@@ -737,11 +819,54 @@ mod tests {
         let uncommented = text
             .replace("# strong_share:\n#   mf: 0.3", "strong_share:\n  mf: 0.3")
             .replace("# strong_share_window: 1000", "strong_share_window: 1000")
-            .replace("# scoring_timeout_ms: 250", "scoring_timeout_ms: 250");
+            .replace("# scoring_timeout_ms: 250", "scoring_timeout_ms: 250")
+            .replace(
+                "# passthrough:\n#   paths: [embeddings, moderations]\n#   to: strong",
+                "passthrough:\n  paths: [embeddings, moderations]\n  to: strong",
+            );
         assert_ne!(uncommented, text);
         let config = Config::merge(FileConfig::from_yaml(&uncommented).unwrap(), Overrides::default()).unwrap();
         assert_eq!((config.strong_share["mf"], config.strong_share_window), (0.3, 1000));
         assert_eq!(config.scoring_timeout, Some(Duration::from_millis(250)));
+        assert!(config.passthrough.allows("moderations"));
+    }
+
+    #[test]
+    fn passthrough_paths_are_plain_and_cannot_climb_out() {
+        let merge = |yaml: &str| Config::merge(FileConfig::from_yaml(yaml).unwrap(), Overrides::default());
+        let config = merge("passthrough: {paths: [embeddings, files/*, audio/transcriptions]}\n").unwrap();
+        let passthrough = &config.passthrough;
+        assert_eq!(passthrough.to, PassthroughTo::Strong, "the default");
+        for (path, allowed) in [
+            ("embeddings", true),
+            ("embeddings/x", false),
+            ("files/file-1", true),
+            ("files/file-1/content", true),
+            ("files", false),
+            ("files/", false),
+            ("filesx/1", false),
+            ("files/../fine_tuning/jobs", false),
+            ("files/./x", false),
+            ("files/%2e%2e/x", false),
+            ("files//x", false),
+            ("audio/transcriptions", true),
+            ("moderations", false),
+        ] {
+            assert_eq!(passthrough.allows(path), allowed, "{path}");
+        }
+        for (bad, why) in [
+            ("[/v1/embeddings]", "paths are below /v1"),
+            ("[v1/embeddings]", "paths are below /v1"),
+            ("[chat/completions]", "served by the proxy itself"),
+            ("[models]", "served by the proxy itself"),
+            ("['files/../x']", "not a plain path"),
+            ("['a*b']", "not a plain path"),
+            ("['']", "not a plain path"),
+        ] {
+            let error = merge(&format!("passthrough: {{paths: {bad}}}\n")).unwrap_err();
+            assert!(error.to_string().contains(why), "{bad}: {error}");
+        }
+        assert!(FileConfig::from_yaml("passthrough: {paths: [x], to: other}\n").is_err());
     }
 
     #[test]
@@ -749,12 +874,14 @@ mod tests {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")).unwrap();
         let start = text.find("# api_keys:\n").unwrap();
         // The `# api_keys:` line and its indented entries.
-        let block: String = text[start..]
-            .lines()
-            .enumerate()
-            .take_while(|(index, line)| *index == 0 || line.starts_with("#   "))
-            .map(|(_, line)| format!("{}\n", &line[2..]))
-            .collect();
+        let mut block = String::new();
+        for (index, line) in text[start..].lines().enumerate() {
+            if index > 0 && !line.starts_with("#   ") {
+                break;
+            }
+            block.push_str(&line[2..]);
+            block.push('\n');
+        }
         let file = FileConfig::from_yaml(&block).unwrap();
         let specs = crate::api_keys::validate(file.api_keys, &|name| {
             (name == "TEAM_A_PROXY_KEY").then(|| "sk-team-a".to_owned())
@@ -762,7 +889,11 @@ mod tests {
         .unwrap();
         assert_eq!(specs.len(), 2);
         assert_eq!(
-            (specs[1].name.as_str(), specs[1].key.expose(), specs[1].requests_per_minute),
+            (
+                specs[1].name.as_str(),
+                specs[1].key.expose(),
+                specs[1].requests_per_minute
+            ),
             ("team-a", "sk-team-a", Some(600))
         );
     }

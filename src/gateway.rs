@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, HeaderName};
 
 use crate::api_keys::ApiKey;
 use crate::config::{Config, MAX_SCORED_TURNS, OnRouterError, OnUpstreamError, ScoreTurns};
+use crate::config::{PassthroughConfig, PassthroughTo};
 use crate::error::Error;
 use crate::metrics::RouterStats;
 use crate::model_name::{self, ModelTarget};
@@ -190,6 +191,8 @@ pub struct Gateway {
     scoring_slots: Arc<tokio::sync::Semaphore>,
     /// Scored prompts of a sample of routed requests, when `prompt_log` is configured.
     prompt_log: Option<PromptLog>,
+    /// Other endpoints below `/v1` passed to one model unrouted.
+    passthrough: PassthroughConfig,
     started_at: u64,
 }
 
@@ -243,12 +246,57 @@ impl Gateway {
             shutdown_timeout: config.shutdown_timeout,
             scoring_slots: Arc::new(tokio::sync::Semaphore::new(config.scoring_concurrency)),
             prompt_log: config.prompt_log.as_ref().map(PromptLog::open).transpose()?,
+            passthrough: config.passthrough.clone(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
         };
         gateway.check(&gateway.policy())?;
+        if !gateway.passthrough.paths.is_empty() && gateway.passthrough_upstream().is_echo() {
+            return Err(Error::Config(format!(
+                "passthrough: `{}` is the built-in echo model, which serves no other endpoints",
+                gateway.passthrough_upstream().model.name
+            )));
+        }
         Ok(gateway)
+    }
+
+    /// The model that serves `passthrough` paths.
+    fn passthrough_upstream(&self) -> &Upstream {
+        match self.passthrough.to {
+            PassthroughTo::Strong => &self.strong,
+            PassthroughTo::Weak => &self.weak,
+        }
+    }
+
+    /// Whether a request to `path` below `/v1` (no query) is passed through to a model.
+    #[must_use]
+    pub fn passes_through(&self, path: &str) -> bool {
+        self.passthrough.allows(path)
+    }
+
+    /// Sends a request for an allowed `passthrough` path (see [`Gateway::passes_through`]),
+    /// unrouted and unchanged, to the configured model with its credentials; returns that
+    /// model's name and answer.
+    pub async fn pass_through(
+        &self,
+        method: axum::http::Method,
+        path_and_query: &str,
+        client_headers: &HeaderMap,
+        body: bytes::Bytes,
+    ) -> Result<(&str, Reply), Error> {
+        let upstream = self.passthrough_upstream();
+        // What the body is and what the client accepts, with the configured forward_headers.
+        let mut sent = self.forwarded(client_headers);
+        for name in [axum::http::header::CONTENT_TYPE, axum::http::header::ACCEPT] {
+            if let Some(value) = client_headers.get(&name) {
+                sent.insert(name, value.clone());
+            }
+        }
+        let reply = upstream
+            .send_unrouted(&self.client, method, path_and_query, &sent, body, self.request_timeout)
+            .await?;
+        Ok((&upstream.model.name, reply))
     }
 
     /// The routing policy in force; a request keeps the one it started with.
@@ -1137,6 +1185,18 @@ mod tests {
                 "{yaml}: {message}"
             );
         }
+    }
+
+    #[test]
+    fn passthrough_needs_a_model_with_an_endpoint() {
+        let refused = gateway_serving("random", Arc::new(Fixed(0.5)), "passthrough: {paths: [embeddings]}\n");
+        let message = refused.err().map(|error| error.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("echo model, which serves no other endpoints"),
+            "{message}"
+        );
+        let unused = gateway_serving("random", Arc::new(Fixed(0.5)), "passthrough: {to: weak}\n").unwrap();
+        assert!(!unused.passes_through("embeddings"));
     }
 
     #[test]

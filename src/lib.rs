@@ -2,7 +2,7 @@
 //! to a strong or a weak model.
 //!
 //! Module map:
-//! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/responses`, `/v1/completions`, `/v1/models`, `/health`, `/metrics`) and [`server::run`].
+//! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/responses`, `/v1/completions`, `/v1/models`, `/health`, `/metrics`, configured passthrough paths) and [`server::run`].
 //! - [`api_keys`]: client API keys: names, per-key request and token rate limits (OpenAI's 429s), allowed models.
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
 //! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.

@@ -345,6 +345,15 @@ fn label_value(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// Index of a status in [`CLASSES`].
+fn status_class(status: u16) -> usize {
+    match status {
+        0..=399 => 0,
+        400..=499 => 1,
+        _ => 2,
+    }
+}
+
 /// Index of `tier` in the per-tier arrays that hold the strong and the weak model only.
 fn tier_index(tier: Tier) -> usize {
     match tier {
@@ -430,6 +439,8 @@ pub struct Metrics {
     /// price, and what their tokens cost at the strong model's; f64 bits.
     cost: [AtomicU64; 3],
     cost_at_strong_prices: [AtomicU64; 3],
+    /// Requests to `passthrough` paths by status class.
+    passthrough: [AtomicU64; 3],
 }
 
 impl Metrics {
@@ -444,15 +455,15 @@ impl Metrics {
 
     /// Counts one answered request.
     pub fn record(&self, tier: TierLabel, status: u16, overhead: Option<Duration>) {
-        let class = match status {
-            0..=399 => 0,
-            400..=499 => 1,
-            _ => 2,
-        };
-        self.requests[tier as usize][class].fetch_add(1, Ordering::Relaxed);
+        self.requests[tier as usize][status_class(status)].fetch_add(1, Ordering::Relaxed);
         if let Some(overhead) = overhead {
             self.overhead.observe(&BUCKETS_US, overhead);
         }
+    }
+
+    /// Counts one request to a `passthrough` path (answered or refused).
+    pub fn record_passthrough(&self, status: u16) {
+        self.passthrough[status_class(status)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Adds the time a request spent waiting on the models (its headers, or for a stream
@@ -581,6 +592,18 @@ impl Metrics {
                 out,
                 "routellm_upstream_fallbacks_total{{from=\"{from}\"}} {}",
                 count.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP routellm_passthrough_requests_total Requests to other endpoints passed to a model unrouted (passthrough), by status class.\n\
+             # TYPE routellm_passthrough_requests_total counter\n",
+        );
+        for (class, count) in CLASSES.iter().zip(&self.passthrough) {
+            write_sample(
+                &mut out,
+                "routellm_passthrough_requests_total",
+                [("status", class)],
+                count.load(Ordering::Relaxed),
             );
         }
         out

@@ -95,7 +95,7 @@ pub fn app(state: AppState) -> Router {
         .route("/models/{*id}", get(retrieve_model))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .fallback(unknown_route)
+        .fallback(other_route)
         .method_not_allowed_fallback(unknown_route)
         .with_state(state);
     match cors {
@@ -691,6 +691,98 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "online"}))
+}
+
+/// Anything the proxy does not serve itself: an allowed `passthrough` path (below `/v1`, or
+/// below `/` for clients whose base URL has no `/v1`) goes to its model unrouted; anything
+/// else is OpenAI's 404 `Invalid URL`, without reading the body.
+async fn other_route(State(state): State<AppState>, request: Request) -> Response {
+    let received = Instant::now();
+    let (method, uri) = (request.method().clone(), request.uri().clone());
+    let path = uri.path();
+    let relative = path.strip_prefix("/v1/").or_else(|| path.strip_prefix('/'));
+    let Some(relative) = relative.filter(|relative| state.passes_through(relative)) else {
+        return unknown_route(method, uri).await.into_response();
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{relative}?{query}"),
+        None => relative.to_owned(),
+    };
+    let headers = request.headers().clone();
+    let policy = state.policy();
+    let answer = async {
+        let caller = authorize(&policy, &headers)?;
+        let rates = caller
+            .as_ref()
+            .map(ApiKey::admit)
+            .transpose()
+            .map_err(Error::RateLimited)?;
+        let BodyBytes(body) = BodyBytes::from_request(request, &state).await?;
+        let request_bytes = body.len();
+        let (model, reply) = state
+            .pass_through(method.clone(), &path_and_query, &headers, body)
+            .await?;
+        let caller = caller.map(|key| Caller {
+            key,
+            rates: rates.unwrap_or_default(),
+            request_bytes,
+        });
+        Ok::<_, Error>((model.to_owned(), reply, caller))
+    }
+    .await;
+    let request_id = request_id(&headers);
+    let status = answer
+        .as_ref()
+        .map_or_else(Error::status, |(_, reply, _)| reply.status());
+    state.metrics().record_passthrough(status.as_u16());
+    tracing::info!(
+        target: "routellm::access",
+        api = relative,
+        method = %method,
+        request_id = request_id.to_str().ok(),
+        key = answer.as_ref().ok().and_then(|(_, _, caller)| caller.as_ref()).map(|caller| caller.key.name()),
+        model = answer.as_ref().ok().map(|(model, _, _)| model.as_str()),
+        status = status.as_u16(),
+        proxy_ms = received.elapsed().as_secs_f64() * 1e3,
+        "passthrough"
+    );
+    let mut response = match answer {
+        Ok((
+            model,
+            Reply::Complete {
+                status,
+                mut headers,
+                body,
+            },
+            caller,
+        )) => {
+            if let Some(caller) = caller.as_ref().filter(|_| status.is_success()) {
+                // An embedding's usage is its prompt; without one, the request's size is the
+                // estimate (the answer's bytes, vectors, are no measure of tokens).
+                caller.charge(usage::of_body(&body), 0);
+            }
+            if let Some(caller) = &caller {
+                caller.replace_rate_headers(&mut headers);
+            }
+            insert(&mut headers, HEADER_MODEL, &model);
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = status;
+            for (name, value) in headers {
+                if let Some(name) = name {
+                    response.headers_mut().append(name, value);
+                }
+            }
+            response
+        }
+        Ok((_, Reply::Stream { .. }, _)) => {
+            Error::Internal("a passthrough answer is read whole".into()).into_response()
+        }
+        Err(error) => error.into_response(),
+    };
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static(HEADER_REQUEST_ID), request_id);
+    response
 }
 
 async fn unknown_route(method: Method, uri: Uri) -> Error {

@@ -100,6 +100,8 @@ enum Target {
 
 /// A provider's endpoints for each API, parsed once, and its credentials, encoded once.
 struct HttpTarget {
+    /// For `passthrough` paths, joined per request.
+    base_url: String,
     chat_completions_url: reqwest::Url,
     responses_url: reqwest::Url,
     completions_url: reqwest::Url,
@@ -136,6 +138,7 @@ impl Upstream {
                     })
                     .transpose()?;
                 Target::Http(Box::new(HttpTarget {
+                    base_url: base_url.trim_end_matches('/').to_owned(),
                     chat_completions_url,
                     responses_url,
                     completions_url,
@@ -178,21 +181,11 @@ impl Upstream {
             Api::Responses => &target.responses_url,
             Api::Completions => &target.completions_url,
         };
-        let mut request = client
+        let request = client
             .post(url.clone())
             .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);
-        if let Some(authorization) = &target.authorization {
-            request = request.header(header::AUTHORIZATION, authorization.clone());
-        }
-        if !forwarded.is_empty() || !target.headers.is_empty() {
-            // The operator's headers for this model replace a client's of the same name.
-            let mut extra = forwarded.clone();
-            for (name, value) in &target.headers {
-                extra.insert(name.clone(), value.clone());
-            }
-            request = request.headers(extra);
-        }
+        let mut request = target.credentials(request, forwarded);
         if stream {
             request = request.header(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
         } else {
@@ -203,21 +196,11 @@ impl Upstream {
             .await
             .map_err(|_| self.timed_out("no response headers in time"))?
             .map_err(|error| self.transport_error(&error))?;
+        if !stream || !response.status().is_success() {
+            return self.read_whole(response, timeout).await;
+        }
         let status = response.status();
         let headers = forwarded_headers(response.headers());
-        if !stream || !status.is_success() {
-            let body = tokio::time::timeout(timeout, read_bounded(response))
-                .await
-                .map_err(|_| self.timed_out("the response body did not arrive in time"))?
-                .map_err(|error| match error {
-                    ReadError::Transport(error) => self.transport_error(&error),
-                    ReadError::TooLarge => Error::UpstreamProtocol {
-                        model: self.model.name.clone(),
-                        reason: format!("the response exceeds {MAX_RESPONSE_BYTES} bytes"),
-                    },
-                })?;
-            return Ok(Reply::Complete { status, headers, body });
-        }
 
         let mut chunks = response.bytes_stream();
         let first = loop {
@@ -252,6 +235,56 @@ impl Upstream {
         Ok(Reply::Stream { status, headers, body })
     }
 
+    /// Sends a request the proxy does not route — `method` on `path_and_query` below this
+    /// model's base URL (an allowed `passthrough` path, already checked), with the client's
+    /// `headers` that are to pass (its content type and the like) and this model's
+    /// credentials — and reads the whole answer.
+    pub async fn send_unrouted(
+        &self,
+        client: &reqwest::Client,
+        method: axum::http::Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, Error> {
+        let Target::Http(target) = &self.target else {
+            // Configuration refuses passthrough to the echo model; this only keeps us panic-free.
+            return Err(Error::Internal(format!(
+                "`{}` serves no other endpoints",
+                self.model.name
+            )));
+        };
+        let url = reqwest::Url::parse(&format!("{}/{path_and_query}", target.base_url))
+            .map_err(|error| Error::invalid(format!("Invalid URL path: {error}")))?;
+        let mut request = client.request(method, url).timeout(timeout);
+        if !body.is_empty() {
+            request = request.body(body);
+        }
+        let response = tokio::time::timeout(timeout, target.credentials(request, headers).send())
+            .await
+            .map_err(|_| self.timed_out("no response headers in time"))?
+            .map_err(|error| self.transport_error(&error))?;
+        self.read_whole(response, timeout).await
+    }
+
+    /// The whole answer, bounded in size and time, as a complete reply.
+    async fn read_whole(&self, response: reqwest::Response, timeout: Duration) -> Result<Reply, Error> {
+        let status = response.status();
+        let headers = forwarded_headers(response.headers());
+        let body = tokio::time::timeout(timeout, read_bounded(response))
+            .await
+            .map_err(|_| self.timed_out("the response body did not arrive in time"))?
+            .map_err(|error| match error {
+                ReadError::Transport(error) => self.transport_error(&error),
+                ReadError::TooLarge => Error::UpstreamProtocol {
+                    model: self.model.name.clone(),
+                    reason: format!("the response exceeds {MAX_RESPONSE_BYTES} bytes"),
+                },
+            })?;
+        Ok(Reply::Complete { status, headers, body })
+    }
+
     fn timed_out(&self, reason: &str) -> Error {
         Error::UpstreamTimeout {
             model: self.model.name.clone(),
@@ -268,6 +301,24 @@ impl Upstream {
                 reason: error_chain(error),
             }
         }
+    }
+}
+
+impl HttpTarget {
+    /// The model's key and configured headers on `request`, with the client's `forwarded`
+    /// ones; the operator's headers replace a client's of the same name.
+    fn credentials(&self, mut request: reqwest::RequestBuilder, forwarded: &HeaderMap) -> reqwest::RequestBuilder {
+        if let Some(authorization) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, authorization.clone());
+        }
+        if !forwarded.is_empty() || !self.headers.is_empty() {
+            let mut extra = forwarded.clone();
+            for (name, value) in &self.headers {
+                extra.insert(name.clone(), value.clone());
+            }
+            request = request.headers(extra);
+        }
+        request
     }
 }
 

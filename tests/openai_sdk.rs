@@ -115,7 +115,8 @@ async fn sdk_against_mock_upstreams(sdk: Sdk) {
     let upstream = MockUpstream::start("mock").await;
     let config = tempfile(
         "thresholds: {random: 0.5}\nstrong_model: openai/gpt-4o\nweak_model: groq/llama3-8b\n\
-         upstream: {forward_headers: [x-request-id]}\nmodel_aliases: {gpt-4: router-random-1}\n",
+         upstream: {forward_headers: [x-request-id]}\nmodel_aliases: {gpt-4: router-random-1}\n\
+         passthrough: {paths: [embeddings]}\n",
     );
     let (_child, base_url) = start_binary(&[
         "--config",
@@ -153,6 +154,16 @@ async fn sdk_against_mock_upstreams(sdk: Sdk) {
     assert_eq!(with_tools["response_format"]["json_schema"]["strict"], true);
     assert_eq!(with_tools["seed_marker"], 42);
     assert!(with_tools.get("temperature").is_none(), "nothing is injected");
+    let embeddings = received
+        .iter()
+        .find(|request| request.endpoint == "other")
+        .expect("the embeddings request was passed through")
+        .json();
+    assert_eq!(
+        embeddings["model"], "text-embedding-3-small",
+        "passed through unrouted, unchanged"
+    );
+    assert_eq!(embeddings["encoding_format"], "float");
 }
 
 #[tokio::test]
@@ -252,7 +263,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
          headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
          weak_model: echo/mixtral\nthresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
          upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret, {key: team-secret, name: team-a, requests_per_minute: 60, \
-         tokens_per_minute: 9000, models: [auto]}]\nscoring_timeout_ms: 250\n",
+         tokens_per_minute: 9000, models: [auto]}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*]}\n",
     );
     let check = |config: &std::path::Path| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
@@ -279,6 +290,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
         ": no limits",
         "key `team-a`: 60 requests/min, 9000 tokens/min, models auto",
         "scoring timeout: 250 ms",
+        "passed through to openai/gpt-4o: /v1/embeddings, /v1/files/*",
         "model alias `auto` → `router-random`",
         "model alias `later` → `router-mf` (router `mf` is not loaded: requests for it are refused)",
     ] {

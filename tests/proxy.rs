@@ -1803,3 +1803,114 @@ async fn a_limited_keys_rate_headers_replace_the_providers() {
     assert_eq!(remaining, ["4"], "the key's own count, once");
     assert_eq!(ours.headers()["x-ratelimit-limit-requests"], "5");
 }
+
+/// The status line's code for a request sent byte for byte (reqwest would resolve `..`
+/// segments before sending, as any URL parser does).
+async fn raw_status(proxy: &Proxy, request_line: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!("{request_line}\r\nHost: x\r\nAuthorization: Bearer k-team\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn passthrough_paths_reach_their_model_unrouted_and_nothing_else_does() {
+    let (strong, weak, proxy) = setup(
+        "passthrough: {paths: [embeddings, files/*], to: weak}\n\
+         api_keys: [{key: k-team, name: team, requests_per_minute: 100, models: [router-random]}]\n",
+    )
+    .await;
+    let embeddings = r#"{"model":"text-embedding-3-small","input":"Hello","dimensions":64}"#;
+    let response = proxy
+        .client
+        .post(proxy.url("/v1/embeddings"))
+        .bearer_auth("k-team")
+        .header("content-type", "application/json")
+        .body(embeddings)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-model"], "together_ai/weak-model");
+    // The key's own rate headers, not the provider account's 4999.
+    assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "99");
+    assert!(response.headers().get("x-routellm-tier").is_none(), "not routed");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["uri"], "/v1/embeddings");
+    let received = weak.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        received[0].body,
+        embeddings.as_bytes(),
+        "forwarded byte for byte, model unchanged"
+    );
+    assert_eq!(received[0].headers["authorization"], "Bearer sk-weak");
+    assert_eq!(received[0].headers["content-type"], "application/json");
+
+    let file = proxy
+        .client
+        .get(proxy.url("/v1/files/file-abc/content?purpose=batch"))
+        .bearer_auth("k-team")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(file.status(), 200);
+    let answer: Value = file.json().await.unwrap();
+    assert_eq!(
+        (answer["method"].as_str(), answer["uri"].as_str()),
+        (Some("GET"), Some("/v1/files/file-abc/content?purpose=batch"))
+    );
+
+    for (path, status) in [
+        ("/v1/moderations", 404), // not listed
+        ("/v1/files", 404),       // `files/*` is below files/ only
+        ("/v1/fine_tuning/jobs", 404),
+    ] {
+        let response = proxy
+            .client
+            .post(proxy.url(path))
+            .bearer_auth("k-team")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let error = openai_error(response, status).await;
+        assert!(
+            error["message"].as_str().unwrap().starts_with("Invalid URL"),
+            "{path}: {error}"
+        );
+    }
+    // No climbing out of a listed prefix, however the dots are written.
+    for line in [
+        "GET /v1/files/../fine_tuning/jobs HTTP/1.1",
+        "GET /v1/files/%2e%2e/fine_tuning/jobs HTTP/1.1",
+        "GET /v1/files/x/..%2Fy HTTP/1.1",
+    ] {
+        assert_eq!(raw_status(&proxy, line).await, 404, "{line}");
+    }
+    let anonymous = proxy
+        .client
+        .post(proxy.url("/v1/embeddings"))
+        .body(embeddings)
+        .send()
+        .await
+        .unwrap();
+    openai_error(anonymous, 401).await;
+    assert_eq!(weak.received().len(), 2, "only the two allowed requests arrived");
+    assert!(strong.received().is_empty());
+
+    let text = proxy.metrics().await;
+    assert_eq!(
+        metric::<u64>(&text, r#"routellm_passthrough_requests_total{status="2xx"}"#),
+        2
+    );
+    assert_eq!(
+        metric::<u64>(&text, r#"routellm_passthrough_requests_total{status="4xx"}"#),
+        1
+    );
+    // The embedding's reported usage plus the file request's estimate (no body: nothing).
+    assert_eq!(metric::<u64>(&text, r#"routellm_key_tokens_total{key="team"}"#), 8);
+}

@@ -66,6 +66,7 @@ impl MockUpstream {
             .route("/v1/chat/completions", post(mock_chat))
             .route("/v1/responses", post(mock_responses))
             .route("/v1/completions", post(mock_completions))
+            .fallback(mock_other)
             .with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -117,6 +118,27 @@ fn receive(state: &MockState, endpoint: &'static str, headers: HeaderMap, body: 
     let status = (*state.unavailable.lock().unwrap())?;
     let error = json!({"error": {"message": format!("{} is unavailable", state.name), "type": "server_error", "param": null, "code": null}});
     Some((status, axum::Json(error)).into_response())
+}
+
+/// Any other endpoint (what `passthrough` sends on): records it as `other` and answers
+/// with the method and URI it saw, and for embeddings a usage of 8 prompt tokens.
+async fn mock_other(
+    State(state): State<MockState>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(unavailable) = receive(&state, "other", headers, &body) {
+        return unavailable;
+    }
+    let mut answer = json!({"object": "mock", "method": method.as_str(), "uri": uri.to_string(), "from": state.name});
+    if uri.path().ends_with("/embeddings") {
+        answer["object"] = json!("list");
+        answer["data"] = json!([{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}]);
+        answer["usage"] = json!({"prompt_tokens": 8, "total_tokens": 8});
+    }
+    ([("x-ratelimit-remaining-requests", "4999")], axum::Json(answer)).into_response()
 }
 
 /// A Responses API answer; streamed as named events, the usage in `response.completed`.

@@ -147,6 +147,9 @@ if (mode === 'mock') {
   expect(aliased.response.headers.get('x-routellm-tier') === 'weak', Object.fromEntries(aliased.response.headers));
   expect(aliased.data.model === 'llama3-8b', aliased.data.model);
   expect((await client.models.retrieve('gpt-4')).alias_for === 'router-random-1', 'retrieve an alias');
+  // Embeddings are no routed endpoint: the config passes them through to the strong model.
+  const embedding = await client.embeddings.create({ model: 'text-embedding-3-small', input: 'Hello', encoding_format: 'float' });
+  expect(embedding.data[0].embedding[1] === -0.5 && embedding.usage.prompt_tokens === 8, JSON.stringify(embedding));
 } else if (mode === 'echo') {
   const completion = await client.chat.completions.create({ model: 'router-random-0', messages });
   const content = completion.choices[0].message.content;

@@ -133,6 +133,9 @@ if mode == "mock":
     expect(raw.headers["x-routellm-tier"] == "weak", raw.headers)
     expect(raw.parse().model == "llama3-8b", raw.parse().model)
     expect(client.models.retrieve("gpt-4").alias_for == "router-random-1", "retrieve an alias")
+    # Embeddings are no routed endpoint: the config passes them through to the strong model.
+    embedding = client.embeddings.create(model="text-embedding-3-small", input="Hello", encoding_format="float")
+    expect(embedding.data[0].embedding == [0.25, -0.5] and embedding.usage.prompt_tokens == 8, embedding)
 elif mode == "echo":
     completion = client.chat.completions.create(model="router-random-0", messages=messages)
     content = completion.choices[0].message.content
