@@ -780,7 +780,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_aliases: args.model_aliases,
         ..args.common.overrides()
     };
-    #[cfg(unix)]
     let reload_overrides = overrides.clone();
     let config = Config::load(args.common.config.as_deref(), overrides).context("loading the configuration")?;
     init_tracing(config.log_format, config.access_log);
@@ -808,7 +807,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {address}"))?;
     let state = AppState::new(gateway);
     #[cfg(unix)]
-    reload_on_hangup(state.clone(), args.common.config.clone(), reload_overrides);
+    reload_on_hangup(state.clone(), args.common.config.clone(), reload_overrides.clone());
+    if let (Some(interval), Some(file)) = (config.watch_config, args.common.config.clone()) {
+        watch_config_file(state.clone(), file, reload_overrides, interval);
+    }
     tracing::info!(address = %listener.local_addr()?, "routellm listening");
     server::run(listener, state, shutdown_signal())
         .await
@@ -863,9 +865,9 @@ fn describe_key_limits(key: &crate::api_keys::ApiKeySpec) -> String {
     terms.join(", ")
 }
 
-/// The `serve --check` lines on who may call what: each client key's limits, the scoring
-/// timeout, passthrough paths and CORS origins.
-fn describe_access(out: &mut String, config: &Config) {
+/// The `serve --check` lines on who may call what — each client key's limits, the scoring
+/// timeout, passthrough paths and CORS origins — and on watching the config file.
+fn describe_access_and_reloads(out: &mut String, config: &Config) {
     use std::fmt::Write as _;
     for key in &config.api_keys {
         let _ = writeln!(out, "  key `{}`: {}", key.name, describe_key_limits(key));
@@ -886,6 +888,13 @@ fn describe_access(out: &mut String, config: &Config) {
     }
     if !config.cors_allowed_origins.is_empty() {
         let _ = writeln!(out, "CORS origins: {}", config.cors_allowed_origins.join(", "));
+    }
+    if let Some(interval) = config.watch_config {
+        let _ = writeln!(
+            out,
+            "config file watched every {} s, reloaded when it changes",
+            interval.as_secs()
+        );
     }
 }
 
@@ -960,7 +969,7 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
         name(config.score_turns.to_possible_value()),
         config.api_keys.len()
     );
-    describe_access(&mut out, config);
+    describe_access_and_reloads(&mut out, config);
     for (alias, target) in &config.model_aliases {
         let unserved = match crate::model_name::parse(target) {
             Ok(crate::model_name::ModelTarget::Routed { router, .. })
@@ -1050,26 +1059,60 @@ fn reload_on_hangup(state: AppState, file: Option<PathBuf>, overrides: Overrides
     };
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            let (file, overrides, reloading) = (file.clone(), overrides.clone(), state.clone());
-            // Reads a file: kept off the async workers.
-            let outcome = tokio::task::spawn_blocking(move || reloading.reload_file(file.as_deref(), overrides))
-                .await
-                .unwrap_or_else(|panicked| Err(crate::error::Error::Config(panicked.to_string())));
-            match outcome {
-                Ok(needs_restart) if needs_restart.is_empty() => {
-                    tracing::info!("SIGHUP: configuration reloaded");
-                }
-                Ok(needs_restart) => tracing::warn!(
-                    needs_restart = ?needs_restart,
-                    "SIGHUP: configuration reloaded; these settings changed and take effect at the next restart"
-                ),
-                Err(error) => tracing::warn!(
-                    %error,
-                    "SIGHUP: configuration not reloaded; the running one stays in force"
-                ),
-            }
+            reload(&state, file.clone(), overrides.clone(), "SIGHUP").await;
         }
     });
+}
+
+/// With `watch_config_secs`, looks at the config file every `interval` and reloads it (as
+/// SIGHUP does) when its contents changed: a Kubernetes `ConfigMap` or a deployment tool
+/// that rewrites the file then needs no signal. A file that is missing for a moment (being
+/// replaced) is waited for; a changed file that does not check out is reported once.
+fn watch_config_file(state: AppState, file: PathBuf, overrides: Overrides, interval: std::time::Duration) {
+    tokio::spawn(async move {
+        let contents = |path: PathBuf| async move {
+            tokio::task::spawn_blocking(move || std::fs::read(path).ok())
+                .await
+                .ok()
+                .flatten()
+        };
+        let mut seen = contents(file.clone()).await;
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let now = contents(file.clone()).await;
+            if now.is_none() || now == seen {
+                continue;
+            }
+            seen = now;
+            reload(&state, Some(file.clone()), overrides.clone(), "config file changed").await;
+        }
+    });
+}
+
+/// Re-reads the configuration and applies its routing policy, logging the outcome under
+/// what caused the reload.
+async fn reload(state: &AppState, file: Option<PathBuf>, overrides: Overrides, cause: &str) {
+    let reloading = state.clone();
+    // Reads a file: kept off the async workers.
+    let outcome = tokio::task::spawn_blocking(move || reloading.reload_file(file.as_deref(), overrides))
+        .await
+        .unwrap_or_else(|panicked| Err(crate::error::Error::Config(panicked.to_string())));
+    match outcome {
+        Ok(needs_restart) if needs_restart.is_empty() => {
+            tracing::info!("{cause}: configuration reloaded");
+        }
+        Ok(needs_restart) => tracing::warn!(
+            needs_restart = ?needs_restart,
+            "{cause}: configuration reloaded; these settings changed and take effect at the next restart"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "{cause}: configuration not reloaded; the running one stays in force"
+        ),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `docker stop` sends).

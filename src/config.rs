@@ -30,6 +30,8 @@ const DEFAULT_REQUEST_TIMEOUT_SECS: f64 = 600.0;
 const DEFAULT_CLIENT_TIMEOUT_SECS: f64 = 60.0;
 /// Kubernetes' default termination grace period: a pod is killed after it anyway.
 const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 30.0;
+/// The longest interval between looks at the config file (a day).
+const MAX_WATCH_CONFIG_SECS: u64 = 86_400;
 /// The longest `scoring_timeout_ms`: beyond it the upstream timeout is the real bound.
 const MAX_SCORING_TIMEOUT_MS: u64 = 600_000;
 
@@ -321,6 +323,7 @@ pub struct FileConfig {
     prompt_log: Option<crate::prompt_log::PromptLogConfig>,
     #[serde(default)]
     passthrough: PassthroughConfig,
+    watch_config_secs: Option<u64>,
     #[serde(default)]
     router_settings: RouterSettings,
 }
@@ -432,6 +435,8 @@ pub struct Config {
     pub prompt_log: Option<crate::prompt_log::PromptLogConfig>,
     /// Other endpoints below `/v1` passed to one model unrouted; none by default.
     pub passthrough: PassthroughConfig,
+    /// How often `serve` looks at its config file for changes to reload (as on SIGHUP); off by default.
+    pub watch_config: Option<Duration>,
     pub router_settings: RouterSettings,
 }
 
@@ -533,6 +538,14 @@ impl Config {
                 (None, file) => file,
             },
             passthrough: file.passthrough,
+            watch_config: match file.watch_config_secs {
+                Some(secs) if !(1..=MAX_WATCH_CONFIG_SECS).contains(&secs) => {
+                    return Err(Error::Config(format!(
+                        "watch_config_secs = {secs} is outside [1, {MAX_WATCH_CONFIG_SECS}]"
+                    )));
+                }
+                secs => secs.map(Duration::from_secs),
+            },
             router_settings: file.router_settings,
         };
         config.validate()?;
@@ -820,6 +833,7 @@ mod tests {
             .replace("# strong_share:\n#   mf: 0.3", "strong_share:\n  mf: 0.3")
             .replace("# strong_share_window: 1000", "strong_share_window: 1000")
             .replace("# scoring_timeout_ms: 250", "scoring_timeout_ms: 250")
+            .replace("# watch_config_secs: 10", "watch_config_secs: 10")
             .replace(
                 "# passthrough:\n#   paths: [embeddings, moderations]\n#   to: strong",
                 "passthrough:\n  paths: [embeddings, moderations]\n  to: strong",
@@ -829,6 +843,13 @@ mod tests {
         assert_eq!((config.strong_share["mf"], config.strong_share_window), (0.3, 1000));
         assert_eq!(config.scoring_timeout, Some(Duration::from_millis(250)));
         assert!(config.passthrough.allows("moderations"));
+        assert_eq!(config.watch_config, Some(Duration::from_secs(10)));
+        for bad in ["watch_config_secs: 0\n", "watch_config_secs: 86401\n"] {
+            assert!(
+                merge(bad).unwrap_err().to_string().contains("outside [1, 86400]"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

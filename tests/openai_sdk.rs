@@ -263,7 +263,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
          headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
          weak_model: echo/mixtral\nthresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
          upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret, {key: team-secret, name: team-a, requests_per_minute: 60, \
-         tokens_per_minute: 9000, models: [auto]}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*]}\n",
+         tokens_per_minute: 9000, models: [auto]}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*]}\nwatch_config_secs: 30\n",
     );
     let check = |config: &std::path::Path| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
@@ -291,6 +291,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "key `team-a`: 60 requests/min, 9000 tokens/min, models auto",
         "scoring timeout: 250 ms",
         "passed through to openai/gpt-4o: /v1/embeddings, /v1/files/*",
+        "config file watched every 30 s, reloaded when it changes",
         "model alias `auto` → `router-random`",
         "model alias `later` → `router-mf` (router `mf` is not loaded: requests for it are refused)",
     ] {
@@ -619,6 +620,43 @@ async fn chat_tiers(client: &reqwest::Client, base_url: &str, model: &str, promp
         tiers.push(response.headers()["x-routellm-tier"].to_str().unwrap().to_owned());
     }
     tiers
+}
+
+/// With `watch_config_secs`, a rewritten config file is reloaded without a signal, as a
+/// Kubernetes `ConfigMap` update needs; a rewrite that does not check out is refused once.
+#[tokio::test]
+async fn a_watched_config_file_is_reloaded_when_it_changes() {
+    let yaml = |threshold: u32| {
+        format!(
+            "strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nthresholds: {{random: {threshold}}}\nwatch_config_secs: 1\n"
+        )
+    };
+    let config = tempfile(&yaml(0));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
+    command.env_remove("RUST_LOG");
+    let (_child, base_url, mut log) =
+        start_command(command, &["--routers", "random", "--config", config.to_str().unwrap()]).await;
+    routellm::upstream::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let tier = async || {
+        chat_tiers(&client, &base_url, "router-random", &["Hello"])
+            .await
+            .remove(0)
+    };
+    assert_eq!(tier().await, "strong", "threshold 0");
+
+    std::fs::write(&config, yaml(1)).unwrap();
+    let line = next_log_line(&mut log, |line| line.contains("config file changed")).await;
+    assert!(line.contains("configuration reloaded"), "{line}");
+    assert_eq!(tier().await, "weak", "threshold 1");
+
+    std::fs::write(&config, yaml(7)).unwrap();
+    let line = next_log_line(&mut log, |line| line.contains("config file changed")).await;
+    assert!(
+        line.contains("not reloaded") && line.contains("thresholds.random"),
+        "{line}"
+    );
+    assert_eq!(tier().await, "weak", "the running policy stays");
 }
 
 /// Writes the config file, sends SIGHUP and returns the server's log line about it.
