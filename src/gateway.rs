@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderName};
 
+use crate::affinity::ResponseAffinity;
 use crate::api_keys::ApiKey;
 use crate::config::{Config, MAX_SCORED_TURNS, OnRouterError, OnUpstreamError, ScoreTurns};
 use crate::config::{PassthroughConfig, PassthroughTo};
@@ -62,6 +63,9 @@ pub struct RouteDecision {
     /// The model the router chose was unavailable and, with `on_upstream_error:
     /// other_model`, the other one answered: `tier` and `model` name the one that did.
     pub upstream_fallback: bool,
+    /// A Responses request continuing an answer (`previous_response_id`) that one model's
+    /// provider stored went to that model, whatever the score (see [`crate::affinity`]).
+    pub pinned: bool,
 }
 
 /// A forwarded request's answer, with what the proxy decided and what that cost.
@@ -193,6 +197,9 @@ pub struct Gateway {
     prompt_log: Option<PromptLog>,
     /// Other endpoints below `/v1` passed to one model unrouted.
     passthrough: PassthroughConfig,
+    /// Which model produced recent Responses answers, when the two models do not share
+    /// storage (different endpoints or keys).
+    affinity: Option<Arc<ResponseAffinity>>,
     started_at: u64,
 }
 
@@ -222,6 +229,8 @@ impl Gateway {
             .user_agent(concat!("routellm/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| Error::Config(format!("HTTP client: {error}")))?;
+        let affinity =
+            (!strong.shares_storage_with(&weak)).then(|| Arc::new(ResponseAffinity::new(crate::affinity::CAPACITY)));
         let gateway = Self {
             router_stats: routers
                 .keys()
@@ -247,6 +256,7 @@ impl Gateway {
             scoring_slots: Arc::new(tokio::sync::Semaphore::new(config.scoring_concurrency)),
             prompt_log: config.prompt_log.as_ref().map(PromptLog::open).transpose()?,
             passthrough: config.passthrough.clone(),
+            affinity,
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
@@ -646,6 +656,7 @@ impl Gateway {
             model: self.upstream(tier).model.name.clone(),
             fallback,
             upstream_fallback: false,
+            pinned: false,
         })
     }
 
@@ -748,9 +759,10 @@ impl Gateway {
                     .as_ref()
                     .filter(|log| log.sampled())
                     .map(|log| (log, prompts.clone()));
-                let decision = self
+                let mut decision = self
                     .route_or(policy, router, threshold, prompts, policy.on_router_error)
                     .await?;
+                self.pin_continuation(&request, &mut decision);
                 if let Some((log, prompts)) = logged {
                     log.record(api, request.model(), caller.map(ApiKey::name), &decision, &prompts);
                 }
@@ -776,8 +788,9 @@ impl Gateway {
                 &mut upstream_time,
             )
             .await;
-        // Only a routed request may change model: a client that named one gets that one.
-        if let Some(routed) = decision.as_mut()
+        // Only a routed request may change model: a client that named one gets that one, and
+        // a continuation can only be answered where its conversation is stored.
+        if let Some(routed) = decision.as_mut().filter(|routed| !routed.pinned)
             && policy.on_upstream_error == OnUpstreamError::OtherModel
             && let Some(reason) = unavailable(&answer)
         {
@@ -802,10 +815,11 @@ impl Gateway {
                 )
                 .await;
         }
-        let reply = answer?;
+        // A fallback to the other model changed the decision's tier.
+        let answered_by = decision.as_ref().map_or(tier, |routed| routed.tier);
+        let reply = self.remember_response(api, answered_by, answer?);
         Ok(Completion {
-            // A fallback to the other model changed the decision's tier.
-            answered_by: decision.as_ref().map_or(tier, |routed| routed.tier),
+            answered_by,
             model: decision
                 .as_ref()
                 .map_or_else(|| upstream.model.name.clone(), |routed| routed.model.clone()),
@@ -813,6 +827,56 @@ impl Gateway {
             reply,
             upstream_time,
         })
+    }
+
+    /// Sends a Responses request that continues a remembered answer to the model that
+    /// produced it (when the two models do not share storage).
+    fn pin_continuation(&self, request: &ModelRequest<'_>, decision: &mut RouteDecision) {
+        let Some(stored_at) = self
+            .affinity
+            .as_ref()
+            .zip(request.previous_response_id())
+            .and_then(|(affinity, id)| affinity.tier_of(id))
+        else {
+            return;
+        };
+        decision.pinned = true;
+        decision.tier = stored_at;
+        decision.model.clone_from(&self.upstream(stored_at).model.name);
+    }
+
+    /// Notes which model produced a Responses answer (a stream's id is read as it passes),
+    /// so a continuation of it can be sent there.
+    fn remember_response(&self, api: Api, answered_by: Tier, reply: Reply) -> Reply {
+        let Some(affinity) = self
+            .affinity
+            .as_ref()
+            .filter(|_| api == Api::Responses && reply.status().is_success())
+        else {
+            return reply;
+        };
+        match reply {
+            Reply::Complete { status, headers, body } => {
+                if let Some(id) = crate::affinity::id_of_answer(&body) {
+                    affinity.remember(&id, answered_by);
+                }
+                Reply::Complete { status, headers, body }
+            }
+            Reply::Stream { status, headers, body } => {
+                let affinity = Arc::clone(affinity);
+                let mut scanner = Some(crate::affinity::StreamIdScanner::default());
+                let body = Box::pin(futures_util::StreamExt::map(body, move |chunk| {
+                    if let (Ok(bytes), Some(active)) = (&chunk, scanner.as_mut())
+                        && let Some(id) = active.feed(bytes)
+                    {
+                        affinity.remember(&id, answered_by);
+                        scanner = None;
+                    }
+                    chunk
+                }));
+                Reply::Stream { status, headers, body }
+            }
+        }
     }
 
     /// The client's headers that are configured to pass on, every value of each.

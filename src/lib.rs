@@ -3,6 +3,7 @@
 //!
 //! Module map:
 //! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/responses`, `/v1/completions`, `/v1/models`, `/health`, `/metrics`, configured passthrough paths) and [`server::run`].
+//! - [`affinity`]: Responses continuations (`previous_response_id`) sent to the model whose provider stored the conversation.
 //! - [`api_keys`]: client API keys: names, per-key request and token rate limits (OpenAI's 429s), allowed models.
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
 //! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.
@@ -32,6 +33,7 @@
 //! - [`artifact`]: safetensors reading and writing shared by every artifact under `routers/`.
 //! - [`cli`]: the `routellm` command line.
 
+pub mod affinity;
 pub mod api_keys;
 pub mod artifact;
 pub mod cli;

@@ -441,6 +441,8 @@ pub struct Metrics {
     cost_at_strong_prices: [AtomicU64; 3],
     /// Requests to `passthrough` paths by status class.
     passthrough: [AtomicU64; 3],
+    /// Routed Responses continuations sent to the model that stored their conversation.
+    previous_response_pins: AtomicU64,
 }
 
 impl Metrics {
@@ -459,6 +461,11 @@ impl Metrics {
         if let Some(overhead) = overhead {
             self.overhead.observe(&BUCKETS_US, overhead);
         }
+    }
+
+    /// Counts one routed Responses request sent to the model that stored the answer it continues.
+    pub fn record_previous_response_pin(&self) {
+        self.previous_response_pins.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one request to a `passthrough` path (answered or refused).
@@ -574,6 +581,14 @@ impl Metrics {
                 &UPSTREAM_BUCKETS_US,
             );
         }
+        self.render_detours(&mut out);
+        out
+    }
+
+    /// Requests that went elsewhere than a router's score alone says: router and upstream
+    /// fallbacks, Responses continuations pinned to their conversation's model, and the
+    /// unrouted passthrough requests.
+    fn render_detours(&self, out: &mut String) {
         out.push_str(
             "# HELP routellm_router_fallbacks_total Routed requests whose router could not score the prompt, answered by the on_router_error model.\n",
         );
@@ -600,13 +615,22 @@ impl Metrics {
         );
         for (class, count) in CLASSES.iter().zip(&self.passthrough) {
             write_sample(
-                &mut out,
+                out,
                 "routellm_passthrough_requests_total",
                 [("status", class)],
                 count.load(Ordering::Relaxed),
             );
         }
-        out
+        out.push_str(
+            "# HELP routellm_previous_response_pins_total Routed Responses requests continuing an answer (previous_response_id) sent to the model whose provider stored it, whatever the score.\n\
+             # TYPE routellm_previous_response_pins_total counter\n",
+        );
+        write_sample(
+            out,
+            "routellm_previous_response_pins_total",
+            [],
+            self.previous_response_pins.load(Ordering::Relaxed),
+        );
     }
 }
 

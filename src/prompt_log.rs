@@ -297,6 +297,7 @@ mod tests {
             model: "openai/gpt-4o".into(),
             fallback,
             upstream_fallback: false,
+            pinned: false,
         }
     }
 

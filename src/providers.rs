@@ -154,6 +154,28 @@ pub struct ResolvedModel {
 }
 
 impl ResolvedModel {
+    /// Whether an answer this model's provider stored (a Responses `previous_response_id`)
+    /// is visible to `other` too: the same endpoint, key and headers, or both offline.
+    #[must_use]
+    pub fn shares_storage_with(&self, other: &ResolvedModel) -> bool {
+        match (&self.endpoint, &other.endpoint) {
+            (Endpoint::Echo, Endpoint::Echo) => true,
+            (
+                Endpoint::Http {
+                    base_url,
+                    api_key,
+                    headers,
+                },
+                Endpoint::Http {
+                    base_url: other_url,
+                    api_key: other_key,
+                    headers: other_headers,
+                },
+            ) => base_url == other_url && api_key == other_key && headers == other_headers,
+            _ => false,
+        }
+    }
+
     /// Why requests to this model will likely be refused, said at start-up rather than
     /// discovered as a 401 on the first request: a remote endpoint and no key. Endpoints on
     /// this machine (Ollama, vLLM) commonly need none.
@@ -402,6 +424,24 @@ fn validate_base_url(name: &str, base_url: &str) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_one_endpoint_with_one_key_shares_stored_answers() {
+        let env = |_: &str| None;
+        let resolved = |yaml: &str| {
+            let model: ModelConfig = serde_norway::from_str(yaml).unwrap();
+            resolve(&model, &GlobalOverrides::default(), &BTreeMap::new(), &env).unwrap()
+        };
+        let a = resolved("{name: openai/gpt-4o, api_key: k1}");
+        assert!(a.shares_storage_with(&resolved("{name: openai/gpt-4o-mini, api_key: k1}")));
+        assert!(!a.shares_storage_with(&resolved("{name: openai/gpt-4o-mini, api_key: k2}")));
+        assert!(!a.shares_storage_with(&resolved("{name: groq/llama3, api_key: k1}")));
+        assert!(!a.shares_storage_with(&resolved(
+            "{name: openai/x, api_key: k1, headers: {OpenAI-Project: p2}}"
+        )));
+        assert!(!a.shares_storage_with(&resolved("{name: echo/x}")));
+        assert!(resolved("{name: echo/x}").shares_storage_with(&resolved("{name: echo/y}")));
+    }
 
     fn model(name: &str) -> ModelConfig {
         ModelConfig {

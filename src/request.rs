@@ -129,6 +129,16 @@ impl<'a> ModelRequest<'a> {
         &self.model
     }
 
+    /// The answer a Responses request continues (`previous_response_id`), if it names one.
+    #[must_use]
+    pub fn previous_response_id(&self) -> Option<&'a str> {
+        if self.api != Api::Responses {
+            return None;
+        }
+        // A borrowed string is enough: ids have nothing to unescape.
+        last_field(&self.fields, "previous_response_id").and_then(|raw| <&str>::deserialize(raw).ok())
+    }
+
     /// Whether the client asked for a server-sent-event stream.
     #[must_use]
     pub fn stream(&self) -> bool {

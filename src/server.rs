@@ -68,7 +68,8 @@ pub const HEADER_MODEL: &str = "x-routellm-model";
 /// Present when the proxy chose the model some other way than by the router's score:
 /// `router_error` (the router could not score the prompt, `on_router_error` chose; the
 /// win-rate header is then absent), `upstream_error` (the chosen model was unavailable,
-/// `on_upstream_error` asked the other one), or both, comma-separated.
+/// `on_upstream_error` asked the other one), `previous_response` (a Responses request
+/// continuing an answer went to the model whose provider stored it), comma-separated.
 pub const HEADER_FALLBACK: &str = "x-routellm-fallback";
 /// Microseconds the proxy itself spent on the request, outside the upstream call.
 pub const HEADER_OVERHEAD: &str = "x-routellm-overhead-us";
@@ -409,6 +410,9 @@ fn respond(
     if let Some(routed) = decision.as_ref().filter(|d| d.upstream_fallback) {
         metrics.record_upstream_fallback(routed.tier.other());
     }
+    if decision.as_ref().is_some_and(|d| d.pinned) {
+        metrics.record_previous_response_pin();
+    }
     // The access log is off unless asked for (`access_log`): at thousands of requests a
     // second a line each costs more than the routing itself. Errors are logged where they happen.
     tracing::info!(
@@ -485,6 +489,7 @@ fn respond(
 fn fallback_note(decision: &RouteDecision) -> Option<String> {
     let notes: Vec<&str> = [
         (decision.fallback, "router_error"),
+        (decision.pinned, "previous_response"),
         (decision.upstream_fallback, "upstream_error"),
     ]
     .iter()

@@ -1914,3 +1914,57 @@ async fn passthrough_paths_reach_their_model_unrouted_and_nothing_else_does() {
     // The embedding's reported usage plus the file request's estimate (no body: nothing).
     assert_eq!(metric::<u64>(&text, r#"routellm_key_tokens_total{key="team"}"#), 8);
 }
+
+#[tokio::test]
+async fn a_responses_continuation_goes_to_the_model_that_stored_the_conversation() {
+    // The two mocks are two endpoints, so neither can continue the other's answers.
+    let (strong, weak, proxy) = setup("on_upstream_error: other_model\n").await;
+    let respond = async |body: &str| {
+        let response = proxy.post_json("/v1/responses", body).await;
+        assert_eq!(response.status(), 200, "{body}");
+        let tier = response.headers()["x-routellm-tier"].to_str().unwrap().to_owned();
+        let note = response
+            .headers()
+            .get("x-routellm-fallback")
+            .map(|value| value.to_str().unwrap().to_owned());
+        (tier, note, response.text().await.unwrap())
+    };
+    let (tier, note, answer) = respond(r#"{"model":"router-random-0","input":"Hello"}"#).await;
+    assert_eq!((tier.as_str(), note), ("strong", None));
+    assert!(answer.contains(r#""id":"resp_strong""#), "{answer}");
+
+    // Threshold 1 would send it to the weak model; the conversation lives at the strong one.
+    let continuation = r#"{"model":"router-random-1","input":"And then?","previous_response_id":"resp_strong"}"#;
+    let (tier, note, _) = respond(continuation).await;
+    assert_eq!((tier.as_str(), note.as_deref()), ("strong", Some("previous_response")));
+    let sent = strong.received().last().unwrap().json();
+    assert_eq!(
+        (sent["previous_response_id"].as_str(), sent["model"].as_str()),
+        (Some("resp_strong"), Some("strong-model"))
+    );
+
+    // An id the proxy never saw (another replica's, or from before a restart) is routed by score.
+    let (tier, note, _) =
+        respond(r#"{"model":"router-random-1","input":"Hi","previous_response_id":"resp_elsewhere"}"#).await;
+    assert_eq!((tier.as_str(), note), ("weak", None));
+
+    // A stream's id is read as it passes.
+    let (tier, _, streamed) = respond(r#"{"model":"router-random-1","input":"Hello","stream":true}"#).await;
+    assert!(tier == "weak" && streamed.contains("resp_weak"), "{streamed}");
+    let (tier, note, _) =
+        respond(r#"{"model":"router-random-0","input":"More","previous_response_id":"resp_weak"}"#).await;
+    assert_eq!((tier.as_str(), note.as_deref()), ("weak", Some("previous_response")));
+
+    // The other model could not continue it, so an unavailable one is not swapped out.
+    strong.set_unavailable(Some(axum::http::StatusCode::SERVICE_UNAVAILABLE));
+    let unavailable = proxy.post_json("/v1/responses", continuation).await;
+    assert_eq!(unavailable.status(), 503);
+    assert_eq!(weak.received().len(), 3, "the weak model was not asked");
+
+    let text = proxy.metrics().await;
+    assert_eq!(
+        metric::<u64>(&text, "routellm_previous_response_pins_total"),
+        3,
+        "the refused one too"
+    );
+}

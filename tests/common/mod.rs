@@ -152,7 +152,7 @@ async fn mock_responses(State(state): State<MockState>, headers: HeaderMap, body
     let model = request["model"].as_str().unwrap_or("?").to_owned();
     let text = format!("response from {}", state.name);
     let completed = json!({
-        "id": "resp_mock", "object": "response", "created_at": 1, "status": "completed", "model": model,
+        "id": format!("resp_{}", state.name), "object": "response", "created_at": 1, "status": "completed", "model": model,
         "output": [{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
                     "content": [{"type": "output_text", "text": text, "annotations": []}]}],
         "usage": {"input_tokens": 6, "output_tokens": 3, "total_tokens": 9},

@@ -1,0 +1,168 @@
+//! Responses conversations stay with the model whose provider stored them.
+//!
+//! A Responses request may continue an earlier answer by `previous_response_id`. Only the
+//! provider account that produced that answer knows the id: routed to the other model (a
+//! different endpoint or key), the request fails. So when the two models do not share
+//! storage, the proxy remembers which of them produced each Responses answer it passed on
+//! (the latest [`CAPACITY`] ids; an id it never saw — from before a restart, or from
+//! another replica — is routed as usual) and sends a continuation to that model whatever
+//! its score.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use serde::Deserialize;
+
+use crate::gateway::Tier;
+use crate::sse::LineSplitter;
+
+/// How many response ids are remembered: about 10 MB at most.
+pub const CAPACITY: usize = 100_000;
+
+/// The longest id kept: OpenAI's are about 50 characters; anything far longer is not an id
+/// worth holding memory for.
+const MAX_ID_BYTES: usize = 256;
+
+/// Which model produced each of the latest Responses answers.
+#[derive(Debug)]
+pub struct ResponseAffinity {
+    capacity: usize,
+    inner: Mutex<Remembered>,
+}
+
+#[derive(Debug, Default)]
+struct Remembered {
+    tiers: HashMap<String, Tier>,
+    /// Ids oldest first, for eviction.
+    order: VecDeque<String>,
+}
+
+impl ResponseAffinity {
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            inner: Mutex::new(Remembered::default()),
+        }
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        // A map of ids stays consistent whatever a panicking holder was doing.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes that `tier`'s model produced the answer `id`.
+    pub fn remember(&self, id: &str, tier: Tier) {
+        if id.is_empty() || id.len() > MAX_ID_BYTES {
+            return;
+        }
+        let mut remembered = self.remembered();
+        if remembered.tiers.insert(id.to_owned(), tier).is_some() {
+            return;
+        }
+        remembered.order.push_back(id.to_owned());
+        while remembered.order.len() > self.capacity {
+            if let Some(oldest) = remembered.order.pop_front() {
+                remembered.tiers.remove(&oldest);
+            }
+        }
+    }
+
+    /// The model that produced the answer `id`, if it is remembered.
+    #[must_use]
+    pub fn tier_of(&self, id: &str) -> Option<Tier> {
+        self.remembered().tiers.get(id).copied()
+    }
+}
+
+#[derive(Deserialize)]
+struct WithId {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct Event {
+    response: WithId,
+}
+
+/// The `id` of a complete Responses answer.
+#[must_use]
+pub fn id_of_answer(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<WithId>(body).ok().map(|answer| answer.id)
+}
+
+/// Watches a Responses stream for the first event that carries its response (OpenAI's
+/// first, `response.created`), whatever the network's chunk boundaries.
+#[derive(Default)]
+pub struct StreamIdScanner {
+    lines: LineSplitter,
+}
+
+impl StreamIdScanner {
+    /// Feeds the next bytes; returns the response's id once an event carrying it has passed.
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<String> {
+        let mut found = None;
+        self.lines.feed(bytes, |line| {
+            if found.is_some() {
+                return;
+            }
+            let Some(payload) = crate::sse::data_of_line(line) else {
+                return;
+            };
+            // Only events with a `response` object are parsed; deltas are skipped unparsed.
+            if crate::sse::values_of(payload, "response").any(|value| value.starts_with(b"{")) {
+                found = serde_json::from_slice::<Event>(payload)
+                    .ok()
+                    .map(|event| event.response.id);
+            }
+        });
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latest_ids_are_remembered_and_the_oldest_forgotten() {
+        let affinity = ResponseAffinity::new(2);
+        affinity.remember("resp_1", Tier::Strong);
+        affinity.remember("resp_2", Tier::Weak);
+        assert_eq!(affinity.tier_of("resp_1"), Some(Tier::Strong));
+        affinity.remember("resp_3", Tier::Weak);
+        assert_eq!(affinity.tier_of("resp_1"), None, "evicted, oldest first");
+        assert_eq!(affinity.tier_of("resp_2"), Some(Tier::Weak));
+        assert_eq!(affinity.tier_of("resp_3"), Some(Tier::Weak));
+        affinity.remember(&"x".repeat(MAX_ID_BYTES + 1), Tier::Strong);
+        affinity.remember("", Tier::Strong);
+        assert_eq!(
+            affinity.tier_of("resp_2"),
+            Some(Tier::Weak),
+            "nothing evicted for ids not kept"
+        );
+    }
+
+    #[test]
+    fn ids_are_read_from_answers_and_from_a_stream_split_anywhere() {
+        assert_eq!(
+            id_of_answer(br#"{"id":"resp_abc","object":"response","output":[]}"#).as_deref(),
+            Some("resp_abc")
+        );
+        assert_eq!(id_of_answer(b"not json"), None);
+        let stream = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_s1\",\"status\":\"in_progress\"}}\n\n\
+                      event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"response\"}\n\n";
+        for split in [1, 17, 40, 90, stream.len() - 1] {
+            let mut scanner = StreamIdScanner::default();
+            let first = scanner.feed(&stream.as_bytes()[..split]);
+            let second = scanner.feed(&stream.as_bytes()[split..]);
+            assert_eq!(first.or(second).as_deref(), Some("resp_s1"), "split at {split}");
+        }
+        let mut deltas_only = StreamIdScanner::default();
+        assert_eq!(
+            deltas_only
+                .feed(b"data: {\"type\":\"response.output_text.delta\",\"delta\":\"{\\\"response\\\": 1}\"}\n\n"),
+            None
+        );
+    }
+}
