@@ -168,26 +168,20 @@ pub fn render_prompt_log(written: u64, dropped: u64) -> String {
 pub fn render_api_keys(keys: &[crate::api_keys::ApiKey]) -> String {
     use crate::api_keys::Limit;
     let mut out = String::with_capacity(256 + keys.len() * 192);
-    out.push_str(
-        "# HELP routellm_key_requests_total Requests admitted per client API key (its configured name).\n\
-         # TYPE routellm_key_requests_total counter\n",
+    write_key_counter(
+        &mut out,
+        "routellm_key_requests_total",
+        "Requests admitted per client API key (its configured name).",
+        keys,
+        |key| key.counts().0,
     );
-    for key in keys {
-        write_sample(
-            &mut out,
-            "routellm_key_requests_total",
-            [("key", key.name())],
-            key.counts().0,
-        );
-    }
     out.push_str(
         "# HELP routellm_key_rate_limited_total Requests refused with 429 because the key was over its requests or tokens per minute.\n\
          # TYPE routellm_key_rate_limited_total counter\n",
     );
     for key in keys {
-        let refused = key.counts().1;
-        for limit in [Limit::Requests, Limit::Tokens] {
-            let count = refused[usize::from(limit == Limit::Tokens)];
+        let [requests, tokens] = key.counts().1;
+        for (limit, count) in [(Limit::Requests, requests), (Limit::Tokens, tokens)] {
             write_sample(
                 &mut out,
                 "routellm_key_rate_limited_total",
@@ -196,19 +190,28 @@ pub fn render_api_keys(keys: &[crate::api_keys::ApiKey]) -> String {
             );
         }
     }
-    out.push_str(
-        "# HELP routellm_key_tokens_total Tokens charged to a key: prompt plus completion as answers report them, estimated where they do not.\n\
-         # TYPE routellm_key_tokens_total counter\n",
+    write_key_counter(
+        &mut out,
+        "routellm_key_tokens_total",
+        "Tokens charged to a key: prompt plus completion as answers report them, estimated where they do not.",
+        keys,
+        |key| key.counts().2,
     );
-    for key in keys {
-        write_sample(
-            &mut out,
-            "routellm_key_tokens_total",
-            [("key", key.name())],
-            key.counts().2,
-        );
-    }
     out
+}
+
+/// A counter with one sample per client key: its HELP and TYPE lines, then `name{key} value`.
+fn write_key_counter(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    keys: &[crate::api_keys::ApiKey],
+    value: impl Fn(&crate::api_keys::ApiKey) -> u64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for key in keys {
+        write_sample(out, name, [("key", key.name())], value(key));
+    }
 }
 
 /// The routing policy in force and how its reloads went: the default threshold of each
