@@ -189,6 +189,7 @@ async fn python_sdk_backs_off_on_a_keys_rate_limit() {
     );
     let (_child, base_url) = start_binary(&[&ECHO_MODELS[..], &["--config", config.to_str().unwrap()]].concat()).await;
     run_sdk_script(Sdk::Python, &base_url, "limits").await;
+    routellm::upstream::install_crypto_provider();
     let metrics = reqwest::get(base_url.replace("/v1", "/metrics"))
         .await
         .unwrap()

@@ -186,7 +186,8 @@ elif mode == "limits":
             wait_ms = int(error.response.headers["retry-after-ms"])
             expect(0 < wait_ms <= 1000, error.response.headers)
             break
-        expect(admitted <= 70, "no limit after 70 requests")
+        # A minute's worth plus what refills meanwhile (one a second); far more means no limit.
+        expect(admitted <= 300, "no limit after 300 requests")
     expect(admitted >= 60, f"refused after {admitted}")
     # The SDK's own retry waits as told and then gets through.
     patient = openai.OpenAI(base_url=base_url, api_key="sk-client", max_retries=3)
