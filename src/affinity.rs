@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use crate::gateway::Tier;
-use crate::sse::LineSplitter;
+use crate::sse::DataScanner;
 
 /// How many response ids are remembered: roughly 13 MB with OpenAI's ids of about 50 bytes.
 pub const CAPACITY: usize = 100_000;
@@ -96,29 +96,24 @@ pub fn id_of_answer(body: &[u8]) -> Option<String> {
 /// first, `response.created`), whatever the network's chunk boundaries.
 #[derive(Default)]
 pub struct StreamIdScanner {
-    lines: LineSplitter,
+    data: DataScanner,
 }
 
 impl StreamIdScanner {
     /// Feeds the next bytes; returns the response's id once an event carrying it has passed.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<String> {
-        let mut found = None;
-        self.lines.feed(bytes, |line| {
-            if found.is_some() {
-                return;
-            }
-            let Some(payload) = crate::sse::data_of_line(line) else {
-                return;
-            };
-            // Only events with a `response` object are parsed; deltas are skipped unparsed.
-            if crate::sse::values_of(payload, "response").any(|value| value.starts_with(b"{")) {
-                found = serde_json::from_slice::<Event>(payload)
-                    .ok()
-                    .map(|event| event.response.id);
-            }
-        });
-        found
+        self.data.feed(bytes, id_of_event)
     }
+}
+
+fn id_of_event(payload: &[u8]) -> Option<String> {
+    // Only events with a `response` object are parsed; deltas are skipped unparsed.
+    if crate::sse::values_of(payload, "response").any(|value| value.starts_with(b"{")) {
+        return serde_json::from_slice::<Event>(payload)
+            .ok()
+            .map(|event| event.response.id);
+    }
+    None
 }
 
 #[cfg(test)]

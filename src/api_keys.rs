@@ -450,6 +450,15 @@ impl ApiKey {
         })
     }
 
+    /// Charges an answer: the tokens it `reported`, else the estimate from the request's
+    /// size and the answer's `answer_units` (see [`estimated_tokens`]).
+    pub fn charge_answer(&self, reported: Option<crate::usage::Usage>, request_bytes: usize, answer_units: u64) {
+        self.charge(reported.map_or_else(
+            || estimated_tokens(request_bytes, answer_units),
+            |usage| usage.prompt_tokens + usage.completion_tokens,
+        ));
+    }
+
     /// Charges the tokens an answer used.
     pub fn charge(&self, tokens: u64) {
         self.usage.tokens.fetch_add(tokens, Ordering::Relaxed);
@@ -526,11 +535,7 @@ impl StreamCharge {
 
 impl Drop for StreamCharge {
     fn drop(&mut self) {
-        let tokens = self.usage.map_or_else(
-            || estimated_tokens(self.request_bytes, self.events),
-            |usage| usage.prompt_tokens + usage.completion_tokens,
-        );
-        self.key.charge(tokens);
+        self.key.charge_answer(self.usage, self.request_bytes, self.events);
     }
 }
 

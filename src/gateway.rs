@@ -294,7 +294,7 @@ impl Gateway {
         path_and_query: &str,
         client_headers: &HeaderMap,
         body: bytes::Bytes,
-    ) -> Result<(&str, Reply), Error> {
+    ) -> Result<(&str, crate::upstream::WholeAnswer), Error> {
         let upstream = self.passthrough_upstream();
         // What the body is and what the client accepts, with the configured forward_headers.
         let mut sent = self.forwarded(client_headers);
@@ -303,10 +303,10 @@ impl Gateway {
                 sent.insert(name, value.clone());
             }
         }
-        let reply = upstream
+        let answer = upstream
             .send_unrouted(&self.client, method, path_and_query, &sent, body, self.request_timeout)
             .await?;
-        Ok((&upstream.model.name, reply))
+        Ok((&upstream.model.name, answer))
     }
 
     /// The routing policy in force; a request keeps the one it started with.

@@ -26,7 +26,7 @@ use crate::error::Error;
 use crate::gateway::{Completion, Gateway, Policy, RouteDecision, Tier};
 use crate::metrics::{Metrics, TierLabel, render_api_keys, render_policy, render_prompt_log, render_router_stats};
 use crate::request::Api;
-use crate::upstream::{ByteStream, Reply};
+use crate::upstream::{ByteStream, Reply, WholeAnswer};
 use crate::usage::{self, SseUsageScanner};
 
 /// Shared, cheaply clonable server state.
@@ -283,22 +283,12 @@ async fn complete(
     let received = Instant::now();
     let policy = state.policy();
     let answer = async {
-        let caller = authorize(&policy, headers)?;
-        let rates = caller
-            .as_ref()
-            .map(ApiKey::admit)
-            .transpose()
-            .map_err(Error::RateLimited)?;
+        let admitted = admit(&policy, headers)?;
         let BodyBytes(body) = body?;
         let completion = state
-            .complete_under(&policy, caller.as_ref(), api, &body, headers)
+            .complete_under(&policy, admitted.as_ref().map(|(key, _)| key), api, &body, headers)
             .await?;
-        let caller = caller.map(|key| Caller {
-            key,
-            rates: rates.unwrap_or_default(),
-            request_bytes: body.len(),
-        });
-        Ok::<_, Error>((completion, caller))
+        Ok::<_, Error>((completion, admitted.map(|admitted| Caller::new(admitted, body.len()))))
     }
     .await;
     let request_id = request_id(headers);
@@ -351,12 +341,18 @@ struct Caller {
 }
 
 impl Caller {
+    fn new((key, rates): (ApiKey, RateSnapshot), request_bytes: usize) -> Self {
+        Self {
+            key,
+            rates,
+            request_bytes,
+        }
+    }
+
     /// Charges a complete answer: its reported usage, else the estimate.
     fn charge(&self, reported: Option<usage::Usage>, answer_bytes: usize) {
-        self.key.charge(reported.map_or_else(
-            || crate::api_keys::estimated_tokens(self.request_bytes, (answer_bytes as u64).div_ceil(4)),
-            |usage| usage.prompt_tokens + usage.completion_tokens,
-        ));
+        self.key
+            .charge_answer(reported, self.request_bytes, (answer_bytes as u64).div_ceil(4));
     }
 
     /// Puts this key's rate headers in place of the provider's: the client's limits are
@@ -475,12 +471,7 @@ fn respond(
     if let Some(caller) = caller {
         caller.replace_rate_headers(&mut extra);
     }
-    let headers = response.headers_mut();
-    for (name, value) in extra {
-        if let Some(name) = name {
-            headers.append(name, value);
-        }
-    }
+    append_headers(&mut response, extra);
     response
 }
 
@@ -526,6 +517,16 @@ fn counting_usage(
         }
         chunk
     }))
+}
+
+/// Adds the upstream's and the proxy's `headers` to the response.
+fn append_headers(response: &mut Response, headers: HeaderMap) {
+    let target = response.headers_mut();
+    for (name, value) in headers {
+        if let Some(name) = name {
+            target.append(name, value);
+        }
+    }
 }
 
 fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
@@ -634,6 +635,16 @@ fn authorize(policy: &Policy, headers: &HeaderMap) -> Result<Option<ApiKey>, Err
     policy.authorize(headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()))
 }
 
+/// Authorizes a request that will reach a model and admits it under its key's rate limits
+/// (spending one request): the key with its rates, or `None` when no keys are configured.
+fn admit(policy: &Policy, headers: &HeaderMap) -> Result<Option<(ApiKey, RateSnapshot)>, Error> {
+    let Some(key) = authorize(policy, headers)? else {
+        return Ok(None);
+    };
+    let rates = key.admit().map_err(Error::RateLimited)?;
+    Ok(Some((key, rates)))
+}
+
 /// A router as OpenAI's model object, with its default threshold under `policy` (and the
 /// share of traffic that threshold follows, with `strong_share`).
 fn router_model(state: &AppState, policy: &Policy, id: &str, router: &str) -> serde_json::Value {
@@ -716,29 +727,17 @@ async fn other_route(State(state): State<AppState>, request: Request) -> Respons
     let headers = request.headers().clone();
     let policy = state.policy();
     let answer = async {
-        let caller = authorize(&policy, &headers)?;
-        let rates = caller
-            .as_ref()
-            .map(ApiKey::admit)
-            .transpose()
-            .map_err(Error::RateLimited)?;
+        let admitted = admit(&policy, &headers)?;
         let BodyBytes(body) = BodyBytes::from_request(request, &state).await?;
-        let request_bytes = body.len();
-        let (model, reply) = state
+        let caller = admitted.map(|admitted| Caller::new(admitted, body.len()));
+        let (model, whole) = state
             .pass_through(method.clone(), &path_and_query, &headers, body)
             .await?;
-        let caller = caller.map(|key| Caller {
-            key,
-            rates: rates.unwrap_or_default(),
-            request_bytes,
-        });
-        Ok::<_, Error>((model.to_owned(), reply, caller))
+        Ok::<_, Error>((model.to_owned(), whole, caller))
     }
     .await;
     let request_id = request_id(&headers);
-    let status = answer
-        .as_ref()
-        .map_or_else(Error::status, |(_, reply, _)| reply.status());
+    let status = answer.as_ref().map_or_else(Error::status, |(_, whole, _)| whole.status);
     state.metrics().record_passthrough(status.as_u16());
     tracing::info!(
         target: "routellm::access",
@@ -754,7 +753,7 @@ async fn other_route(State(state): State<AppState>, request: Request) -> Respons
     let mut response = match answer {
         Ok((
             model,
-            Reply::Complete {
+            WholeAnswer {
                 status,
                 mut headers,
                 body,
@@ -772,15 +771,8 @@ async fn other_route(State(state): State<AppState>, request: Request) -> Respons
             insert(&mut headers, HEADER_MODEL, &model);
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
-            for (name, value) in headers {
-                if let Some(name) = name {
-                    response.headers_mut().append(name, value);
-                }
-            }
+            append_headers(&mut response, headers);
             response
-        }
-        Ok((_, Reply::Stream { .. }, _)) => {
-            Error::Internal("a passthrough answer is read whole".into()).into_response()
         }
         Err(error) => error.into_response(),
     };

@@ -45,6 +45,40 @@ impl LineSplitter {
     }
 }
 
+/// Watches a stream's `data:` lines, whatever its chunk boundaries, for the first payload
+/// a caller's `pick` finds something in (usage, a response id), counting them as it goes.
+#[derive(Default)]
+pub struct DataScanner {
+    lines: LineSplitter,
+    data_events: u64,
+}
+
+impl DataScanner {
+    /// Feeds the next bytes; returns what `pick` found in the first `data:` payload it
+    /// accepts among the lines these bytes complete.
+    pub fn feed<T>(&mut self, bytes: &[u8], mut pick: impl FnMut(&[u8]) -> Option<T>) -> Option<T> {
+        let mut found = None;
+        let mut data_events = 0;
+        self.lines.feed(bytes, |line| {
+            let Some(payload) = data_of_line(line) else {
+                return;
+            };
+            data_events += 1;
+            if found.is_none() {
+                found = pick(payload);
+            }
+        });
+        self.data_events += data_events;
+        found
+    }
+
+    /// The `data:` events seen so far.
+    #[must_use]
+    pub fn data_events(&self) -> u64 {
+        self.data_events
+    }
+}
+
 /// The payload of a `data:` line, without a trailing `\r`.
 #[must_use]
 pub fn data_of_line(line: &[u8]) -> Option<&[u8]> {

@@ -59,6 +59,19 @@ pub enum Reply {
     },
 }
 
+/// An answer read whole: what a non-streamed reply and a passthrough request get.
+pub struct WholeAnswer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl From<WholeAnswer> for Reply {
+    fn from(WholeAnswer { status, headers, body }: WholeAnswer) -> Self {
+        Reply::Complete { status, headers, body }
+    }
+}
+
 impl Reply {
     #[must_use]
     pub fn status(&self) -> StatusCode {
@@ -192,12 +205,9 @@ impl Upstream {
             // A stream may legitimately run longer than any fixed budget; a single answer may not.
             request = request.timeout(timeout);
         }
-        let response = tokio::time::timeout(timeout, request.send())
-            .await
-            .map_err(|_| self.timed_out("no response headers in time"))?
-            .map_err(|error| self.transport_error(&error))?;
+        let response = self.response_to(request, timeout).await?;
         if !stream || !response.status().is_success() {
-            return self.read_whole(response, timeout).await;
+            return self.read_whole(response, timeout).await.map(Reply::from);
         }
         let status = response.status();
         let headers = forwarded_headers(response.headers());
@@ -247,7 +257,7 @@ impl Upstream {
         headers: &HeaderMap,
         body: Bytes,
         timeout: Duration,
-    ) -> Result<Reply, Error> {
+    ) -> Result<WholeAnswer, Error> {
         let Target::Http(target) = &self.target else {
             // Configuration refuses passthrough to the echo model; this only keeps us panic-free.
             return Err(Error::Internal(format!(
@@ -261,15 +271,24 @@ impl Upstream {
         if !body.is_empty() {
             request = request.body(body);
         }
-        let response = tokio::time::timeout(timeout, target.credentials(request, headers).send())
-            .await
-            .map_err(|_| self.timed_out("no response headers in time"))?
-            .map_err(|error| self.transport_error(&error))?;
+        let response = self.response_to(target.credentials(request, headers), timeout).await?;
         self.read_whole(response, timeout).await
     }
 
-    /// The whole answer, bounded in size and time, as a complete reply.
-    async fn read_whole(&self, response: reqwest::Response, timeout: Duration) -> Result<Reply, Error> {
+    /// Sends `request` and waits at most `timeout` for the response's head.
+    async fn response_to(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, Error> {
+        tokio::time::timeout(timeout, request.send())
+            .await
+            .map_err(|_| self.timed_out("no response headers in time"))?
+            .map_err(|error| self.transport_error(&error))
+    }
+
+    /// The whole answer, bounded in size and time.
+    async fn read_whole(&self, response: reqwest::Response, timeout: Duration) -> Result<WholeAnswer, Error> {
         let status = response.status();
         let headers = forwarded_headers(response.headers());
         let body = tokio::time::timeout(timeout, read_bounded(response))
@@ -282,7 +301,7 @@ impl Upstream {
                     reason: format!("the response exceeds {MAX_RESPONSE_BYTES} bytes"),
                 },
             })?;
-        Ok(Reply::Complete { status, headers, body })
+        Ok(WholeAnswer { status, headers, body })
     }
 
     fn timed_out(&self, reason: &str) -> Error {

@@ -42,37 +42,24 @@ pub fn of_body(body: &[u8]) -> Option<Usage> {
 /// the network's chunk boundaries, holding at most one bounded line at a time.
 #[derive(Default)]
 pub struct SseUsageScanner {
-    lines: crate::sse::LineSplitter,
-    data_events: u64,
+    data: crate::sse::DataScanner,
 }
 
 impl SseUsageScanner {
     /// Feeds the next bytes of the stream; returns the usage once a complete event line
     /// reporting one has passed.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<Usage> {
-        let mut found = None;
-        let mut data_events = 0;
-        self.lines.feed(bytes, |line| {
-            if crate::sse::data_of_line(line).is_some() {
-                data_events += 1;
-            }
-            if found.is_none() {
-                found = usage_of_line(line);
-            }
-        });
-        self.data_events += data_events;
-        found
+        self.data.feed(bytes, usage_of_event)
     }
 
     /// The `data:` events seen so far: about a token each in a stream that reports no usage.
     #[must_use]
     pub fn data_events(&self) -> u64 {
-        self.data_events
+        self.data.data_events()
     }
 }
 
-fn usage_of_line(line: &[u8]) -> Option<Usage> {
-    let payload = crate::sse::data_of_line(line)?;
+fn usage_of_event(payload: &[u8]) -> Option<Usage> {
     // Most events carry no usage or `"usage":null`; only parse one that has an object.
     if crate::sse::values_of(payload, "usage").any(|value| value.starts_with(b"{")) {
         return of_body(payload);
