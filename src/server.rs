@@ -519,12 +519,17 @@ fn counting_usage(
     }))
 }
 
-/// Adds the upstream's and the proxy's `headers` to the response.
+/// Adds the upstream's and the proxy's `headers` to the response, every value of each.
 fn append_headers(response: &mut Response, headers: HeaderMap) {
     let target = response.headers_mut();
+    let mut current = None;
     for (name, value) in headers {
-        if let Some(name) = name {
-            target.append(name, value);
+        // A header map yields a name once, then `None` for each further value of it.
+        if name.is_some() {
+            current = name;
+        }
+        if let Some(name) = &current {
+            target.append(name.clone(), value);
         }
     }
 }

@@ -52,6 +52,8 @@ async fn threshold_zero_goes_strong_and_one_goes_weak() {
     assert_eq!(response.headers()["x-routellm-model"], "openai/strong-model");
     assert_eq!(response.headers()["x-routellm-tier"], "strong");
     assert_eq!(response.headers()["x-routellm-router"], "random");
+    let multi: Vec<_> = response.headers().get_all("x-mock-multi").iter().collect();
+    assert_eq!(multi, ["one", "two"], "every value of a repeated upstream header");
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["choices"][0]["message"]["content"], "answer from strong");
     assert_eq!(answer["model"], "strong-model");
@@ -1839,6 +1841,8 @@ async fn passthrough_paths_reach_their_model_unrouted_and_nothing_else_does() {
     // The key's own rate headers, not the provider account's 4999.
     assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "99");
     assert!(response.headers().get("x-routellm-tier").is_none(), "not routed");
+    let multi: Vec<_> = response.headers().get_all("x-mock-multi").iter().collect();
+    assert_eq!(multi, ["one", "two"], "every value of a repeated header");
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["uri"], "/v1/embeddings");
     let received = weak.received();

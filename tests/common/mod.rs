@@ -138,7 +138,15 @@ async fn mock_other(
         answer["data"] = json!([{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}]);
         answer["usage"] = json!({"prompt_tokens": 8, "total_tokens": 8});
     }
-    ([("x-ratelimit-remaining-requests", "4999")], axum::Json(answer)).into_response()
+    (
+        axum::response::AppendHeaders([
+            ("x-ratelimit-remaining-requests", "4999"),
+            ("x-mock-multi", "one"),
+            ("x-mock-multi", "two"),
+        ]),
+        axum::Json(answer),
+    )
+        .into_response()
 }
 
 /// A Responses API answer; streamed as named events, the usage in `response.completed`.
@@ -271,7 +279,16 @@ async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Byt
             "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("answer from {}", state.name)}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
         });
-        return ([("x-request-id", "req-mock")], axum::Json(answer)).into_response();
+        // A header with two values, as `set-cookie` or `vary` can come.
+        return (
+            axum::response::AppendHeaders([
+                ("x-request-id", "req-mock"),
+                ("x-mock-multi", "one"),
+                ("x-mock-multi", "two"),
+            ]),
+            axum::Json(answer),
+        )
+            .into_response();
     }
     let first = chunk(&model, &format!("from {}", state.name));
     let second = chunk(&model, " done");
