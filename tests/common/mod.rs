@@ -10,7 +10,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use axum::routing::post;
 use routellm::Gateway;
 use routellm::config::{Config, FileConfig, Overrides};
@@ -108,6 +108,9 @@ fn chunk(model: &str, content: &str) -> Bytes {
     Bytes::from(format!("data: {event}\n\n"))
 }
 
+/// A header with two values, as `set-cookie` or `vary` can come: answers carry both.
+const TWO_VALUED: [(&str, &str); 2] = [("x-mock-multi", "one"), ("x-mock-multi", "two")];
+
 /// Records the request; answers for the mock as a whole when it is set unavailable.
 fn receive(state: &MockState, endpoint: &'static str, headers: HeaderMap, body: &Bytes) -> Option<Response> {
     state.received.lock().unwrap().push(Received {
@@ -139,11 +142,8 @@ async fn mock_other(
         answer["usage"] = json!({"prompt_tokens": 8, "total_tokens": 8});
     }
     (
-        axum::response::AppendHeaders([
-            ("x-ratelimit-remaining-requests", "4999"),
-            ("x-mock-multi", "one"),
-            ("x-mock-multi", "two"),
-        ]),
+        AppendHeaders(TWO_VALUED),
+        [("x-ratelimit-remaining-requests", "4999")],
         axum::Json(answer),
     )
         .into_response()
@@ -279,13 +279,9 @@ async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Byt
             "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("answer from {}", state.name)}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
         });
-        // A header with two values, as `set-cookie` or `vary` can come.
         return (
-            axum::response::AppendHeaders([
-                ("x-request-id", "req-mock"),
-                ("x-mock-multi", "one"),
-                ("x-mock-multi", "two"),
-            ]),
+            AppendHeaders(TWO_VALUED),
+            [("x-request-id", "req-mock")],
             axum::Json(answer),
         )
             .into_response();
