@@ -2,18 +2,18 @@
 //!
 //! A Responses request may continue an earlier answer by `previous_response_id`. Only the
 //! provider account that produced that answer knows the id: routed to the other model (a
-//! different endpoint or key), the request fails. So when the two models do not share
-//! storage, the proxy remembers which of them produced each Responses answer it passed on
-//! (the latest [`CAPACITY`] ids; an id it never saw — from before a restart, or from
-//! another replica — is routed as usual) and sends a continuation to that model whatever
-//! its score.
+//! different endpoint or key), or to another deployment of the same one, the request
+//! fails. So when the deployments do not all share storage, the proxy remembers which of
+//! them produced each Responses answer it passed on (the latest [`CAPACITY`] ids; an id it
+//! never saw — from before a restart, or from another replica — is routed as usual) and
+//! sends a continuation to that deployment whatever its score.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use crate::gateway::Tier;
+use crate::deployments::DeploymentId;
 use crate::sse::DataScanner;
 
 /// How many response ids are remembered: roughly 13 MB with OpenAI's ids of about 50 bytes.
@@ -32,7 +32,7 @@ pub struct ResponseAffinity {
 
 #[derive(Debug, Default)]
 struct Remembered {
-    tiers: HashMap<Arc<str>, Tier>,
+    deployments: HashMap<Arc<str>, DeploymentId>,
     /// The same ids oldest first, for eviction (shared, not copied).
     order: VecDeque<Arc<str>>,
 }
@@ -51,28 +51,28 @@ impl ResponseAffinity {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Notes that `tier`'s model produced the answer `id`.
-    pub fn remember(&self, id: &str, tier: Tier) {
+    /// Notes that `deployment` produced the answer `id`.
+    pub fn remember(&self, id: &str, deployment: DeploymentId) {
         if id.is_empty() || id.len() > MAX_ID_BYTES {
             return;
         }
         let mut remembered = self.remembered();
         let id: Arc<str> = Arc::from(id);
-        if remembered.tiers.insert(Arc::clone(&id), tier).is_some() {
+        if remembered.deployments.insert(Arc::clone(&id), deployment).is_some() {
             return;
         }
         remembered.order.push_back(id);
         while remembered.order.len() > self.capacity {
             if let Some(oldest) = remembered.order.pop_front() {
-                remembered.tiers.remove(&oldest);
+                remembered.deployments.remove(&oldest);
             }
         }
     }
 
-    /// The model that produced the answer `id`, if it is remembered.
+    /// The deployment that produced the answer `id`, if it is remembered.
     #[must_use]
-    pub fn tier_of(&self, id: &str) -> Option<Tier> {
-        self.remembered().tiers.get(id).copied()
+    pub fn deployment_of(&self, id: &str) -> Option<DeploymentId> {
+        self.remembered().deployments.get(id).copied()
     }
 }
 
@@ -120,21 +120,32 @@ fn id_of_event(payload: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
+    use crate::gateway::Tier;
+
+    const STRONG: DeploymentId = DeploymentId {
+        tier: Tier::Strong,
+        index: 0,
+    };
+    const WEAK_SECOND: DeploymentId = DeploymentId {
+        tier: Tier::Weak,
+        index: 1,
+    };
+
     #[test]
     fn the_latest_ids_are_remembered_and_the_oldest_forgotten() {
         let affinity = ResponseAffinity::new(2);
-        affinity.remember("resp_1", Tier::Strong);
-        affinity.remember("resp_2", Tier::Weak);
-        assert_eq!(affinity.tier_of("resp_1"), Some(Tier::Strong));
-        affinity.remember("resp_3", Tier::Weak);
-        assert_eq!(affinity.tier_of("resp_1"), None, "evicted, oldest first");
-        assert_eq!(affinity.tier_of("resp_2"), Some(Tier::Weak));
-        assert_eq!(affinity.tier_of("resp_3"), Some(Tier::Weak));
-        affinity.remember(&"x".repeat(MAX_ID_BYTES + 1), Tier::Strong);
-        affinity.remember("", Tier::Strong);
+        affinity.remember("resp_1", STRONG);
+        affinity.remember("resp_2", WEAK_SECOND);
+        assert_eq!(affinity.deployment_of("resp_1"), Some(STRONG));
+        affinity.remember("resp_3", WEAK_SECOND);
+        assert_eq!(affinity.deployment_of("resp_1"), None, "evicted, oldest first");
+        assert_eq!(affinity.deployment_of("resp_2"), Some(WEAK_SECOND));
+        assert_eq!(affinity.deployment_of("resp_3"), Some(WEAK_SECOND));
+        affinity.remember(&"x".repeat(MAX_ID_BYTES + 1), STRONG);
+        affinity.remember("", STRONG);
         assert_eq!(
-            affinity.tier_of("resp_2"),
-            Some(Tier::Weak),
+            affinity.deployment_of("resp_2"),
+            Some(WEAK_SECOND),
             "nothing evicted for ids not kept"
         );
     }

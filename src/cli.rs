@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, LogFormat, OnRouterError, OnUpstreamError, Overrides, ScoreTurns, Secret};
 use crate::controller::Controller;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Tier};
 use crate::providers::Endpoint;
 use crate::server::{self, AppState};
 use crate::strong_share::MIN_TRACKED_SCORES;
@@ -790,9 +790,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weak = %gateway.weak().model.name,
         "routers loaded"
     );
-    for upstream in [gateway.strong(), gateway.weak()] {
-        if let Some(warning) = upstream.model.missing_key_warning() {
-            tracing::warn!("{warning}");
+    for tier in [Tier::Strong, Tier::Weak] {
+        for deployment in gateway.pool(tier).deployments() {
+            if let Some(warning) = deployment.upstream.model.missing_key_warning() {
+                tracing::warn!("{warning}");
+            }
         }
     }
     let address: SocketAddr = format!("{}:{}", bracket_ipv6(&config.host), config.port)
@@ -865,6 +867,67 @@ fn describe_key_limits(key: &crate::api_keys::ApiKeySpec) -> String {
     terms.join(", ")
 }
 
+/// Each tier's deployments for `serve --check`: endpoint, key set or not, headers by name,
+/// price, warnings; and how requests are spread when a tier lists several.
+fn describe_models(out: &mut String, config: &Config, gateway: &Gateway) {
+    use std::fmt::Write as _;
+    let deployments = [Tier::Strong, Tier::Weak].into_iter().flat_map(|tier| {
+        let listed = gateway.pool(tier).deployments();
+        listed.iter().enumerate().map(move |(index, deployment)| {
+            let tier = match listed.len() {
+                1 => tier.as_str().to_owned(),
+                several => format!("{} ({} of {several})", tier.as_str(), index + 1),
+            };
+            (tier, &deployment.upstream)
+        })
+    });
+    for (tier, upstream) in deployments {
+        let model = &upstream.model;
+        let endpoint = match &model.endpoint {
+            Endpoint::Echo => "built-in offline echo".to_owned(),
+            Endpoint::Http {
+                base_url,
+                api_key,
+                headers,
+            } => {
+                format!(
+                    "{} ({}), API key {}, extra headers: {}",
+                    without_credentials(base_url),
+                    model.provider,
+                    if api_key.is_some() { "set" } else { "not set" },
+                    header_names(headers.keys())
+                )
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{tier} model {} as `{}`: {endpoint}",
+            model.name, model.provider_model
+        );
+        if let Some(price) = model.price {
+            let _ = writeln!(
+                out,
+                "  price per million tokens: input {}, output {}",
+                price.input, price.output
+            );
+        }
+        if let Some(warning) = model.missing_key_warning() {
+            let _ = writeln!(out, "  warning: {warning}");
+        }
+    }
+    if config.strong_model.len() > 1 || config.weak_model.len() > 1 {
+        let _ = writeln!(
+            out,
+            "load balancing: {}, an unavailable deployment passed over for {} s",
+            match config.load_balancing.strategy {
+                crate::config::Strategy::Failover => "failover (in the order listed)",
+                crate::config::Strategy::RoundRobin => "round robin",
+            },
+            config.load_balancing.cooldown_secs
+        );
+    }
+}
+
 /// The `serve --check` lines on who may call what — each client key's limits, the scoring
 /// timeout, passthrough paths and CORS origins — and on watching the config file.
 fn describe_access_and_reloads(out: &mut String, config: &Config) {
@@ -877,8 +940,8 @@ fn describe_access_and_reloads(out: &mut String, config: &Config) {
     }
     if !config.passthrough.paths.is_empty() {
         let to = match config.passthrough.to {
-            crate::config::PassthroughTo::Strong => &config.strong_model.name,
-            crate::config::PassthroughTo::Weak => &config.weak_model.name,
+            crate::config::PassthroughTo::Strong => &config.strong_model.primary().name,
+            crate::config::PassthroughTo::Weak => &config.weak_model.primary().name,
         };
         let _ = writeln!(
             out,
@@ -920,40 +983,7 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
             }
         }
     }
-    for (tier, upstream) in [("strong", gateway.strong()), ("weak", gateway.weak())] {
-        let model = &upstream.model;
-        let endpoint = match &model.endpoint {
-            Endpoint::Echo => "built-in offline echo".to_owned(),
-            Endpoint::Http {
-                base_url,
-                api_key,
-                headers,
-            } => {
-                format!(
-                    "{} ({}), API key {}, extra headers: {}",
-                    without_credentials(base_url),
-                    model.provider,
-                    if api_key.is_some() { "set" } else { "not set" },
-                    header_names(headers.keys())
-                )
-            }
-        };
-        let _ = writeln!(
-            out,
-            "{tier} model {} as `{}`: {endpoint}",
-            model.name, model.provider_model
-        );
-        if let Some(price) = model.price {
-            let _ = writeln!(
-                out,
-                "  price per million tokens: input {}, output {}",
-                price.input, price.output
-            );
-        }
-        if let Some(warning) = model.missing_key_warning() {
-            let _ = writeln!(out, "  warning: {warning}");
-        }
-    }
+    describe_models(&mut out, config, gateway);
     let _ = writeln!(
         out,
         "client headers forwarded: {}",

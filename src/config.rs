@@ -76,6 +76,136 @@ impl From<ModelSpec> for ModelConfig {
     }
 }
 
+/// A tier as the file may give it: one model, or a list of deployments serving it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum TierSpec {
+    One(ModelSpec),
+    Several(Vec<ModelSpec>),
+}
+
+/// The most deployments one tier may list: each unavailable one can cost a request a
+/// whole `request_timeout_secs` before the next is tried.
+pub const MAX_DEPLOYMENTS: usize = 16;
+
+/// The deployments serving one tier (strong or weak): at least one, the first the primary
+/// (its price is the tier's, its endpoint serves `passthrough`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deployments(Vec<ModelConfig>);
+
+impl Deployments {
+    /// `models` as one tier's deployments; refused when empty or longer than [`MAX_DEPLOYMENTS`].
+    pub fn new(tier: &str, models: Vec<ModelConfig>) -> Result<Self, Error> {
+        if models.is_empty() {
+            return Err(Error::Config(format!("{tier}: list at least one model")));
+        }
+        if models.len() > MAX_DEPLOYMENTS {
+            return Err(Error::Config(format!(
+                "{tier}: {} deployments; at most {MAX_DEPLOYMENTS}",
+                models.len()
+            )));
+        }
+        Ok(Self(models))
+    }
+
+    /// One deployment: the usual setup.
+    #[must_use]
+    pub fn single(model: ModelConfig) -> Self {
+        Self(vec![model])
+    }
+
+    /// The first deployment listed.
+    #[must_use]
+    pub fn primary(&self) -> &ModelConfig {
+        // `new` and `single` never build an empty list.
+        &self.0[0]
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, ModelConfig> {
+        self.0.iter()
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always false; here for clippy's `len_without_is_empty`.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Deployments {
+    type Item = &'a ModelConfig;
+    type IntoIter = std::slice::Iter<'a, ModelConfig>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl TierSpec {
+    /// The tier called `key`: the flag's one model, else the file's, else `default`.
+    fn merge(flag: Option<String>, file: Option<TierSpec>, key: &str, default: &str) -> Result<Deployments, Error> {
+        match (flag, file) {
+            (Some(name), _) => Ok(Deployments::single(ModelConfig::named(name))),
+            (None, Some(TierSpec::One(model))) => Ok(Deployments::single(model.into())),
+            (None, Some(TierSpec::Several(models))) => {
+                Deployments::new(key, models.into_iter().map(ModelConfig::from).collect())
+            }
+            (None, None) => Ok(Deployments::single(ModelConfig::named(default.to_owned()))),
+        }
+    }
+}
+
+/// How a tier with several deployments spreads its requests over them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// The first available deployment in the order listed answers; the next ones stand by
+    /// for when it is unavailable (a primary and its backups).
+    #[default]
+    Failover,
+    /// Requests take turns over the available deployments (replicas sharing the load).
+    RoundRobin,
+}
+
+/// `load_balancing`: how requests are spread over a tier's deployments, and how long one
+/// that was unavailable is passed over.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancing {
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// How long a deployment that was unavailable (429, 5xx, unreachable, too slow) is
+    /// passed over while others are available; a 429's `retry-after` replaces it.
+    #[serde(default = "LoadBalancing::default_cooldown_secs")]
+    pub cooldown_secs: f64,
+}
+
+impl LoadBalancing {
+    fn default_cooldown_secs() -> f64 {
+        10.0
+    }
+
+    /// The cooldown as a duration.
+    #[must_use]
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_secs_f64(self.cooldown_secs)
+    }
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::default(),
+            cooldown_secs: Self::default_cooldown_secs(),
+        }
+    }
+}
+
 /// One of the two models a router chooses between.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -290,8 +420,10 @@ pub struct FileConfig {
     host: Option<String>,
     port: Option<u16>,
     routers: Option<Vec<String>>,
-    strong_model: Option<ModelSpec>,
-    weak_model: Option<ModelSpec>,
+    strong_model: Option<TierSpec>,
+    weak_model: Option<TierSpec>,
+    #[serde(default)]
+    load_balancing: LoadBalancing,
     base_url: Option<String>,
     api_key: Option<Secret>,
     #[serde(default)]
@@ -385,8 +517,12 @@ pub struct Config {
     pub host: String,
     pub port: u16,
     pub routers: Vec<String>,
-    pub strong_model: ModelConfig,
-    pub weak_model: ModelConfig,
+    /// The strong tier's deployments (usually one model).
+    pub strong_model: Deployments,
+    /// The weak tier's deployments (usually one model).
+    pub weak_model: Deployments,
+    /// How requests are spread over a tier's deployments.
+    pub load_balancing: LoadBalancing,
     /// `--base-url`/`--api-key`: applied to both models.
     pub global: GlobalOverrides,
     /// Default thresholds, used for `router-<name>` without a threshold.
@@ -452,16 +588,13 @@ impl Config {
 
     /// Merges an already parsed file with the overrides and validates the result.
     pub fn merge(file: FileConfig, overrides: Overrides) -> Result<Self, Error> {
-        let strong_model = overrides
-            .strong_model
-            .map(ModelConfig::named)
-            .or(file.strong_model.map(ModelConfig::from))
-            .unwrap_or_else(|| ModelConfig::named(DEFAULT_STRONG_MODEL.to_owned()));
-        let weak_model = overrides
-            .weak_model
-            .map(ModelConfig::named)
-            .or(file.weak_model.map(ModelConfig::from))
-            .unwrap_or_else(|| ModelConfig::named(DEFAULT_WEAK_MODEL.to_owned()));
+        let strong_model = TierSpec::merge(
+            overrides.strong_model,
+            file.strong_model,
+            "strong_model",
+            DEFAULT_STRONG_MODEL,
+        )?;
+        let weak_model = TierSpec::merge(overrides.weak_model, file.weak_model, "weak_model", DEFAULT_WEAK_MODEL)?;
         let config = Self {
             host: overrides.host.or(file.host).unwrap_or_else(|| DEFAULT_HOST.to_owned()),
             port: overrides.port.or(file.port).unwrap_or(DEFAULT_PORT),
@@ -471,6 +604,7 @@ impl Config {
                 .unwrap_or_else(|| vec!["random".to_owned()]),
             strong_model,
             weak_model,
+            load_balancing: file.load_balancing,
             global: GlobalOverrides {
                 base_url: overrides.base_url.or(file.base_url),
                 api_key: overrides.api_key.or(file.api_key),
@@ -592,7 +726,13 @@ impl Config {
                 window.end()
             )));
         }
-        for model in [&self.strong_model, &self.weak_model] {
+        let cooldown = self.load_balancing.cooldown_secs;
+        if !(cooldown.is_finite() && (0.1..=3600.0).contains(&cooldown)) {
+            return Err(Error::Config(format!(
+                "load_balancing.cooldown_secs = {cooldown} is outside [0.1, 3600]"
+            )));
+        }
+        for model in self.strong_model.iter().chain(&self.weak_model) {
             if let Some(price) = model.price_per_million_tokens
                 && !(price.input.is_finite() && price.output.is_finite() && price.input >= 0.0 && price.output >= 0.0)
             {
@@ -602,8 +742,8 @@ impl Config {
                 )));
             }
         }
-        if self.strong_model.name.trim() == self.weak_model.name.trim() {
-            tracing::warn!(model = %self.strong_model.name, "strong and weak model are the same");
+        if self.strong_model.primary().name.trim() == self.weak_model.primary().name.trim() {
+            tracing::warn!(model = %self.strong_model.primary().name, "strong and weak model are the same");
         }
         if self.max_request_bytes < 1024 {
             return Err(Error::Config("max_request_bytes must be at least 1024".into()));
@@ -783,9 +923,9 @@ mod tests {
             Config::merge(file, Overrides::default())
         };
         let config = with("{input: 2.5, output: 10}").unwrap();
-        let price = config.strong_model.price_per_million_tokens.unwrap();
+        let price = config.strong_model.primary().price_per_million_tokens.unwrap();
         assert!((price.cost(1_000_000, 500_000) - 7.5).abs() < 1e-12);
-        assert_eq!(config.weak_model.price_per_million_tokens, None);
+        assert_eq!(config.weak_model.primary().price_per_million_tokens, None);
         for bad in [
             "{input: -1, output: 1}",
             "{input: .nan, output: 1}",
@@ -798,6 +938,69 @@ mod tests {
             );
         }
         assert!(FileConfig::from_yaml("strong_model: {name: x, price_per_million_tokens: {input: 1}}").is_err());
+    }
+
+    #[test]
+    fn a_tier_lists_one_model_or_several_deployments_with_how_to_balance_them() {
+        let merge = |yaml: &str| Config::merge(FileConfig::from_yaml(yaml).unwrap(), Overrides::default());
+        let config = merge(
+            "strong_model: [openai/gpt-4o, {name: groq/gpt-4o, api_key: k, price_per_million_tokens: {input: 1, output: 2}}]\n\
+             weak_model: echo/small\nload_balancing: {strategy: round_robin, cooldown_secs: 2.5}\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = config.strong_model.iter().map(|model| model.name.as_str()).collect();
+        assert_eq!(names, ["openai/gpt-4o", "groq/gpt-4o"]);
+        assert_eq!(config.strong_model.primary().name, "openai/gpt-4o");
+        assert_eq!(config.weak_model.len(), 1);
+        assert_eq!(config.load_balancing.strategy, Strategy::RoundRobin);
+        assert_eq!(config.load_balancing.cooldown(), Duration::from_millis(2500));
+        let default = merge("").unwrap().load_balancing;
+        assert_eq!((default.strategy, default.cooldown_secs), (Strategy::Failover, 10.0));
+
+        // The flag names one model, replacing the file's list.
+        let flag = Overrides {
+            strong_model: Some("openai/gpt-4.1".into()),
+            ..Overrides::default()
+        };
+        let file = FileConfig::from_yaml("strong_model: [openai/gpt-4o, groq/gpt-4o]\n").unwrap();
+        let config = Config::merge(file, flag).unwrap();
+        assert_eq!(config.strong_model.len(), 1);
+        assert_eq!(config.strong_model.primary().name, "openai/gpt-4.1");
+
+        let error = merge("weak_model: []\n").unwrap_err().to_string();
+        assert!(error.contains("weak_model: list at least one model"), "{error}");
+        let seventeen = format!("strong_model: [{}]\n", vec!["openai/gpt-4o"; 17].join(", "));
+        let error = merge(&seventeen).unwrap_err().to_string();
+        assert!(error.contains("at most 16"), "{error}");
+        for bad in [
+            "load_balancing: {cooldown_secs: 0}\n",
+            "load_balancing: {cooldown_secs: 3601}\n",
+        ] {
+            let error = merge(bad).unwrap_err().to_string();
+            assert!(error.contains("outside [0.1, 3600]"), "{bad}: {error}");
+        }
+        // Each deployment's price is checked, not only the first's.
+        let error =
+            merge("strong_model: [openai/a, {name: openai/b, price_per_million_tokens: {input: -1, output: 1}}]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(error.contains("`openai/b`"), "{error}");
+        assert!(FileConfig::from_yaml("load_balancing: {strategy: random}\n").is_err());
+        assert!(FileConfig::from_yaml("load_balancing: {retries: 3}\n").is_err());
+
+        // The example documents the keys; uncommented, they load.
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")).unwrap();
+        let uncommented = text
+            .replace("strong_model: echo/gpt-4o\n", "")
+            .replace(
+                "# strong_model:\n#   - {name: openai/gpt-4o}\n#   - {name: azure/gpt-4o, headers: {api-key: \"${AZURE_OPENAI_API_KEY}\"}}",
+                "strong_model:\n  - {name: openai/gpt-4o}\n  - {name: acme/gpt-4o}",
+            )
+            .replace("# load_balancing:\n#   strategy: failover", "load_balancing:\n  strategy: failover")
+            .replace("#   cooldown_secs: 10", "  cooldown_secs: 10");
+        let config = merge(&uncommented).unwrap();
+        assert_eq!(config.strong_model.len(), 2, "{uncommented}");
+        assert_eq!(config.load_balancing, LoadBalancing::default());
     }
 
     #[test]
@@ -958,16 +1161,16 @@ mod tests {
         let config = Config::merge(file, overrides).unwrap();
         assert_eq!(config.port, 8000);
         assert_eq!(config.host, "127.0.0.1");
-        assert_eq!(config.strong_model.name, "openai/gpt-4o");
-        assert_eq!(config.weak_model.base_url.as_deref(), Some("http://x/v1"));
+        assert_eq!(config.strong_model.primary().name, "openai/gpt-4o");
+        assert_eq!(config.weak_model.primary().base_url.as_deref(), Some("http://x/v1"));
     }
 
     #[test]
     fn defaults_match_routellm() {
         let config = Config::merge(FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(config.port, DEFAULT_PORT);
-        assert_eq!(config.strong_model.name, DEFAULT_STRONG_MODEL);
-        assert_eq!(config.weak_model.name, DEFAULT_WEAK_MODEL);
+        assert_eq!(config.strong_model.primary().name, DEFAULT_STRONG_MODEL);
+        assert_eq!(config.weak_model.primary().name, DEFAULT_WEAK_MODEL);
         assert!(config.scoring_concurrency >= 1);
         let file = FileConfig::from_yaml("scoring_concurrency: 3\n").unwrap();
         assert_eq!(

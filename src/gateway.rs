@@ -12,6 +12,7 @@ use crate::affinity::ResponseAffinity;
 use crate::api_keys::ApiKey;
 use crate::config::{Config, MAX_SCORED_TURNS, OnRouterError, OnUpstreamError, ScoreTurns};
 use crate::config::{PassthroughConfig, PassthroughTo};
+use crate::deployments::{DeploymentId, Pool};
 use crate::error::Error;
 use crate::metrics::RouterStats;
 use crate::model_name::{self, ModelTarget};
@@ -76,6 +77,10 @@ pub struct Completion {
     pub model: String,
     /// Which of the two configured models answered (for a model named directly too).
     pub answered_by: Tier,
+    /// Which of that tier's deployments answered (0 unless it lists several).
+    pub deployment: usize,
+    /// What the deployment that answered charges, if configured.
+    pub price: Option<crate::config::Price>,
     pub reply: Reply,
     /// Time spent waiting for the upstream's headers (and, for streams, first bytes).
     pub upstream_time: Duration,
@@ -181,8 +186,10 @@ pub struct Gateway {
     policy: RwLock<Arc<Policy>>,
     /// Reloads applied and refused, for `/metrics`.
     reloads: [AtomicU64; 2],
-    strong: Upstream,
-    weak: Upstream,
+    /// The strong and the weak tier's deployments.
+    pools: [Pool; 2],
+    /// How the pools spread requests (fixed at start; a reload reports a change).
+    load_balancing: crate::config::LoadBalancing,
     client: reqwest::Client,
     cors_allowed_origins: Vec<String>,
     request_timeout: Duration,
@@ -197,8 +204,8 @@ pub struct Gateway {
     prompt_log: Option<PromptLog>,
     /// Other endpoints below `/v1` passed to one model unrouted.
     passthrough: PassthroughConfig,
-    /// Which model produced recent Responses answers, when the two models do not share
-    /// storage (different endpoints or keys).
+    /// Which deployment produced recent Responses answers, when the deployments do not all
+    /// share storage (different endpoints or keys).
     affinity: Option<Arc<ResponseAffinity>>,
     started_at: u64,
 }
@@ -218,8 +225,14 @@ impl Gateway {
     /// Like [`Gateway::from_config`] with routers built by the caller (tests, custom routers).
     pub fn with_routers(config: &Config, routers: BTreeMap<String, Arc<dyn Router>>) -> Result<Self, Error> {
         let env = |name: &str| std::env::var(name).ok();
-        let strong = providers::resolve(&config.strong_model, &config.global, &config.providers, &env)?;
-        let weak = providers::resolve(&config.weak_model, &config.global, &config.providers, &env)?;
+        let resolve = |deployments: &crate::config::Deployments| {
+            deployments
+                .iter()
+                .map(|model| providers::resolve(model, &config.global, &config.providers, &env))
+                .collect::<Result<Vec<_>, Error>>()
+        };
+        let strong = resolve(&config.strong_model)?;
+        let weak = resolve(&config.weak_model)?;
         crate::upstream::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
@@ -229,8 +242,17 @@ impl Gateway {
             .user_agent(concat!("routellm/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| Error::Config(format!("HTTP client: {error}")))?;
-        let affinity =
-            (!strong.shares_storage_with(&weak)).then(|| Arc::new(ResponseAffinity::new(crate::affinity::CAPACITY)));
+        let all: Vec<&providers::ResolvedModel> = strong.iter().chain(&weak).collect();
+        // Sharing storage is having the same endpoint, key and headers: an equivalence.
+        let one_storage = all.windows(2).all(|pair| pair[0].shares_storage_with(pair[1]));
+        let affinity = (!one_storage).then(|| Arc::new(ResponseAffinity::new(crate::affinity::CAPACITY)));
+        let pool = |models: Vec<providers::ResolvedModel>| {
+            let upstreams = models
+                .into_iter()
+                .map(Upstream::new)
+                .collect::<Result<Vec<_>, Error>>()?;
+            Pool::new(upstreams, config.load_balancing)
+        };
         let gateway = Self {
             router_stats: routers
                 .keys()
@@ -244,8 +266,8 @@ impl Gateway {
             routers,
             policy: RwLock::new(Arc::new(Policy::from_config(config))),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
-            strong: Upstream::new(strong)?,
-            weak: Upstream::new(weak)?,
+            pools: [pool(strong)?, pool(weak)?],
+            load_balancing: config.load_balancing,
             client,
             cors_allowed_origins: config.cors_allowed_origins.clone(),
             request_timeout: config.request_timeout,
@@ -271,11 +293,12 @@ impl Gateway {
         Ok(gateway)
     }
 
-    /// The model that serves `passthrough` paths.
+    /// The model that serves `passthrough` paths: its tier's first deployment, where files
+    /// and the like that clients upload are kept.
     fn passthrough_upstream(&self) -> &Upstream {
         match self.passthrough.to {
-            PassthroughTo::Strong => &self.strong,
-            PassthroughTo::Weak => &self.weak,
+            PassthroughTo::Strong => self.upstream(Tier::Strong),
+            PassthroughTo::Weak => self.upstream(Tier::Weak),
         }
     }
 
@@ -335,11 +358,21 @@ impl Gateway {
         if !wanted.into_iter().eq(self.routers.keys().map(String::as_str)) {
             fixed.push("routers");
         }
-        if config.strong_model.name != self.strong.model.name {
-            fixed.push("strong_model");
+        for (key, tier, wanted) in [
+            ("strong_model", Tier::Strong, &config.strong_model),
+            ("weak_model", Tier::Weak, &config.weak_model),
+        ] {
+            let running = self
+                .pool(tier)
+                .deployments()
+                .iter()
+                .map(|d| d.upstream.model.name.as_str());
+            if !wanted.iter().map(|model| model.name.trim()).eq(running) {
+                fixed.push(key);
+            }
         }
-        if config.weak_model.name != self.weak.model.name {
-            fixed.push("weak_model");
+        if config.load_balancing != self.load_balancing {
+            fixed.push("load_balancing");
         }
         if config.strong_share_window != self.strong_share_window {
             fixed.push("strong_share_window");
@@ -515,12 +548,12 @@ impl Gateway {
 
     #[must_use]
     pub fn strong(&self) -> &Upstream {
-        &self.strong
+        self.upstream(Tier::Strong)
     }
 
     #[must_use]
     pub fn weak(&self) -> &Upstream {
-        &self.weak
+        self.upstream(Tier::Weak)
     }
 
     #[must_use]
@@ -688,22 +721,33 @@ impl Gateway {
         Ok((router, threshold))
     }
 
-    /// The model of `tier`.
+    /// The model of `tier`: its first deployment, when it lists several.
     #[must_use]
     pub fn upstream(&self, tier: Tier) -> &Upstream {
+        self.pool(tier).primary()
+    }
+
+    /// The deployments of `tier`.
+    #[must_use]
+    pub fn pool(&self, tier: Tier) -> &Pool {
         match tier {
-            Tier::Strong => &self.strong,
-            Tier::Weak => &self.weak,
+            Tier::Strong => &self.pools[0],
+            Tier::Weak => &self.pools[1],
         }
     }
 
     /// Which configured model a directly named one is, by configured or provider name.
     #[must_use]
     pub fn direct_tier(&self, model: &str) -> Option<Tier> {
-        [Tier::Strong, Tier::Weak].into_iter().find(|tier| {
-            let upstream = self.upstream(*tier);
-            upstream.model.name == model || upstream.model.provider_model == model
-        })
+        self.direct(model).map(|deployment| deployment.tier)
+    }
+
+    /// The deployment a directly named model is (the first of that name).
+    #[must_use]
+    pub fn direct(&self, model: &str) -> Option<DeploymentId> {
+        [Tier::Strong, Tier::Weak]
+            .into_iter()
+            .find_map(|tier| self.pool(tier).find(model).map(|index| DeploymentId { tier, index }))
     }
 
     /// Routes (or directly forwards) a chat-completion request body and returns the model's answer.
@@ -747,7 +791,7 @@ impl Gateway {
             // OpenAI's answer for a model a key has no access to.
             return Err(Error::ModelNotFound(request.model().to_owned()));
         }
-        let (mut decision, tier) = match target {
+        let (mut decision, tier, route) = match target {
             ModelTarget::Routed { router, threshold } => {
                 let prompts = match policy.score_turns {
                     ScoreTurns::Last => vec![request.last_user_prompt()?],
@@ -762,31 +806,35 @@ impl Gateway {
                 let mut decision = self
                     .route_or(policy, router, threshold, prompts, policy.on_router_error)
                     .await?;
-                self.pin_continuation(&request, &mut decision);
+                let pinned = self.pin_continuation(&request, &mut decision);
                 if let Some((log, prompts)) = logged {
                     log.record(api, request.model(), caller.map(ApiKey::name), &decision, &prompts);
                 }
                 let tier = decision.tier;
-                (Some(decision), tier)
+                let route = pinned.map_or(Candidates::Any { preferred: None }, Candidates::Only);
+                (Some(decision), tier, route)
             }
             ModelTarget::Direct(model) => {
-                let tier = self
-                    .direct_tier(model)
+                let named = self
+                    .direct(model)
                     .ok_or_else(|| Error::ModelNotFound(model.to_owned()))?;
-                (None, tier)
+                (
+                    None,
+                    named.tier,
+                    Candidates::Any {
+                        preferred: Some(named.index),
+                    },
+                )
             }
         };
-        let upstream = self.upstream(tier);
         let mut upstream_time = Duration::ZERO;
-        let mut answer = self
-            .forward(
-                &request,
-                body,
-                &forwarded,
-                decision.as_ref(),
-                upstream,
-                &mut upstream_time,
-            )
+        let sending = Sending {
+            request: &request,
+            body,
+            forwarded: &forwarded,
+        };
+        let (mut answer, mut index) = self
+            .forward_to_tier(&sending, decision.as_ref(), tier, route, &mut upstream_time)
             .await;
         // Only a routed request may change model: a client that named one gets that one, and
         // a continuation can only be answered where its conversation is stored.
@@ -796,58 +844,117 @@ impl Gateway {
         {
             let other = routed.tier.other();
             tracing::warn!(
-                model = %upstream.model.name,
+                tier = tier.as_str(),
                 reason = %reason,
                 answered_by = %self.upstream(other).model.name,
                 "the routed model is unavailable; on_upstream_error sends the request to the other model"
             );
             routed.tier = other;
-            routed.model.clone_from(&self.upstream(other).model.name);
             routed.upstream_fallback = true;
-            answer = self
-                .forward(
-                    &request,
-                    body,
-                    &forwarded,
+            (answer, index) = self
+                .forward_to_tier(
+                    &sending,
                     Some(routed),
-                    self.upstream(other),
+                    other,
+                    Candidates::Any { preferred: None },
                     &mut upstream_time,
                 )
                 .await;
         }
         // A fallback to the other model changed the decision's tier.
         let answered_by = decision.as_ref().map_or(tier, |routed| routed.tier);
-        let reply = self.remember_response(api, answered_by, answer?);
+        let deployment = DeploymentId {
+            tier: answered_by,
+            index,
+        };
+        let answering = self.deployment(deployment);
+        if let Some(routed) = decision.as_mut() {
+            routed.model.clone_from(&answering.model.name);
+        }
+        let reply = self.remember_response(api, deployment, answer?);
         Ok(Completion {
             answered_by,
-            model: decision
-                .as_ref()
-                .map_or_else(|| upstream.model.name.clone(), |routed| routed.model.clone()),
+            deployment: index,
+            price: answering.model.price,
+            model: answering.model.name.clone(),
             decision,
             reply,
             upstream_time,
         })
     }
 
-    /// Sends a Responses request that continues a remembered answer to the model that
-    /// produced it (when the two models do not share storage).
-    fn pin_continuation(&self, request: &ModelRequest<'_>, decision: &mut RouteDecision) {
-        let Some(stored_at) = self
+    /// The upstream of `deployment` (the tier's first for an index it does not have).
+    #[must_use]
+    pub fn deployment(&self, deployment: DeploymentId) -> &Upstream {
+        let pool = self.pool(deployment.tier);
+        pool.get(deployment.index)
+            .map_or_else(|| pool.primary(), |found| &found.upstream)
+    }
+
+    /// Sends the request to `tier`'s deployments in turn until one is available, and
+    /// returns its answer (or the last one's error) and which deployment that was.
+    async fn forward_to_tier(
+        &self,
+        sending: &Sending<'_>,
+        decision: Option<&RouteDecision>,
+        tier: Tier,
+        route: Candidates,
+        upstream_time: &mut Duration,
+    ) -> (Result<Reply, Error>, usize) {
+        let pool = self.pool(tier);
+        let order = match route {
+            Candidates::Only(index) => vec![index],
+            Candidates::Any { preferred } => pool.order(preferred),
+        };
+        let mut remaining = order.into_iter().peekable();
+        let mut index = 0;
+        let mut answer = Err(Error::Internal(format!("the {} tier has no deployment", tier.as_str())));
+        while let Some(next) = remaining.next() {
+            index = next;
+            let upstream = self.deployment(DeploymentId { tier, index });
+            answer = self.forward(sending, decision, upstream, upstream_time).await;
+            let Some(reason) = unavailable(&answer) else {
+                pool.record_answered(index);
+                break;
+            };
+            pool.record_unavailable(
+                index,
+                answer
+                    .as_ref()
+                    .ok()
+                    .and_then(|reply| crate::deployments::retry_after(reply.headers())),
+            );
+            if let Some(&following) = remaining.peek() {
+                tracing::warn!(
+                    tier = tier.as_str(),
+                    deployment = index,
+                    model = %upstream.model.name,
+                    reason = %reason,
+                    next = following,
+                    "a deployment is unavailable; the request goes to the next of its tier"
+                );
+            }
+        }
+        (answer, index)
+    }
+
+    /// Sends a Responses request that continues a remembered answer to the deployment that
+    /// produced it (when the deployments do not all share storage); returns its index.
+    fn pin_continuation(&self, request: &ModelRequest<'_>, decision: &mut RouteDecision) -> Option<usize> {
+        let stored_at = self
             .affinity
             .as_ref()
             .zip(request.previous_response_id())
-            .and_then(|(affinity, id)| affinity.tier_of(id))
-        else {
-            return;
-        };
+            .and_then(|(affinity, id)| affinity.deployment_of(id))?;
         decision.pinned = true;
-        decision.tier = stored_at;
-        decision.model.clone_from(&self.upstream(stored_at).model.name);
+        decision.tier = stored_at.tier;
+        decision.model.clone_from(&self.deployment(stored_at).model.name);
+        Some(stored_at.index)
     }
 
     /// Notes which model produced a Responses answer (a stream's id is read as it passes),
     /// so a continuation of it can be sent there.
-    fn remember_response(&self, api: Api, answered_by: Tier, reply: Reply) -> Reply {
+    fn remember_response(&self, api: Api, answered_by: DeploymentId, reply: Reply) -> Reply {
         let Some(affinity) = self
             .affinity
             .as_ref()
@@ -894,13 +1001,16 @@ impl Gateway {
     /// time spent waiting on the model is added to `upstream_time`.
     async fn forward(
         &self,
-        request: &ModelRequest<'_>,
-        body: &[u8],
-        forwarded: &HeaderMap,
+        sending: &Sending<'_>,
         decision: Option<&RouteDecision>,
         upstream: &Upstream,
         upstream_time: &mut Duration,
     ) -> Result<Reply, Error> {
+        let Sending {
+            request,
+            body,
+            forwarded,
+        } = *sending;
         let rewritten = request.rewrite_model(&upstream.model.provider_model);
         let echo_prompt;
         let echo_note;
@@ -936,6 +1046,23 @@ impl Gateway {
         *upstream_time += started.elapsed();
         answer
     }
+}
+
+/// One request on its way to the models: parsed, as the client sent it, and the client
+/// headers that pass on.
+struct Sending<'a> {
+    request: &'a ModelRequest<'a>,
+    body: &'a [u8],
+    forwarded: &'a HeaderMap,
+}
+
+/// Which of a tier's deployments may answer a request.
+#[derive(Clone, Copy)]
+enum Candidates {
+    /// Any, in the pool's order, `preferred` (a deployment the client named) first.
+    Any { preferred: Option<usize> },
+    /// This one alone: it holds the conversation a Responses request continues.
+    Only(usize),
 }
 
 /// Why an answer means its model is unavailable (rate-limited, failing, unreachable, too

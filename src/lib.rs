@@ -6,6 +6,7 @@
 //! - [`affinity`]: Responses continuations (`previous_response_id`) sent to the model whose provider stored the conversation.
 //! - [`api_keys`]: client API keys: names, per-key request and token rate limits (OpenAI's 429s), allowed models.
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
+//! - [`deployments`]: several endpoints for one tier's model: failover or round robin, cooldowns after failures.
 //! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.
 //! - [`model_name`]: parsing `router-<name>-<threshold>` (aliases are resolved by the gateway first).
 //! - [`controller`]: routing from Rust code without HTTP ([`Controller`]).
@@ -39,6 +40,7 @@ pub mod artifact;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod deployments;
 pub mod echo;
 pub mod embed;
 pub mod error;

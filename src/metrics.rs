@@ -214,6 +214,60 @@ fn write_key_counter(
     }
 }
 
+/// Each deployment of each tier (by its place in the tier's list and its model's name):
+/// whether it takes requests or is passed over after being unavailable, and the requests
+/// it answered or was unavailable for, so an alert can catch a failing endpoint that the
+/// others cover for.
+#[must_use]
+pub fn render_deployments(gateway: &crate::gateway::Gateway) -> String {
+    let mut out = String::with_capacity(1024);
+    // Each deployment once, with its labels escaped once.
+    let mut deployments = Vec::new();
+    for tier in [Tier::Strong, Tier::Weak] {
+        let pool = gateway.pool(tier);
+        for (index, deployment) in pool.deployments().iter().enumerate() {
+            let labels = (
+                tier.as_str(),
+                index.to_string(),
+                label_value(&deployment.upstream.model.name),
+            );
+            deployments.push((labels, pool.is_available(index), deployment.attempts()));
+        }
+    }
+    out.push_str(
+        "# HELP routellm_deployment_available Whether a deployment takes requests (1) or is passed over after it was unavailable (0, for load_balancing.cooldown_secs or its 429's retry-after, while another is available).\n\
+         # TYPE routellm_deployment_available gauge\n",
+    );
+    for ((tier, index, model), available, _) in &deployments {
+        write_sample(
+            &mut out,
+            "routellm_deployment_available",
+            [("tier", *tier), ("deployment", index), ("model", model)],
+            u8::from(*available),
+        );
+    }
+    out.push_str(
+        "# HELP routellm_deployment_attempts_total Requests sent to a deployment, by whether it answered (any status but the ones below) or was unavailable (429, 5xx, unreachable, too slow) and the request went on to the next deployment or failed.\n\
+         # TYPE routellm_deployment_attempts_total counter\n",
+    );
+    for ((tier, index, model), _, (answered, unavailable)) in &deployments {
+        for (outcome, count) in [("answered", answered), ("unavailable", unavailable)] {
+            write_sample(
+                &mut out,
+                "routellm_deployment_attempts_total",
+                [
+                    ("tier", *tier),
+                    ("deployment", index),
+                    ("model", model),
+                    ("outcome", outcome),
+                ],
+                count,
+            );
+        }
+    }
+    out
+}
+
 /// The routing policy in force and how its reloads went: the default threshold of each
 /// loaded router that has one, the `strong_share` targets, and `SIGHUP` reloads applied
 /// and refused, so a dashboard shows which thresholds serve and an alert can catch a
@@ -436,8 +490,11 @@ pub struct Metrics {
     upstream_fallbacks: [AtomicU64; 2],
     /// Prompt and completion tokens per tier (`none` never has any).
     tokens: [[AtomicU64; 2]; 4],
-    /// The configured prices of the strong and the weak model.
-    prices: [Option<Price>; 2],
+    /// The strong model's configured price (its first deployment's), which every answer's
+    /// tokens are also priced at.
+    strong_price: Option<Price>,
+    /// Whether any deployment has a price (else no cost lines are shown).
+    priced: bool,
     /// Per tier (strong, weak, direct): what the answers cost at the answering model's
     /// price, and what their tokens cost at the strong model's; f64 bits.
     cost: [AtomicU64; 3],
@@ -449,11 +506,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Metrics that also price the answers' tokens (`None`: that model has no price).
+    /// Metrics that also price the answers' tokens: `strong` is the strong model's price
+    /// (`None`: it has none), `all` every deployment's, whose answers are priced as they come.
     #[must_use]
-    pub fn with_prices(strong: Option<Price>, weak: Option<Price>) -> Self {
+    pub fn with_prices(strong: Option<Price>, all: impl IntoIterator<Item = Option<Price>>) -> Self {
         Self {
-            prices: [strong, weak],
+            strong_price: strong,
+            priced: strong.is_some() || all.into_iter().any(|price| price.is_some()),
             ..Self::default()
         }
     }
@@ -494,30 +553,20 @@ impl Metrics {
     }
 
     /// Counts the tokens an answer reports, and prices them: `tier` is how the request
-    /// was labelled, `answered_by` the model that answered it.
-    pub fn record_usage(&self, tier: TierLabel, answered_by: Tier, usage: Usage) {
+    /// was labelled, `answered_price` the price of the deployment that answered it.
+    pub fn record_usage(&self, tier: TierLabel, answered_price: Option<Price>, usage: Usage) {
         let [prompt, completion] = &self.tokens[tier as usize];
         prompt.fetch_add(usage.prompt_tokens, Ordering::Relaxed);
         completion.fetch_add(usage.completion_tokens, Ordering::Relaxed);
         let Some(slot) = self.cost.get(tier as usize) else {
             return;
         };
-        let priced = |model: Tier| {
-            self.price(model)
-                .map(|price| price.cost(usage.prompt_tokens, usage.completion_tokens))
-        };
-        if let Some(cost) = priced(answered_by) {
+        let priced = |price: Option<Price>| price.map(|price| price.cost(usage.prompt_tokens, usage.completion_tokens));
+        if let Some(cost) = priced(answered_price) {
             add_f64(slot, cost);
         }
-        if let Some(cost) = priced(Tier::Strong) {
+        if let Some(cost) = priced(self.strong_price) {
             add_f64(&self.cost_at_strong_prices[tier as usize], cost);
-        }
-    }
-
-    fn price(&self, model: Tier) -> Option<Price> {
-        match model {
-            Tier::Strong => self.prices[0],
-            Tier::Weak => self.prices[1],
         }
     }
 
@@ -550,14 +599,14 @@ impl Metrics {
                 );
             }
         }
-        if self.prices.iter().any(Option::is_some) {
+        if self.priced {
             out.push_str(
                 "# HELP routellm_cost_total What the answers cost at the answering model's price_per_million_tokens (in the prices' currency), by routed tier; answers from a model without a price add nothing.\n",
             );
             out.push_str("# TYPE routellm_cost_total counter\n");
             render_by_tier(&mut out, "routellm_cost_total", &self.cost);
         }
-        if self.price(Tier::Strong).is_some() {
+        if self.strong_price.is_some() {
             out.push_str(
                 "# HELP routellm_cost_at_strong_prices_total The same answers' tokens at the strong model's prices: what sending them all to the strong model would have cost, had it used as many tokens. 1 - cost / this is what routing saved.\n",
             );
@@ -710,7 +759,7 @@ mod tests {
         assert!(metrics.render().contains("routellm_router_fallbacks_total 1\n"));
         metrics.record_usage(
             TierLabel::Weak,
-            Tier::Weak,
+            None,
             Usage {
                 prompt_tokens: 7,
                 completion_tokens: 5,
@@ -718,7 +767,7 @@ mod tests {
         );
         metrics.record_usage(
             TierLabel::Weak,
-            Tier::Weak,
+            None,
             Usage {
                 prompt_tokens: 1,
                 completion_tokens: 2,
@@ -795,16 +844,16 @@ mod tests {
             input: 0.5,
             output: 1.5,
         };
-        let metrics = Metrics::with_prices(Some(strong), Some(weak));
+        let metrics = Metrics::with_prices(Some(strong), [Some(strong), Some(weak)]);
         let usage = Usage {
             prompt_tokens: 1_000,
             completion_tokens: 2_000,
         };
-        metrics.record_usage(TierLabel::Strong, Tier::Strong, usage);
-        metrics.record_usage(TierLabel::Weak, Tier::Weak, usage);
-        metrics.record_usage(TierLabel::Weak, Tier::Weak, usage);
+        metrics.record_usage(TierLabel::Strong, Some(strong), usage);
+        metrics.record_usage(TierLabel::Weak, Some(weak), usage);
+        metrics.record_usage(TierLabel::Weak, Some(weak), usage);
         // A model named directly is priced as the model it is.
-        metrics.record_usage(TierLabel::Direct, Tier::Weak, usage);
+        metrics.record_usage(TierLabel::Direct, Some(weak), usage);
         let text = metrics.render();
         // strong: 1000 * 10 / 1e6 + 2000 * 30 / 1e6 = 0.07; weak: 0.0005 + 0.003 = 0.0035 each.
         assert!(text.contains("routellm_cost_total{tier=\"strong\"} 0.07\n"), "{text}");
@@ -821,9 +870,9 @@ mod tests {
         assert!(!text.contains("tier=\"none\"} "), "{text}");
 
         // Without the strong model's price there is nothing to compare against.
-        let metrics = Metrics::with_prices(None, Some(weak));
-        metrics.record_usage(TierLabel::Strong, Tier::Strong, usage);
-        metrics.record_usage(TierLabel::Weak, Tier::Weak, usage);
+        let metrics = Metrics::with_prices(None, [None, Some(weak)]);
+        metrics.record_usage(TierLabel::Strong, None, usage);
+        metrics.record_usage(TierLabel::Weak, Some(weak), usage);
         let text = metrics.render();
         assert!(text.contains("routellm_cost_total{tier=\"strong\"} 0\n"), "{text}");
         assert!(text.contains("routellm_cost_total{tier=\"weak\"} 0.0035\n"), "{text}");

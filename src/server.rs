@@ -24,7 +24,9 @@ use tokio::net::TcpListener;
 use crate::api_keys::{ApiKey, RateSnapshot, StreamCharge};
 use crate::error::Error;
 use crate::gateway::{Completion, Gateway, Policy, RouteDecision, Tier};
-use crate::metrics::{Metrics, TierLabel, render_api_keys, render_policy, render_prompt_log, render_router_stats};
+use crate::metrics::{
+    Metrics, TierLabel, render_api_keys, render_deployments, render_policy, render_prompt_log, render_router_stats,
+};
 use crate::request::Api;
 use crate::upstream::{ByteStream, Reply, WholeAnswer};
 use crate::usage::{self, SseUsageScanner};
@@ -41,7 +43,11 @@ struct Shared {
 impl AppState {
     #[must_use]
     pub fn new(gateway: Gateway) -> Self {
-        let metrics = Metrics::with_prices(gateway.strong().model.price, gateway.weak().model.price);
+        let prices = [Tier::Strong, Tier::Weak]
+            .into_iter()
+            .flat_map(|tier| gateway.pool(tier).deployments().iter().map(|d| d.upstream.model.price))
+            .collect::<Vec<_>>();
+        let metrics = Metrics::with_prices(gateway.upstream(Tier::Strong).model.price, prices);
         Self(Arc::new(Shared { gateway, metrics }))
     }
 
@@ -388,6 +394,8 @@ fn respond(
         decision,
         model,
         answered_by,
+        deployment,
+        price,
         reply,
         upstream_time,
     } = completion;
@@ -422,6 +430,7 @@ fn respond(
         tier = decision.as_ref().map(|d| d.tier.as_str()),
         fallback = decision.as_ref().and_then(fallback_note),
         model = %model,
+        deployment,
         status = status.as_u16(),
         upstream_ms = upstream_time.as_secs_f64() * 1e3,
         overhead_us = overhead.as_micros(),
@@ -431,7 +440,7 @@ fn respond(
         Reply::Complete { status, headers, body } => {
             let reported = usage::of_body(&body).filter(|_| status.is_success());
             if let Some(usage) = reported {
-                metrics.record_usage(tier, answered_by, usage);
+                metrics.record_usage(tier, price, usage);
             }
             if let Some(caller) = caller.filter(|_| status.is_success()) {
                 caller.charge(reported, body.len());
@@ -448,7 +457,7 @@ fn respond(
                 body,
                 state.clone(),
                 tier,
-                answered_by,
+                price,
                 charge,
             )));
             *response.status_mut() = status;
@@ -496,7 +505,7 @@ fn counting_usage(
     body: ByteStream,
     state: AppState,
     tier: TierLabel,
-    answered_by: Tier,
+    answered_price: Option<crate::config::Price>,
     mut charge: Option<StreamCharge>,
 ) -> ByteStream {
     let mut scanner = Some(SseUsageScanner::default());
@@ -510,7 +519,7 @@ fn counting_usage(
                 }
             }
             if let Some(usage) = usage {
-                state.metrics().record_usage(tier, answered_by, usage);
+                state.metrics().record_usage(tier, answered_price, usage);
                 // One usage chunk per stream: stop looking once it has passed.
                 scanner = None;
             }
@@ -561,7 +570,15 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
             router_model(&state, &policy, &id, name)
         })
         .collect();
-    data.extend([Tier::Strong, Tier::Weak].map(|tier| configured_model(&state, tier)));
+    // Every deployment's model, once per name (replicas of one model share it).
+    let mut listed = std::collections::HashSet::new();
+    for tier in [Tier::Strong, Tier::Weak] {
+        for deployment in state.pool(tier).deployments() {
+            if listed.insert(deployment.upstream.model.name.as_str()) {
+                data.push(configured_model(&state, tier, &deployment.upstream));
+            }
+        }
+    }
     // Left out: aliases of routers this server does not load (start-up checked the rest).
     data.extend(
         policy
@@ -625,8 +642,8 @@ fn model_object(
         }
         crate::model_name::ModelTarget::Routed { .. } => return Err(Error::ModelNotFound(id.to_owned())),
         crate::model_name::ModelTarget::Direct(model) => state
-            .direct_tier(model)
-            .map(|tier| configured_model(state, tier))
+            .direct(model)
+            .map(|named| configured_model(state, named.tier, state.deployment(named)))
             .ok_or_else(|| Error::ModelNotFound(id.to_owned()))?,
     };
     if let Some(target) = policy.model_aliases().get(id) {
@@ -667,9 +684,8 @@ fn router_model(state: &AppState, policy: &Policy, id: &str, router: &str) -> se
     model
 }
 
-/// One of the two configured models as OpenAI's model object.
-fn configured_model(state: &AppState, tier: Tier) -> serde_json::Value {
-    let upstream = state.upstream(tier);
+/// A configured model (a deployment of `tier`) as OpenAI's model object.
+fn configured_model(state: &AppState, tier: Tier, upstream: &crate::upstream::Upstream) -> serde_json::Value {
     json!({
         "id": upstream.model.name,
         "object": "model",
@@ -702,6 +718,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     if !policy.api_keys().is_empty() {
         text.push_str(&render_api_keys(policy.api_keys()));
     }
+    text.push_str(&render_deployments(&state));
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -79,6 +79,13 @@ impl Reply {
             Reply::Complete { status, .. } | Reply::Stream { status, .. } => *status,
         }
     }
+    /// The model's response headers (as passed back to the client).
+    #[must_use]
+    pub fn headers(&self) -> &HeaderMap {
+        match self {
+            Reply::Complete { headers, .. } | Reply::Stream { headers, .. } => headers,
+        }
+    }
 }
 
 /// What the offline echo provider needs to describe the decision it stands for.

@@ -9,7 +9,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::MockUpstream;
+use common::{MockUpstream, closed_port};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -178,6 +178,28 @@ async fn node_sdk_against_offline_echo_models() {
     run_sdk_script(Sdk::Node, &base_url, "echo").await;
 }
 
+/// A strong tier whose first deployment is down (nothing listens there): the SDK, retries
+/// off, gets its answers from the second, streamed and whole, and never sees the failure.
+#[tokio::test]
+async fn python_sdk_is_answered_by_the_next_deployment_when_the_first_is_down() {
+    let backup = MockUpstream::start("backup").await;
+    let config = tempfile(&format!(
+        "thresholds: {{random: 0.5}}\nweak_model: echo/mixtral\nstrong_model:\n\
+         \x20 - {{name: openai/strong-primary, base_url: 'http://127.0.0.1:{}/v1', api_key: sk-primary}}\n\
+         \x20 - {{name: groq/strong-backup, base_url: '{}', api_key: sk-backup}}\n",
+        closed_port().await,
+        backup.base_url()
+    ));
+    let (_child, base_url) = start_binary(&["--config", config.to_str().unwrap(), "--routers", "random"]).await;
+    run_sdk_script(Sdk::Python, &base_url, "failover").await;
+    let received = backup.received();
+    assert_eq!(received.len(), 2, "the whole answer and the stream");
+    assert!(
+        received.iter().all(|request| request.json()["model"] == "strong-backup"
+            && request.headers["authorization"] == "Bearer sk-backup")
+    );
+}
+
 /// A key's rate limit as the SDK meets it: OpenAI's 429 `rate_limit_exceeded` with
 /// `retry-after-ms`, which the SDK's automatic retry honours; its allowed models; and the
 /// per-key counts in `/metrics`.
@@ -262,7 +284,8 @@ async fn serve_check_validates_and_describes_without_secrets() {
     let config = tempfile(
         "strong_model: {name: openai/gpt-4o, api_key: sk-strong-secret, base_url: 'https://user:pw-secret@llm.example/v1', \
          headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
-         weak_model: echo/mixtral\nthresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
+         weak_model: [echo/mixtral, {name: groq/mixtral-8x7b, api_key: gq-secret}]\nload_balancing: {strategy: round_robin}\n\
+         thresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
          upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret, {key: team-secret, name: team-a, requests_per_minute: 60, \
          tokens_per_minute: 9000, models: [auto]}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*]}\nwatch_config_secs: 30\n",
     );
@@ -285,7 +308,9 @@ async fn serve_check_validates_and_describes_without_secrets() {
          of its latest 1000 scores to the strong model",
         "strong model openai/gpt-4o as `gpt-4o`: https://redacted@llm.example/v1 (openai), API key set, extra headers: x-gateway-key",
         "price per million tokens: input 2.5, output 10",
-        "weak model echo/mixtral as `mixtral`: built-in offline echo",
+        "weak (1 of 2) model echo/mixtral as `mixtral`: built-in offline echo",
+        "weak (2 of 2) model groq/mixtral-8x7b as `mixtral-8x7b`: https://api.groq.com/openai/v1 (groq), API key set",
+        "load balancing: round robin, an unavailable deployment passed over for 10 s",
         "client headers forwarded: traceparent",
         "on_router_error: strong, on_upstream_error: fail, score_turns: last, client API keys: 2",
         ": no limits",

@@ -120,7 +120,9 @@ fn receive(state: &MockState, endpoint: &'static str, headers: HeaderMap, body: 
     });
     let status = (*state.unavailable.lock().unwrap())?;
     let error = json!({"error": {"message": format!("{} is unavailable", state.name), "type": "server_error", "param": null, "code": null}});
-    Some((status, axum::Json(error)).into_response())
+    // As OpenAI's 429s do, say when to come back.
+    let retry_after = (status == StatusCode::TOO_MANY_REQUESTS).then_some([("retry-after-ms", "600")]);
+    Some((status, retry_after, axum::Json(error)).into_response())
 }
 
 /// Any other endpoint (what `passthrough` sends on): records it as `other` and answers
@@ -403,6 +405,13 @@ impl Proxy {
         routers: BTreeMap<String, Arc<dyn RouterTrait>>,
     ) -> Self {
         Self::with_gateway(gateway(strong, weak, yaml, routers)).await
+    }
+
+    /// The proxy with routers `random` (seeded) and `fixed_high` (0.8), configured by
+    /// `yaml` alone (the models included).
+    pub async fn start_config(yaml: &str) -> Self {
+        let config = Config::merge(FileConfig::from_yaml(yaml).unwrap(), Overrides::default()).unwrap();
+        Self::with_gateway(Gateway::with_routers(&config, default_routers()).unwrap()).await
     }
 
     /// The Prometheus text at `/metrics`.

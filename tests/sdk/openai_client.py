@@ -1,9 +1,10 @@
 """Drives a running routellm server with the official OpenAI Python SDK.
 
 Usage: openai_client.py BASE_URL MODE, MODE being `mock` (both models behind the test's
-mock upstream), `echo` (the built-in offline models) or `limits` (echo models behind the
-key `sk-client`, limited to 60 requests a minute and to `router-random`). Exits non-zero
-on any failure.
+mock upstream), `echo` (the built-in offline models), `limits` (echo models behind the
+key `sk-client`, limited to 60 requests a minute and to `router-random`) or `failover`
+(a strong tier whose first deployment is down and whose second is the test's mock).
+Exits non-zero on any failure.
 """
 import sys
 
@@ -194,6 +195,14 @@ elif mode == "limits":
     raw = patient.chat.completions.with_raw_response.create(model="router-random-0", messages=messages)
     expect(raw.retries_taken >= 1, f"answered without a retry: {raw.retries_taken}")
     expect("echo/gpt-4o" in raw.parse().choices[0].message.content, raw.parse())
+elif mode == "failover":
+    # The client does not retry: any success here is the proxy's failover, invisible to it.
+    raw = client.chat.completions.with_raw_response.create(model="router-random-0", messages=messages)
+    expect(raw.headers["x-routellm-model"] == "groq/strong-backup", raw.headers)
+    expect(raw.headers["x-routellm-tier"] == "strong", raw.headers)
+    expect(raw.parse().choices[0].message.content == "answer from backup", raw.parse())
+    text, _ = stream_text("router-random-0")
+    expect(text == "from backup done", text)
 else:
     raise SystemExit(f"unknown mode {mode}")
 print("sdk checks passed")

@@ -1,0 +1,314 @@
+//! A tier's deployments: several endpoints serving the one model a tier stands for (a
+//! provider in two regions, an Azure deployment backed by OpenAI's own API, replicas of a
+//! self-hosted model).
+//!
+//! A request goes to the deployments in the pool's [`Pool::order`] — the listed order
+//! (`failover`) or taking turns (`round_robin`) — and on to the next while one is
+//! unavailable (429, 5xx, unreachable, too slow; never once any of its answer has been
+//! sent). A deployment found unavailable is passed over for `load_balancing.cooldown_secs`
+//! (or what its 429's `retry-after` asks) while others are available; when none is, all are
+//! tried, soonest back first, so a tier never refuses a request on stale news.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+
+use crate::config::{LoadBalancing, Strategy};
+use crate::error::Error;
+use crate::gateway::Tier;
+use crate::upstream::Upstream;
+
+/// The longest a deployment is passed over on a 429's `retry-after`: a provider's daily
+/// quota may ask for hours, but by then an operator should hear of it from the metrics.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// One deployment of a tier, by the tier and its place in the tier's list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeploymentId {
+    pub tier: Tier,
+    pub index: usize,
+}
+
+/// One endpoint serving a tier's model, with what the pool knows of its health.
+pub struct Deployment {
+    pub upstream: Upstream,
+    /// Milliseconds after the pool's epoch until which it is passed over; 0: available.
+    cooling_until_ms: AtomicU64,
+    /// Requests it answered (whatever the status, short of being unavailable).
+    answered: AtomicU64,
+    /// Requests it was unavailable for.
+    unavailable: AtomicU64,
+}
+
+impl Deployment {
+    /// Requests it answered and requests it was unavailable for.
+    #[must_use]
+    pub fn attempts(&self) -> (u64, u64) {
+        (
+            self.answered.load(Ordering::Relaxed),
+            self.unavailable.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The deployments of one tier and how requests are spread over them.
+pub struct Pool {
+    deployments: Vec<Deployment>,
+    strategy: Strategy,
+    cooldown: Duration,
+    /// Round robin's next turn.
+    turn: AtomicUsize,
+    epoch: Instant,
+}
+
+impl Pool {
+    /// A pool of `upstreams` (at least one; the first is the primary).
+    pub fn new(upstreams: Vec<Upstream>, balancing: LoadBalancing) -> Result<Self, Error> {
+        if upstreams.is_empty() {
+            return Err(Error::Config("a tier needs at least one model".into()));
+        }
+        Ok(Self {
+            deployments: upstreams
+                .into_iter()
+                .map(|upstream| Deployment {
+                    upstream,
+                    cooling_until_ms: AtomicU64::new(0),
+                    answered: AtomicU64::new(0),
+                    unavailable: AtomicU64::new(0),
+                })
+                .collect(),
+            strategy: balancing.strategy,
+            cooldown: balancing.cooldown(),
+            turn: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// The first deployment listed: its name stands for the tier before a request is
+    /// answered, and it serves `passthrough` paths (where files and the like are stored).
+    #[must_use]
+    pub fn primary(&self) -> &Upstream {
+        // `new` refuses an empty list.
+        &self.deployments[0].upstream
+    }
+
+    #[must_use]
+    pub fn deployments(&self) -> &[Deployment] {
+        &self.deployments
+    }
+
+    /// The deployment at `index`, if there is one.
+    #[must_use]
+    pub fn get(&self, index: usize) -> Option<&Deployment> {
+        self.deployments.get(index)
+    }
+
+    /// The first deployment called `model`, by configured or provider name.
+    #[must_use]
+    pub fn find(&self, model: &str) -> Option<usize> {
+        self.deployments.iter().position(|deployment| {
+            let resolved = &deployment.upstream.model;
+            resolved.name == model || resolved.provider_model == model
+        })
+    }
+
+    /// The order to try the deployments in for one request: the available ones (by the
+    /// strategy, with `preferred` first when it is one of them), or when none is, every
+    /// deployment, the one back soonest first.
+    #[must_use]
+    pub fn order(&self, preferred: Option<usize>) -> Vec<usize> {
+        if self.deployments.len() == 1 {
+            // The usual setup: nothing to choose, and tried even while cooling.
+            return vec![0];
+        }
+        let now = self.now_ms();
+        let (mut available, mut cooling): (Vec<usize>, Vec<usize>) =
+            (0..self.deployments.len()).partition(|index| self.cooling_until(*index) <= now);
+        if available.is_empty() {
+            cooling.sort_by_key(|index| self.cooling_until(*index));
+            return cooling;
+        }
+        if self.strategy == Strategy::RoundRobin && available.len() > 1 {
+            let start = self.turn.fetch_add(1, Ordering::Relaxed) % available.len();
+            available.rotate_left(start);
+        }
+        if let Some(position) = preferred.and_then(|preferred| available.iter().position(|index| *index == preferred)) {
+            let preferred = available.remove(position);
+            available.insert(0, preferred);
+        }
+        available
+    }
+
+    /// Whether the deployment at `index` is taking requests (not passed over after a failure).
+    #[must_use]
+    pub fn is_available(&self, index: usize) -> bool {
+        self.cooling_until(index) <= self.now_ms()
+    }
+
+    /// The deployment at `index` answered: it is available again if it was passed over.
+    pub fn record_answered(&self, index: usize) {
+        if let Some(deployment) = self.deployments.get(index) {
+            deployment.answered.fetch_add(1, Ordering::Relaxed);
+            deployment.cooling_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The deployment at `index` was unavailable: passed over for the cooldown, or as long
+    /// as `retry_after` (its 429's) asks.
+    pub fn record_unavailable(&self, index: usize, retry_after: Option<Duration>) {
+        let Some(deployment) = self.deployments.get(index) else {
+            return;
+        };
+        deployment.unavailable.fetch_add(1, Ordering::Relaxed);
+        let wait = retry_after.map_or(self.cooldown, |asked| asked.min(MAX_RETRY_AFTER));
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+            .max(1);
+        deployment.cooling_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    fn cooling_until(&self, index: usize) -> u64 {
+        self.deployments
+            .get(index)
+            .map_or(0, |deployment| deployment.cooling_until_ms.load(Ordering::Relaxed))
+    }
+
+    fn now_ms(&self) -> u64 {
+        // Counted from 1 so that 0 can mean "available" even in a pool's first millisecond.
+        u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+}
+
+/// How long a 429 asks the client to wait: OpenAI's `retry-after-ms`, else `retry-after`
+/// in seconds (an HTTP date is not worth parsing for a cooldown).
+#[must_use]
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| {
+        headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|value| value.is_finite() && *value >= 0.0)
+    };
+    number("retry-after-ms")
+        .map(|ms| ms / 1e3)
+        .or_else(|| number("retry-after"))
+        .map(|secs| Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::{Endpoint, ResolvedModel};
+
+    fn pool(names: &[&str], strategy: Strategy, cooldown_secs: f64) -> Pool {
+        let upstreams = names
+            .iter()
+            .map(|name| {
+                Upstream::new(ResolvedModel {
+                    name: (*name).to_owned(),
+                    provider_model: format!("provider-{name}"),
+                    provider: "echo".into(),
+                    price: None,
+                    endpoint: Endpoint::Echo,
+                })
+                .unwrap()
+            })
+            .collect();
+        Pool::new(
+            upstreams,
+            LoadBalancing {
+                strategy,
+                cooldown_secs,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn failover_keeps_the_listed_order_and_passes_over_an_unavailable_deployment_until_its_cooldown_ends() {
+        let pool = pool(&["a", "b", "c"], Strategy::Failover, 0.2);
+        assert_eq!(pool.order(None), [0, 1, 2]);
+        pool.record_unavailable(0, None);
+        assert!(!pool.is_available(0));
+        assert_eq!(pool.order(None), [1, 2], "a is passed over while b and c are available");
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(pool.order(None), [0, 1, 2], "back after the cooldown");
+        let (answered, unavailable) = pool.deployments()[0].attempts();
+        assert_eq!((answered, unavailable), (0, 1));
+    }
+
+    #[test]
+    fn an_answer_ends_a_cooldown_and_when_every_deployment_is_cooling_all_are_tried_soonest_back_first() {
+        let pool = pool(&["a", "b"], Strategy::Failover, 60.0);
+        pool.record_unavailable(0, None);
+        pool.record_unavailable(1, Some(Duration::from_secs(5)));
+        assert_eq!(pool.order(None), [1, 0], "b is back in 5 s, a in 60 s");
+        pool.record_answered(0);
+        assert!(pool.is_available(0));
+        assert_eq!(pool.order(None), [0]);
+    }
+
+    #[test]
+    fn round_robin_takes_turns_over_the_available_deployments() {
+        let pool = pool(&["a", "b", "c"], Strategy::RoundRobin, 60.0);
+        let firsts: Vec<usize> = (0..6).map(|_| pool.order(None)[0]).collect();
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2]);
+        assert_eq!(
+            pool.order(None),
+            [0, 1, 2],
+            "each order holds every available deployment"
+        );
+        pool.record_unavailable(1, None);
+        let firsts: Vec<usize> = (0..4).map(|_| pool.order(None)[0]).collect();
+        assert!(firsts.iter().all(|first| *first != 1), "{firsts:?}");
+        assert!(firsts.contains(&0) && firsts.contains(&2), "{firsts:?}");
+    }
+
+    #[test]
+    fn a_preferred_deployment_goes_first_only_while_it_is_available() {
+        let pool = pool(&["a", "b", "c"], Strategy::Failover, 60.0);
+        assert_eq!(pool.order(Some(2)), [2, 0, 1]);
+        pool.record_unavailable(2, None);
+        assert_eq!(pool.order(Some(2)), [0, 1]);
+        assert_eq!(pool.find("b"), Some(1));
+        assert_eq!(pool.find("provider-c"), Some(2), "by the provider's name too");
+        assert_eq!(pool.find("d"), None);
+    }
+
+    #[test]
+    fn retry_after_reads_milliseconds_first_then_seconds_and_is_capped() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(*name, value.parse().unwrap());
+            }
+            headers
+        };
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "2"), ("retry-after-ms", "1500")])),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "7")])),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "86400")])),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")])),
+            None
+        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "-3")])), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+}
