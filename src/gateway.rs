@@ -317,7 +317,7 @@ impl Gateway {
         path_and_query: &str,
         client_headers: &HeaderMap,
         body: bytes::Bytes,
-    ) -> Result<(&str, crate::upstream::WholeAnswer), Error> {
+    ) -> Result<(&str, crate::upstream::PassedAnswer), Error> {
         let upstream = self.passthrough_upstream();
         // What the body is and what the client accepts, with the configured forward_headers.
         let mut sent = self.forwarded(client_headers);

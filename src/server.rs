@@ -28,7 +28,7 @@ use crate::metrics::{
     Metrics, TierLabel, render_api_keys, render_deployments, render_policy, render_prompt_log, render_router_stats,
 };
 use crate::request::Api;
-use crate::upstream::{ByteStream, Reply, WholeAnswer};
+use crate::upstream::{ByteStream, PassedAnswer, Reply, WholeAnswer};
 use crate::usage::{self, SseUsageScanner};
 
 /// Shared, cheaply clonable server state.
@@ -759,7 +759,9 @@ async fn other_route(State(state): State<AppState>, request: Request) -> Respons
     }
     .await;
     let request_id = request_id(&headers);
-    let status = answer.as_ref().map_or_else(Error::status, |(_, whole, _)| whole.status);
+    let status = answer
+        .as_ref()
+        .map_or_else(Error::status, |(_, passed, _)| passed.status());
     state.metrics().record_passthrough(status.as_u16());
     tracing::info!(
         target: "routellm::access",
@@ -773,25 +775,24 @@ async fn other_route(State(state): State<AppState>, request: Request) -> Respons
         "passthrough"
     );
     let mut response = match answer {
-        Ok((
-            model,
-            WholeAnswer {
-                status,
-                mut headers,
-                body,
-            },
-            caller,
-        )) => {
+        Ok((model, passed, caller)) => {
+            let (status, mut headers, body, usage) = match passed {
+                PassedAnswer::Whole(WholeAnswer { status, headers, body }) => {
+                    let usage = usage::of_body(&body);
+                    (status, headers, Body::from(body), usage)
+                }
+                PassedAnswer::Streamed { status, headers, body } => (status, headers, Body::from_stream(body), None),
+            };
             if let Some(caller) = caller.as_ref().filter(|_| status.is_success()) {
                 // An embedding's usage is its prompt; without one, the request's size is the
-                // estimate (the answer's bytes, vectors, are no measure of tokens).
-                caller.charge(usage::of_body(&body), 0);
+                // estimate (the answer's bytes, vectors or audio, are no measure of tokens).
+                caller.charge(usage, 0);
             }
             if let Some(caller) = &caller {
                 caller.replace_rate_headers(&mut headers);
             }
             insert(&mut headers, HEADER_MODEL, &model);
-            let mut response = Response::new(Body::from(body));
+            let mut response = Response::new(body);
             *response.status_mut() = status;
             append_headers(&mut response, headers);
             response

@@ -5,7 +5,8 @@
 //! a status is committed, then pass bytes through as they arrive; a failure after that
 //! point — a broken connection, a silence longer than the request timeout, or a clean
 //! close before the API's final event — is sent to the client as an SSE error event,
-//! never as a silent truncation.
+//! never as a silent truncation. Passthrough answers that are not JSON (file contents,
+//! audio, event streams) stream the same way; a binary one broken off fails the transfer.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -59,11 +60,34 @@ pub enum Reply {
     },
 }
 
-/// An answer read whole: what a non-streamed reply and a passthrough request get.
+/// An answer read whole: what a non-streamed reply and a JSON passthrough answer get.
 pub struct WholeAnswer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// A passthrough answer: JSON (and every error) read whole, so its `usage` can be
+/// charged; anything else — audio, file contents, event streams — passed on as it arrives.
+pub enum PassedAnswer {
+    Whole(WholeAnswer),
+    Streamed {
+        status: StatusCode,
+        headers: HeaderMap,
+        /// Fails (and the HTTP layer aborts the response) if the upstream breaks off a
+        /// binary body; an event stream ends with an `event: error` event instead.
+        body: Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
+    },
+}
+
+impl PassedAnswer {
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            PassedAnswer::Whole(whole) => whole.status,
+            PassedAnswer::Streamed { status, .. } => *status,
+        }
+    }
 }
 
 impl From<WholeAnswer> for Reply {
@@ -220,23 +244,10 @@ impl Upstream {
         let headers = forwarded_headers(response.headers());
 
         let mut chunks = response.bytes_stream();
-        let first = loop {
-            match tokio::time::timeout(timeout, chunks.next()).await {
-                Err(_) => return Err(self.timed_out("no stream event in time")),
-                Ok(None) => {
-                    return Err(Error::UpstreamProtocol {
-                        model: self.model.name.clone(),
-                        reason: "the stream ended before its first event".into(),
-                    });
-                }
-                Ok(Some(Err(error))) => return Err(self.transport_error(&error)),
-                Ok(Some(Ok(chunk))) if chunk.is_empty() => {}
-                Ok(Some(Ok(chunk))) => break chunk,
-            }
-        };
+        let first = self.first_chunk(&mut chunks, timeout).await?;
         let mut end = StreamEnd::new(api);
         end.feed(&first);
-        let watch = StreamWatch::new(chunks, end, self.model.name.clone(), timeout);
+        let watch = StreamWatch::new(chunks, Some(end), self.model.name.clone(), timeout);
         let rest = stream::unfold(Some(watch), move |watch| async move {
             let mut watch = watch?;
             match watch.next_event().await {
@@ -252,10 +263,34 @@ impl Upstream {
         Ok(Reply::Stream { status, headers, body })
     }
 
+    /// The first non-empty chunk of a stream, within `timeout`: until it has come, a
+    /// failure is still the client's clean error response.
+    async fn first_chunk<S: Stream<Item = reqwest::Result<Bytes>> + Unpin>(
+        &self,
+        chunks: &mut S,
+        timeout: Duration,
+    ) -> Result<Bytes, Error> {
+        loop {
+            match tokio::time::timeout(timeout, chunks.next()).await {
+                Err(_) => return Err(self.timed_out("no stream event in time")),
+                Ok(None) => {
+                    return Err(Error::UpstreamProtocol {
+                        model: self.model.name.clone(),
+                        reason: "the stream ended before its first event".into(),
+                    });
+                }
+                Ok(Some(Err(error))) => return Err(self.transport_error(&error)),
+                Ok(Some(Ok(chunk))) if chunk.is_empty() => {}
+                Ok(Some(Ok(chunk))) => return Ok(chunk),
+            }
+        }
+    }
+
     /// Sends a request the proxy does not route — `method` on `path_and_query` below this
     /// model's base URL (an allowed `passthrough` path, already checked), with the client's
     /// `headers` that are to pass (its content type and the like) and this model's
-    /// credentials — and reads the whole answer.
+    /// credentials. A JSON answer or an error is read whole; anything else is passed on as
+    /// it arrives, once its first bytes have come, each next chunk within `timeout`.
     pub async fn send_unrouted(
         &self,
         client: &reqwest::Client,
@@ -264,7 +299,7 @@ impl Upstream {
         headers: &HeaderMap,
         body: Bytes,
         timeout: Duration,
-    ) -> Result<WholeAnswer, Error> {
+    ) -> Result<PassedAnswer, Error> {
         let Target::Http(target) = &self.target else {
             // Configuration refuses passthrough to the echo model; this only keeps us panic-free.
             return Err(Error::Internal(format!(
@@ -274,12 +309,53 @@ impl Upstream {
         };
         let url = reqwest::Url::parse(&format!("{}/{path_and_query}", target.base_url))
             .map_err(|error| Error::invalid(format!("Invalid URL path: {error}")))?;
-        let mut request = client.request(method, url).timeout(timeout);
+        // No overall timeout: a download or an event stream may run long; the head, the
+        // first bytes and each silence after them have their own budgets.
+        let mut request = client.request(method, url);
         if !body.is_empty() {
             request = request.body(body);
         }
         let response = self.response_to(target.credentials(request, headers), timeout).await?;
-        self.read_whole(response, timeout).await
+        let json = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.trim_start().to_ascii_lowercase().starts_with("application/json"));
+        if json || !response.status().is_success() {
+            return self.read_whole(response, timeout).await.map(PassedAnswer::Whole);
+        }
+        let status = response.status();
+        let headers = forwarded_headers(response.headers());
+        let event_stream = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.to_ascii_lowercase().contains("text/event-stream"));
+        let mut chunks = response.bytes_stream();
+        let first = self.first_chunk(&mut chunks, timeout).await?;
+        let watch = StreamWatch::new(chunks, None, self.model.name.clone(), timeout);
+        let rest = stream::unfold(Some(watch), move |watch| async move {
+            let mut watch = watch?;
+            match watch.next_event().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(watch))),
+                Ok(None) => None,
+                Err(error) => {
+                    tracing::warn!(model = %watch.model, error = %error, "upstream passthrough answer broke off");
+                    // An event stream can say so in band; a binary body can only be cut off,
+                    // which the client sees as a failed transfer rather than a short file.
+                    let failure = if event_stream {
+                        Ok(Bytes::from(format!("\n\nevent: error\ndata: {}\n\n", error.to_json())))
+                    } else {
+                        Err(std::io::Error::other(error.to_string()))
+                    };
+                    Some((failure, None))
+                }
+            }
+        });
+        Ok(PassedAnswer::Streamed {
+            status,
+            headers,
+            body: Box::pin(stream::once(std::future::ready(Ok(first))).chain(rest)),
+        })
     }
 
     /// Sends `request` and waits at most `timeout` for the response's head.
@@ -349,10 +425,11 @@ impl HttpTarget {
 }
 
 /// An upstream stream after its first event: each next chunk must come within the idle
-/// timeout, and the stream must not close before its final event.
+/// timeout, and the stream must not close before its final event (when it has one).
 struct StreamWatch<S> {
     chunks: S,
-    end: StreamEnd,
+    /// `None`: the body has no final event to wait for (a passthrough download).
+    end: Option<StreamEnd>,
     model: String,
     idle_timeout: Duration,
     last_chunk: tokio::time::Instant,
@@ -362,7 +439,7 @@ struct StreamWatch<S> {
 }
 
 impl<S: Stream<Item = reqwest::Result<Bytes>> + Unpin> StreamWatch<S> {
-    fn new(chunks: S, end: StreamEnd, model: String, idle_timeout: Duration) -> Self {
+    fn new(chunks: S, end: Option<StreamEnd>, model: String, idle_timeout: Duration) -> Self {
         let now = tokio::time::Instant::now();
         Self {
             chunks,
@@ -406,14 +483,16 @@ impl<S: Stream<Item = reqwest::Result<Bytes>> + Unpin> StreamWatch<S> {
     fn on_item(&mut self, item: Option<reqwest::Result<Bytes>>) -> Result<Option<Bytes>, Error> {
         match item {
             Some(Ok(chunk)) => {
-                self.end.feed(&chunk);
+                if let Some(end) = self.end.as_mut() {
+                    end.feed(&chunk);
+                }
                 Ok(Some(chunk))
             }
             Some(Err(error)) => Err(Error::UpstreamUnreachable {
                 model: self.model.clone(),
                 reason: format!("the stream broke: {}", error_chain(&error)),
             }),
-            None if self.end.ended() => Ok(None),
+            None if self.end.as_ref().is_none_or(StreamEnd::ended) => Ok(None),
             None => Err(Error::UpstreamProtocol {
                 model: self.model.clone(),
                 reason: "the stream closed before its final event: the answer is incomplete".into(),

@@ -1973,3 +1973,67 @@ async fn a_responses_continuation_goes_to_the_model_that_stored_the_conversation
         "the refused one too"
     );
 }
+
+/// A passthrough answer that is not JSON — a file's contents, a run's events — reaches the
+/// client as it arrives, not once the upstream is done; a download cut off upstream fails
+/// the client's transfer, and an event stream cut off ends with an `event: error`.
+#[tokio::test]
+async fn passthrough_streams_downloads_and_event_streams_and_never_truncates_them_silently() {
+    let (_strong, weak, proxy) = setup("passthrough: {paths: [files/*, threads/*], to: weak}\n").await;
+    for (path, content_type, first, second) in [
+        (
+            "/v1/files/file-1/content?mock=stream",
+            "application/octet-stream",
+            "part-one;",
+            "part-two",
+        ),
+        (
+            "/v1/threads/thread_1/runs?mock=stream",
+            "text/event-stream",
+            "event: thread.run.created\ndata: {\"id\":\"run_1\"}\n\n",
+            "event: done\ndata: [DONE]\n\n",
+        ),
+    ] {
+        let response = proxy.client.post(proxy.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(response.headers()["content-type"], content_type);
+        assert_eq!(response.headers()["x-routellm-model"], "together_ai/weak-model");
+        let mut body = response.bytes_stream();
+        // The mock holds its second part until the gate opens: the first must arrive before.
+        let early = tokio::time::timeout(Duration::from_secs(5), body.next())
+            .await
+            .expect("the first part arrives while the upstream is still sending")
+            .unwrap()
+            .unwrap();
+        assert_eq!(early, first.as_bytes(), "{path}");
+        weak.state.gate.notify_one();
+        let mut rest = Vec::new();
+        while let Some(chunk) = body.next().await {
+            rest.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(rest, second.as_bytes(), "{path}");
+    }
+
+    let download = proxy
+        .client
+        .get(proxy.url("/v1/files/file-1/content?mock=break"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), 200, "committed with the first bytes");
+    weak.state.gate.notify_one();
+    assert!(
+        download.bytes().await.is_err(),
+        "a download the upstream broke off is a failed transfer, not a short file"
+    );
+    let events = proxy.post_json("/v1/threads/thread_1/runs?mock=break", "{}").await;
+    weak.state.gate.notify_one();
+    let text = events.text().await.unwrap();
+    assert!(text.starts_with("event: thread.run.created"), "{text}");
+    let error_event = text
+        .split("\n\n")
+        .find(|event| event.contains("event: error"))
+        .expect(&text);
+    let data: Value = serde_json::from_str(error_event.trim().strip_prefix("event: error\ndata: ").unwrap()).unwrap();
+    assert_eq!(data["error"]["type"], "upstream_error", "{data}");
+}

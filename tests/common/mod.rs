@@ -125,8 +125,49 @@ fn receive(state: &MockState, endpoint: &'static str, headers: HeaderMap, body: 
     Some((status, retry_after, axum::Json(error)).into_response())
 }
 
+/// For `?mock=stream`: a run's events (`.../runs`, SSE) or else a file's contents (bytes)
+/// in two parts, the second only once the test releases the gate; with `?mock=break` the
+/// connection breaks there instead.
+fn passthrough_stream(state: &MockState, uri: &axum::http::Uri) -> Response {
+    let events = uri.path().ends_with("/runs");
+    let (content_type, first, second) = if events {
+        (
+            "text/event-stream",
+            "event: thread.run.created\ndata: {\"id\":\"run_1\"}\n\n",
+            "event: done\ndata: [DONE]\n\n",
+        )
+    } else {
+        ("application/octet-stream", "part-one;", "part-two")
+    };
+    let broken = uri.query().is_some_and(|query| query.contains("mock=break"));
+    let gate = state.gate.clone();
+    let frames = futures_util::stream::unfold(0_u8, move |step| {
+        let gate = gate.clone();
+        async move {
+            let frame: Result<Bytes, std::io::Error> = match step {
+                0 => Ok(Bytes::from_static(first.as_bytes())),
+                1 => {
+                    gate.notified().await;
+                    if broken {
+                        Err(std::io::Error::other("upstream died"))
+                    } else {
+                        Ok(Bytes::from_static(second.as_bytes()))
+                    }
+                }
+                _ => return None,
+            };
+            Some((frame, step + 1))
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from_stream(frames))
+        .unwrap()
+}
+
 /// Any other endpoint (what `passthrough` sends on): records it as `other` and answers
-/// with the method and URI it saw, and for embeddings a usage of 8 prompt tokens.
+/// with the method and URI it saw, and for embeddings a usage of 8 prompt tokens; file
+/// contents and run events are streamed when asked (see [`passthrough_stream`]).
 async fn mock_other(
     State(state): State<MockState>,
     method: axum::http::Method,
@@ -136,6 +177,9 @@ async fn mock_other(
 ) -> Response {
     if let Some(unavailable) = receive(&state, "other", headers, &body) {
         return unavailable;
+    }
+    if uri.query().is_some_and(|query| query.contains("mock=")) {
+        return passthrough_stream(&state, &uri);
     }
     let mut answer = json!({"object": "mock", "method": method.as_str(), "uri": uri.to_string(), "from": state.name});
     if uri.path().ends_with("/embeddings") {
