@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 
-use crate::config::Secret;
+use crate::budgets::{Budget, BudgetExceeded, Spend};
+use crate::config::{Price, Secret};
 use crate::error::Error;
 use crate::model_name::ModelTarget;
 
@@ -44,6 +45,7 @@ pub struct ApiKeyFile {
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
     models: Option<Vec<String>>,
+    budget: Option<Budget>,
 }
 
 impl<'de> Deserialize<'de> for ApiKeyEntry {
@@ -60,7 +62,7 @@ impl<'de> Deserialize<'de> for ApiKeyEntry {
 }
 
 /// A validated `api_keys` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ApiKeySpec {
     /// The key itself, `${VAR}` references expanded.
     pub key: Secret,
@@ -72,6 +74,8 @@ pub struct ApiKeySpec {
     /// The `model` names this key may send (aliases, `router-<name>` for a router at any
     /// threshold, a configured model's name); every name when `None`.
     pub models: Option<BTreeSet<String>>,
+    /// How much its answers may cost per day, month or in total; unlimited when `None`.
+    pub budget: Option<Budget>,
 }
 
 impl ApiKeySpec {
@@ -108,6 +112,7 @@ pub fn validate(entries: Vec<ApiKeyEntry>, env: &dyn Fn(&str) -> Option<String>)
                 requests_per_minute: None,
                 tokens_per_minute: None,
                 models: None,
+                budget: None,
             },
             ApiKeyEntry::Full(file) => file,
         };
@@ -141,6 +146,13 @@ pub fn validate(entries: Vec<ApiKeyEntry>, env: &dyn Fn(&str) -> Option<String>)
                 )));
             }
         }
+        if let Some(budget) = file.budget
+            && !(budget.limit.is_finite() && budget.limit > 0.0)
+        {
+            return Err(Error::Config(format!(
+                "{setting} ({name}): budget.limit must be a positive amount in the models' price currency"
+            )));
+        }
         let models = match file.models {
             Some(models) if models.is_empty() => {
                 return Err(Error::Config(format!(
@@ -164,6 +176,7 @@ pub fn validate(entries: Vec<ApiKeyEntry>, env: &dyn Fn(&str) -> Option<String>)
             requests_per_minute: file.requests_per_minute,
             tokens_per_minute: file.tokens_per_minute,
             models,
+            budget: file.budget,
         });
     }
     Ok(specs)
@@ -345,6 +358,9 @@ impl RateLimited {
 struct Buckets {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
+    /// What the answers cost in the budget's current period (kept without a budget too,
+    /// so one added by a reload starts from what was spent).
+    spend: Spend,
 }
 
 /// What a key has used: its buckets and counters. Shared by the policies a reload swaps in,
@@ -354,6 +370,7 @@ pub struct KeyUsage {
     buckets: Mutex<Buckets>,
     admitted: AtomicU64,
     refused: [AtomicU64; 2],
+    over_budget: AtomicU64,
     tokens: AtomicU64,
 }
 
@@ -371,7 +388,7 @@ impl KeyUsage {
 
     fn set_limits(&self, spec: &ApiKeySpec, now: Instant) {
         let mut guard = self.buckets();
-        let Buckets { requests, tokens } = &mut *guard;
+        let Buckets { requests, tokens, .. } = &mut *guard;
         for (bucket, limit) in [(requests, spec.requests_per_minute), (tokens, spec.tokens_per_minute)] {
             match (bucket.as_mut(), limit) {
                 (Some(existing), Some(limit)) => existing.set_limit(limit, now),
@@ -423,7 +440,7 @@ impl ApiKey {
 
     fn admit_at(&self, now: Instant) -> Result<RateSnapshot, RateLimited> {
         let mut buckets = self.usage.buckets();
-        let Buckets { requests, tokens } = &mut *buckets;
+        let Buckets { requests, tokens, .. } = &mut *buckets;
         // Tokens first: a request refused for tokens must not also spend a request.
         for (bucket, limit) in [(tokens.as_mut(), Limit::Tokens), (requests.as_mut(), Limit::Requests)] {
             if let Some(bucket) = bucket {
@@ -450,13 +467,70 @@ impl ApiKey {
         })
     }
 
+    /// Refuses a request when the key's budget is spent for the current period; spends nothing.
+    pub fn check_budget(&self) -> Result<(), BudgetExceeded> {
+        let Some(budget) = self.spec.budget else {
+            return Ok(());
+        };
+        let (spent, renews_at) = self.with_spend(|spend, renews_at| (spend.spent, renews_at));
+        if spent < budget.limit {
+            return Ok(());
+        }
+        self.usage.over_budget.fetch_add(1, Ordering::Relaxed);
+        Err(BudgetExceeded {
+            key: self.spec.name.clone(),
+            budget,
+            spent,
+            renews_at,
+        })
+    }
+
     /// Charges an answer: the tokens it `reported`, else the estimate from the request's
-    /// size and the answer's `answer_units` (see [`estimated_tokens`]).
-    pub fn charge_answer(&self, reported: Option<crate::usage::Usage>, request_bytes: usize, answer_units: u64) {
-        self.charge(reported.map_or_else(
-            || estimated_tokens(request_bytes, answer_units),
-            |usage| usage.prompt_tokens + usage.completion_tokens,
-        ));
+    /// size and the answer's `answer_units` (see [`estimated_tokens`]); and, at `price`
+    /// (the answering model's), their cost, prompt and estimated request tokens at the
+    /// input price, the rest at the output price.
+    pub fn charge_answer(
+        &self,
+        reported: Option<crate::usage::Usage>,
+        request_bytes: usize,
+        answer_units: u64,
+        price: Option<Price>,
+    ) {
+        let (input, output) = reported.map_or_else(
+            || ((request_bytes as u64).div_ceil(4), answer_units),
+            |usage| (usage.prompt_tokens, usage.completion_tokens),
+        );
+        self.charge(input + output);
+        if let Some(price) = price {
+            self.with_spend(|spend, _| spend.spent += price.cost(input, output));
+        }
+    }
+
+    /// What the key has spent in its budget's current period, and the period's label.
+    #[must_use]
+    pub fn spend(&self) -> Spend {
+        self.with_spend(|spend, _| spend.clone())
+    }
+
+    /// Takes up what was spent before (from the spend file), if it is this budget's period.
+    pub fn restore_spend(&self, earlier: &Spend) {
+        self.with_spend(|spend, _| {
+            if spend.period == earlier.period && earlier.spent.is_finite() && earlier.spent >= 0.0 {
+                spend.spent = earlier.spent;
+            }
+        });
+    }
+
+    /// `act` on the spend of the budget's current period (a new period starts at zero;
+    /// without a budget the period is `total`), given when that period ends.
+    fn with_spend<T>(&self, act: impl FnOnce(&mut Spend, Option<u64>) -> T) -> T {
+        let per = self
+            .spec
+            .budget
+            .map_or(crate::budgets::Period::Total, |budget| budget.per);
+        let mut buckets = self.usage.buckets();
+        let ends = buckets.spend.roll(per, unix_now());
+        act(&mut buckets.spend, ends)
     }
 
     /// Charges the tokens an answer used.
@@ -471,15 +545,16 @@ impl ApiKey {
         }
     }
 
-    /// Requests admitted, refused per [`Limit`] (requests, tokens), tokens charged.
+    /// Requests admitted, refused per [`Limit`] (requests, tokens) and for the budget, tokens charged.
     #[must_use]
-    pub fn counts(&self) -> (u64, [u64; 2], u64) {
+    pub fn counts(&self) -> (u64, [u64; 3], u64) {
         let usage = &self.usage;
         (
             usage.admitted.load(Ordering::Relaxed),
             [
                 usage.refused[0].load(Ordering::Relaxed),
                 usage.refused[1].load(Ordering::Relaxed),
+                usage.over_budget.load(Ordering::Relaxed),
             ],
             usage.tokens.load(Ordering::Relaxed),
         )
@@ -507,16 +582,18 @@ pub fn carry_over(keys: &mut [ApiKey], previous: &[ApiKey]) {
 pub struct StreamCharge {
     key: ApiKey,
     request_bytes: usize,
+    price: Option<Price>,
     usage: Option<crate::usage::Usage>,
     events: u64,
 }
 
 impl StreamCharge {
     #[must_use]
-    pub fn new(key: ApiKey, request_bytes: usize) -> Self {
+    pub fn new(key: ApiKey, request_bytes: usize, price: Option<Price>) -> Self {
         Self {
             key,
             request_bytes,
+            price,
             usage: None,
             events: 0,
         }
@@ -535,8 +612,16 @@ impl StreamCharge {
 
 impl Drop for StreamCharge {
     fn drop(&mut self) {
-        self.key.charge_answer(self.usage, self.request_bytes, self.events);
+        self.key
+            .charge_answer(self.usage, self.request_bytes, self.events, self.price);
     }
+}
+
+/// Seconds since the Unix epoch (0 on a clock set before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 /// The token estimate for an answer that reports no usage: a token per four bytes of the
@@ -562,7 +647,81 @@ mod tests {
             requests_per_minute: requests,
             tokens_per_minute: tokens,
             models: None,
+            budget: None,
         })
+    }
+
+    #[test]
+    fn a_budget_refuses_once_spent_charges_at_the_answering_price_and_restores_its_period_only() {
+        let budget = Budget {
+            limit: 0.01,
+            per: crate::budgets::Period::Month,
+        };
+        let key = ApiKey::new(ApiKeySpec {
+            budget: Some(budget),
+            ..limited(None, None).spec().clone()
+        });
+        let price = Price {
+            input: 2.0,
+            output: 10.0,
+        };
+        assert!(key.check_budget().is_ok());
+        // 1000 prompt tokens at 2/M and 500 completion tokens at 10/M: 0.007.
+        let usage = crate::usage::Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 500,
+        };
+        key.charge_answer(Some(usage), 0, 0, Some(price));
+        assert!((key.spend().spent - 0.007).abs() < 1e-12, "{:?}", key.spend());
+        assert!(key.check_budget().is_ok(), "0.007 of 0.01");
+        // No usage reported: 4000 request bytes ~ 1000 input tokens, 300 events ~ output tokens.
+        key.charge_answer(None, 4000, 300, Some(price));
+        assert!((key.spend().spent - 0.012).abs() < 1e-12, "{:?}", key.spend());
+        let refused = key.check_budget().unwrap_err();
+        assert_eq!(refused.key, "team");
+        assert!(refused.renews_at.is_some());
+        let message = refused.to_string();
+        assert!(
+            message.contains("budget of 0.01 this month (UTC)") && message.contains("It renews at"),
+            "{message}"
+        );
+        assert_eq!(key.counts().1, [0, 0, 1]);
+        // Unpriced answers (passthrough) cost nothing.
+        key.charge_answer(Some(usage), 0, 0, None);
+        assert!((key.spend().spent - 0.012).abs() < 1e-12);
+
+        let fresh = ApiKey::new(key.spec().clone());
+        fresh.restore_spend(&Spend {
+            period: "1999-01".into(),
+            spent: 5.0,
+        });
+        assert!(
+            fresh.spend().spent.abs() < f64::EPSILON,
+            "an old period's spend is not this month's"
+        );
+        fresh.restore_spend(&key.spend());
+        assert!(fresh.check_budget().is_err(), "restored from the spend file");
+
+        let parsed = spec("- {key: k, name: team, budget: {limit: 50, per: day}}\n").unwrap();
+        assert_eq!(
+            parsed[0].budget,
+            Some(Budget {
+                limit: 50.0,
+                per: crate::budgets::Period::Day
+            })
+        );
+        for bad in [
+            "{limit: 0, per: day}",
+            "{limit: -1, per: month}",
+            "{limit: .inf, per: total}",
+        ] {
+            let error = spec(&format!("- {{key: k, budget: {bad}}}\n")).unwrap_err().to_string();
+            assert!(
+                error.contains("budget.limit must be a positive amount"),
+                "{bad}: {error}"
+            );
+        }
+        assert!(spec("- {key: k, budget: {limit: 5, per: week}}\n").is_err());
     }
 
     #[test]
@@ -652,7 +811,7 @@ mod tests {
         assert!(key.admit_at(start + Duration::from_millis(500)).is_err());
         assert!(key.admit_at(start + Duration::from_secs(1)).is_ok());
         assert!(key.admit_at(start + Duration::from_secs(1)).is_err());
-        assert_eq!(key.counts(), (61, [3, 0], 0));
+        assert_eq!(key.counts(), (61, [3, 0, 0], 0));
     }
 
     #[test]
@@ -668,7 +827,7 @@ mod tests {
             "{refused:?}"
         );
         let (admitted, refusals, tokens) = key.counts();
-        assert_eq!((admitted, refusals, tokens), (1, [0, 1], 1200));
+        assert_eq!((admitted, refusals, tokens), (1, [0, 1, 0], 1200));
         // A request refused for tokens left the request bucket alone.
         let requests_left = key.usage.buckets().requests.as_ref().unwrap().level;
         assert!((998.9..999.1).contains(&requests_left), "{requests_left}");

@@ -813,12 +813,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let (Some(interval), Some(file)) = (config.watch_config, args.common.config.clone()) {
         watch_config_file(state.clone(), file, reload_overrides, interval);
     }
+    if config.spend_file.is_some() {
+        save_spend_periodically(state.clone());
+    }
     tracing::info!(address = %listener.local_addr()?, "routellm listening");
-    server::run(listener, state, shutdown_signal())
+    server::run(listener, state.clone(), shutdown_signal())
         .await
         .context("serving")?;
+    // What the last answers cost, so the budgets pick up there after a restart.
+    state.save_spend().context("writing spend_file")?;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Writes the keys' spend to `spend_file` every few seconds, so a crash loses at most
+/// that much of it.
+fn save_spend_periodically(state: AppState) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            ticks.tick().await;
+            // A failure is logged once until the file can be written again.
+            match state.save_spend() {
+                Ok(()) => failing = false,
+                Err(error) if !failing => {
+                    tracing::error!(error = %error, "could not write spend_file; budgets restart from zero if the server does");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 async fn route(args: RouteArgs) -> anyhow::Result<()> {
@@ -843,9 +870,6 @@ async fn route(args: RouteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `serve` would run, for `serve --check`: routers, thresholds, both models and the
-/// settings that change requests. Keys and header values are secrets: only whether they
-/// are set, and header names, are shown.
 /// A client key's limits and models as `serve --check` lists them (never the key).
 fn describe_key_limits(key: &crate::api_keys::ApiKeySpec) -> String {
     let mut terms = Vec::new();
@@ -854,6 +878,14 @@ fn describe_key_limits(key: &crate::api_keys::ApiKeySpec) -> String {
     }
     if let Some(limit) = key.tokens_per_minute {
         terms.push(format!("{limit} tokens/min"));
+    }
+    if let Some(budget) = &key.budget {
+        let per = match budget.per {
+            crate::budgets::Period::Day => "day",
+            crate::budgets::Period::Month => "month",
+            crate::budgets::Period::Total => "in total",
+        };
+        terms.push(format!("budget {} per {per}", budget.limit).replace("per in total", "in total"));
     }
     if let Some(models) = &key.models {
         terms.push(format!(
@@ -935,6 +967,13 @@ fn describe_access_and_reloads(out: &mut String, config: &Config) {
     for key in &config.api_keys {
         let _ = writeln!(out, "  key `{}`: {}", key.name, describe_key_limits(key));
     }
+    if let Some(path) = &config.spend_file {
+        let _ = writeln!(
+            out,
+            "key spend kept in {} (written every 5 s and at shutdown)",
+            path.display()
+        );
+    }
     if let Some(limit) = config.scoring_timeout {
         let _ = writeln!(out, "scoring timeout: {} ms", limit.as_millis());
     }
@@ -961,6 +1000,9 @@ fn describe_access_and_reloads(out: &mut String, config: &Config) {
     }
 }
 
+/// What `serve` would run, for `serve --check`: routers, thresholds, both models and the
+/// settings that change requests. Keys and header values are secrets: only whether they
+/// are set, and header names, are shown.
 fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> String {
     use std::fmt::Write as _;
     let mut out = String::from("configuration OK\n");

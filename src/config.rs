@@ -456,6 +456,7 @@ pub struct FileConfig {
     #[serde(default)]
     passthrough: PassthroughConfig,
     watch_config_secs: Option<u64>,
+    spend_file: Option<PathBuf>,
     #[serde(default)]
     router_settings: RouterSettings,
 }
@@ -573,6 +574,8 @@ pub struct Config {
     pub passthrough: PassthroughConfig,
     /// How often `serve` looks at its config file for changes to reload (as on SIGHUP); off by default.
     pub watch_config: Option<Duration>,
+    /// Where client keys' spend is kept across restarts (for their budgets); none by default.
+    pub spend_file: Option<PathBuf>,
     pub router_settings: RouterSettings,
 }
 
@@ -680,6 +683,7 @@ impl Config {
                 }
                 secs => secs.map(Duration::from_secs),
             },
+            spend_file: file.spend_file,
             router_settings: file.router_settings,
         };
         config.validate()?;

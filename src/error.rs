@@ -31,6 +31,9 @@ pub enum Error {
     /// The client's API key is over its requests or tokens per minute.
     #[error("{0}")]
     RateLimited(crate::api_keys::RateLimited),
+    /// The client's API key has spent its budget.
+    #[error("{0}")]
+    BudgetExceeded(crate::budgets::BudgetExceeded),
     /// The request body exceeds the configured limit.
     #[error("Request body too large: the limit is {limit} bytes.")]
     PayloadTooLarge { limit: usize },
@@ -126,7 +129,7 @@ impl Error {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::ModelNotFound(_) | Error::UnknownUrl { .. } => StatusCode::NOT_FOUND,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::RateLimited(_) | Error::BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
@@ -150,6 +153,8 @@ impl Error {
             Error::Unauthorized(_) => "authentication_error",
             // OpenAI's rate-limit errors are typed by the limit: `requests` or `tokens`.
             Error::RateLimited(limited) => limited.limit.as_str(),
+            // OpenAI's answer when an account's quota or budget is used up.
+            Error::BudgetExceeded(_) => "insufficient_quota",
             Error::UpstreamUnreachable { .. }
             | Error::UpstreamTimeout { .. }
             | Error::UpstreamStatus { .. }
@@ -178,6 +183,7 @@ impl Error {
             Error::ModelNotFound(_) => Some("model_not_found"),
             Error::Unauthorized(_) => Some("invalid_api_key"),
             Error::RateLimited(_) => Some("rate_limit_exceeded"),
+            Error::BudgetExceeded(_) => Some("insufficient_quota"),
             Error::PayloadTooLarge { .. } => Some("request_too_large"),
             Error::ClientTimeout { .. } => Some("request_timeout"),
             Error::UpstreamUnreachable { .. } => Some("upstream_unreachable"),
@@ -277,6 +283,14 @@ impl IntoResponse for Error {
             headers.insert(
                 axum::http::HeaderName::from_static("retry-after-ms"),
                 HeaderValue::from(millis),
+            );
+        }
+        if let Error::BudgetExceeded(_) = &self {
+            // The SDKs retry a 429 unless told not to; a spent budget does not come back in
+            // the seconds a retry waits.
+            headers.insert(
+                axum::http::HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
             );
         }
         response

@@ -207,6 +207,8 @@ pub struct Gateway {
     /// Which deployment produced recent Responses answers, when the deployments do not all
     /// share storage (different endpoints or keys).
     affinity: Option<Arc<ResponseAffinity>>,
+    /// Where client keys' spend is kept across restarts (`spend_file`).
+    spend_file: Option<std::path::PathBuf>,
     started_at: u64,
 }
 
@@ -279,11 +281,20 @@ impl Gateway {
             prompt_log: config.prompt_log.as_ref().map(PromptLog::open).transpose()?,
             passthrough: config.passthrough.clone(),
             affinity,
+            spend_file: config.spend_file.clone(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs()),
         };
         gateway.check(&gateway.policy())?;
+        if let Some(path) = &gateway.spend_file {
+            let spent = crate::budgets::load(path)?;
+            for key in gateway.policy().api_keys() {
+                if let Some(spend) = spent.get(key.name()) {
+                    key.restore_spend(spend);
+                }
+            }
+        }
         if !gateway.passthrough.paths.is_empty() && gateway.passthrough_upstream().is_echo() {
             return Err(Error::Config(format!(
                 "passthrough: `{}` is the built-in echo model, which serves no other endpoints",
@@ -396,6 +407,22 @@ impl Gateway {
         }
     }
 
+    /// Writes what each client key with a budget has spent to `spend_file`, if one is
+    /// configured (periodically and at shutdown, so a restart keeps the budgets' state).
+    pub fn save_spend(&self) -> Result<(), Error> {
+        let Some(path) = &self.spend_file else {
+            return Ok(());
+        };
+        let policy = self.policy();
+        let spent = policy
+            .api_keys
+            .iter()
+            .filter(|key| key.spec().budget.is_some())
+            .map(|key| (key.name().to_owned(), key.spend()))
+            .collect();
+        crate::budgets::save(path, spent)
+    }
+
     /// How many reloads were applied and how many refused.
     #[must_use]
     pub fn reloads(&self) -> (u64, u64) {
@@ -454,6 +481,18 @@ impl Gateway {
                     }
                 ))
             })?;
+        }
+        let unpriced = [Tier::Strong, Tier::Weak]
+            .into_iter()
+            .flat_map(|tier| self.pool(tier).deployments())
+            .find(|deployment| deployment.upstream.model.price.is_none());
+        if let (Some(key), Some(unpriced)) = (policy.api_keys.iter().find(|key| key.spec().budget.is_some()), unpriced)
+        {
+            return Err(Error::Config(format!(
+                "api_keys ({}): a budget is spent at the models' price_per_million_tokens, and `{}` has none",
+                key.name(),
+                unpriced.upstream.model.name
+            )));
         }
         for key in &policy.api_keys {
             for model in key.spec().models.iter().flatten() {
@@ -1388,6 +1427,27 @@ mod tests {
         );
         let unused = gateway_serving("random", Arc::new(Fixed(0.5)), "passthrough: {to: weak}\n").unwrap();
         assert!(!unused.passes_through("embeddings"));
+    }
+
+    #[test]
+    fn a_budget_needs_every_model_priced_and_a_reload_cannot_add_one_without() {
+        let budget = "api_keys: [{key: k1, name: team, budget: {limit: 5, per: day}}]\n";
+        let error = gateway_serving("random", Arc::new(Fixed(0.5)), budget)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("a budget is spent at the models' price_per_million_tokens, and `echo/strong` has none"),
+            "{error}"
+        );
+        let gateway = gateway(0.5, "");
+        let file =
+            FileConfig::from_yaml(&format!("strong_model: echo/strong\nweak_model: echo/weak\n{budget}")).unwrap();
+        assert!(
+            gateway
+                .reload(&Config::merge(file, Overrides::default()).unwrap())
+                .is_err()
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`server`]: the axum HTTP server (`/v1/chat/completions`, `/v1/responses`, `/v1/completions`, `/v1/models`, `/health`, `/metrics`, configured passthrough paths) and [`server::run`].
 //! - [`affinity`]: Responses continuations (`previous_response_id`) sent to the model whose provider stored the conversation.
 //! - [`api_keys`]: client API keys: names, per-key request and token rate limits (OpenAI's 429s), allowed models.
+//! - [`budgets`]: client keys' spending budgets per day, month or in total, kept across restarts in `spend_file`.
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
 //! - [`deployments`]: several endpoints for one tier's model: failover or round robin, cooldowns after failures.
 //! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.
@@ -37,6 +38,7 @@
 pub mod affinity;
 pub mod api_keys;
 pub mod artifact;
+pub mod budgets;
 pub mod cli;
 pub mod config;
 pub mod controller;

@@ -176,19 +176,36 @@ pub fn render_api_keys(keys: &[crate::api_keys::ApiKey]) -> String {
         |key| key.counts().0,
     );
     out.push_str(
-        "# HELP routellm_key_rate_limited_total Requests refused with 429 because the key was over its requests or tokens per minute.\n\
+        "# HELP routellm_key_rate_limited_total Requests refused with 429 because the key was over its requests or tokens per minute (limit requests|tokens) or had spent its budget (limit budget).\n\
          # TYPE routellm_key_rate_limited_total counter\n",
     );
     for key in keys {
-        let [requests, tokens] = key.counts().1;
-        for (limit, count) in [(Limit::Requests, requests), (Limit::Tokens, tokens)] {
+        let [requests, tokens, budget] = key.counts().1;
+        for (limit, count) in [
+            (Limit::Requests.as_str(), requests),
+            (Limit::Tokens.as_str(), tokens),
+            ("budget", budget),
+        ] {
             write_sample(
                 &mut out,
                 "routellm_key_rate_limited_total",
-                [("key", key.name()), ("limit", limit.as_str())],
+                [("key", key.name()), ("limit", limit)],
                 count,
             );
         }
+    }
+    out.push_str(
+        "# HELP routellm_key_spend What a key's answers cost at the answering models' price_per_million_tokens in its budget's current period (in total without a budget).\n\
+         # TYPE routellm_key_spend gauge\n",
+    );
+    for key in keys {
+        let spend = key.spend();
+        write_sample(
+            &mut out,
+            "routellm_key_spend",
+            [("key", key.name()), ("period", spend.period.as_str())],
+            spend.spent,
+        );
     }
     write_key_counter(
         &mut out,

@@ -355,10 +355,11 @@ impl Caller {
         }
     }
 
-    /// Charges a complete answer: its reported usage, else the estimate.
-    fn charge(&self, reported: Option<usage::Usage>, answer_bytes: usize) {
+    /// Charges a complete answer: its reported usage, else the estimate; at `price` (the
+    /// answering model's) to the key's spend.
+    fn charge(&self, reported: Option<usage::Usage>, answer_bytes: usize, price: Option<crate::config::Price>) {
         self.key
-            .charge_answer(reported, self.request_bytes, (answer_bytes as u64).div_ceil(4));
+            .charge_answer(reported, self.request_bytes, (answer_bytes as u64).div_ceil(4), price);
     }
 
     /// Puts this key's rate headers in place of the provider's: the client's limits are
@@ -443,7 +444,7 @@ fn respond(
                 metrics.record_usage(tier, price, usage);
             }
             if let Some(caller) = caller.filter(|_| status.is_success()) {
-                caller.charge(reported, body.len());
+                caller.charge(reported, body.len(), price);
             }
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
@@ -452,7 +453,7 @@ fn respond(
         Reply::Stream { status, headers, body } => {
             let charge = caller
                 .filter(|_| status.is_success())
-                .map(|caller| StreamCharge::new(caller.key.clone(), caller.request_bytes));
+                .map(|caller| StreamCharge::new(caller.key.clone(), caller.request_bytes, price));
             let mut response = Response::new(Body::from_stream(counting_usage(
                 body,
                 state.clone(),
@@ -663,6 +664,8 @@ fn admit(policy: &Policy, headers: &HeaderMap) -> Result<Option<(ApiKey, RateSna
     let Some(key) = authorize(policy, headers)? else {
         return Ok(None);
     };
+    // The budget first: a key that has spent it gets no request counted against its rates.
+    key.check_budget().map_err(Error::BudgetExceeded)?;
     let rates = key.admit().map_err(Error::RateLimited)?;
     Ok(Some((key, rates)))
 }
@@ -786,7 +789,9 @@ async fn other_route(State(state): State<AppState>, request: Request) -> Respons
             if let Some(caller) = caller.as_ref().filter(|_| status.is_success()) {
                 // An embedding's usage is its prompt; without one, the request's size is the
                 // estimate (the answer's bytes, vectors or audio, are no measure of tokens).
-                caller.charge(usage, 0);
+                // Passthrough endpoints (embeddings and the like) have prices of their own,
+                // which the chat models' do not tell: they count against rate limits only.
+                caller.charge(usage, 0, None);
             }
             if let Some(caller) = &caller {
                 caller.replace_rate_headers(&mut headers);

@@ -248,18 +248,10 @@ impl Upstream {
         let mut end = StreamEnd::new(api);
         end.feed(&first);
         let watch = StreamWatch::new(chunks, Some(end), self.model.name.clone(), timeout);
-        let rest = stream::unfold(Some(watch), move |watch| async move {
-            let mut watch = watch?;
-            match watch.next_event().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), Some(watch))),
-                Ok(None) => None,
-                Err(error) => {
-                    tracing::warn!(model = %watch.model, error = %error, "upstream stream failed");
-                    Some((Ok(sse_error_event(api, &error)), None))
-                }
-            }
-        });
-        let body: ByteStream = Box::pin(stream::once(std::future::ready(Ok(first))).chain(rest));
+        let body: ByteStream = Box::pin(watch.into_body(first, move |model, error| {
+            tracing::warn!(model, error = %error, "upstream stream failed");
+            Ok(sse_error_event(api, error))
+        }));
         Ok(Reply::Stream { status, headers, body })
     }
 
@@ -333,28 +325,20 @@ impl Upstream {
         let mut chunks = response.bytes_stream();
         let first = self.first_chunk(&mut chunks, timeout).await?;
         let watch = StreamWatch::new(chunks, None, self.model.name.clone(), timeout);
-        let rest = stream::unfold(Some(watch), move |watch| async move {
-            let mut watch = watch?;
-            match watch.next_event().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), Some(watch))),
-                Ok(None) => None,
-                Err(error) => {
-                    tracing::warn!(model = %watch.model, error = %error, "upstream passthrough answer broke off");
-                    // An event stream can say so in band; a binary body can only be cut off,
-                    // which the client sees as a failed transfer rather than a short file.
-                    let failure = if event_stream {
-                        Ok(Bytes::from(format!("\n\nevent: error\ndata: {}\n\n", error.to_json())))
-                    } else {
-                        Err(std::io::Error::other(error.to_string()))
-                    };
-                    Some((failure, None))
-                }
+        let body = watch.into_body(first, move |model, error| {
+            tracing::warn!(model, error = %error, "upstream passthrough answer broke off");
+            // An event stream can say so in band; a binary body can only be cut off, which
+            // the client sees as a failed transfer rather than a short file.
+            if event_stream {
+                Ok(Bytes::from(format!("\n\nevent: error\ndata: {}\n\n", error.to_json())))
+            } else {
+                Err(std::io::Error::other(error.to_string()))
             }
         });
         Ok(PassedAnswer::Streamed {
             status,
             headers,
-            body: Box::pin(stream::once(std::future::ready(Ok(first))).chain(rest)),
+            body: Box::pin(body),
         })
     }
 
@@ -449,6 +433,30 @@ impl<S: Stream<Item = reqwest::Result<Bytes>> + Unpin> StreamWatch<S> {
             last_chunk: now,
             deadline: Box::pin(tokio::time::sleep_until(idle_deadline(now, idle_timeout))),
         }
+    }
+
+    /// The body to pass on: `first`, then each next chunk, and when the stream fails, what
+    /// `on_failure` (given the model's name) makes of the error — an in-band error event, or
+    /// a failed transfer — as its end.
+    fn into_body<E, F>(self, first: Bytes, on_failure: F) -> impl Stream<Item = Result<Bytes, E>> + Send + 'static
+    where
+        S: Send + 'static,
+        E: Send + 'static,
+        F: Fn(&str, &Error) -> Result<Bytes, E> + Send + Sync + 'static,
+    {
+        let on_failure = std::sync::Arc::new(on_failure);
+        let rest = stream::unfold(Some(self), move |watch| {
+            let on_failure = std::sync::Arc::clone(&on_failure);
+            async move {
+                let mut watch = watch?;
+                match watch.next_event().await {
+                    Ok(Some(chunk)) => Some((Ok(chunk), Some(watch))),
+                    Ok(None) => None,
+                    Err(error) => Some((on_failure(&watch.model, &error), None)),
+                }
+            }
+        });
+        stream::once(std::future::ready(Ok(first))).chain(rest)
     }
 
     /// The next chunk; `None` once the stream has properly ended.

@@ -234,6 +234,70 @@ async fn python_sdk_backs_off_on_a_keys_rate_limit() {
     assert!(sample(r#"routellm_key_tokens_total{key="sdk"}"#) > 0);
 }
 
+/// A key's budget as the SDK meets it — OpenAI's 429 `insufficient_quota`, which the SDK
+/// does not retry — and as a restart finds it: `spend_file` keeps what was spent.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_spent_budget_is_refused_with_insufficient_quota_and_stays_spent_across_a_restart() {
+    let spend_file = std::env::temp_dir().join(format!("routellm-test-spend-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&spend_file);
+    let priced = "price_per_million_tokens: {input: 1000, output: 1000}";
+    let config = tempfile(&format!(
+        "strong_model: {{name: echo/gpt-4o, {priced}}}\nweak_model: {{name: echo/mixtral, {priced}}}\n\
+         thresholds: {{random: 0.5}}\napi_keys: [{{key: sk-client, name: sdk, budget: {{limit: 0.05, per: month}}}}]\n\
+         spend_file: {}\n",
+        spend_file.display()
+    ));
+    let args = ["--config", config.to_str().unwrap(), "--routers", "random"];
+    let (child, base_url) = start_binary(&args).await;
+    run_sdk_script(Sdk::Python, &base_url, "budget").await;
+    routellm::upstream::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let metrics = client
+        .get(base_url.replace("/v1", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("routellm_key_rate_limited_total{key=\"sdk\",limit=\"budget\"} 2\n"),
+        "one refusal per client, no retries:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("routellm_key_spend{key=\"sdk\",period=\""),
+        "{metrics}"
+    );
+
+    // A graceful stop writes the spend down; the next start reads it.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut child = child;
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the server stops on SIGTERM")
+        .unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&spend_file).unwrap()).unwrap();
+    assert!(saved["keys"]["sdk"]["spent"].as_f64().unwrap() >= 0.05, "{saved}");
+    let (_child, base_url) = start_binary(&args).await;
+    let response = client
+        .post(format!("{base_url}/chat/completions"))
+        .bearer_auth("sk-client")
+        .header("content-type", "application/json")
+        .body(r#"{"model":"router-random-0","messages":[{"role":"user","content":"Hello"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429, "still spent after the restart");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+    let _ = std::fs::remove_file(&spend_file);
+}
+
 /// Deployments behind an egress proxy set `HTTPS_PROXY`/`HTTP_PROXY` (and `NO_PROXY`): the
 /// binary's calls to the models must go through it. The mock stands in for the proxy; the
 /// model's host does not resolve, so an answer can only have come through the proxy.
@@ -284,10 +348,12 @@ async fn serve_check_validates_and_describes_without_secrets() {
     let config = tempfile(
         "strong_model: {name: openai/gpt-4o, api_key: sk-strong-secret, base_url: 'https://user:pw-secret@llm.example/v1', \
          headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
-         weak_model: [echo/mixtral, {name: groq/mixtral-8x7b, api_key: gq-secret}]\nload_balancing: {strategy: round_robin}\n\
+         weak_model: [{name: echo/mixtral, price_per_million_tokens: {input: 0.5, output: 0.5}}, \
+         {name: groq/mixtral-8x7b, api_key: gq-secret, price_per_million_tokens: {input: 0.5, output: 0.5}}]\nload_balancing: {strategy: round_robin}\n\
          thresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
          upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret, {key: team-secret, name: team-a, requests_per_minute: 60, \
-         tokens_per_minute: 9000, models: [auto]}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*]}\nwatch_config_secs: 30\n",
+         tokens_per_minute: 9000, models: [auto], budget: {limit: 25, per: day}}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*]}\nwatch_config_secs: 30\n\
+         spend_file: /tmp/routellm-check-spend.json\n",
     );
     let check = |config: &std::path::Path| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
@@ -314,7 +380,8 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "client headers forwarded: traceparent",
         "on_router_error: strong, on_upstream_error: fail, score_turns: last, client API keys: 2",
         ": no limits",
-        "key `team-a`: 60 requests/min, 9000 tokens/min, models auto",
+        "key `team-a`: 60 requests/min, 9000 tokens/min, budget 25 per day, models auto",
+        "key spend kept in /tmp/routellm-check-spend.json (written every 5 s and at shutdown)",
         "scoring timeout: 250 ms",
         "passed through to openai/gpt-4o: /v1/embeddings, /v1/files/*",
         "config file watched every 30 s, reloaded when it changes",

@@ -2,8 +2,9 @@
 
 Usage: openai_client.py BASE_URL MODE, MODE being `mock` (both models behind the test's
 mock upstream), `echo` (the built-in offline models), `limits` (echo models behind the
-key `sk-client`, limited to 60 requests a minute and to `router-random`) or `failover`
-(a strong tier whose first deployment is down and whose second is the test's mock).
+key `sk-client`, limited to 60 requests a minute and to `router-random`), `failover`
+(a strong tier whose first deployment is down and whose second is the test's mock) or
+`budget` (echo models with prices behind `sk-client`, whose budget a few answers spend).
 Exits non-zero on any failure.
 """
 import sys
@@ -203,6 +204,26 @@ elif mode == "failover":
     expect(raw.parse().choices[0].message.content == "answer from backup", raw.parse())
     text, _ = stream_text("router-random-0")
     expect(text == "from backup done", text)
+elif mode == "budget":
+    answered = 0
+    while True:
+        try:
+            client.chat.completions.create(model="router-random-0", messages=messages)
+            answered += 1
+        except openai.RateLimitError as error:
+            expect(error.code == "insufficient_quota" and error.body["type"] == "insufficient_quota", error.body)
+            expect("`sdk`" in error.body["message"] and "renews" in error.body["message"], error.body)
+            expect(error.response.headers["x-should-retry"] == "false", error.response.headers)
+            break
+        expect(answered <= 20, "no budget after 20 answers")
+    expect(answered >= 1, "refused before any answer")
+    # The SDK's automatic retry leaves a spent budget alone (it would not come back in seconds).
+    patient = openai.OpenAI(base_url=base_url, api_key="sk-client", max_retries=3)
+    try:
+        patient.chat.completions.create(model="router-random-0", messages=messages)
+        raise AssertionError("answered past the budget")
+    except openai.RateLimitError as error:
+        expect(error.code == "insufficient_quota", error)
 else:
     raise SystemExit(f"unknown mode {mode}")
 print("sdk checks passed")
