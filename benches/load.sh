@@ -78,6 +78,19 @@ run "direct, 1 connection" "http://$upstream" "mock" false 1
 run "proxy random, 1 connection" "http://$proxy" "router-random-0.5" false 1
 run "proxy mf, 1 connection" "http://$proxy" "router-mf-0.5" false 1
 run "proxy sw_ranking, 1 connection" "http://$proxy" "router-sw_ranking-0.5" false 1
+
+# A strong tier whose first deployment is down (nothing listens on its port): failover
+# passes it over for its cooldown, so requests do not each pay a refused connection first.
+dead=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat > "$work/failover.yaml" <<YAML
+strong_model:
+  - {name: openai/primary, base_url: "http://127.0.0.1:$dead/v1", api_key: sk-bench}
+  - {name: openai/backup, base_url: "http://$upstream/v1", api_key: sk-bench}
+weak_model: {name: openai/weak, base_url: "http://$upstream/v1", api_key: sk-bench}
+YAML
+"$bin" serve --host 127.0.0.1 --port 0 --routers random --config "$work/failover.yaml" 2>"$work/failover.log" & pids+=($!)
+failover=$(wait_for_address "$work/failover.log")
+run "proxy, first deployment down" "http://$failover" "router-random-0" false
 echo
 echo "streaming time to first byte (median of 50, ms): direct $(ttfb "http://$upstream" mock), proxy $(ttfb "http://$proxy" router-random-0.5)"
 echo "proxy peak RSS (random + mf + sw_ranking loaded): $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$proxy_pid/status)"

@@ -28,6 +28,22 @@ fn two_strong(first: &MockUpstream, second: &MockUpstream, weak: &MockUpstream, 
     )
 }
 
+/// The strong tier one model, the weak tier two deployments taking turns: each its
+/// entry's other keys (`name: ...`) and its mock's endpoint.
+fn two_weak_round_robin(strong: &MockUpstream, weak: [(&str, &MockUpstream); 2]) -> String {
+    let [(first, one), (second, two)] = weak;
+    format!(
+        "strong_model: {{name: openai/strong-model, base_url: '{}'}}\n\
+         weak_model:\n\
+         \x20 - {{{first}, base_url: '{}'}}\n\
+         \x20 - {{{second}, base_url: '{}'}}\n\
+         load_balancing: {{strategy: round_robin}}\n",
+        strong.base_url(),
+        one.base_url(),
+        two.base_url()
+    )
+}
+
 fn metric_line<'a>(metrics: &'a str, prefix: &str) -> &'a str {
     metrics
         .lines()
@@ -126,17 +142,11 @@ async fn round_robin_spreads_requests_and_a_stream_fails_over_before_its_first_b
         MockUpstream::start("one").await,
         MockUpstream::start("two").await,
     );
-    let yaml = format!(
-        "strong_model: {{name: openai/strong-model, base_url: '{}'}}\n\
-         weak_model:\n\
-         \x20 - {{name: vllm/llama, base_url: '{}'}}\n\
-         \x20 - {{name: vllm/llama, base_url: '{}'}}\n\
-         load_balancing: {{strategy: round_robin}}\n",
-        strong.base_url(),
-        one.base_url(),
-        two.base_url()
-    );
-    let proxy = Proxy::start_config(&yaml).await;
+    let proxy = Proxy::start_config(&two_weak_round_robin(
+        &strong,
+        [("name: vllm/llama", &one), ("name: vllm/llama", &two)],
+    ))
+    .await;
     for _ in 0..4 {
         let response = proxy.post_chat(TO_WEAK).await;
         assert_eq!(response.status(), 200);
@@ -218,17 +228,14 @@ async fn a_responses_continuation_goes_to_the_deployment_that_stored_its_convers
         MockUpstream::start("one").await,
         MockUpstream::start("two").await,
     );
-    let yaml = format!(
-        "strong_model: {{name: openai/strong-model, base_url: '{}'}}\n\
-         weak_model:\n\
-         \x20 - {{name: openai/gpt-4o-mini, base_url: '{}', api_key: sk-one}}\n\
-         \x20 - {{name: azure/gpt-4o-mini, base_url: '{}', api_key: sk-two}}\n\
-         load_balancing: {{strategy: round_robin}}\n",
-        strong.base_url(),
-        one.base_url(),
-        two.base_url()
-    );
-    let proxy = Proxy::start_config(&yaml).await;
+    let proxy = Proxy::start_config(&two_weak_round_robin(
+        &strong,
+        [
+            ("name: openai/gpt-4o-mini, api_key: sk-one", &one),
+            ("name: azure/gpt-4o-mini, api_key: sk-two", &two),
+        ],
+    ))
+    .await;
     let first = proxy
         .post_json("/v1/responses", r#"{"model":"router-fixed_high-0.9","input":"Hello"}"#)
         .await;

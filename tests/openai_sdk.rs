@@ -211,13 +211,7 @@ async fn python_sdk_backs_off_on_a_keys_rate_limit() {
     );
     let (_child, base_url) = start_binary(&[&ECHO_MODELS[..], &["--config", config.to_str().unwrap()]].concat()).await;
     run_sdk_script(Sdk::Python, &base_url, "limits").await;
-    routellm::upstream::install_crypto_provider();
-    let metrics = reqwest::get(base_url.replace("/v1", "/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&base_url).await;
     let sample = |name: &str| -> u64 {
         let line = metrics
             .lines()
@@ -253,14 +247,7 @@ async fn a_spent_budget_is_refused_with_insufficient_quota_and_stays_spent_acros
     run_sdk_script(Sdk::Python, &base_url, "budget").await;
     routellm::upstream::install_crypto_provider();
     let client = reqwest::Client::new();
-    let metrics = client
-        .get(base_url.replace("/v1", "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&base_url).await;
     assert!(
         metrics.contains("routellm_key_rate_limited_total{key=\"sdk\",limit=\"budget\"} 2\n"),
         "one refusal per client, no retries:\n{metrics}"
@@ -456,14 +443,7 @@ async fn sighup_reloads_thresholds_and_keys_and_refuses_a_broken_file() {
     );
     assert_eq!(tier(Some("k-new")).await, (200, Some("weak".to_owned())));
     assert_eq!(tier(None).await.0, 401);
-    let metrics = client
-        .get(format!("{}/metrics", base_url.trim_end_matches("/v1")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&base_url).await;
     for expected in [
         "routellm_router_default_threshold{router=\"random\"} 1\n",
         "routellm_config_reloads_total{result=\"applied\"} 1\n",
@@ -786,6 +766,13 @@ async fn next_log_line(
 }
 
 /// A config file in the target directory, unique per call.
+/// The server's `/metrics` text, given its `.../v1` base URL.
+async fn metrics_of(base_url: &str) -> String {
+    routellm::upstream::install_crypto_provider();
+    let url = format!("{}/metrics", base_url.trim_end_matches("/v1"));
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 fn tempfile(contents: &str) -> std::path::PathBuf {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
