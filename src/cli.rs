@@ -835,8 +835,13 @@ fn save_spend_periodically(state: AppState) {
         let mut failing = false;
         loop {
             ticks.tick().await;
+            // File I/O stays off the async workers.
+            let saving = state.clone();
+            let saved = tokio::task::spawn_blocking(move || saving.save_spend())
+                .await
+                .unwrap_or_else(|error| Err(crate::Error::Internal(format!("saving the spend: {error}"))));
             // A failure is logged once until the file can be written again.
-            match state.save_spend() {
+            match saved {
                 Ok(()) => failing = false,
                 Err(error) if !failing => {
                     tracing::error!(error = %error, "could not write spend_file; budgets restart from zero if the server does");

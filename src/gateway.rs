@@ -360,8 +360,23 @@ impl Gateway {
             self.reloads[1].fetch_add(1, Ordering::Relaxed);
             return Err(error);
         }
-        // A key kept by name keeps what it has used, so a reload is no way around a limit.
-        crate::api_keys::carry_over(&mut policy.api_keys, &self.policy().api_keys);
+        // A key kept by name keeps what it has used, so a reload is no way around a limit;
+        // one that comes back after a reload without it finds its spend in the spend file.
+        let previous = self.policy();
+        crate::api_keys::carry_over(&mut policy.api_keys, &previous.api_keys);
+        let returning: Vec<&ApiKey> = policy
+            .api_keys
+            .iter()
+            .filter(|key| key.spec().budget.is_some() && !previous.api_keys.iter().any(|p| p.name() == key.name()))
+            .collect();
+        if let (Some(path), false) = (&self.spend_file, returning.is_empty()) {
+            let spent = crate::budgets::load(path)?;
+            for key in returning {
+                if let Some(spend) = spent.get(key.name()) {
+                    key.restore_spend(spend);
+                }
+            }
+        }
         self.reloads[0].fetch_add(1, Ordering::Relaxed);
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
         let mut fixed = Vec::new();
@@ -413,13 +428,12 @@ impl Gateway {
         let Some(path) = &self.spend_file else {
             return Ok(());
         };
-        let policy = self.policy();
-        let spent = policy
-            .api_keys
-            .iter()
-            .filter(|key| key.spec().budget.is_some())
-            .map(|key| (key.name().to_owned(), key.spend()))
-            .collect();
+        // Keys no longer configured keep their entries, so one removed and added back by
+        // reloads takes up its spend again (see `reload`).
+        let mut spent = crate::budgets::load(path).unwrap_or_default();
+        for key in self.policy().api_keys.iter().filter(|key| key.spec().budget.is_some()) {
+            spent.insert(key.name().to_owned(), key.spend());
+        }
         crate::budgets::save(path, spent)
     }
 
@@ -1448,6 +1462,41 @@ mod tests {
                 .reload(&Config::merge(file, Overrides::default()).unwrap())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_key_removed_and_added_back_by_reloads_takes_up_its_spend_again() {
+        let path = std::env::temp_dir().join(format!("routellm-reload-spend-{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let config = |keys: &str| {
+            let priced = "{input: 1000000, output: 1000000}";
+            let yaml = format!(
+                "strong_model: {{name: echo/strong, price_per_million_tokens: {priced}}}\n\
+                 weak_model: {{name: echo/weak, price_per_million_tokens: {priced}}}\n\
+                 spend_file: '{}'\napi_keys: {keys}\n",
+                path.display()
+            );
+            Config::merge(FileConfig::from_yaml(&yaml).unwrap(), Overrides::default()).unwrap()
+        };
+        let with_key = config("[{key: k1, name: team, budget: {limit: 3, per: total}}, other]");
+        let gateway = Gateway::with_routers(&with_key, BTreeMap::new()).unwrap();
+        let key = || gateway.authorize(Some("Bearer k1")).unwrap().unwrap();
+        // Three tokens (8 request bytes, one event) at a unit a token: the budget of 3 is spent.
+        let unit = crate::config::Price {
+            input: 1e6,
+            output: 1e6,
+        };
+        key().charge_answer(None, 8, 1, Some(unit));
+        assert!(key().check_budget().is_err());
+        gateway.save_spend().unwrap();
+        gateway.reload(&config("[other]")).unwrap();
+        gateway.save_spend().unwrap();
+        gateway.reload(&with_key).unwrap();
+        assert!(
+            key().check_budget().is_err(),
+            "still spent after leaving and coming back"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
