@@ -370,7 +370,11 @@ impl Gateway {
             .filter(|key| key.spec().budget.is_some() && !previous.api_keys.iter().any(|p| p.name() == key.name()))
             .collect();
         if let (Some(path), false) = (&self.spend_file, returning.is_empty()) {
-            let spent = crate::budgets::load(path)?;
+            // An unreadable file must not refuse the new policy: those keys start from zero.
+            let spent = crate::budgets::load(path).unwrap_or_else(|error| {
+                tracing::warn!(error = %error, "spend_file unreadable; keys back in the config start from zero");
+                BTreeMap::new()
+            });
             for key in returning {
                 if let Some(spend) = spent.get(key.name()) {
                     key.restore_spend(spend);
