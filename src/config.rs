@@ -59,29 +59,49 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A model as the file may give it: a bare name, or a name with its own endpoint.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum ModelSpec {
-    Name(String),
-    Full(ModelConfig),
+/// A tier as the file may give it: one model, or a list of deployments serving it; each
+/// model a bare name or a name with its own endpoint.
+#[derive(Debug, Clone)]
+enum TierSpec {
+    One(ModelConfig),
+    Several(Vec<ModelConfig>),
 }
 
-impl From<ModelSpec> for ModelConfig {
-    fn from(spec: ModelSpec) -> Self {
-        match spec {
-            ModelSpec::Name(name) => ModelConfig::named(name),
-            ModelSpec::Full(config) => config,
+impl TierSpec {
+    /// The tier the file gives as `key`. By hand rather than `untagged`: a typo in a model's
+    /// long form then gets serde's own message (`unknown field ...`), with the setting and
+    /// the deployment it is in, instead of "did not match any variant".
+    fn parse(value: serde_norway::Value, key: &str) -> Result<Self, String> {
+        let model = |value: serde_norway::Value| match value {
+            serde_norway::Value::String(name) => Ok(ModelConfig::named(name)),
+            other => serde_norway::from_value::<ModelConfig>(other).map_err(|error| error.to_string()),
+        };
+        match value {
+            serde_norway::Value::Sequence(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(index, item)| model(item).map_err(|error| format!("{key}, deployment {}: {error}", index + 1)))
+                .collect::<Result<Vec<_>, _>>()
+                .map(TierSpec::Several),
+            other => model(other)
+                .map(TierSpec::One)
+                .map_err(|error| format!("{key}: {error}")),
         }
     }
 }
 
-/// A tier as the file may give it: one model, or a list of deployments serving it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum TierSpec {
-    One(ModelSpec),
-    Several(Vec<ModelSpec>),
+fn strong_tier<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<TierSpec>, D::Error> {
+    let value = serde_norway::Value::deserialize(deserializer)?;
+    TierSpec::parse(value, "strong_model")
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn weak_tier<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<TierSpec>, D::Error> {
+    let value = serde_norway::Value::deserialize(deserializer)?;
+    TierSpec::parse(value, "weak_model")
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// The most deployments one tier may list: each unavailable one can cost a request a
@@ -151,10 +171,8 @@ impl TierSpec {
     fn merge(flag: Option<String>, file: Option<TierSpec>, key: &str, default: &str) -> Result<Deployments, Error> {
         match (flag, file) {
             (Some(name), _) => Ok(Deployments::single(ModelConfig::named(name))),
-            (None, Some(TierSpec::One(model))) => Ok(Deployments::single(model.into())),
-            (None, Some(TierSpec::Several(models))) => {
-                Deployments::new(key, models.into_iter().map(ModelConfig::from).collect())
-            }
+            (None, Some(TierSpec::One(model))) => Ok(Deployments::single(model)),
+            (None, Some(TierSpec::Several(models))) => Deployments::new(key, models),
             (None, None) => Ok(Deployments::single(ModelConfig::named(default.to_owned()))),
         }
     }
@@ -420,7 +438,9 @@ pub struct FileConfig {
     host: Option<String>,
     port: Option<u16>,
     routers: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "strong_tier")]
     strong_model: Option<TierSpec>,
+    #[serde(default, deserialize_with = "weak_tier")]
     weak_model: Option<TierSpec>,
     #[serde(default)]
     load_balancing: LoadBalancing,
@@ -485,7 +505,11 @@ impl FileConfig {
     /// Reads and parses a config file.
     pub fn read(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|error| Error::io(path.display().to_string(), error))?;
-        Self::from_yaml(&text).map_err(|error| Error::Config(format!("{}: {error}", path.display())))
+        Self::from_yaml(&text).map_err(|error| match error {
+            // Not "invalid configuration: <file>: invalid configuration: ...".
+            Error::Config(message) => Error::Config(format!("{}: {message}", path.display())),
+            other => other,
+        })
     }
 }
 
@@ -989,6 +1013,21 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(error.contains("`openai/b`"), "{error}");
+        // A typo says where it is and what was meant, not "did not match any variant".
+        for (yaml, expected) in [
+            (
+                "strong_model: {name: openai/x, bogus: 1}\n",
+                "strong_model: unknown field `bogus`, expected one of",
+            ),
+            (
+                "weak_model: [openai/x, {name: openai/y, bas_url: z}]\n",
+                "weak_model, deployment 2: unknown field `bas_url`",
+            ),
+            ("strong_model: 5\n", "strong_model: invalid type: integer `5`"),
+        ] {
+            let error = FileConfig::from_yaml(yaml).unwrap_err().to_string();
+            assert!(error.contains(expected), "{yaml}: {error}");
+        }
         assert!(FileConfig::from_yaml("load_balancing: {strategy: random}\n").is_err());
         assert!(FileConfig::from_yaml("load_balancing: {retries: 3}\n").is_err());
 
