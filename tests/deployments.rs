@@ -44,6 +44,15 @@ fn two_weak_round_robin(strong: &MockUpstream, weak: [(&str, &MockUpstream); 2])
     )
 }
 
+/// Mock upstreams called `names`, each on its own port.
+async fn mocks<const N: usize>(names: [&'static str; N]) -> [MockUpstream; N] {
+    let mut started = Vec::with_capacity(N);
+    for name in names {
+        started.push(MockUpstream::start(name).await);
+    }
+    started.try_into().unwrap_or_else(|_| unreachable!("one mock per name"))
+}
+
 fn metric_line<'a>(metrics: &'a str, prefix: &str) -> &'a str {
     metrics
         .lines()
@@ -53,11 +62,7 @@ fn metric_line<'a>(metrics: &'a str, prefix: &str) -> &'a str {
 
 #[tokio::test]
 async fn failover_sends_a_request_on_to_the_next_deployment_and_passes_over_the_unavailable_one() {
-    let (first, second, weak) = (
-        MockUpstream::start("first").await,
-        MockUpstream::start("second").await,
-        MockUpstream::start("weak").await,
-    );
+    let [first, second, weak] = mocks(["first", "second", "weak"]).await;
     let proxy = Proxy::start_config(&two_strong(
         &first,
         &second,
@@ -137,11 +142,7 @@ async fn failover_sends_a_request_on_to_the_next_deployment_and_passes_over_the_
 
 #[tokio::test]
 async fn round_robin_spreads_requests_and_a_stream_fails_over_before_its_first_byte() {
-    let (strong, one, two) = (
-        MockUpstream::start("strong").await,
-        MockUpstream::start("one").await,
-        MockUpstream::start("two").await,
-    );
+    let [strong, one, two] = mocks(["strong", "one", "two"]).await;
     let proxy = Proxy::start_config(&two_weak_round_robin(
         &strong,
         [("name: vllm/llama", &one), ("name: vllm/llama", &two)],
@@ -184,11 +185,7 @@ async fn round_robin_spreads_requests_and_a_stream_fails_over_before_its_first_b
 
 #[tokio::test]
 async fn with_every_deployment_unavailable_the_last_error_is_the_answer_or_the_other_tier_answers() {
-    let (first, second, weak) = (
-        MockUpstream::start("first").await,
-        MockUpstream::start("second").await,
-        MockUpstream::start("weak").await,
-    );
+    let [first, second, weak] = mocks(["first", "second", "weak"]).await;
     first.set_unavailable(Some(StatusCode::INTERNAL_SERVER_ERROR));
     second.set_unavailable(Some(StatusCode::BAD_GATEWAY));
     let proxy = Proxy::start_config(&two_strong(&first, &second, &weak, "")).await;
@@ -223,11 +220,7 @@ async fn with_every_deployment_unavailable_the_last_error_is_the_answer_or_the_o
 
 #[tokio::test]
 async fn a_responses_continuation_goes_to_the_deployment_that_stored_its_conversation() {
-    let (strong, one, two) = (
-        MockUpstream::start("strong").await,
-        MockUpstream::start("one").await,
-        MockUpstream::start("two").await,
-    );
+    let [strong, one, two] = mocks(["strong", "one", "two"]).await;
     let proxy = Proxy::start_config(&two_weak_round_robin(
         &strong,
         [
