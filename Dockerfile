@@ -20,7 +20,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin routellm
+    && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin routellm \
+    && install -d -o routellm -g routellm /var/lib/routellm
 WORKDIR /app
 COPY --from=build /src/target/release/routellm /usr/local/bin/routellm
 COPY routers /app/routers
