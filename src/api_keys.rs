@@ -486,7 +486,7 @@ impl ApiKey {
     }
 
     /// Charges an answer: the tokens it `reported`, else the estimate from the request's
-    /// size and the answer's `answer_units` (see [`estimated_tokens`]); and, at `price`
+    /// size and the answer's `answer_units` (see [`estimated_usage`]); and, at `price`
     /// (the answering model's), their cost, prompt and estimated request tokens at the
     /// input price, the rest at the output price.
     pub fn charge_answer(
@@ -496,13 +496,10 @@ impl ApiKey {
         answer_units: u64,
         price: Option<Price>,
     ) {
-        let (input, output) = reported.map_or_else(
-            || ((request_bytes as u64).div_ceil(4), answer_units),
-            |usage| (usage.prompt_tokens, usage.completion_tokens),
-        );
-        self.charge(input + output);
+        let used = reported.unwrap_or_else(|| estimated_usage(request_bytes, answer_units));
+        self.charge(used.prompt_tokens + used.completion_tokens);
         if let Some(price) = price {
-            self.with_spend(|spend, _| spend.spent += price.cost(input, output));
+            self.with_spend(|spend, _| spend.spent += price.cost(used.prompt_tokens, used.completion_tokens));
         }
     }
 
@@ -529,7 +526,7 @@ impl ApiKey {
             .budget
             .map_or(crate::budgets::Period::Total, |budget| budget.per);
         let mut buckets = self.usage.buckets();
-        let ends = buckets.spend.roll(per, unix_now());
+        let ends = buckets.spend.roll(per, crate::unix_now());
         act(&mut buckets.spend, ends)
     }
 
@@ -617,18 +614,15 @@ impl Drop for StreamCharge {
     }
 }
 
-/// Seconds since the Unix epoch (0 on a clock set before it).
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
-}
-
-/// The token estimate for an answer that reports no usage: a token per four bytes of the
-/// request and of the answer (for a stream, `answer_units` counts its events, about a token each).
+/// The token estimate for an answer that reports no usage: a prompt token per four bytes of
+/// the request, a completion token per answer unit (four bytes of a complete answer, or a
+/// streamed event, about a token each).
 #[must_use]
-pub fn estimated_tokens(request_bytes: usize, answer_units: u64) -> u64 {
-    (request_bytes as u64).div_ceil(4) + answer_units
+pub fn estimated_usage(request_bytes: usize, answer_units: u64) -> crate::usage::Usage {
+    crate::usage::Usage {
+        prompt_tokens: (request_bytes as u64).div_ceil(4),
+        completion_tokens: answer_units,
+    }
 }
 
 #[cfg(test)]
@@ -874,8 +868,14 @@ mod tests {
 
     #[test]
     fn estimates_round_up() {
-        assert_eq!(estimated_tokens(0, 0), 0);
-        assert_eq!(estimated_tokens(5, 3), 5);
-        assert_eq!(estimated_tokens(400, 0), 100);
+        let total = |usage: crate::usage::Usage| usage.prompt_tokens + usage.completion_tokens;
+        assert_eq!(total(estimated_usage(0, 0)), 0);
+        assert_eq!(total(estimated_usage(5, 3)), 5);
+        assert_eq!(total(estimated_usage(400, 0)), 100);
+        assert_eq!(
+            estimated_usage(5, 3).prompt_tokens,
+            2,
+            "the request's bytes, rounded up"
+        );
     }
 }

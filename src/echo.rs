@@ -4,8 +4,8 @@
 //! It lets anyone see routing work on a fresh machine with no API keys, and gives
 //! tests and load benchmarks a model that costs nothing.
 
+use crate::unix_now;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use bytes::Bytes;
@@ -31,12 +31,6 @@ pub fn reply(api: Api, model: &str, stream: bool, input: &EchoInput<'_>) -> Repl
         Api::Responses => response(model, stream, input),
         Api::Completions => text_completion(model, stream, input),
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 fn json_reply(body: &serde_json::Value) -> Reply {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName};
 
@@ -282,9 +282,7 @@ impl Gateway {
             passthrough: config.passthrough.clone(),
             affinity,
             spend_file: config.spend_file.clone(),
-            started_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |elapsed| elapsed.as_secs()),
+            started_at: crate::unix_now(),
         };
         gateway.check(&gateway.policy())?;
         if let Some(path) = &gateway.spend_file {

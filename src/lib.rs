@@ -67,6 +67,14 @@ pub mod train;
 pub mod upstream;
 pub mod usage;
 
+/// Seconds since the Unix epoch (0 on a clock set before it): timestamps in answers and
+/// logs, and the calendar the budgets' periods follow.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
 pub use config::Config;
 pub use controller::Controller;
 pub use error::Error;

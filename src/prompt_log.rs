@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::json;
@@ -150,9 +149,7 @@ impl PromptLog {
             .iter()
             .map(|text| json!({"role": "user", "content": text}))
             .collect();
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_secs());
+        let timestamp = crate::unix_now();
         let entry = json!({
             "timestamp": timestamp,
             "api": api.path(),
