@@ -574,6 +574,15 @@ pub fn carry_over(keys: &mut [ApiKey], previous: &[ApiKey]) {
     }
 }
 
+/// Lets each key in `keys` take up what the spend file says it had `spent`, by name.
+pub fn restore_spend<'a>(keys: impl IntoIterator<Item = &'a ApiKey>, spent: &BTreeMap<String, Spend>) {
+    for key in keys {
+        if let Some(spend) = spent.get(key.name()) {
+            key.restore_spend(spend);
+        }
+    }
+}
+
 /// Charges a streamed answer's tokens to a key when the stream ends, or when the client
 /// leaves it: the stream's reported usage, else an estimate from what has passed.
 pub struct StreamCharge {

@@ -790,11 +790,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weak = %gateway.weak().model.name,
         "routers loaded"
     );
-    for tier in [Tier::Strong, Tier::Weak] {
-        for deployment in gateway.pool(tier).deployments() {
-            if let Some(warning) = deployment.upstream.model.missing_key_warning() {
-                tracing::warn!("{warning}");
-            }
+    for (_, deployment) in gateway.deployments() {
+        if let Some(warning) = deployment.upstream.model.missing_key_warning() {
+            tracing::warn!("{warning}");
         }
     }
     let address: SocketAddr = format!("{}:{}", bracket_ipv6(&config.host), config.port)

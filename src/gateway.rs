@@ -286,12 +286,7 @@ impl Gateway {
         };
         gateway.check(&gateway.policy())?;
         if let Some(path) = &gateway.spend_file {
-            let spent = crate::budgets::load(path)?;
-            for key in gateway.policy().api_keys() {
-                if let Some(spend) = spent.get(key.name()) {
-                    key.restore_spend(spend);
-                }
-            }
+            crate::api_keys::restore_spend(gateway.policy().api_keys(), &crate::budgets::load(path)?);
         }
         if !gateway.passthrough.paths.is_empty() && gateway.passthrough_upstream().is_echo() {
             return Err(Error::Config(format!(
@@ -373,11 +368,7 @@ impl Gateway {
                 tracing::warn!(error = %error, "spend_file unreadable; keys back in the config start from zero");
                 BTreeMap::new()
             });
-            for key in returning {
-                if let Some(spend) = spent.get(key.name()) {
-                    key.restore_spend(spend);
-                }
-            }
+            crate::api_keys::restore_spend(returning, &spent);
         }
         self.reloads[0].fetch_add(1, Ordering::Relaxed);
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
@@ -498,9 +489,9 @@ impl Gateway {
                 ))
             })?;
         }
-        let unpriced = [Tier::Strong, Tier::Weak]
-            .into_iter()
-            .flat_map(|tier| self.pool(tier).deployments())
+        let unpriced = self
+            .deployments()
+            .map(|(_, deployment)| deployment)
             .find(|deployment| deployment.upstream.model.price.is_none());
         if let (Some(key), Some(unpriced)) = (policy.api_keys.iter().find(|key| key.spec().budget.is_some()), unpriced)
         {
@@ -780,6 +771,17 @@ impl Gateway {
     #[must_use]
     pub fn upstream(&self, tier: Tier) -> &Upstream {
         self.pool(tier).primary()
+    }
+
+    /// Every deployment of both tiers, strong first, each with its id.
+    pub fn deployments(&self) -> impl Iterator<Item = (DeploymentId, &crate::deployments::Deployment)> {
+        [Tier::Strong, Tier::Weak].into_iter().flat_map(move |tier| {
+            self.pool(tier)
+                .deployments()
+                .iter()
+                .enumerate()
+                .map(move |(index, deployment)| (DeploymentId { tier, index }, deployment))
+        })
     }
 
     /// The deployments of `tier`.

@@ -239,18 +239,18 @@ fn write_key_counter(
 pub fn render_deployments(gateway: &crate::gateway::Gateway) -> String {
     let mut out = String::with_capacity(1024);
     // Each deployment once, with its labels escaped once.
-    let mut deployments = Vec::new();
-    for tier in [Tier::Strong, Tier::Weak] {
-        let pool = gateway.pool(tier);
-        for (index, deployment) in pool.deployments().iter().enumerate() {
+    let deployments: Vec<_> = gateway
+        .deployments()
+        .map(|(id, deployment)| {
             let labels = (
-                tier.as_str(),
-                index.to_string(),
+                id.tier.as_str(),
+                id.index.to_string(),
                 label_value(&deployment.upstream.model.name),
             );
-            deployments.push((labels, pool.is_available(index), deployment.attempts()));
-        }
-    }
+            let available = gateway.pool(id.tier).is_available(id.index);
+            (labels, available, deployment.attempts())
+        })
+        .collect();
     out.push_str(
         "# HELP routellm_deployment_available Whether a deployment takes requests (1) or is passed over after it was unavailable (0, for load_balancing.cooldown_secs or its 429's retry-after, while another is available).\n\
          # TYPE routellm_deployment_available gauge\n",

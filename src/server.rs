@@ -43,9 +43,9 @@ struct Shared {
 impl AppState {
     #[must_use]
     pub fn new(gateway: Gateway) -> Self {
-        let prices = [Tier::Strong, Tier::Weak]
-            .into_iter()
-            .flat_map(|tier| gateway.pool(tier).deployments().iter().map(|d| d.upstream.model.price))
+        let prices = gateway
+            .deployments()
+            .map(|(_, deployment)| deployment.upstream.model.price)
             .collect::<Vec<_>>();
         let metrics = Metrics::with_prices(gateway.upstream(Tier::Strong).model.price, prices);
         Self(Arc::new(Shared { gateway, metrics }))
@@ -573,11 +573,9 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
         .collect();
     // Every deployment's model, once per name (replicas of one model share it).
     let mut listed = std::collections::HashSet::new();
-    for tier in [Tier::Strong, Tier::Weak] {
-        for deployment in state.pool(tier).deployments() {
-            if listed.insert(deployment.upstream.model.name.as_str()) {
-                data.push(configured_model(&state, tier, &deployment.upstream));
-            }
+    for (id, deployment) in state.deployments() {
+        if listed.insert(deployment.upstream.model.name.as_str()) {
+            data.push(configured_model(&state, id.tier, &deployment.upstream));
         }
     }
     // Left out: aliases of routers this server does not load (start-up checked the rest).
