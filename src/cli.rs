@@ -884,11 +884,11 @@ fn describe_key_limits(key: &crate::api_keys::ApiKeySpec) -> String {
     }
     if let Some(budget) = &key.budget {
         let per = match budget.per {
-            crate::budgets::Period::Day => "day",
-            crate::budgets::Period::Month => "month",
+            crate::budgets::Period::Day => "per day",
+            crate::budgets::Period::Month => "per month",
             crate::budgets::Period::Total => "in total",
         };
-        terms.push(format!("budget {} per {per}", budget.limit).replace("per in total", "in total"));
+        terms.push(format!("budget {} {per}", budget.limit));
     }
     if let Some(models) = &key.models {
         terms.push(format!(

@@ -59,47 +59,37 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A tier as the file may give it: one model, or a list of deployments serving it; each
-/// model a bare name or a name with its own endpoint.
-#[derive(Debug, Clone)]
-enum TierSpec {
-    One(ModelConfig),
-    Several(Vec<ModelConfig>),
-}
-
-impl TierSpec {
-    /// The tier the file gives as `key`. By hand rather than `untagged`: a typo in a model's
-    /// long form then gets serde's own message (`unknown field ...`), with the setting and
-    /// the deployment it is in, instead of "did not match any variant".
-    fn parse(value: serde_norway::Value, key: &str) -> Result<Self, String> {
-        let model = |value: serde_norway::Value| match value {
-            serde_norway::Value::String(name) => Ok(ModelConfig::named(name)),
-            other => serde_norway::from_value::<ModelConfig>(other).map_err(|error| error.to_string()),
-        };
-        match value {
-            serde_norway::Value::Sequence(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(index, item)| model(item).map_err(|error| format!("{key}, deployment {}: {error}", index + 1)))
-                .collect::<Result<Vec<_>, _>>()
-                .map(TierSpec::Several),
-            other => model(other)
-                .map(TierSpec::One)
-                .map_err(|error| format!("{key}: {error}")),
-        }
+/// The models the file gives as tier `key`: one model, or a list of deployments serving it;
+/// each a bare name or a name with its own endpoint. By hand rather than `untagged`: a typo
+/// in a model's long form then gets serde's own message (`unknown field ...`), with the
+/// setting and the deployment it is in, instead of "did not match any variant".
+fn tier_models(value: serde_norway::Value, key: &str) -> Result<Vec<ModelConfig>, String> {
+    let model = |value: serde_norway::Value| match value {
+        serde_norway::Value::String(name) => Ok(ModelConfig::named(name)),
+        other => serde_norway::from_value::<ModelConfig>(other).map_err(|error| error.to_string()),
+    };
+    match value {
+        serde_norway::Value::Sequence(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| model(item).map_err(|error| format!("{key}, deployment {}: {error}", index + 1)))
+            .collect(),
+        other => model(other)
+            .map(|one| vec![one])
+            .map_err(|error| format!("{key}: {error}")),
     }
 }
 
-fn strong_tier<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<TierSpec>, D::Error> {
+fn strong_tier<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<ModelConfig>>, D::Error> {
     let value = serde_norway::Value::deserialize(deserializer)?;
-    TierSpec::parse(value, "strong_model")
+    tier_models(value, "strong_model")
         .map(Some)
         .map_err(serde::de::Error::custom)
 }
 
-fn weak_tier<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<TierSpec>, D::Error> {
+fn weak_tier<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<ModelConfig>>, D::Error> {
     let value = serde_norway::Value::deserialize(deserializer)?;
-    TierSpec::parse(value, "weak_model")
+    tier_models(value, "weak_model")
         .map(Some)
         .map_err(serde::de::Error::custom)
 }
@@ -166,14 +156,13 @@ impl<'a> IntoIterator for &'a Deployments {
     }
 }
 
-impl TierSpec {
+impl Deployments {
     /// The tier called `key`: the flag's one model, else the file's, else `default`.
-    fn merge(flag: Option<String>, file: Option<TierSpec>, key: &str, default: &str) -> Result<Deployments, Error> {
+    fn merge(flag: Option<String>, file: Option<Vec<ModelConfig>>, key: &str, default: &str) -> Result<Self, Error> {
         match (flag, file) {
-            (Some(name), _) => Ok(Deployments::single(ModelConfig::named(name))),
-            (None, Some(TierSpec::One(model))) => Ok(Deployments::single(model)),
-            (None, Some(TierSpec::Several(models))) => Deployments::new(key, models),
-            (None, None) => Ok(Deployments::single(ModelConfig::named(default.to_owned()))),
+            (Some(name), _) => Ok(Self::single(ModelConfig::named(name))),
+            (None, Some(models)) => Self::new(key, models),
+            (None, None) => Ok(Self::single(ModelConfig::named(default.to_owned()))),
         }
     }
 }
@@ -439,9 +428,9 @@ pub struct FileConfig {
     port: Option<u16>,
     routers: Option<Vec<String>>,
     #[serde(default, deserialize_with = "strong_tier")]
-    strong_model: Option<TierSpec>,
+    strong_model: Option<Vec<ModelConfig>>,
     #[serde(default, deserialize_with = "weak_tier")]
-    weak_model: Option<TierSpec>,
+    weak_model: Option<Vec<ModelConfig>>,
     #[serde(default)]
     load_balancing: LoadBalancing,
     base_url: Option<String>,
@@ -615,13 +604,13 @@ impl Config {
 
     /// Merges an already parsed file with the overrides and validates the result.
     pub fn merge(file: FileConfig, overrides: Overrides) -> Result<Self, Error> {
-        let strong_model = TierSpec::merge(
+        let strong_model = Deployments::merge(
             overrides.strong_model,
             file.strong_model,
             "strong_model",
             DEFAULT_STRONG_MODEL,
         )?;
-        let weak_model = TierSpec::merge(overrides.weak_model, file.weak_model, "weak_model", DEFAULT_WEAK_MODEL)?;
+        let weak_model = Deployments::merge(overrides.weak_model, file.weak_model, "weak_model", DEFAULT_WEAK_MODEL)?;
         let config = Self {
             host: overrides.host.or(file.host).unwrap_or_else(|| DEFAULT_HOST.to_owned()),
             port: overrides.port.or(file.port).unwrap_or(DEFAULT_PORT),

@@ -308,20 +308,18 @@ impl Upstream {
             request = request.body(body);
         }
         let response = self.response_to(target.credentials(request, headers), timeout).await?;
-        let json = response
+        let content_type = response
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.trim_start().to_ascii_lowercase().starts_with("application/json"));
-        if json || !response.status().is_success() {
+            .map(|value| value.trim_start().to_ascii_lowercase())
+            .unwrap_or_default();
+        if content_type.starts_with("application/json") || !response.status().is_success() {
             return self.read_whole(response, timeout).await.map(PassedAnswer::Whole);
         }
+        let event_stream = content_type.contains("text/event-stream");
         let status = response.status();
         let headers = forwarded_headers(response.headers());
-        let event_stream = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.to_ascii_lowercase().contains("text/event-stream"));
         let mut chunks = response.bytes_stream();
         let first = self.first_chunk(&mut chunks, timeout).await?;
         let watch = StreamWatch::new(chunks, None, self.model.name.clone(), timeout);
@@ -442,18 +440,15 @@ impl<S: Stream<Item = reqwest::Result<Bytes>> + Unpin> StreamWatch<S> {
     where
         S: Send + 'static,
         E: Send + 'static,
-        F: Fn(&str, &Error) -> Result<Bytes, E> + Send + Sync + 'static,
+        F: FnOnce(&str, &Error) -> Result<Bytes, E> + Send + 'static,
     {
-        let on_failure = std::sync::Arc::new(on_failure);
-        let rest = stream::unfold(Some(self), move |watch| {
-            let on_failure = std::sync::Arc::clone(&on_failure);
-            async move {
-                let mut watch = watch?;
-                match watch.next_event().await {
-                    Ok(Some(chunk)) => Some((Ok(chunk), Some(watch))),
-                    Ok(None) => None,
-                    Err(error) => Some((on_failure(&watch.model, &error), None)),
-                }
+        // The failure handler travels with the watch: it is called once, at the end.
+        let rest = stream::unfold(Some((self, on_failure)), |state| async move {
+            let (mut watch, on_failure) = state?;
+            match watch.next_event().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some((watch, on_failure)))),
+                Ok(None) => None,
+                Err(error) => Some((on_failure(&watch.model, &error), None)),
             }
         });
         stream::once(std::future::ready(Ok(first))).chain(rest)
