@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FailingRouter, FixedRouter, MockUpstream, Proxy, closed_port, openai_error};
+use common::{FailingRouter, FixedRouter, MockUpstream, Proxy, chunk_before_the_rest, closed_port, openai_error};
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -189,11 +189,7 @@ async fn streams_pass_through_chunk_by_chunk() {
     let mut chunks = response.bytes_stream();
     // The upstream holds its second chunk until we release it: receiving the first one
     // here proves the proxy forwards without waiting for the whole stream.
-    let first = tokio::time::timeout(Duration::from_secs(10), chunks.next())
-        .await
-        .expect("first chunk must arrive before the upstream finishes")
-        .unwrap()
-        .unwrap();
+    let first = chunk_before_the_rest(&mut chunks, Duration::from_secs(10)).await;
     assert!(std::str::from_utf8(&first).unwrap().contains("from strong"));
     strong.state.gate.notify_one();
     let rest = read_to_end(chunks).await;
@@ -2000,11 +1996,7 @@ async fn passthrough_streams_downloads_and_event_streams_and_never_truncates_the
         assert_eq!(response.headers()["x-routellm-model"], "together_ai/weak-model");
         let mut body = response.bytes_stream();
         // The mock holds its second part until the gate opens: the first must arrive before.
-        let early = tokio::time::timeout(Duration::from_secs(5), body.next())
-            .await
-            .expect("the first part arrives while the upstream is still sending")
-            .unwrap()
-            .unwrap();
+        let early = chunk_before_the_rest(&mut body, Duration::from_secs(5)).await;
         assert_eq!(early, first.as_bytes(), "{path}");
         weak.state.gate.notify_one();
         let mut rest = Vec::new();

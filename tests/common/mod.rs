@@ -537,6 +537,20 @@ pub async fn openai_error(response: reqwest::Response, status: u16) -> Value {
     error
 }
 
+/// The next chunk of a streamed answer, which must arrive within `limit` while the mock
+/// upstream still holds the rest back: its arrival proves the proxy passes bytes on as they
+/// come instead of waiting for the whole answer.
+pub async fn chunk_before_the_rest(
+    chunks: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    limit: Duration,
+) -> Bytes {
+    tokio::time::timeout(limit, futures_util::StreamExt::next(chunks))
+        .await
+        .expect("the first part arrives while the upstream still holds the rest")
+        .expect("the stream has a first part")
+        .unwrap()
+}
+
 /// A port nothing listens on.
 pub async fn closed_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
