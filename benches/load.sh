@@ -45,9 +45,27 @@ LUA
   echo "$work/$1-$2.lua"
 }
 
+distinct_lua() { # model -> wrk script whose every request has a prompt of its own
+  cat > "$work/$1-distinct.lua" <<LUA
+local started = 0
+function setup(thread) started = started + 1; thread:set("tid", started) end
+local count = 0
+function request()
+  count = count + 1
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"},
+    '{"model":"$1","messages":[{"role":"user","content":"$prompt ' .. tid .. '-' .. count .. '"}]}')
+end
+LUA
+  echo "$work/$1-distinct.lua"
+}
+
 run() { # label, url, model, stream [connections]
-  local out c="${5:-$connections}"
-  out=$(wrk -t"$(( c < threads ? c : threads ))" -c"$c" -d"${duration}s" --latency -s "$(lua "$3" "$4")" "$2/v1/chat/completions")
+  run_script "$1" "$2" "$(lua "$3" "$4")" "${5:-$connections}"
+}
+
+run_script() { # label, url, wrk script, connections
+  local out c="$4"
+  out=$(wrk -t"$(( c < threads ? c : threads ))" -c"$c" -d"${duration}s" --latency -s "$3" "$2/v1/chat/completions")
   local rps p50 p99 errors
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
@@ -91,6 +109,20 @@ YAML
 "$bin" serve --host 127.0.0.1 --port 0 --routers random --config "$work/failover.yaml" 2>"$work/failover.log" & pids+=($!)
 failover=$(wait_for_address "$work/failover.log")
 run "proxy, first deployment down" "http://$failover" "router-random-0" false
+
+# The response cache in front of the costliest router here: the same request again and
+# again (every one after the first a hit: no scoring, no model call), and every request
+# new (each a miss that is scored, forwarded and kept: what the cache costs when it never helps).
+cat > "$work/cache.yaml" <<YAML
+strong_model: {name: openai/strong, base_url: "http://$upstream/v1", api_key: sk-bench}
+weak_model: {name: openai/weak, base_url: "http://$upstream/v1", api_key: sk-bench}
+response_cache: {ttl_secs: 3600, max_mb: 256}
+YAML
+"$bin" serve --host 127.0.0.1 --port 0 --routers sw_ranking --config "$work/cache.yaml" 2>"$work/cache.log" & pids+=($!)
+cached=$(wait_for_address "$work/cache.log")
+run "cache on, sw_ranking, all hits" "http://$cached" "router-sw_ranking-0.5" false
+run_script "cache on, sw_ranking, all new" "http://$cached" "$(distinct_lua router-sw_ranking-0.5)" "$connections"
+run_script "cache off, sw_ranking, all new" "http://$proxy" "$(distinct_lua router-sw_ranking-0.5)" "$connections"
 echo
 echo "streaming time to first byte (median of 50, ms): direct $(ttfb "http://$upstream" mock), proxy $(ttfb "http://$proxy" router-random-0.5)"
 echo "proxy peak RSS (random + mf + sw_ranking loaded): $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$proxy_pid/status)"

@@ -1065,6 +1065,18 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
             prompt_log.max_bytes
         );
     }
+    if let Some(cache) = &config.response_cache {
+        let _ = writeln!(
+            out,
+            "response cache: identical Chat Completions and Completions requests answered again for {} s, up to {} MiB, {}",
+            cache.ttl_secs,
+            cache.max_mb,
+            match cache.scope {
+                crate::cache::CacheScope::Key => "each API key its own answers",
+                crate::cache::CacheScope::Shared => "shared by every caller",
+            }
+        );
+    }
     out
 }
 

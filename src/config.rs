@@ -466,6 +466,7 @@ pub struct FileConfig {
     passthrough: PassthroughConfig,
     watch_config_secs: Option<u64>,
     spend_file: Option<PathBuf>,
+    response_cache: Option<crate::cache::CacheConfig>,
     #[serde(default)]
     router_settings: RouterSettings,
 }
@@ -589,6 +590,8 @@ pub struct Config {
     pub watch_config: Option<Duration>,
     /// Where client keys' spend is kept across restarts (for their budgets); none by default.
     pub spend_file: Option<PathBuf>,
+    /// Identical requests answered again from memory; off when `None`.
+    pub response_cache: Option<crate::cache::CacheConfig>,
     pub router_settings: RouterSettings,
 }
 
@@ -697,6 +700,7 @@ impl Config {
                 secs => secs.map(Duration::from_secs),
             },
             spend_file: file.spend_file,
+            response_cache: file.response_cache,
             router_settings: file.router_settings,
         };
         config.validate()?;
@@ -706,6 +710,9 @@ impl Config {
     fn validate(&self) -> Result<(), Error> {
         if let Some(prompt_log) = &self.prompt_log {
             prompt_log.validate()?;
+        }
+        if let Some(cache) = &self.response_cache {
+            cache.validate()?;
         }
         if self.routers.is_empty() {
             return Err(Error::Config(
@@ -1282,6 +1289,44 @@ mod tests {
             let error = merge(&format!("cors_allowed_origins: {bad}\n")).unwrap_err();
             assert!(error.to_string().contains("cors_allowed_origins"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn response_cache_from_the_example_and_its_bounds() {
+        let merge = |yaml: &str| Config::merge(FileConfig::from_yaml(yaml).unwrap(), Overrides::default());
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")).unwrap();
+        let uncommented = text
+            .replace("# response_cache:\n", "response_cache:\n")
+            .replace("#   ttl_secs: 3600", "  ttl_secs: 3600")
+            .replace("#   max_mb: 256", "  max_mb: 256")
+            .replace("#   scope: key", "  scope: key");
+        let cache = merge(&uncommented)
+            .unwrap()
+            .response_cache
+            .expect("the example's block loads");
+        assert_eq!(
+            cache,
+            crate::cache::CacheConfig {
+                ttl_secs: 3600,
+                max_mb: 256,
+                scope: crate::cache::CacheScope::Key
+            }
+        );
+        assert_eq!(merge("response_cache: {}\n").unwrap().response_cache, Some(cache));
+        assert_eq!(merge("").unwrap().response_cache, None);
+        for (yaml, expected) in [
+            ("response_cache: {ttl_secs: 0}\n", "response_cache.ttl_secs = 0"),
+            (
+                "response_cache: {ttl_secs: 2592001}\n",
+                "response_cache.ttl_secs = 2592001",
+            ),
+            ("response_cache: {max_mb: 0}\n", "response_cache.max_mb = 0"),
+        ] {
+            let error = merge(yaml).unwrap_err().to_string();
+            assert!(error.contains(expected), "{yaml}: {error}");
+        }
+        assert!(FileConfig::from_yaml("response_cache: {scope: global}\n").is_err());
+        assert!(FileConfig::from_yaml("response_cache: {ttl: 60}\n").is_err());
     }
 
     #[test]

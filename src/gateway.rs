@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, HeaderName};
 
 use crate::affinity::ResponseAffinity;
 use crate::api_keys::ApiKey;
+use crate::cache::{CacheKey, CacheOutcome, CachedAnswer, Directive, ResponseCache};
 use crate::config::{Config, MAX_SCORED_TURNS, OnRouterError, OnUpstreamError, ScoreTurns};
 use crate::config::{PassthroughConfig, PassthroughTo};
 use crate::deployments::{DeploymentId, Pool};
@@ -84,6 +85,32 @@ pub struct Completion {
     pub reply: Reply,
     /// Time spent waiting for the upstream's headers (and, for streams, first bytes).
     pub upstream_time: Duration,
+    /// What the response cache did, when it is on and the API is cached.
+    pub cache: Option<CacheOutcome>,
+}
+
+impl Completion {
+    /// A cached answer given again, stored `age` ago.
+    fn from_cache(answer: &CachedAnswer, age: Duration) -> Self {
+        let mut headers = HeaderMap::new();
+        if let Some(content_type) = &answer.content_type {
+            headers.insert(axum::http::header::CONTENT_TYPE, content_type.clone());
+        }
+        Self {
+            decision: answer.decision.clone(),
+            model: answer.model.clone(),
+            answered_by: answer.answered_by,
+            deployment: answer.deployment,
+            price: answer.price,
+            reply: Reply::Complete {
+                status: axum::http::StatusCode::OK,
+                headers,
+                body: answer.body.clone(),
+            },
+            upstream_time: Duration::ZERO,
+            cache: Some(CacheOutcome::Hit { age }),
+        }
+    }
 }
 
 /// What a running server takes from a changed config file ([`Gateway::reload`], SIGHUP):
@@ -209,6 +236,9 @@ pub struct Gateway {
     affinity: Option<Arc<ResponseAffinity>>,
     /// Where client keys' spend is kept across restarts (`spend_file`).
     spend_file: Option<std::path::PathBuf>,
+    /// Identical requests answered again from memory (`response_cache`).
+    cache: Option<Arc<ResponseCache>>,
+    cache_config: Option<crate::cache::CacheConfig>,
     started_at: u64,
 }
 
@@ -282,6 +312,11 @@ impl Gateway {
             passthrough: config.passthrough.clone(),
             affinity,
             spend_file: config.spend_file.clone(),
+            cache: config
+                .response_cache
+                .as_ref()
+                .map(|cache| Arc::new(ResponseCache::new(cache))),
+            cache_config: config.response_cache,
             started_at: crate::unix_now(),
         };
         gateway.check(&gateway.policy())?;
@@ -395,6 +430,9 @@ impl Gateway {
         }
         if config.strong_share_window != self.strong_share_window {
             fixed.push("strong_share_window");
+        }
+        if config.response_cache != self.cache_config {
+            fixed.push("response_cache");
         }
         Ok(fixed)
     }
@@ -548,6 +586,12 @@ impl Gateway {
     /// The served routers' names, for messages: `a, b, c`.
     fn router_names(&self) -> String {
         self.routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The response cache, when `response_cache` is configured.
+    #[must_use]
+    pub fn cache(&self) -> Option<&ResponseCache> {
+        self.cache.as_deref()
     }
 
     /// The served routers by name.
@@ -848,6 +892,10 @@ impl Gateway {
             // OpenAI's answer for a model a key has no access to.
             return Err(Error::ModelNotFound(request.model().to_owned()));
         }
+        let (cache_outcome, storing) = match self.look_up(policy, caller, client_headers, &target, &request) {
+            Lookup::Hit(completion) => return Ok(*completion),
+            Lookup::Miss { outcome, storing } => (outcome, storing),
+        };
         let (mut decision, tier, route) = match target {
             ModelTarget::Routed { router, threshold } => {
                 let prompts = match policy.score_turns {
@@ -929,6 +977,7 @@ impl Gateway {
             routed.model.clone_from(&answering.model.name);
         }
         let reply = self.remember_response(api, deployment, answer?);
+        let reply = keep(storing.as_ref(), decision.as_ref(), answering, deployment, reply);
         Ok(Completion {
             answered_by,
             deployment: index,
@@ -937,7 +986,57 @@ impl Gateway {
             decision,
             reply,
             upstream_time,
+            cache: cache_outcome,
         })
+    }
+
+    /// Looks `request` up in the response cache, if it is on for its API and the client
+    /// did not leave it out; a miss says where the answer is to be kept.
+    fn look_up(
+        &self,
+        policy: &Policy,
+        caller: Option<&ApiKey>,
+        client_headers: &HeaderMap,
+        target: &ModelTarget<'_>,
+        request: &ModelRequest<'_>,
+    ) -> Lookup {
+        let Some(cache) = self.cache.as_ref().filter(|_| ResponseCache::caches(request.api())) else {
+            return Lookup::Miss {
+                outcome: None,
+                storing: None,
+            };
+        };
+        let directive = Directive::of(client_headers);
+        let outcome = match directive {
+            Directive::Use => CacheOutcome::Miss,
+            Directive::Refresh => CacheOutcome::Refresh,
+            Directive::Bypass => CacheOutcome::Bypass,
+        };
+        let storing = (directive != Directive::Bypass).then(|| {
+            // A default threshold is part of what is asked: when it moves (a reload, or
+            // `strong_share`), earlier answers routed under the old one are not reused.
+            let resolved = match *target {
+                ModelTarget::Routed { router, threshold } => ModelTarget::Routed {
+                    router,
+                    threshold: threshold.or_else(|| self.default_threshold_under(policy, router)),
+                },
+                direct @ ModelTarget::Direct(_) => direct,
+            };
+            (
+                Arc::clone(cache),
+                cache.key(caller.map(ApiKey::name), &resolved, request),
+            )
+        });
+        if let Some((_, key)) = storing.as_ref().filter(|_| directive == Directive::Use)
+            && let Some((answer, age)) = cache.get(key)
+        {
+            return Lookup::Hit(Box::new(Completion::from_cache(&answer, age)));
+        }
+        cache.count(outcome);
+        Lookup::Miss {
+            outcome: Some(outcome),
+            storing,
+        }
     }
 
     /// The upstream of `deployment` (the tier's first for an index it does not have).
@@ -1102,6 +1201,57 @@ impl Gateway {
             .await;
         *upstream_time += started.elapsed();
         answer
+    }
+}
+
+/// What the response cache had for a request.
+enum Lookup {
+    Hit(Box<Completion>),
+    /// The model is to answer; `storing` is where its answer goes, unless the client left
+    /// the cache out (or it is off).
+    Miss {
+        outcome: Option<CacheOutcome>,
+        storing: Option<(Arc<ResponseCache>, CacheKey)>,
+    },
+}
+
+/// Keeps a successful answer that `deployment` gave by the router's choice in the cache
+/// (when `storing` says where): a whole one now, a stream once it has ended well. Fallback
+/// answers are not kept, so a passing outage is not served again.
+fn keep(
+    storing: Option<&(Arc<ResponseCache>, CacheKey)>,
+    decision: Option<&RouteDecision>,
+    answering: &Upstream,
+    deployment: DeploymentId,
+    reply: Reply,
+) -> Reply {
+    let chosen = decision.is_none_or(|routed| !(routed.fallback || routed.upstream_fallback || routed.pinned));
+    let Some((cache, key)) = storing.filter(|_| chosen && reply.status() == axum::http::StatusCode::OK) else {
+        return reply;
+    };
+    let key = *key;
+    let mut answer = CachedAnswer {
+        body: bytes::Bytes::new(),
+        content_type: reply.headers().get(axum::http::header::CONTENT_TYPE).cloned(),
+        decision: decision.cloned(),
+        model: answering.model.name.clone(),
+        answered_by: deployment.tier,
+        deployment: deployment.index,
+        price: answering.model.price,
+        usage: None,
+    };
+    match reply {
+        Reply::Complete { status, headers, body } => {
+            answer.usage = crate::usage::of_body(&body);
+            answer.body = body.clone();
+            cache.insert(key, answer);
+            Reply::Complete { status, headers, body }
+        }
+        Reply::Stream { status, headers, body } => Reply::Stream {
+            status,
+            headers,
+            body: cache.record_stream(key, answer, body),
+        },
     }
 }
 
@@ -1675,6 +1825,9 @@ mod tests {
         // A different window needs a restart, and says so.
         let resized = echo_config("thresholds: {random: 0.5}\nstrong_share_window: 5000\n").unwrap();
         assert_eq!(gateway.reload(&resized).unwrap(), vec!["strong_share_window"]);
+        // So does turning the response cache on (or changing it).
+        let cached = echo_config("thresholds: {random: 0.5}\nresponse_cache: {ttl_secs: 60}\n").unwrap();
+        assert_eq!(gateway.reload(&cached).unwrap(), vec!["response_cache"]);
     }
 
     #[tokio::test]

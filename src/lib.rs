@@ -7,6 +7,7 @@
 //! - [`api_keys`]: client API keys: names, per-key request and token rate limits (OpenAI's 429s), allowed models.
 //! - [`budgets`]: client keys' spending budgets per day, month or in total, kept across restarts in `spend_file`.
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
+//! - [`cache`]: the opt-in response cache: an identical request answered again from memory, bounded, per key.
 //! - [`deployments`]: several endpoints for one tier's model: failover or round robin, cooldowns after failures.
 //! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.
 //! - [`model_name`]: parsing `router-<name>-<threshold>` (aliases are resolved by the gateway first).
@@ -39,6 +40,7 @@ pub mod affinity;
 pub mod api_keys;
 pub mod artifact;
 pub mod budgets;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod controller;

@@ -27,9 +27,11 @@ pub enum TierLabel {
     Direct = 2,
     /// Rejected before a model was chosen.
     None = 3,
+    /// Answered from the response cache, with no model call.
+    Cache = 4,
 }
 
-const TIERS: [&str; 4] = ["strong", "weak", "direct", "none"];
+const TIERS: [&str; 5] = ["strong", "weak", "direct", "none", "cache"];
 const CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
 /// Overhead histogram bucket bounds in microseconds.
 const BUCKETS_US: [u64; 9] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000];
@@ -159,6 +161,54 @@ pub fn render_prompt_log(written: u64, dropped: u64) -> String {
          # TYPE routellm_prompt_log_dropped_total counter\n\
          routellm_prompt_log_dropped_total {dropped}\n"
     )
+}
+
+/// The response cache's lookups by outcome, what its hits saved, and its memory.
+#[must_use]
+pub fn render_cache(stats: &crate::cache::CacheStats) -> String {
+    let mut out = String::with_capacity(1024);
+    out.push_str(
+        "# HELP routellm_cache_requests_total Cacheable requests by what the response cache did: hit (answered from it), miss (a model answered), refresh (Cache-Control: no-cache), bypass (no-store).\n\
+         # TYPE routellm_cache_requests_total counter\n",
+    );
+    for (result, count) in [
+        ("hit", stats.hits),
+        ("miss", stats.misses),
+        ("refresh", stats.refreshes),
+        ("bypass", stats.bypasses),
+    ] {
+        write_sample(&mut out, "routellm_cache_requests_total", [("result", result)], count);
+    }
+    out.push_str(
+        "# HELP routellm_cache_saved_tokens_total Tokens the cached answers reported, counted again for each hit: what the models did not have to spend.\n\
+         # TYPE routellm_cache_saved_tokens_total counter\n",
+    );
+    for (kind, count) in [
+        ("prompt", stats.saved_prompt_tokens),
+        ("completion", stats.saved_completion_tokens),
+    ] {
+        write_sample(&mut out, "routellm_cache_saved_tokens_total", [("kind", kind)], count);
+    }
+    let _ = write!(
+        out,
+        "# HELP routellm_cache_saved_cost_total What those tokens would have cost at the answering model's price_per_million_tokens.\n\
+         # TYPE routellm_cache_saved_cost_total counter\n\
+         routellm_cache_saved_cost_total {}\n\
+         # HELP routellm_cache_entries Answers in the response cache.\n\
+         # TYPE routellm_cache_entries gauge\n\
+         routellm_cache_entries {}\n\
+         # HELP routellm_cache_bytes Memory the cached answers take, of routellm_cache_capacity_bytes (max_mb).\n\
+         # TYPE routellm_cache_bytes gauge\n\
+         routellm_cache_bytes {}\n\
+         # HELP routellm_cache_capacity_bytes The response cache's memory bound.\n\
+         # TYPE routellm_cache_capacity_bytes gauge\n\
+         routellm_cache_capacity_bytes {}\n\
+         # HELP routellm_cache_evictions_total Answers taken out to stay within the memory bound (expired ones are not counted).\n\
+         # TYPE routellm_cache_evictions_total counter\n\
+         routellm_cache_evictions_total {}\n",
+        stats.saved_cost, stats.entries, stats.bytes, stats.capacity_bytes, stats.evictions
+    );
+    out
 }
 
 /// Per client API key (by its name, never the key): requests admitted, requests refused
@@ -498,15 +548,15 @@ impl<const N: usize> DurationHistogram<N> {
 
 #[derive(Default)]
 pub struct Metrics {
-    requests: [[AtomicU64; 3]; 4],
+    requests: [[AtomicU64; 3]; 5],
     overhead: DurationHistogram<{ BUCKETS_US.len() }>,
     /// Time spent waiting on the model that answered, per tier (strong, weak).
     upstream: [DurationHistogram<{ UPSTREAM_BUCKETS_US.len() }>; 2],
     router_fallbacks: AtomicU64,
     /// Routed requests answered by the other model, by the tier that was unavailable.
     upstream_fallbacks: [AtomicU64; 2],
-    /// Prompt and completion tokens per tier (`none` never has any).
-    tokens: [[AtomicU64; 2]; 4],
+    /// Prompt and completion tokens per tier (`none` and `cache` never have any).
+    tokens: [[AtomicU64; 2]; 5],
     /// The strong model's configured price (its first deployment's), which every answer's
     /// tokens are also priced at.
     strong_price: Option<Price>,
@@ -704,7 +754,7 @@ impl Metrics {
 }
 
 /// Adds to an f64 kept as bits in an atomic (no atomic float in std).
-fn add_f64(slot: &AtomicU64, value: f64) {
+pub(crate) fn add_f64(slot: &AtomicU64, value: f64) {
     let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
         Some((f64::from_bits(bits) + value).to_bits())
     });

@@ -123,6 +123,11 @@ impl<'a> ModelRequest<'a> {
         })
     }
 
+    /// Every top-level field as sent: its name and its value's JSON text, in the body's order.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.fields.iter().map(|(name, value)| (name.as_ref(), value.get()))
+    }
+
     /// The `model` the client asked for.
     #[must_use]
     pub fn model(&self) -> &str {

@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::api_keys::{ApiKey, RateSnapshot, StreamCharge};
+use crate::cache::CacheOutcome;
 use crate::error::Error;
 use crate::gateway::{Completion, Gateway, Policy, RouteDecision, Tier};
 use crate::metrics::{
@@ -77,6 +78,10 @@ pub const HEADER_MODEL: &str = "x-routellm-model";
 /// `on_upstream_error` asked the other one), `previous_response` (a Responses request
 /// continuing an answer went to the model whose provider stored it), comma-separated.
 pub const HEADER_FALLBACK: &str = "x-routellm-fallback";
+/// With `response_cache` on, on Chat Completions and Completions answers: `hit` (given
+/// again from the cache, with `age` in seconds), `miss`, `refresh` (`Cache-Control:
+/// no-cache`) or `bypass` (`no-store`).
+pub const HEADER_CACHE: &str = "x-routellm-cache";
 /// Microseconds the proxy itself spent on the request, outside the upstream call.
 pub const HEADER_OVERHEAD: &str = "x-routellm-overhead-us";
 /// The client's request id, logged with its request in the access log.
@@ -133,6 +138,7 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
         HEADER_TIER,
         HEADER_MODEL,
         HEADER_FALLBACK,
+        HEADER_CACHE,
         HEADER_OVERHEAD,
         HEADER_REQUEST_ID,
         REQUEST_ID,
@@ -399,16 +405,24 @@ fn respond(
         price,
         reply,
         upstream_time,
+        cache,
     } = completion;
     let overhead = received.elapsed().saturating_sub(upstream_time);
     let status = reply.status();
-    let tier = match decision.as_ref().map(|d| d.tier) {
-        Some(Tier::Strong) => TierLabel::Strong,
-        Some(Tier::Weak) => TierLabel::Weak,
-        None => TierLabel::Direct,
+    let hit_age = match cache {
+        Some(CacheOutcome::Hit { age }) => Some(age),
+        _ => None,
+    };
+    let tier = match (hit_age, decision.as_ref().map(|d| d.tier)) {
+        (Some(_), _) => TierLabel::Cache,
+        (None, Some(Tier::Strong)) => TierLabel::Strong,
+        (None, Some(Tier::Weak)) => TierLabel::Weak,
+        (None, None) => TierLabel::Direct,
     };
     metrics.record(tier, status.as_u16(), Some(overhead));
-    metrics.record_upstream_time(answered_by, upstream_time);
+    if hit_age.is_none() {
+        metrics.record_upstream_time(answered_by, upstream_time);
+    }
     if decision.as_ref().is_some_and(|d| d.fallback) {
         metrics.record_router_fallback();
     }
@@ -432,12 +446,19 @@ fn respond(
         fallback = decision.as_ref().and_then(fallback_note),
         model = %model,
         deployment,
+        cache = cache.map(CacheOutcome::as_str),
         status = status.as_u16(),
         upstream_ms = upstream_time.as_secs_f64() * 1e3,
         overhead_us = overhead.as_micros(),
         "request"
     );
     let (mut response, mut extra) = match reply {
+        // A cached answer spent no tokens: nothing to count or charge (the cache counts what it saved).
+        Reply::Complete { status, headers, body } if hit_age.is_some() => {
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = status;
+            (response, headers)
+        }
         Reply::Complete { status, headers, body } => {
             let reported = usage::of_body(&body).filter(|_| status.is_success());
             if let Some(usage) = reported {
@@ -465,24 +486,41 @@ fn respond(
             (response, headers)
         }
     };
-    if let Some(decision) = &decision {
-        insert(&mut extra, HEADER_ROUTER, &decision.router);
-        insert(&mut extra, HEADER_THRESHOLD, &decision.threshold.to_string());
-        if !decision.fallback {
-            insert(&mut extra, HEADER_WIN_RATE, &decision.win_rate.to_string());
-        }
-        if let Some(note) = fallback_note(decision) {
-            insert(&mut extra, HEADER_FALLBACK, &note);
-        }
-        insert(&mut extra, HEADER_TIER, decision.tier.as_str());
-    }
-    insert(&mut extra, HEADER_MODEL, &model);
+    insert_decision(&mut extra, decision.as_ref(), &model, cache);
     insert(&mut extra, HEADER_OVERHEAD, &overhead.as_micros().to_string());
     if let Some(caller) = caller {
         caller.replace_rate_headers(&mut extra);
     }
     append_headers(&mut response, extra);
     response
+}
+
+/// The headers that say what the proxy decided (router, threshold, score, tier, fallback),
+/// which model answered, and what the cache did.
+fn insert_decision(
+    headers: &mut HeaderMap,
+    decision: Option<&RouteDecision>,
+    model: &str,
+    cache: Option<CacheOutcome>,
+) {
+    if let Some(decision) = decision {
+        insert(headers, HEADER_ROUTER, &decision.router);
+        insert(headers, HEADER_THRESHOLD, &decision.threshold.to_string());
+        if !decision.fallback {
+            insert(headers, HEADER_WIN_RATE, &decision.win_rate.to_string());
+        }
+        if let Some(note) = fallback_note(decision) {
+            insert(headers, HEADER_FALLBACK, &note);
+        }
+        insert(headers, HEADER_TIER, decision.tier.as_str());
+    }
+    insert(headers, HEADER_MODEL, model);
+    if let Some(outcome) = cache {
+        insert(headers, HEADER_CACHE, outcome.as_str());
+        if let CacheOutcome::Hit { age } = outcome {
+            insert(headers, "age", &age.as_secs().to_string());
+        }
+    }
 }
 
 /// How the model was chosen other than by the router's score, if it was: `router_error`,
@@ -715,6 +753,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ));
     if let Some(prompt_log) = state.prompt_log() {
         text.push_str(&render_prompt_log(prompt_log.written(), prompt_log.dropped()));
+    }
+    if let Some(cache) = state.cache() {
+        text.push_str(&crate::metrics::render_cache(&cache.stats()));
     }
     if !policy.api_keys().is_empty() {
         text.push_str(&render_api_keys(policy.api_keys()));

@@ -200,6 +200,25 @@ async fn python_sdk_is_answered_by_the_next_deployment_when_the_first_is_down() 
     );
 }
 
+/// The response cache as the SDK meets it: the same request answered again (whole, and a
+/// stream given back in one piece that the SDK reads chunk by chunk), `Cache-Control:
+/// no-cache` sent as an extra header for a fresh answer.
+#[tokio::test]
+async fn python_sdk_gets_a_repeated_request_answered_from_the_cache() {
+    let config = tempfile("response_cache: {ttl_secs: 60}\n");
+    let (_child, base_url) = start_binary(&[&ECHO_MODELS[..], &["--config", config.to_str().unwrap()]].concat()).await;
+    run_sdk_script(Sdk::Python, &base_url, "cache").await;
+    let metrics = metrics_of(&base_url).await;
+    assert!(
+        metrics.contains("routellm_cache_requests_total{result=\"hit\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("routellm_cache_requests_total{result=\"refresh\"} 1\n"),
+        "{metrics}"
+    );
+}
+
 /// A key's rate limit as the SDK meets it: OpenAI's 429 `rate_limit_exceeded` with
 /// `retry-after-ms`, which the SDK's automatic retry honours; its allowed models; and the
 /// per-key counts in `/metrics`.
@@ -340,7 +359,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
          thresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
          upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret, {key: team-secret, name: team-a, requests_per_minute: 60, \
          tokens_per_minute: 9000, models: [auto], budget: {limit: 25, per: day}}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*]}\nwatch_config_secs: 30\n\
-         spend_file: /tmp/routellm-check-spend.json\n",
+         spend_file: /tmp/routellm-check-spend.json\nresponse_cache: {ttl_secs: 900, max_mb: 64}\n",
     );
     let check = |config: &std::path::Path| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
@@ -372,6 +391,8 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "scoring timeout: 250 ms",
         "passed through to openai/gpt-4o: /v1/embeddings, /v1/files/*",
         "config file watched every 30 s, reloaded when it changes",
+        "response cache: identical Chat Completions and Completions requests answered again for 900 s, up to 64 MiB, \
+         each API key its own answers",
         "model alias `auto` → `router-random`",
         "model alias `later` → `router-mf` (router `mf` is not loaded: requests for it are refused)",
     ] {

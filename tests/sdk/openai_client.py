@@ -4,7 +4,8 @@ Usage: openai_client.py BASE_URL MODE, MODE being `mock` (both models behind the
 mock upstream), `echo` (the built-in offline models), `limits` (echo models behind the
 key `sk-client`, limited to 60 requests a minute and to `router-random`), `failover`
 (a strong tier whose first deployment is down and whose second is the test's mock) or
-`budget` (echo models with prices behind `sk-client`, whose budget a few answers spend).
+`budget` (echo models with prices behind `sk-client`, whose budget a few answers spend)
+or `cache` (echo models with the response cache on).
 Exits non-zero on any failure.
 """
 import sys
@@ -224,6 +225,34 @@ elif mode == "budget":
         raise AssertionError("answered past the budget")
     except openai.RateLimitError as error:
         expect(error.code == "insufficient_quota", error)
+elif mode == "cache":
+    # The echo models number their answers, so the same id twice is the same answer given again.
+    first = client.chat.completions.with_raw_response.create(model="router-random-0", messages=messages, seed=7)
+    again = client.chat.completions.with_raw_response.create(model="router-random-0", messages=messages, seed=7)
+    expect(first.headers["x-routellm-cache"] == "miss", first.headers)
+    expect(again.headers["x-routellm-cache"] == "hit", again.headers)
+    expect(again.headers["x-routellm-tier"] == "strong", again.headers)
+    expect(again.parse().id == first.parse().id, (first.parse().id, again.parse().id))
+    expect(again.parse().choices[0].message.content == first.parse().choices[0].message.content, again.parse())
+    fresh = client.chat.completions.with_raw_response.create(
+        model="router-random-0", messages=messages, seed=7, extra_headers={"Cache-Control": "no-cache"}
+    )
+    expect(fresh.headers["x-routellm-cache"] == "refresh", fresh.headers)
+    expect(fresh.parse().id != first.parse().id, fresh.parse().id)
+    # A stream given again arrives in one piece; the SDK reads the same chunks from it.
+    def stream_ids():
+        stream = client.chat.completions.create(model="router-random-0", messages=messages, stream=True)
+        chunks = list(stream)
+        return [chunk.id for chunk in chunks], "".join(
+            chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices
+        )
+    streamed = stream_ids()
+    replayed = streamed
+    for _ in range(50):
+        replayed = stream_ids()
+        if replayed[0] == streamed[0]:
+            break
+    expect(replayed == streamed and streamed[1], (streamed, replayed))
 else:
     raise SystemExit(f"unknown mode {mode}")
 print("sdk checks passed")

@@ -1,0 +1,705 @@
+//! The response cache (`response_cache`): an identical request answered again from memory.
+//!
+//! Evaluation runs, retried jobs and agents that re-ask the same question send the same
+//! request many times; each costs a model call. With the cache on, a successful Chat
+//! Completions or legacy Completions answer (a stream too, once it has ended with
+//! `data: [DONE]`) is kept for `ttl_secs`, and the same request — same fields and values,
+//! asking the same router and threshold (or the same model), from the same API key unless
+//! the cache is `shared` — gets it back without scoring or a model call. Responses API
+//! requests are never cached: each answer there is a stored conversation with its own id.
+//!
+//! Memory is bounded by `max_mb`: the least recently used answers go first, and no answer
+//! larger than an eighth of it is kept. A client sends `Cache-Control: no-cache` to get a
+//! fresh answer (which then replaces the cached one) or `no-store` to leave the cache out.
+//! Answers the proxy could only give by a fallback (`on_router_error`, `on_upstream_error`)
+//! are not kept, so a passing outage is not served again for `ttl_secs`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::Price;
+use crate::error::Error;
+use crate::gateway::{RouteDecision, Tier};
+use crate::model_name::ModelTarget;
+use crate::request::{Api, ModelRequest};
+use crate::upstream::ByteStream;
+use crate::usage::{SseUsageScanner, Usage};
+
+/// The longest `ttl_secs`: thirty days.
+const MAX_TTL_SECS: u64 = 30 * 86_400;
+/// The largest `max_mb`: 64 GiB.
+const MAX_MB: u64 = 65_536;
+/// What an entry costs besides its body (key, bookkeeping, decision), for the memory bound.
+const ENTRY_OVERHEAD_BYTES: usize = 256;
+
+/// `response_cache` in the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long an answer is served again, in seconds.
+    #[serde(default = "default_ttl_secs")]
+    pub ttl_secs: u64,
+    /// The memory the cached answers may take, in MiB.
+    #[serde(default = "default_max_mb")]
+    pub max_mb: u64,
+    /// Whose requests may be answered by whose cached answers.
+    #[serde(default)]
+    pub scope: CacheScope,
+}
+
+fn default_ttl_secs() -> u64 {
+    3600
+}
+
+fn default_max_mb() -> u64 {
+    256
+}
+
+impl CacheConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(1..=MAX_TTL_SECS).contains(&self.ttl_secs) {
+            return Err(Error::Config(format!(
+                "response_cache.ttl_secs = {} is outside [1, {MAX_TTL_SECS}] (thirty days)",
+                self.ttl_secs
+            )));
+        }
+        if !(1..=MAX_MB).contains(&self.max_mb) {
+            return Err(Error::Config(format!(
+                "response_cache.max_mb = {} is outside [1, {MAX_MB}]",
+                self.max_mb
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whose cached answers a request may get.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScope {
+    /// Each API key its own answers: one team's prompts and answers never reach another.
+    #[default]
+    Key,
+    /// Every caller the same answers (one team, or no API keys at all).
+    Shared,
+}
+
+/// What a client asked of the cache in `Cache-Control`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Directive {
+    /// Answer from the cache if it can, and keep a new answer.
+    Use,
+    /// `no-cache`: a fresh answer, which then replaces the cached one.
+    Refresh,
+    /// `no-store`: leave the cache out entirely.
+    Bypass,
+}
+
+impl Directive {
+    #[must_use]
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut directive = Self::Use;
+        for value in headers.get_all(header::CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',') {
+                let token = token.trim();
+                if token.eq_ignore_ascii_case("no-store") {
+                    return Self::Bypass;
+                }
+                if token.eq_ignore_ascii_case("no-cache") || token.eq_ignore_ascii_case("max-age=0") {
+                    directive = Self::Refresh;
+                }
+            }
+        }
+        directive
+    }
+}
+
+/// What the cache did for a request, as the `x-routellm-cache` header says it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CacheOutcome {
+    /// Answered from the cache; the answer was stored `age` ago.
+    Hit { age: Duration },
+    /// Not in the cache: the model answered (and the answer is kept if it can be).
+    Miss,
+    /// `Cache-Control: no-cache`: the model answered, replacing any cached answer.
+    Refresh,
+    /// `Cache-Control: no-store`: the cache was left out.
+    Bypass,
+}
+
+impl CacheOutcome {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit { .. } => "hit",
+            Self::Miss => "miss",
+            Self::Refresh => "refresh",
+            Self::Bypass => "bypass",
+        }
+    }
+}
+
+/// A request's identity in the cache: a SHA-256 of who asks, which API, what the request
+/// asks to be routed by (or which model), and every other field of the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey([u8; 32]);
+
+/// One cached answer and what the proxy had decided for it.
+#[derive(Debug, Clone)]
+pub struct CachedAnswer {
+    pub body: Bytes,
+    pub content_type: Option<HeaderValue>,
+    pub decision: Option<RouteDecision>,
+    /// The configured name of the model that answered.
+    pub model: String,
+    pub answered_by: Tier,
+    pub deployment: usize,
+    pub price: Option<Price>,
+    /// The tokens the model reported for it: what each hit saves.
+    pub usage: Option<Usage>,
+}
+
+impl CachedAnswer {
+    fn bytes(&self) -> usize {
+        self.body.len() + self.model.len() + ENTRY_OVERHEAD_BYTES
+    }
+}
+
+struct Slot {
+    answer: Arc<CachedAnswer>,
+    stored_at: Instant,
+    /// Its place in the recency order.
+    used: u64,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Entries {
+    slots: HashMap<CacheKey, Slot>,
+    /// Keys by last use, least recent first.
+    recency: BTreeMap<u64, CacheKey>,
+    clock: u64,
+    bytes: usize,
+}
+
+impl Entries {
+    fn remove(&mut self, key: &CacheKey) -> Option<Slot> {
+        let slot = self.slots.remove(key)?;
+        self.recency.remove(&slot.used);
+        self.bytes -= slot.bytes;
+        Some(slot)
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+}
+
+/// The cached answers, bounded in memory, with the counters `/metrics` shows.
+pub struct ResponseCache {
+    ttl: Duration,
+    capacity_bytes: usize,
+    max_entry_bytes: usize,
+    scope: CacheScope,
+    entries: Mutex<Entries>,
+    /// Lookups by outcome: hit, miss, refresh, bypass.
+    lookups: [AtomicU64; 4],
+    evictions: AtomicU64,
+    /// Tokens that hits did not spend again (as the cached answers reported them).
+    saved_tokens: [AtomicU64; 2],
+    /// What those tokens would have cost at the answering model's price (f64 bits).
+    saved_cost: AtomicU64,
+}
+
+/// The cache's counters at one moment, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub refreshes: u64,
+    pub bypasses: u64,
+    pub entries: usize,
+    pub bytes: usize,
+    pub capacity_bytes: usize,
+    pub evictions: u64,
+    pub saved_prompt_tokens: u64,
+    pub saved_completion_tokens: u64,
+    pub saved_cost: f64,
+}
+
+impl ResponseCache {
+    #[must_use]
+    pub fn new(config: &CacheConfig) -> Self {
+        let capacity_bytes = usize::try_from(config.max_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        Self {
+            ttl: Duration::from_secs(config.ttl_secs),
+            capacity_bytes,
+            max_entry_bytes: capacity_bytes / 8,
+            scope: config.scope,
+            entries: Mutex::new(Entries::default()),
+            lookups: std::array::from_fn(|_| AtomicU64::new(0)),
+            evictions: AtomicU64::new(0),
+            saved_tokens: std::array::from_fn(|_| AtomicU64::new(0)),
+            saved_cost: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether requests to `api` are cached at all.
+    #[must_use]
+    pub fn caches(api: Api) -> bool {
+        matches!(api, Api::ChatCompletions | Api::Completions)
+    }
+
+    /// The key of `request` from `caller` (an API key's name), asking for `target` with
+    /// its threshold resolved (`None` for a router without one, which is then refused).
+    #[must_use]
+    pub fn key(&self, caller: Option<&str>, target: &ModelTarget<'_>, request: &ModelRequest<'_>) -> CacheKey {
+        let mut hasher = Sha256::new();
+        let mut part = |bytes: &[u8]| {
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        };
+        part(match self.scope {
+            CacheScope::Key => caller.unwrap_or("").as_bytes(),
+            CacheScope::Shared => b"",
+        });
+        part(request.api().path().as_bytes());
+        match target {
+            ModelTarget::Routed { router, threshold } => {
+                part(b"router");
+                part(router.as_bytes());
+                part(&threshold.map_or(f64::NAN, |threshold| threshold).to_le_bytes());
+            }
+            ModelTarget::Direct(model) => {
+                part(b"model");
+                part(model.as_bytes());
+            }
+        }
+        // Field order is the SDK's business; a repeated field keeps its order (the last wins).
+        let mut fields: Vec<(&str, &str)> = request.fields().filter(|(name, _)| *name != "model").collect();
+        fields.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, value) in fields {
+            part(name.as_bytes());
+            part(value.as_bytes());
+        }
+        CacheKey(hasher.finalize().into())
+    }
+
+    /// Counts what the cache did for a request that did not hit.
+    pub fn count(&self, outcome: CacheOutcome) {
+        let index = match outcome {
+            CacheOutcome::Hit { .. } => 0,
+            CacheOutcome::Miss => 1,
+            CacheOutcome::Refresh => 2,
+            CacheOutcome::Bypass => 3,
+        };
+        self.lookups[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The cached answer of `key` and how long ago it was stored, if it is there and fresh.
+    /// A hit is counted, with the tokens it saved; a miss is not (see [`ResponseCache::count`]).
+    pub fn get(&self, key: &CacheKey) -> Option<(Arc<CachedAnswer>, Duration)> {
+        let mut entries = self.lock();
+        let (stored_at, used) = {
+            let slot = entries.slots.get(key)?;
+            (slot.stored_at, slot.used)
+        };
+        let age = stored_at.elapsed();
+        if age >= self.ttl {
+            entries.remove(key);
+            return None;
+        }
+        let now = entries.tick();
+        entries.recency.remove(&used);
+        entries.recency.insert(now, *key);
+        let slot = entries.slots.get_mut(key)?;
+        slot.used = now;
+        let answer = Arc::clone(&slot.answer);
+        drop(entries);
+        self.count(CacheOutcome::Hit { age });
+        if let Some(usage) = answer.usage {
+            self.saved_tokens[0].fetch_add(usage.prompt_tokens, Ordering::Relaxed);
+            self.saved_tokens[1].fetch_add(usage.completion_tokens, Ordering::Relaxed);
+            if let Some(price) = answer.price {
+                crate::metrics::add_f64(
+                    &self.saved_cost,
+                    price.cost(usage.prompt_tokens, usage.completion_tokens),
+                );
+            }
+        }
+        Some((answer, age))
+    }
+
+    /// Keeps `answer` for `key` (replacing what was there), evicting the least recently
+    /// used answers past the memory bound; an answer over an eighth of it is not kept.
+    pub fn insert(&self, key: CacheKey, answer: CachedAnswer) {
+        let bytes = answer.bytes();
+        if bytes > self.max_entry_bytes {
+            return;
+        }
+        let mut entries = self.lock();
+        entries.remove(&key);
+        let used = entries.tick();
+        entries.recency.insert(used, key);
+        entries.bytes += bytes;
+        entries.slots.insert(
+            key,
+            Slot {
+                answer: Arc::new(answer),
+                stored_at: Instant::now(),
+                used,
+                bytes,
+            },
+        );
+        let mut evicted = 0;
+        while entries.bytes > self.capacity_bytes {
+            let Some((_, oldest)) = entries.recency.pop_first() else {
+                break;
+            };
+            // `recency` no longer holds it, so `remove` only takes the slot and its bytes.
+            if let Some(slot) = entries.slots.remove(&oldest) {
+                entries.bytes -= slot.bytes;
+                evicted += 1;
+            }
+        }
+        drop(entries);
+        self.evictions.fetch_add(evicted, Ordering::Relaxed);
+    }
+
+    /// Passes `body` (a streamed answer) through unchanged while recording it; once it has
+    /// ended with `data: [DONE]`, the recording is kept for `key` as `answer`'s body. A
+    /// stream broken off, ended with an error event, or outgrowing an entry's bound is not kept.
+    #[must_use]
+    pub fn record_stream(self: &Arc<Self>, key: CacheKey, answer: CachedAnswer, body: ByteStream) -> ByteStream {
+        Box::pin(Recording {
+            body,
+            recorded: Some(Vec::new()),
+            pending: Some((Arc::clone(self), key, answer)),
+        })
+    }
+
+    /// The counters and the memory in use now.
+    #[must_use]
+    pub fn stats(&self) -> CacheStats {
+        let (entries, bytes) = {
+            let entries = self.lock();
+            (entries.slots.len(), entries.bytes)
+        };
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        CacheStats {
+            hits: load(&self.lookups[0]),
+            misses: load(&self.lookups[1]),
+            refreshes: load(&self.lookups[2]),
+            bypasses: load(&self.lookups[3]),
+            entries,
+            bytes,
+            capacity_bytes: self.capacity_bytes,
+            evictions: load(&self.evictions),
+            saved_prompt_tokens: load(&self.saved_tokens[0]),
+            saved_completion_tokens: load(&self.saved_tokens[1]),
+            saved_cost: f64::from_bits(load(&self.saved_cost)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        // The entries stay consistent at every await-free step, so a panic elsewhere while
+        // holding the lock leaves nothing half-done worth refusing to serve over.
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A streamed answer on its way to the client, recorded for the cache.
+struct Recording {
+    body: ByteStream,
+    /// `None` once it outgrew an entry's bound.
+    recorded: Option<Vec<u8>>,
+    /// Where the recording goes when the stream ends well; taken then.
+    pending: Option<(Arc<ResponseCache>, CacheKey, CachedAnswer)>,
+}
+
+impl Recording {
+    fn finish(&mut self) {
+        let (Some(recorded), Some((cache, key, mut answer))) = (self.recorded.take(), self.pending.take()) else {
+            return;
+        };
+        if !ended_with_done(&recorded) {
+            return;
+        }
+        let mut usage = SseUsageScanner::default();
+        answer.usage = usage.feed(&recorded);
+        answer.body = Bytes::from(recorded);
+        cache.insert(key, answer);
+    }
+}
+
+impl Stream for Recording {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = self.body.as_mut().poll_next(context);
+        match &polled {
+            Poll::Ready(Some(Ok(chunk))) => {
+                let limit = self.pending.as_ref().map_or(0, |(cache, _, _)| cache.max_entry_bytes);
+                if let Some(recorded) = self.recorded.as_mut() {
+                    if recorded.len() + chunk.len() > limit {
+                        self.recorded = None;
+                    } else {
+                        recorded.extend_from_slice(chunk);
+                    }
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Err(never))) => match *never {},
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+/// Whether a Chat Completions or Completions stream's last event is `data: [DONE]`.
+fn ended_with_done(stream: &[u8]) -> bool {
+    stream
+        .trim_ascii_end()
+        .rsplit(|&byte| byte == b'\n')
+        .next()
+        .and_then(crate::sse::data_of_line)
+        .is_some_and(|data| data.trim_ascii() == b"[DONE]")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(max_mb: u64, ttl_secs: u64) -> ResponseCache {
+        ResponseCache::new(&CacheConfig {
+            ttl_secs,
+            max_mb,
+            scope: CacheScope::Key,
+        })
+    }
+
+    fn answer(body: &str) -> CachedAnswer {
+        CachedAnswer {
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            content_type: None,
+            decision: None,
+            model: "m".into(),
+            answered_by: Tier::Weak,
+            deployment: 0,
+            price: None,
+            usage: None,
+        }
+    }
+
+    fn key_of(cache: &ResponseCache, caller: Option<&str>, target: &ModelTarget<'_>, body: &str) -> CacheKey {
+        let request = ModelRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
+        cache.key(caller, target, &request)
+    }
+
+    const ROUTED: ModelTarget<'static> = ModelTarget::Routed {
+        router: "mf",
+        threshold: Some(0.5),
+    };
+
+    #[test]
+    fn the_key_is_the_request_whatever_its_field_order_and_model_spelling() {
+        let cache = cache(1, 60);
+        let body = r#"{"model":"auto","messages":[{"role":"user","content":"hi"}],"temperature":0}"#;
+        let reordered = r#"{"temperature":0,"messages":[{"role":"user","content":"hi"}],"model":"router-mf-0.5"}"#;
+        let key = key_of(&cache, None, &ROUTED, body);
+        // An alias and the name it stands for ask the same thing once resolved.
+        assert_eq!(key, key_of(&cache, None, &ROUTED, reordered));
+        let differs = [
+            key_of(&cache, None, &ROUTED, &body.replace("\"hi\"", "\"hello\"")),
+            key_of(&cache, None, &ROUTED, &body.replace(":0}", ":1}")),
+            key_of(&cache, Some("team-a"), &ROUTED, body),
+            key_of(
+                &cache,
+                None,
+                &ModelTarget::Routed {
+                    router: "mf",
+                    threshold: Some(0.6),
+                },
+                body,
+            ),
+            key_of(&cache, None, &ModelTarget::Direct("gpt-4o"), body),
+        ];
+        for other in differs {
+            assert_ne!(key, other);
+        }
+        // The same fields sent to another API are another request.
+        let fields = r#"{"model":"auto","prompt":"hi","messages":[{"role":"user","content":"hi"}]}"#;
+        let as_chat = ModelRequest::parse(Api::ChatCompletions, fields.as_bytes()).unwrap();
+        let as_completion = ModelRequest::parse(Api::Completions, fields.as_bytes()).unwrap();
+        assert_ne!(
+            cache.key(None, &ROUTED, &as_chat),
+            cache.key(None, &ROUTED, &as_completion)
+        );
+    }
+
+    #[test]
+    fn a_shared_cache_answers_every_caller_alike() {
+        let shared = ResponseCache::new(&CacheConfig {
+            ttl_secs: 60,
+            max_mb: 1,
+            scope: CacheScope::Shared,
+        });
+        let body = r#"{"model":"a","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            key_of(&shared, Some("team-a"), &ROUTED, body),
+            key_of(&shared, Some("team-b"), &ROUTED, body)
+        );
+    }
+
+    #[test]
+    fn answers_expire_and_the_least_recently_used_go_first() {
+        let cache = cache(1, 60);
+        let body = |n: usize| format!(r#"{{"model":"a","messages":[{{"role":"user","content":"{n}"}}]}}"#);
+        // An eighth of a MiB each less a little: eight fit, the ninth evicts one.
+        let big = "x".repeat((1 << 17) - ENTRY_OVERHEAD_BYTES - 1);
+        let keys: Vec<CacheKey> = (0..9).map(|n| key_of(&cache, None, &ROUTED, &body(n))).collect();
+        for key in &keys[..8] {
+            cache.insert(*key, answer(&big));
+        }
+        assert_eq!(cache.stats().entries, 8);
+        // Using the oldest makes the second the least recently used.
+        assert!(cache.get(&keys[0]).is_some());
+        cache.insert(keys[8], answer(&big));
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.evictions, stats.hits), (8, 1, 1));
+        assert!(stats.bytes <= stats.capacity_bytes);
+        assert!(cache.get(&keys[1]).is_none());
+        assert!(cache.get(&keys[0]).is_some() && cache.get(&keys[8]).is_some());
+        // Larger than an eighth of the bound: not kept at all.
+        cache.insert(keys[1], answer(&"x".repeat(1 << 17)));
+        assert!(cache.get(&keys[1]).is_none());
+
+        let brief = ResponseCache::new(&CacheConfig {
+            ttl_secs: 1,
+            max_mb: 1,
+            scope: CacheScope::Key,
+        });
+        brief.insert(keys[0], answer("{}"));
+        assert!(brief.get(&keys[0]).is_some());
+        {
+            // Stored a second ago: expired, and taken out on the lookup.
+            let mut entries = brief.lock();
+            let slot = entries.slots.get_mut(&keys[0]).unwrap();
+            slot.stored_at -= Duration::from_secs(1);
+        }
+        assert!(brief.get(&keys[0]).is_none());
+        assert_eq!(brief.stats().entries, 0);
+        assert_eq!(brief.stats().bytes, 0);
+    }
+
+    #[test]
+    fn a_hit_counts_the_tokens_and_cost_it_saved() {
+        let cache = cache(1, 60);
+        let key = key_of(
+            &cache,
+            None,
+            &ROUTED,
+            r#"{"model":"a","messages":[{"role":"user","content":"q"}]}"#,
+        );
+        let mut priced = answer("{}");
+        priced.usage = Some(Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 2000,
+        });
+        priced.price = Some(Price {
+            input: 10.0,
+            output: 30.0,
+        });
+        cache.insert(key, priced);
+        cache.get(&key);
+        cache.get(&key);
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.hits, stats.saved_prompt_tokens, stats.saved_completion_tokens),
+            (2, 2000, 4000)
+        );
+        assert!((stats.saved_cost - 0.14).abs() < 1e-12, "{}", stats.saved_cost);
+    }
+
+    #[test]
+    fn cache_control_asks_for_a_fresh_answer_or_no_cache() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_str(value).unwrap());
+            Directive::of(&headers)
+        };
+        assert_eq!(Directive::of(&HeaderMap::new()), Directive::Use);
+        assert_eq!(with("No-Cache"), Directive::Refresh);
+        assert_eq!(with("max-age=0"), Directive::Refresh);
+        assert_eq!(with("no-cache, no-store"), Directive::Bypass);
+        assert_eq!(with("max-age=60"), Directive::Use);
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_kept_only_once_it_has_ended_with_done() {
+        use futures_util::StreamExt;
+        let cache = Arc::new(cache(1, 60));
+        let stream_of = |parts: &[&'static str]| -> ByteStream {
+            let chunks: Vec<Result<Bytes, std::convert::Infallible>> = parts
+                .iter()
+                .map(|part| Ok(Bytes::from_static(part.as_bytes())))
+                .collect();
+            Box::pin(futures_util::stream::iter(chunks))
+        };
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n";
+        let whole = ["data: {\"choices\":[]}\n\n", usage, "data: [DONE]\n\n"];
+        let broken = ["data: {\"choices\":[]}\n\n", "event: error\ndata: {\"error\":{}}\n\n"];
+        let keys: Vec<CacheKey> = (0..2)
+            .map(|n| {
+                key_of(
+                    &cache,
+                    None,
+                    &ROUTED,
+                    &format!(r#"{{"model":"a","n":{n},"messages":[{{"role":"user","content":"q"}}]}}"#),
+                )
+            })
+            .collect();
+        for (key, parts) in keys.iter().zip([&whole[..], &broken[..]]) {
+            let passed: Vec<Bytes> = cache
+                .record_stream(*key, answer(""), stream_of(parts))
+                .map(|chunk| chunk.unwrap())
+                .collect()
+                .await;
+            // The client gets the stream as it was, whether or not it is kept.
+            assert_eq!(passed.concat(), parts.concat().as_bytes());
+        }
+        let (kept, _) = cache.get(&keys[0]).unwrap();
+        assert_eq!(kept.body, whole.concat().as_bytes());
+        assert_eq!(
+            kept.usage,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4
+            })
+        );
+        assert!(cache.get(&keys[1]).is_none());
+        // A stream dropped before its end (the client went away) is not kept either.
+        let key = key_of(
+            &cache,
+            None,
+            &ROUTED,
+            r#"{"model":"a","n":9,"messages":[{"role":"user","content":"q"}]}"#,
+        );
+        let mut partial = cache.record_stream(key, answer(""), stream_of(&whole));
+        partial.next().await;
+        drop(partial);
+        assert!(cache.get(&key).is_none());
+    }
+}
