@@ -946,6 +946,9 @@ fn describe_models(out: &mut String, config: &Config, gateway: &Gateway) {
                 price.input, price.output
             );
         }
+        if model.weight != 1 {
+            let _ = writeln!(out, "  weight {}", model.weight);
+        }
         if let Some(warning) = model.missing_key_warning() {
             let _ = writeln!(out, "  warning: {warning}");
         }
@@ -957,6 +960,7 @@ fn describe_models(out: &mut String, config: &Config, gateway: &Gateway) {
             match config.load_balancing.strategy {
                 crate::config::Strategy::Failover => "failover (in the order listed)",
                 crate::config::Strategy::RoundRobin => "round robin",
+                crate::config::Strategy::LeastBusy => "least busy (fewest requests in flight for its weight)",
             },
             config.load_balancing.cooldown_secs
         );

@@ -175,9 +175,17 @@ pub enum Strategy {
     /// for when it is unavailable (a primary and its backups).
     #[default]
     Failover,
-    /// Requests take turns over the available deployments (replicas sharing the load).
+    /// Requests take turns over the available deployments (replicas sharing the load),
+    /// each taking turns in proportion to its `weight`.
     RoundRobin,
+    /// Each request goes to the available deployment with the fewest requests in flight
+    /// (streams until they end) for its `weight`: replicas whose answers take very
+    /// different times, as self-hosted models' do.
+    LeastBusy,
 }
+
+/// The largest `weight` a deployment may have.
+pub const MAX_WEIGHT: u32 = 1000;
 
 /// `load_balancing`: how requests are spread over a tier's deployments, and how long one
 /// that was unavailable is passed over.
@@ -229,6 +237,10 @@ pub struct ModelConfig {
     /// What the model charges, for the cost counters at `/metrics`.
     #[serde(default)]
     pub price_per_million_tokens: Option<Price>,
+    /// Its share of the tier's requests relative to the others' (`round_robin`,
+    /// `least_busy`); 1 unless set.
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 /// A model's price per million tokens, in any one currency (the cost counters are in it).
@@ -259,6 +271,7 @@ impl ModelConfig {
             api_key: None,
             headers: BTreeMap::new(),
             price_per_million_tokens: None,
+            weight: None,
         }
     }
 }
@@ -757,6 +770,22 @@ impl Config {
             )));
         }
         for model in self.strong_model.iter().chain(&self.weak_model) {
+            match model.weight {
+                Some(weight) if !(1..=MAX_WEIGHT).contains(&weight) => {
+                    return Err(Error::Config(format!(
+                        "weight of `{}` is {weight}, outside [1, {MAX_WEIGHT}]",
+                        model.name
+                    )));
+                }
+                Some(_) if self.load_balancing.strategy == Strategy::Failover => {
+                    return Err(Error::Config(format!(
+                        "weight of `{}`: weights share requests out under load_balancing.strategy round_robin or \
+                         least_busy; failover (the default) takes the deployments in the order listed",
+                        model.name
+                    )));
+                }
+                _ => {}
+            }
             if let Some(price) = model.price_per_million_tokens
                 && !(price.input.is_finite() && price.output.is_finite() && price.input >= 0.0 && price.output >= 0.0)
             {
@@ -1288,6 +1317,32 @@ mod tests {
         ] {
             let error = merge(&format!("cors_allowed_origins: {bad}\n")).unwrap_err();
             assert!(error.to_string().contains("cors_allowed_origins"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn weights_share_requests_under_round_robin_and_least_busy_only() {
+        let merge = |yaml: &str| Config::merge(FileConfig::from_yaml(yaml).unwrap(), Overrides::default());
+        let tier = |strategy: &str, weight: u32| {
+            format!(
+                "strong_model: [{{name: echo/a, weight: {weight}}}, echo/b]\nload_balancing: {{strategy: {strategy}}}\n"
+            )
+        };
+        for strategy in ["round_robin", "least_busy"] {
+            let config = merge(&tier(strategy, 3)).unwrap();
+            let weights: Vec<Option<u32>> = config.strong_model.iter().map(|model| model.weight).collect();
+            assert_eq!(weights, [Some(3), None]);
+        }
+        for (yaml, expected) in [
+            (
+                tier("failover", 3),
+                "weights share requests out under load_balancing.strategy round_robin",
+            ),
+            (tier("round_robin", 0), "weight of `echo/a` is 0, outside [1, 1000]"),
+            (tier("least_busy", 1001), "weight of `echo/a` is 1001"),
+        ] {
+            let error = merge(&yaml).unwrap_err().to_string();
+            assert!(error.contains(expected), "{yaml}: {error}");
         }
     }
 

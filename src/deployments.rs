@@ -3,12 +3,14 @@
 //! self-hosted model).
 //!
 //! A request goes to the deployments in the pool's [`Pool::order`] — the listed order
-//! (`failover`) or taking turns (`round_robin`) — and on to the next while one is
+//! (`failover`), taking turns in proportion to their weights (`round_robin`), or the one
+//! with the fewest requests in flight for its weight first (`least_busy`) — and on to the next while one is
 //! unavailable (429, 5xx, unreachable, too slow; never once any of its answer has been
 //! sent). A deployment found unavailable is passed over for `load_balancing.cooldown_secs`
 //! (or what its 429's `retry-after` asks) while others are available; when none is, all are
 //! tried, soonest back first, so a tier never refuses a request on stale news.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,7 @@ use axum::http::HeaderMap;
 use crate::config::{LoadBalancing, Strategy};
 use crate::error::Error;
 use crate::gateway::Tier;
-use crate::upstream::Upstream;
+use crate::upstream::{Reply, Upstream};
 
 /// The longest a deployment is passed over on a 429's `retry-after`: a provider's daily
 /// quota may ask for hours, but by then an operator should hear of it from the metrics.
@@ -39,9 +41,18 @@ pub struct Deployment {
     answered: AtomicU64,
     /// Requests it was unavailable for.
     unavailable: AtomicU64,
+    /// Requests sent to it whose answer has not ended yet (a stream until its last byte
+    /// or until the client leaves): what `least_busy` compares.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Deployment {
+    /// Requests sent to it whose answer has not ended yet.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Requests it answered and requests it was unavailable for.
     #[must_use]
     pub fn attempts(&self) -> (u64, u64) {
@@ -57,8 +68,11 @@ pub struct Pool {
     deployments: Vec<Deployment>,
     strategy: Strategy,
     cooldown: Duration,
-    /// Round robin's next turn.
+    /// Round robin's and least busy's next turn.
     turn: AtomicUsize,
+    /// Round robin's cycle: each deployment's index as many times as its weight, spread
+    /// out (see [`schedule`]).
+    schedule: Vec<usize>,
     epoch: Instant,
 }
 
@@ -68,7 +82,9 @@ impl Pool {
         if upstreams.is_empty() {
             return Err(Error::Config("a tier needs at least one model".into()));
         }
+        let weights: Vec<u32> = upstreams.iter().map(|upstream| upstream.model.weight.max(1)).collect();
         Ok(Self {
+            schedule: schedule(&weights),
             deployments: upstreams
                 .into_iter()
                 .map(|upstream| Deployment {
@@ -76,6 +92,7 @@ impl Pool {
                     cooling_until_ms: AtomicU64::new(0),
                     answered: AtomicU64::new(0),
                     unavailable: AtomicU64::new(0),
+                    in_flight: Arc::new(AtomicUsize::new(0)),
                 })
                 .collect(),
             strategy: balancing.strategy,
@@ -129,15 +146,55 @@ impl Pool {
             cooling.sort_by_key(|index| self.cooling_until(*index));
             return cooling;
         }
-        if self.strategy == Strategy::RoundRobin && available.len() > 1 {
-            let start = self.turn.fetch_add(1, Ordering::Relaxed) % available.len();
-            available.rotate_left(start);
+        if available.len() > 1 {
+            match self.strategy {
+                Strategy::Failover => {}
+                Strategy::RoundRobin => {
+                    let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+                    // The turn's slot, or the next slot whose deployment is available: within
+                    // the available ones, each still gets turns in proportion to its weight.
+                    let first = (0..self.schedule.len())
+                        .map(|step| self.schedule[(turn + step) % self.schedule.len()])
+                        .find_map(|index| available.iter().position(|candidate| *candidate == index))
+                        .unwrap_or(0);
+                    available.rotate_left(first);
+                }
+                Strategy::LeastBusy => {
+                    // Equally busy deployments take turns, so an idle pool still spreads its requests.
+                    let start = self.turn.fetch_add(1, Ordering::Relaxed) % available.len();
+                    available.rotate_left(start);
+                    // One snapshot of the counts: they change while the order is made.
+                    let mut loads: Vec<(usize, u64, u64)> = available
+                        .iter()
+                        .map(|&index| {
+                            let deployment = &self.deployments[index];
+                            let in_flight = deployment.in_flight() as u64;
+                            (index, in_flight, u64::from(deployment.upstream.model.weight))
+                        })
+                        .collect();
+                    // Fewest in flight per unit of weight first, compared exactly (a/w < b/v as a·v < b·w).
+                    loads.sort_by(|a, b| (a.1 * b.2).cmp(&(b.1 * a.2)));
+                    available = loads.into_iter().map(|(index, _, _)| index).collect();
+                }
+            }
         }
         if let Some(position) = preferred.and_then(|preferred| available.iter().position(|index| *index == preferred)) {
             let preferred = available.remove(position);
             available.insert(0, preferred);
         }
         available
+    }
+
+    /// Counts a request sent to the deployment at `index` until the returned guard is
+    /// dropped (see [`hold_until_done`]).
+    #[must_use]
+    pub fn start(&self, index: usize) -> InFlight {
+        let counter = self.deployments.get(index).map_or_else(
+            || Arc::new(AtomicUsize::new(0)),
+            |deployment| Arc::clone(&deployment.in_flight),
+        );
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
     }
 
     /// Whether the deployment at `index` is taking requests (not passed over after a failure).
@@ -183,6 +240,46 @@ impl Pool {
     }
 }
 
+/// A round-robin cycle over deployments of `weights`: deployment `i` takes its `k`-th turn
+/// at `(k + ½) / weight` of the way through (stride scheduling), so a heavier one's turns
+/// are spread between the others' rather than given in a row; equal weights take turns in
+/// the listed order.
+fn schedule(weights: &[u32]) -> Vec<usize> {
+    let mut turns: Vec<(f64, usize)> = weights
+        .iter()
+        .enumerate()
+        .flat_map(|(index, &weight)| (0..weight).map(move |k| ((f64::from(k) + 0.5) / f64::from(weight), index)))
+        .collect();
+    turns.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    turns.into_iter().map(|(_, index)| index).collect()
+}
+
+/// A request in flight at a deployment, counted until this is dropped.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps `in_flight` counted while `reply` is still on its way: a whole answer has
+/// arrived (it ends now), a stream ends with its last byte or when the client leaves.
+#[must_use]
+pub fn hold_until_done(reply: Reply, in_flight: InFlight) -> Reply {
+    match reply {
+        whole @ Reply::Complete { .. } => whole,
+        Reply::Stream { status, headers, body } => Reply::Stream {
+            status,
+            headers,
+            body: Box::pin(futures_util::StreamExt::map(body, move |chunk| {
+                let _counted = &in_flight;
+                chunk
+            })),
+        },
+    }
+}
+
 /// How long a 429 asks the client to wait: OpenAI's `retry-after-ms`, else `retry-after`
 /// in seconds (an HTTP date is not worth parsing for a cooldown).
 #[must_use]
@@ -209,14 +306,23 @@ mod tests {
     use crate::providers::{Endpoint, ResolvedModel};
 
     fn pool(names: &[&str], strategy: Strategy, cooldown_secs: f64) -> Pool {
+        weighted_pool(
+            &names.iter().map(|name| (*name, 1)).collect::<Vec<_>>(),
+            strategy,
+            cooldown_secs,
+        )
+    }
+
+    fn weighted_pool(names: &[(&str, u32)], strategy: Strategy, cooldown_secs: f64) -> Pool {
         let upstreams = names
             .iter()
-            .map(|name| {
+            .map(|(name, weight)| {
                 Upstream::new(ResolvedModel {
                     name: (*name).to_owned(),
                     provider_model: format!("provider-{name}"),
                     provider: "echo".into(),
                     price: None,
+                    weight: *weight,
                     endpoint: Endpoint::Echo,
                 })
                 .unwrap()
@@ -270,6 +376,81 @@ mod tests {
         let firsts: Vec<usize> = (0..4).map(|_| pool.order(None)[0]).collect();
         assert!(firsts.iter().all(|first| *first != 1), "{firsts:?}");
         assert!(firsts.contains(&0) && firsts.contains(&2), "{firsts:?}");
+    }
+
+    #[test]
+    fn weighted_round_robin_gives_each_its_weight_in_turns_spread_over_the_cycle() {
+        let pool = weighted_pool(&[("a", 3), ("b", 1), ("c", 2)], Strategy::RoundRobin, 60.0);
+        let firsts: Vec<usize> = (0..12).map(|_| pool.order(None)[0]).collect();
+        let count = |index: usize| firsts.iter().filter(|first| **first == index).count();
+        assert_eq!((count(0), count(1), count(2)), (6, 2, 4), "{firsts:?}");
+        // Each six turns hold a whole cycle, and `a` never takes all three of its turns in a row.
+        assert_eq!(firsts[..6], firsts[6..], "{firsts:?}");
+        assert!(
+            !firsts.windows(3).any(|run| run.iter().all(|first| *first == 0)),
+            "{firsts:?}"
+        );
+        // An unavailable deployment's weight leaves the cycle with it.
+        pool.record_unavailable(0, None);
+        let firsts: Vec<usize> = (0..6).map(|_| pool.order(None)[0]).collect();
+        let count = |index: usize| firsts.iter().filter(|first| **first == index).count();
+        assert_eq!((count(1), count(2)), (2, 4), "{firsts:?}");
+    }
+
+    #[test]
+    fn least_busy_goes_to_the_fewest_requests_in_flight_for_the_weight() {
+        let pool = weighted_pool(&[("a", 1), ("b", 1), ("c", 2)], Strategy::LeastBusy, 60.0);
+        // Idle, they take turns.
+        let firsts: Vec<usize> = (0..3).map(|_| pool.order(None)[0]).collect();
+        assert_eq!(firsts, [0, 1, 2]);
+        let on_a = pool.start(0);
+        let on_c = [pool.start(2), pool.start(2)];
+        // a: 1 of weight 1, c: 2 of weight 2 (as busy), b: idle.
+        for _ in 0..3 {
+            assert_eq!(pool.order(None)[0], 1);
+        }
+        let on_b = [pool.start(1), pool.start(1)];
+        // b: 2, a: 1, c: 1 per weight: a and c take turns ahead of b.
+        let order = pool.order(None);
+        assert_eq!(order[2], 1, "{order:?}");
+        drop(on_c);
+        assert_eq!(pool.order(None), [2, 0, 1]);
+        assert_eq!(pool.deployments()[1].in_flight(), 2);
+        drop((on_a, on_b));
+        assert!(pool.deployments().iter().all(|deployment| deployment.in_flight() == 0));
+        // An unavailable deployment is passed over however idle it is.
+        let _busy = pool.start(0);
+        pool.record_unavailable(1, None);
+        pool.record_unavailable(2, None);
+        assert_eq!(pool.order(None), [0]);
+    }
+
+    #[tokio::test]
+    async fn a_stream_stays_in_flight_until_it_ends_or_is_dropped() {
+        let pool = pool(&["a"], Strategy::LeastBusy, 60.0);
+        let chunks: Vec<Result<bytes::Bytes, std::convert::Infallible>> = vec![
+            Ok(bytes::Bytes::from_static(b"one")),
+            Ok(bytes::Bytes::from_static(b"two")),
+        ];
+        let stream = Reply::Stream {
+            status: axum::http::StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Box::pin(futures_util::stream::iter(chunks)),
+        };
+        let Reply::Stream { body, .. } = hold_until_done(stream, pool.start(0)) else {
+            panic!("a stream stays a stream");
+        };
+        assert_eq!(pool.deployments()[0].in_flight(), 1);
+        let read: Vec<_> = futures_util::StreamExt::collect(body).await;
+        assert_eq!(read.len(), 2);
+        assert_eq!(pool.deployments()[0].in_flight(), 0, "done once read and dropped");
+        let whole = Reply::Complete {
+            status: axum::http::StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"{}"),
+        };
+        let _ = hold_until_done(whole, pool.start(0));
+        assert_eq!(pool.deployments()[0].in_flight(), 0, "a whole answer has arrived");
     }
 
     #[test]

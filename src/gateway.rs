@@ -1068,9 +1068,11 @@ impl Gateway {
         while let Some(next) = remaining.next() {
             index = next;
             let upstream = self.deployment(DeploymentId { tier, index });
+            let in_flight = pool.start(index);
             answer = self.forward(sending, decision, upstream, upstream_time).await;
             let Some(reason) = unavailable(&answer) else {
                 pool.record_answered(index);
+                answer = answer.map(|reply| crate::deployments::hold_until_done(reply, in_flight));
                 break;
             };
             pool.record_unavailable(

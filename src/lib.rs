@@ -8,7 +8,7 @@
 //! - [`budgets`]: client keys' spending budgets per day, month or in total, kept across restarts in `spend_file`.
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
 //! - [`cache`]: the opt-in response cache: an identical request answered again from memory, bounded, per key.
-//! - [`deployments`]: several endpoints for one tier's model: failover or round robin, cooldowns after failures.
+//! - [`deployments`]: several endpoints for one tier's model: failover, weighted round robin or least busy, cooldowns after failures, requests in flight.
 //! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.
 //! - [`model_name`]: parsing `router-<name>-<threshold>` (aliases are resolved by the gateway first).
 //! - [`controller`]: routing from Rust code without HTTP ([`Controller`]).

@@ -298,14 +298,14 @@ pub fn render_deployments(gateway: &crate::gateway::Gateway) -> String {
                 label_value(&deployment.upstream.model.name),
             );
             let available = gateway.pool(id.tier).is_available(id.index);
-            (labels, available, deployment.attempts())
+            (labels, available, deployment.attempts(), deployment.in_flight())
         })
         .collect();
     out.push_str(
         "# HELP routellm_deployment_available Whether a deployment takes requests (1) or is passed over after it was unavailable (0, for load_balancing.cooldown_secs or its 429's retry-after, while another is available).\n\
          # TYPE routellm_deployment_available gauge\n",
     );
-    for ((tier, index, model), available, _) in &deployments {
+    for ((tier, index, model), available, _, _) in &deployments {
         write_sample(
             &mut out,
             "routellm_deployment_available",
@@ -317,7 +317,7 @@ pub fn render_deployments(gateway: &crate::gateway::Gateway) -> String {
         "# HELP routellm_deployment_attempts_total Requests sent to a deployment, by whether it answered (any status but the ones below) or was unavailable (429, 5xx, unreachable, too slow) and the request went on to the next deployment or failed.\n\
          # TYPE routellm_deployment_attempts_total counter\n",
     );
-    for ((tier, index, model), _, (answered, unavailable)) in &deployments {
+    for ((tier, index, model), _, (answered, unavailable), _) in &deployments {
         for (outcome, count) in [("answered", answered), ("unavailable", unavailable)] {
             write_sample(
                 &mut out,
@@ -331,6 +331,18 @@ pub fn render_deployments(gateway: &crate::gateway::Gateway) -> String {
                 count,
             );
         }
+    }
+    out.push_str(
+        "# HELP routellm_deployment_in_flight Requests sent to a deployment whose answer has not ended yet (a stream until its last byte or the client leaving): what load_balancing least_busy compares.\n\
+         # TYPE routellm_deployment_in_flight gauge\n",
+    );
+    for ((tier, index, model), _, _, in_flight) in &deployments {
+        write_sample(
+            &mut out,
+            "routellm_deployment_in_flight",
+            [("tier", *tier), ("deployment", index), ("model", model)],
+            in_flight,
+        );
     }
     out
 }

@@ -150,6 +150,8 @@ pub struct ResolvedModel {
     pub provider: String,
     /// What the model charges, if configured, for the cost counters.
     pub price: Option<Price>,
+    /// Its share of its tier's requests relative to the other deployments' (at least 1).
+    pub weight: u32,
     pub endpoint: Endpoint,
 }
 
@@ -243,6 +245,7 @@ pub fn resolve(
             provider_model: rest.to_owned(),
             provider: ECHO_PREFIX.to_owned(),
             price: model.price_per_million_tokens,
+            weight: model.weight.unwrap_or(1),
             endpoint: Endpoint::Echo,
         });
     }
@@ -302,6 +305,7 @@ pub fn resolve(
         provider_model: provider_model.to_owned(),
         provider: provider.to_owned(),
         price: model.price_per_million_tokens,
+        weight: model.weight.unwrap_or(1),
         endpoint: Endpoint::Http {
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
@@ -450,6 +454,7 @@ mod tests {
             api_key: None,
             headers: BTreeMap::new(),
             price_per_million_tokens: None,
+            weight: None,
         }
     }
 

@@ -249,3 +249,67 @@ async fn a_responses_continuation_goes_to_the_deployment_that_stored_its_convers
     assert_eq!((one.received().len(), two.received().len()), (3, 0));
     assert!(strong.received().is_empty());
 }
+
+#[tokio::test]
+async fn weights_share_turns_and_least_busy_passes_over_a_replica_with_a_stream_open() {
+    let [strong, one, two] = mocks(["strong", "one", "two"]).await;
+    let weighted = Proxy::start_config(&two_weak_round_robin(
+        &strong,
+        [("name: vllm/llama, weight: 3", &one), ("name: vllm/llama", &two)],
+    ))
+    .await;
+    for _ in 0..8 {
+        assert_eq!(weighted.post_chat(TO_WEAK).await.status(), 200);
+    }
+    assert_eq!((one.received().len(), two.received().len()), (6, 2), "3:1");
+
+    let [strong, one, two] = mocks(["strong", "one", "two"]).await;
+    let proxy = Proxy::start_config(&format!(
+        "strong_model: {{name: openai/strong-model, base_url: '{}'}}\n\
+         weak_model:\n\
+         \x20 - {{name: vllm/llama, base_url: '{}'}}\n\
+         \x20 - {{name: vllm/llama, base_url: '{}'}}\n\
+         load_balancing: {{strategy: least_busy}}\n",
+        strong.base_url(),
+        one.base_url(),
+        two.base_url()
+    ))
+    .await;
+    // The first request of an idle pool goes to the first replica: a stream it holds open.
+    let gated = r#"{"model":"router-fixed_high-0.9","stream":true,"mock":"gated","messages":[{"role":"user","content":"Hello"}]}"#;
+    let open = proxy.post_chat(gated).await;
+    assert_eq!(open.status(), 200);
+    let metrics = proxy.metrics().await;
+    assert!(
+        metric_line(&metrics, r#"routellm_deployment_in_flight{tier="weak",deployment="0""#).ends_with(" 1"),
+        "{metrics}"
+    );
+    for _ in 0..3 {
+        assert_eq!(proxy.post_chat(TO_WEAK).await.status(), 200);
+    }
+    assert_eq!(
+        (one.received().len(), two.received().len()),
+        (1, 3),
+        "the idle replica answers"
+    );
+    one.state.gate.notify_one();
+    let text = open.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "{text}");
+    // The server drops the stream just after the client has read its end.
+    let mut ended = false;
+    for _ in 0..100 {
+        let metrics = proxy.metrics().await;
+        if metric_line(&metrics, r#"routellm_deployment_in_flight{tier="weak",deployment="0""#).ends_with(" 0") {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ended, "the ended stream is no longer in flight");
+    // Idle again, the two take turns.
+    for _ in 0..2 {
+        assert_eq!(proxy.post_chat(TO_WEAK).await.status(), 200);
+    }
+    assert_eq!((one.received().len(), two.received().len()), (2, 4));
+    assert!(strong.received().is_empty());
+}

@@ -355,7 +355,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "strong_model: {name: openai/gpt-4o, api_key: sk-strong-secret, base_url: 'https://user:pw-secret@llm.example/v1', \
          headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
          weak_model: [{name: echo/mixtral, price_per_million_tokens: {input: 0.5, output: 0.5}}, \
-         {name: groq/mixtral-8x7b, api_key: gq-secret, price_per_million_tokens: {input: 0.5, output: 0.5}}]\nload_balancing: {strategy: round_robin}\n\
+         {name: groq/mixtral-8x7b, api_key: gq-secret, weight: 2, price_per_million_tokens: {input: 0.5, output: 0.5}}]\nload_balancing: {strategy: round_robin}\n\
          thresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
          upstream: {forward_headers: [traceparent]}\napi_keys: [client-key-secret, {key: team-secret, name: team-a, requests_per_minute: 60, \
          tokens_per_minute: 9000, models: [auto], budget: {limit: 25, per: day}}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*]}\nwatch_config_secs: 30\n\
@@ -383,6 +383,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "weak (1 of 2) model echo/mixtral as `mixtral`: built-in offline echo",
         "weak (2 of 2) model groq/mixtral-8x7b as `mixtral-8x7b`: https://api.groq.com/openai/v1 (groq), API key set",
         "load balancing: round robin, an unavailable deployment passed over for 10 s",
+        "  weight 2\n",
         "client headers forwarded: traceparent",
         "on_router_error: strong, on_upstream_error: fail, score_turns: last, client API keys: 2",
         ": no limits",
