@@ -984,6 +984,13 @@ fn describe_access_and_reloads(out: &mut String, config: &Config) {
     if let Some(limit) = config.scoring_timeout {
         let _ = writeln!(out, "scoring timeout: {} ms", limit.as_millis());
     }
+    if let Some(limit) = config.stream_first_event_timeout {
+        let _ = writeln!(
+            out,
+            "a stream's first event within {} s, else the next deployment",
+            limit.as_secs_f64()
+        );
+    }
     if !config.passthrough.paths.is_empty() {
         let to = match config.passthrough.to {
             crate::config::PassthroughTo::Strong => &config.strong_model.primary().name,

@@ -429,8 +429,28 @@ fn safe_relative_path(path: &str) -> bool {
 struct UpstreamFile {
     connect_timeout_secs: Option<f64>,
     request_timeout_secs: Option<f64>,
+    stream_first_event_timeout_secs: Option<f64>,
     #[serde(default)]
     forward_headers: Vec<String>,
+}
+
+impl UpstreamFile {
+    /// The connect, request and stream-first-event timeouts, defaults filled in.
+    fn timeouts(&self) -> Result<(Duration, Duration, Option<Duration>), Error> {
+        Ok((
+            seconds(
+                "upstream.connect_timeout_secs",
+                self.connect_timeout_secs.unwrap_or(DEFAULT_CONNECT_TIMEOUT_SECS),
+            )?,
+            seconds(
+                "upstream.request_timeout_secs",
+                self.request_timeout_secs.unwrap_or(DEFAULT_REQUEST_TIMEOUT_SECS),
+            )?,
+            self.stream_first_event_timeout_secs
+                .map(|secs| seconds("upstream.stream_first_event_timeout_secs", secs))
+                .transpose()?,
+        ))
+    }
 }
 
 /// The YAML file, every key optional.
@@ -563,6 +583,9 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// How long a stream may take to its first event (head included) before its
+    /// deployment counts as unavailable; `request_timeout` when unset.
+    pub stream_first_event_timeout: Option<Duration>,
     /// Client request headers passed on to the models (tracing ids and the like); none by default.
     pub forward_headers: Vec<HeaderName>,
     pub max_request_bytes: usize,
@@ -627,6 +650,7 @@ impl Config {
             DEFAULT_STRONG_MODEL,
         )?;
         let weak_model = Deployments::merge(overrides.weak_model, file.weak_model, "weak_model", DEFAULT_WEAK_MODEL)?;
+        let (connect_timeout, request_timeout, stream_first_event_timeout) = file.upstream.timeouts()?;
         let config = Self {
             host: overrides.host.or(file.host).unwrap_or_else(|| DEFAULT_HOST.to_owned()),
             port: overrides.port.or(file.port).unwrap_or(DEFAULT_PORT),
@@ -645,18 +669,9 @@ impl Config {
             strong_share: file.strong_share,
             strong_share_window: file.strong_share_window.unwrap_or(crate::strong_share::DEFAULT_WINDOW),
             providers: file.providers,
-            connect_timeout: seconds(
-                "upstream.connect_timeout_secs",
-                file.upstream
-                    .connect_timeout_secs
-                    .unwrap_or(DEFAULT_CONNECT_TIMEOUT_SECS),
-            )?,
-            request_timeout: seconds(
-                "upstream.request_timeout_secs",
-                file.upstream
-                    .request_timeout_secs
-                    .unwrap_or(DEFAULT_REQUEST_TIMEOUT_SECS),
-            )?,
+            connect_timeout,
+            request_timeout,
+            stream_first_event_timeout,
             forward_headers: forward_headers(&file.upstream.forward_headers)?,
             max_request_bytes: file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
             client_timeout: seconds(
@@ -929,6 +944,21 @@ mod tests {
             Config::merge(file, Overrides::default())
         };
         assert_eq!(with("2.5").unwrap().request_timeout, Duration::from_millis(2500));
+        assert_eq!(with("2.5").unwrap().stream_first_event_timeout, None);
+        let first_event = |value: &str| {
+            let file =
+                FileConfig::from_yaml(&format!("upstream:\n  stream_first_event_timeout_secs: {value}\n")).unwrap();
+            Config::merge(file, Overrides::default())
+        };
+        assert_eq!(
+            first_event("15").unwrap().stream_first_event_timeout,
+            Some(Duration::from_secs(15))
+        );
+        let error = first_event("0").unwrap_err().to_string();
+        assert!(
+            error.contains("upstream.stream_first_event_timeout_secs must be a positive number"),
+            "{error}"
+        );
         for bad in ["0", "-1", ".nan", ".inf", "1e300"] {
             let error = with(bad).unwrap_err().to_string();
             assert!(

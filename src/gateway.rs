@@ -220,6 +220,8 @@ pub struct Gateway {
     client: reqwest::Client,
     cors_allowed_origins: Vec<String>,
     request_timeout: Duration,
+    /// A stream's budget for its head and first event (`upstream.stream_first_event_timeout_secs`).
+    stream_first_event_timeout: Duration,
     /// Client request headers passed on to the models (`upstream.forward_headers`).
     forward_headers: Vec<HeaderName>,
     max_request_bytes: usize,
@@ -303,6 +305,7 @@ impl Gateway {
             client,
             cors_allowed_origins: config.cors_allowed_origins.clone(),
             request_timeout: config.request_timeout,
+            stream_first_event_timeout: config.stream_first_event_timeout.unwrap_or(config.request_timeout),
             forward_headers: config.forward_headers.clone(),
             max_request_bytes: config.max_request_bytes,
             client_timeout: config.client_timeout,
@@ -1196,6 +1199,7 @@ impl Gateway {
                 UpstreamRequest {
                     stream: request.stream(),
                     timeout: self.request_timeout,
+                    first_event_timeout: self.stream_first_event_timeout,
                     forwarded,
                     echo: &echo,
                 },

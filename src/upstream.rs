@@ -124,8 +124,11 @@ pub struct EchoInput<'a> {
 /// How to send one request, beside its body.
 pub struct UpstreamRequest<'a> {
     pub stream: bool,
-    /// Budget for a whole answer, a stream's first event, and each silence after it.
+    /// Budget for a whole answer and for each silence between a stream's events.
     pub timeout: Duration,
+    /// Budget for a stream's head and first event together: past it, the model counts
+    /// as unavailable (and the next deployment is tried) before the client saw a byte.
+    pub first_event_timeout: Duration,
     /// Client headers to pass on (`upstream.forward_headers`); usually empty.
     pub forwarded: &'a HeaderMap,
     pub echo: &'a EchoInput<'a>,
@@ -213,6 +216,7 @@ impl Upstream {
         let UpstreamRequest {
             stream,
             timeout,
+            first_event_timeout,
             forwarded,
             echo,
         } = request;
@@ -236,7 +240,9 @@ impl Upstream {
             // A stream may legitimately run longer than any fixed budget; a single answer may not.
             request = request.timeout(timeout);
         }
-        let response = self.response_to(request, timeout).await?;
+        let started = tokio::time::Instant::now();
+        let head_timeout = if stream { first_event_timeout } else { timeout };
+        let response = self.response_to(request, head_timeout).await?;
         if !stream || !response.status().is_success() {
             return self.read_whole(response, timeout).await.map(Reply::from);
         }
@@ -244,7 +250,9 @@ impl Upstream {
         let headers = forwarded_headers(response.headers());
 
         let mut chunks = response.bytes_stream();
-        let first = self.first_chunk(&mut chunks, timeout).await?;
+        let first = self
+            .first_chunk(&mut chunks, first_event_timeout.saturating_sub(started.elapsed()))
+            .await?;
         let mut end = StreamEnd::new(api);
         end.feed(&first);
         let watch = StreamWatch::new(chunks, Some(end), self.model.name.clone(), timeout);

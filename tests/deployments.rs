@@ -313,3 +313,50 @@ async fn weights_share_turns_and_least_busy_passes_over_a_replica_with_a_stream_
     assert_eq!((one.received().len(), two.received().len()), (2, 4));
     assert!(strong.received().is_empty());
 }
+
+#[tokio::test]
+async fn a_stream_whose_first_event_is_late_goes_to_the_next_deployment() {
+    let [first, second, weak] = mocks(["first", "second", "weak"]).await;
+    first.set_delay(Some(Duration::from_secs(3)));
+    let proxy = Proxy::start_config(&two_strong(
+        &first,
+        &second,
+        &weak,
+        "upstream: {stream_first_event_timeout_secs: 0.3}\n",
+    ))
+    .await;
+    let stream = r#"{"model":"router-fixed_high-0.5","stream":true,"messages":[{"role":"user","content":"Hello"}]}"#;
+    let started = std::time::Instant::now();
+    let response = proxy.post_chat(stream).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-routellm-model"], "groq/strong-backup");
+    let text = response.text().await.unwrap();
+    assert!(text.contains("from second") && text.contains("[DONE]"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the late deployment was given up after 0.3 s, not waited for: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(first.received().len(), 1);
+    let metrics = proxy.metrics().await;
+    assert!(
+        metric_line(
+            &metrics,
+            r#"routellm_deployment_attempts_total{tier="strong",deployment="0",model="openai/strong-primary",outcome="unavailable"}"#
+        )
+        .ends_with(" 1"),
+        "{metrics}"
+    );
+    // The bound is for streams only: a whole answer may take its request_timeout_secs, so a
+    // fresh proxy waits the 0.6 s the first deployment takes.
+    first.set_delay(Some(Duration::from_millis(600)));
+    let proxy = Proxy::start_config(&two_strong(
+        &first,
+        &second,
+        &weak,
+        "upstream: {stream_first_event_timeout_secs: 0.3}\n",
+    ))
+    .await;
+    let response = proxy.post_chat(TO_STRONG).await;
+    assert_eq!(response.headers()["x-routellm-model"], "openai/strong-primary");
+}

@@ -49,6 +49,9 @@ pub struct MockState {
     /// When set, every request is answered with this status and an OpenAI error body, as
     /// an overloaded or rate-limited provider answers (unlike `mock`, this is per upstream).
     pub unavailable: Arc<Mutex<Option<StatusCode>>>,
+    /// When set, every chat answer (its head too) waits this long first, as a stuck or
+    /// overloaded replica's does.
+    pub delay: Arc<Mutex<Option<Duration>>>,
 }
 
 pub struct MockUpstream {
@@ -80,6 +83,11 @@ impl MockUpstream {
 
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
+    }
+
+    /// From now on, wait `delay` before each chat answer (`None`: answer at once again).
+    pub fn set_delay(&self, delay: Option<Duration>) {
+        *self.state.delay.lock().unwrap() = delay;
     }
 
     /// From now on, answer every request with `status` (`None`: answer normally again).
@@ -290,31 +298,46 @@ fn spaced_event_stream(frames: Vec<Result<Bytes, std::io::Error>>) -> Response {
         .unwrap()
 }
 
+/// The upstream errors a test can ask for with `"mock": "<behaviour>"`.
+fn scripted_refusal(behaviour: &str) -> Option<Response> {
+    match behaviour {
+        "rate_limited" => {
+            let error = json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}});
+            Some(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("x-ratelimit-remaining-requests", "0")],
+                    axum::Json(error),
+                )
+                    .into_response(),
+            )
+        }
+        "bad_request" => {
+            let error = json!({"error": {"message": "Invalid 'temperature'", "type": "invalid_request_error", "param": "temperature", "code": null}});
+            Some((StatusCode::BAD_REQUEST, axum::Json(error)).into_response())
+        }
+        _ => None,
+    }
+}
+
 async fn mock_chat(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(unavailable) = receive(&state, "chat/completions", headers, &body) {
         return unavailable;
+    }
+    let delay = *state.delay.lock().unwrap();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
     }
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let model = request["model"].as_str().unwrap_or("?").to_owned();
     let behaviour = request["mock"].as_str().unwrap_or("ok").to_owned();
     let stream = request["stream"].as_bool().unwrap_or(false);
     let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false);
-    match behaviour.as_str() {
-        "rate_limited" => {
-            let error = json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}});
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [("x-ratelimit-remaining-requests", "0")],
-                axum::Json(error),
-            )
-                .into_response();
-        }
-        "bad_request" => {
-            let error = json!({"error": {"message": "Invalid 'temperature'", "type": "invalid_request_error", "param": "temperature", "code": null}});
-            return (StatusCode::BAD_REQUEST, axum::Json(error)).into_response();
-        }
-        "slow" => tokio::time::sleep(Duration::from_secs(5)).await,
-        _ => {}
+    if let Some(refusal) = scripted_refusal(&behaviour) {
+        return refusal;
+    }
+    if behaviour == "slow" {
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
     if !stream {
         let answer = json!({
