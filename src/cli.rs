@@ -34,6 +34,9 @@ pub enum Command {
     Calibrate(CalibrateArgs),
     /// Score a file of prompts with each router, one JSON line per prompt and router.
     Score(ScoreArgs),
+    /// Label your own prompts: both models answer, a judge compares the answers; the output
+    /// is training data for `train` and a benchmark for `eval`.
+    Label(LabelArgs),
     /// Train a router on your own data.
     #[command(subcommand)]
     Train(TrainCommand),
@@ -406,6 +409,37 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct LabelArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Prompts: JSONL with `prompt` or `messages` (the last user turn; a prompt log reads as
+    /// it is), or plain text, one prompt per line.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// JSONL file the labels are appended to; prompts it already holds are not asked again.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The judge: a configured model, or any `<provider>/<model>` the config resolves.
+    /// [default: the strong model]
+    #[arg(long)]
+    pub judge: Option<String>,
+    /// Judge each pair once, in an order fixed per prompt, instead of in both orders:
+    /// half the judge's cost, with its position bias left in.
+    #[arg(long)]
+    pub one_order: bool,
+    /// Prompts labelled at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// `max_tokens` for the two models' answers (leave unset for models that refuse it,
+    /// such as OpenAI's reasoning models). [default: each model's own]
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// Label at most this many new prompts (a trial run, or a budget).
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Args)]
 pub struct RouteArgs {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -441,6 +475,7 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Eval(args) => tokio::task::spawn_blocking(move || eval(&args)).await?,
         Command::Calibrate(args) => tokio::task::spawn_blocking(move || calibrate(&args)).await?,
         Command::Score(args) => tokio::task::spawn_blocking(move || score(&args)).await?,
+        Command::Label(args) => label(args).await,
         Command::Train(TrainCommand::Mf(args)) => tokio::task::spawn_blocking(move || train_mf(&args)).await?,
         Command::Train(TrainCommand::SwRanking(args)) => {
             tokio::task::spawn_blocking(move || train_sw_ranking(&args)).await?
@@ -849,6 +884,67 @@ fn save_spend_periodically(state: AppState) {
             }
         }
     });
+}
+
+async fn label(args: LabelArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.common.config.as_deref(), args.common.overrides())?;
+    init_tracing(config.log_format, false);
+    let prompts = crate::prompts::read(&args.prompts)?;
+    let options = crate::label::LabelOptions {
+        judge: args.judge,
+        both_orders: !args.one_order,
+        concurrency: args.concurrency,
+        max_tokens: args.max_tokens,
+        limit: args.limit,
+    };
+    let both_orders = options.both_orders;
+    let labeller = crate::label::Labeller::new(&config, options)?;
+    let summary = labeller.run(prompts, &args.out).await?;
+    eprintln!("{}", describe_labelling(&summary, &args.out, both_orders));
+    if summary.failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{} prompts were not labelled (run the same command again to retry only them)",
+            summary.failed.len()
+        )
+    }
+}
+
+/// What `label` did, for people: counts, outcomes, tokens and the first few failures.
+fn describe_labelling(summary: &crate::label::LabelSummary, out: &std::path::Path, both_orders: bool) -> String {
+    use std::fmt::Write as _;
+    let mut text = format!(
+        "labelled {} prompts into {} ({} already there, {} left by --limit, {} failed)",
+        summary.labelled,
+        out.display(),
+        summary.already_labelled,
+        summary.not_started,
+        summary.failed.len()
+    );
+    if summary.labelled > 0 {
+        let _ = write!(
+            text,
+            "\nthe strong model won {}, tied {}, lost {} (judged {})\ntokens: {} prompt, {} completion",
+            summary.strong_wins,
+            summary.ties,
+            summary.weak_wins,
+            if both_orders { "in both orders" } else { "once" },
+            summary.usage.prompt_tokens,
+            summary.usage.completion_tokens
+        );
+        if let Some(cost) = summary.cost {
+            let _ = write!(text, "; cost {cost:.4}");
+        }
+    }
+    for (prompt, reason) in summary.failed.iter().take(5) {
+        let head: String = prompt.chars().take(60).collect();
+        let _ = write!(text, "\nnot labelled: {head:?}: {reason}");
+    }
+    if summary.failed.len() > 5 {
+        let _ = write!(text, "\n... and {} more", summary.failed.len() - 5);
+    }
+    text
 }
 
 async fn route(args: RouteArgs) -> anyhow::Result<()> {

@@ -1158,6 +1158,19 @@ impl Gateway {
         forwarded
     }
 
+    /// Sends a Chat Completions `body` to `upstream`, a model outside the two tiers (the
+    /// judge of `routellm label`), with this gateway's client and timeouts.
+    pub async fn ask(&self, upstream: &Upstream, body: &[u8]) -> Result<Reply, Error> {
+        let request = ModelRequest::parse(Api::ChatCompletions, body)?;
+        let sending = Sending {
+            request: &request,
+            body,
+            forwarded: &HeaderMap::new(),
+        };
+        let mut waited = Duration::ZERO;
+        self.forward(&sending, None, upstream, &mut waited).await
+    }
+
     /// Sends the request, rewritten for `upstream`'s model, and returns its answer; the
     /// time spent waiting on the model is added to `upstream_time`.
     async fn forward(

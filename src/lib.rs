@@ -23,6 +23,7 @@
 //! - [`eval`]: `routellm eval`: benchmarks, metrics (APGR, AUC, CPT, bootstrap CIs), plots.
 //! - [`scoring`]: batch scoring on all cores and threshold calibration (`score`, `calibrate`).
 //! - [`prompts`]: reading prompt files (JSONL `prompt`/`messages`, or plain text).
+//! - [`label`]: `routellm label`: a team's own prompts answered by both models and judged by a third, as battles for `train` and rows for `eval`.
 //! - [`prompt_log`]: the opt-in log of what routers scored on live traffic, in the prompt-file format, for recalibrating.
 //! - [`progress`]: a progress bar for long scoring runs.
 //! - [`embed`]: the `Embedder` trait: static table (default), MiniLM (own BERT forward pass, and the
@@ -51,6 +52,7 @@ pub mod error;
 pub mod eval;
 pub mod features;
 pub mod gateway;
+pub mod label;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod model_name;

@@ -16,6 +16,8 @@ pub struct Progress {
     started: Instant,
     state: Mutex<DrawState>,
     terminal: bool,
+    /// Below this many items the bar stays silent.
+    min_items: usize,
 }
 
 struct DrawState {
@@ -26,6 +28,16 @@ struct DrawState {
 impl Progress {
     #[must_use]
     pub fn new(label: impl Into<String>, total: usize) -> Self {
+        Self::drawn_from(label, total, MIN_ITEMS)
+    }
+
+    /// A bar for items that take seconds each (calls to models), shown for any number of them.
+    #[must_use]
+    pub fn for_slow_items(label: impl Into<String>, total: usize) -> Self {
+        Self::drawn_from(label, total, 1)
+    }
+
+    fn drawn_from(label: impl Into<String>, total: usize, min_items: usize) -> Self {
         let now = Instant::now();
         Self {
             label: label.into(),
@@ -37,13 +49,14 @@ impl Progress {
                 last_tenth: 0,
             }),
             terminal: std::io::stderr().is_terminal(),
+            min_items,
         }
     }
 
     /// Records `count` more finished items, redrawing at most ten times a second.
     pub fn advance(&self, count: usize) {
         let done = self.done.fetch_add(count, Ordering::Relaxed) + count;
-        if self.total < MIN_ITEMS {
+        if self.total < self.min_items {
             return;
         }
         let Ok(mut state) = self.state.lock() else {
@@ -73,13 +86,14 @@ impl Progress {
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
         #[allow(clippy::cast_precision_loss)]
         let rate = done as f64 / elapsed;
+        // Slow items (model calls) go a few per second: whole numbers would read 0/s.
+        let decimals = usize::from(rate < 10.0);
         format!(
-            "{} [{}{}] {done}/{} ({:.0}/s)",
+            "{} [{}{}] {done}/{} ({rate:.decimals$}/s)",
             self.label,
             "#".repeat(filled.min(WIDTH)),
             "-".repeat(WIDTH - filled.min(WIDTH)),
             self.total,
-            rate
         )
     }
 }

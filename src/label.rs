@@ -1,0 +1,587 @@
+//! `routellm label`: labels prompts from a team's own traffic with a judge model, so routers
+//! can be evaluated and trained on that traffic instead of public benchmarks.
+//!
+//! No router trained on public data routes every kind of traffic well (see
+//! `routers/README.md`); what transfers is data from the traffic itself. For each prompt both
+//! configured models answer, a judge model compares the two answers (in both orders by
+//! default, since judges favour a position), and one JSON line records the battle. The line
+//! is at once a battle for `routellm train` (`model_a`, `model_b`, `winner`, `p_b_wins`) and a
+//! benchmark row for `routellm eval` (`scores`), and it keeps the answers and verdicts so a
+//! label can be audited. Lines are appended as prompts finish, so an interrupted run loses
+//! only what was in flight, and a rerun labels only what the file does not hold yet.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use axum::http::HeaderMap;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::config::{Config, ModelConfig, Price};
+use crate::error::Error;
+use crate::gateway::Gateway;
+use crate::request::Api;
+use crate::upstream::{Reply, Upstream};
+use crate::usage::Usage;
+
+/// The judge's instructions. Written for this project; the verdict markers follow the
+/// convention of pairwise LLM judging (MT-Bench), which judges already know.
+const JUDGE_INSTRUCTIONS: &str = "You compare the answers two AI assistants gave to the same user request. \
+Decide which answer serves the user better: correct first, then helpful, relevant, complete and clear. \
+Do not let the order of the answers, their length as such, or the assistants' names sway you. \
+Explain your reasoning in a few sentences, then give your verdict on the last line as exactly one of: \
+[[A]] if assistant A's answer is better, [[B]] if assistant B's answer is better, [[C]] if they are equally good.";
+
+const MARKERS: [(&str, Verdict); 3] = [("[[A]]", Verdict::A), ("[[B]]", Verdict::B), ("[[C]]", Verdict::Tie)];
+
+/// How `label` asks and judges.
+#[derive(Debug, Clone)]
+pub struct LabelOptions {
+    /// The judge: a configured model's name, or any `<provider>/<model>` the config's
+    /// providers resolve. The strong model when `None`.
+    pub judge: Option<String>,
+    /// Judge each pair twice, the answers in both orders, and average: position bias cancels.
+    pub both_orders: bool,
+    /// Prompts labelled at once.
+    pub concurrency: usize,
+    /// `max_tokens` for the two models' answers; their own default when `None`.
+    pub max_tokens: Option<u32>,
+    /// Label at most this many new prompts.
+    pub limit: Option<usize>,
+}
+
+impl Default for LabelOptions {
+    fn default() -> Self {
+        Self {
+            judge: None,
+            both_orders: true,
+            concurrency: 4,
+            max_tokens: None,
+            limit: None,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct LabelSummary {
+    /// Prompts labelled and appended in this run.
+    pub labelled: usize,
+    /// Prompts the output file already held (and repeats within the input), not asked again.
+    pub already_labelled: usize,
+    /// Prompts left for a later run by `limit`.
+    pub not_started: usize,
+    /// Prompts that could not be labelled, each with why; none of them was written.
+    pub failed: Vec<(String, String)>,
+    pub strong_wins: usize,
+    pub ties: usize,
+    pub weak_wins: usize,
+    /// Tokens every call reported, answers and judgements.
+    pub usage: Usage,
+    /// What those tokens cost, when every model asked has a price.
+    pub cost: Option<f64>,
+}
+
+/// The answer-order of one judgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Order {
+    /// The strong model's answer is assistant A.
+    StrongFirst,
+    WeakFirst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    A,
+    B,
+    Tie,
+}
+
+/// Reads the judge's verdict: the one marker its reply contains. None when it gives no
+/// marker or several (a reply that quotes the instructions must not count as a verdict).
+fn verdict_of(reply: &str) -> Option<Verdict> {
+    let mut found = MARKERS.iter().filter(|(marker, _)| reply.contains(marker));
+    match (found.next(), found.next()) {
+        (Some((_, verdict)), None) => Some(*verdict),
+        _ => None,
+    }
+}
+
+/// The strong model's score for one verdict: 1 when its answer won, 0 when it lost.
+fn strong_score(order: Order, verdict: Verdict) -> f64 {
+    match (order, verdict) {
+        (Order::StrongFirst, Verdict::A) | (Order::WeakFirst, Verdict::B) => 1.0,
+        (Order::StrongFirst, Verdict::B) | (Order::WeakFirst, Verdict::A) => 0.0,
+        (_, Verdict::Tie) => 0.5,
+    }
+}
+
+fn judge_request(prompt: &str, first: &str, second: &str) -> String {
+    format!(
+        "[The user's request]\n{prompt}\n\n[The answer of assistant A]\n{first}\n\n[The answer of assistant B]\n{second}"
+    )
+}
+
+/// One model's answer to one request, with what it cost.
+#[derive(Debug)]
+struct Answer {
+    text: String,
+    usage: Usage,
+    price: Option<Price>,
+}
+
+/// The judge: a model the gateway serves, or one of its own.
+enum Judge {
+    Configured(String),
+    Outside(Box<Upstream>),
+}
+
+/// One labelled prompt, as it is written.
+#[derive(Serialize)]
+struct Labelled<'a> {
+    prompt: &'a str,
+    model_a: &'a str,
+    model_b: &'a str,
+    winner: &'static str,
+    p_b_wins: f64,
+    scores: BTreeMap<&'a str, f64>,
+    judge: &'a str,
+    judgements: Vec<Judgement>,
+    answers: BTreeMap<&'static str, String>,
+}
+
+#[derive(Serialize)]
+struct Judgement {
+    order: Order,
+    /// `model_a` (the strong model), `model_b` or `tie`; null when the judge gave none.
+    winner: Option<&'static str>,
+}
+
+/// What one prompt's labelling produced, before it is written.
+struct Outcome {
+    prompt: String,
+    strong: Answer,
+    weak: Answer,
+    judgements: Vec<Judgement>,
+    judge_usage: Usage,
+    judge_cost: Option<f64>,
+    strong_share: f64,
+}
+
+/// Asks both configured models and the judge; one per process.
+pub struct Labeller {
+    gateway: Gateway,
+    strong: String,
+    weak: String,
+    judge_name: String,
+    judge: Judge,
+    options: LabelOptions,
+}
+
+impl Labeller {
+    /// Resolves the two models and the judge as `serve` resolves models.
+    pub fn new(config: &Config, options: LabelOptions) -> Result<Self, Error> {
+        let strong = config.strong_model.primary().name.clone();
+        let weak = config.weak_model.primary().name.clone();
+        if strong == weak {
+            return Err(Error::Config(format!(
+                "the strong and the weak model are both `{strong}`: there is nothing to compare"
+            )));
+        }
+        if options.concurrency == 0 {
+            return Err(Error::invalid("--concurrency must be at least 1"));
+        }
+        // Labelling needs the models, not the routers.
+        let gateway = Gateway::with_routers(config, BTreeMap::new())?;
+        let judge_name = options.judge.clone().unwrap_or_else(|| strong.clone());
+        let judge = if gateway.direct(&judge_name).is_some() {
+            Judge::Configured(judge_name.clone())
+        } else {
+            let env = |name: &str| std::env::var(name).ok();
+            let model = crate::providers::resolve(
+                &ModelConfig::named(judge_name.clone()),
+                &config.global,
+                &config.providers,
+                &env,
+            )?;
+            if let Some(warning) = model.missing_key_warning() {
+                tracing::warn!("judge: {warning}");
+            }
+            Judge::Outside(Box::new(Upstream::new(model)?))
+        };
+        Ok(Self {
+            gateway,
+            strong,
+            weak,
+            judge_name,
+            judge,
+            options,
+        })
+    }
+
+    /// Labels the prompts `out` does not hold yet, appending a line per prompt as it
+    /// finishes. A prompt that fails is reported in the summary and left for a rerun.
+    pub async fn run(&self, prompts: Vec<String>, out: &Path) -> Result<LabelSummary, Error> {
+        let mut summary = LabelSummary::default();
+        let mut seen = labelled_prompts(out).await?;
+        let mut todo = Vec::new();
+        for prompt in prompts {
+            if seen.insert(prompt.clone()) {
+                todo.push(prompt);
+            } else {
+                summary.already_labelled += 1;
+            }
+        }
+        if let Some(limit) = self.options.limit {
+            summary.not_started = todo.len().saturating_sub(limit);
+            todo.truncate(limit);
+        }
+        let mut file = open_for_append(out).await?;
+        let progress = crate::progress::Progress::for_slow_items("labelling", todo.len());
+        let mut priced = true;
+        let mut cost = 0.0;
+        let mut outcomes = futures_util::stream::iter(todo)
+            .map(|prompt| async move {
+                let outcome = self.label(&prompt).await;
+                (prompt, outcome)
+            })
+            .buffer_unordered(self.options.concurrency);
+        while let Some((prompt, outcome)) = outcomes.next().await {
+            progress.advance(1);
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    summary.failed.push((prompt, error.to_string()));
+                    continue;
+                }
+            };
+            let line = self.line(&outcome)?;
+            file.write_all(line.as_bytes())
+                .await
+                .map_err(|error| Error::io(out.display().to_string(), error))?;
+            file.flush()
+                .await
+                .map_err(|error| Error::io(out.display().to_string(), error))?;
+            summary.labelled += 1;
+            match outcome.strong_share {
+                share if share > 0.5 => summary.strong_wins += 1,
+                share if share < 0.5 => summary.weak_wins += 1,
+                _ => summary.ties += 1,
+            }
+            for answer in [&outcome.strong, &outcome.weak] {
+                add(&mut summary.usage, answer.usage);
+                match answer.price {
+                    Some(price) => cost += price.cost(answer.usage.prompt_tokens, answer.usage.completion_tokens),
+                    None => priced = false,
+                }
+            }
+            add(&mut summary.usage, outcome.judge_usage);
+            match outcome.judge_cost {
+                Some(judge_cost) => cost += judge_cost,
+                None => priced = false,
+            }
+        }
+        summary.cost = (priced && summary.labelled > 0).then_some(cost);
+        Ok(summary)
+    }
+
+    /// The JSON line for one labelled prompt.
+    fn line(&self, outcome: &Outcome) -> Result<String, Error> {
+        let share = outcome.strong_share;
+        let record = Labelled {
+            prompt: &outcome.prompt,
+            model_a: &self.strong,
+            model_b: &self.weak,
+            winner: match share {
+                share if share > 0.5 => "model_a",
+                share if share < 0.5 => "model_b",
+                _ => "tie",
+            },
+            p_b_wins: 1.0 - share,
+            scores: BTreeMap::from([(self.strong.as_str(), share), (self.weak.as_str(), 1.0 - share)]),
+            judge: &self.judge_name,
+            judgements: outcome
+                .judgements
+                .iter()
+                .map(|judgement| Judgement {
+                    order: judgement.order,
+                    winner: judgement.winner,
+                })
+                .collect(),
+            answers: BTreeMap::from([
+                ("model_a", outcome.strong.text.clone()),
+                ("model_b", outcome.weak.text.clone()),
+            ]),
+        };
+        let mut line =
+            serde_json::to_string(&record).map_err(|error| Error::Internal(format!("a label line: {error}")))?;
+        line.push('\n');
+        Ok(line)
+    }
+
+    /// Both answers, then the judge's verdicts.
+    async fn label(&self, prompt: &str) -> Result<Outcome, Error> {
+        let (strong, weak) = tokio::join!(self.answer(&self.strong, prompt), self.answer(&self.weak, prompt));
+        let (strong, weak) = (strong?, weak?);
+        let orders: &[Order] = if self.options.both_orders {
+            &[Order::StrongFirst, Order::WeakFirst]
+        } else if crate::rng::fnv1a(crate::rng::FNV_OFFSET, prompt.as_bytes()) % 2 == 0 {
+            // Which answer comes first is fixed per prompt, so reruns ask the same question.
+            &[Order::StrongFirst]
+        } else {
+            &[Order::WeakFirst]
+        };
+        let judged = futures_util::future::join_all(orders.iter().map(|&order| {
+            let (first, second) = match order {
+                Order::StrongFirst => (&strong.text, &weak.text),
+                Order::WeakFirst => (&weak.text, &strong.text),
+            };
+            self.judge(judge_request(prompt, first, second))
+        }))
+        .await;
+        let mut judgements = Vec::with_capacity(orders.len());
+        let mut judge_usage = Usage::default();
+        let mut judge_cost = Some(0.0);
+        let mut scores = Vec::new();
+        for (&order, judged) in orders.iter().zip(judged) {
+            let answer = judged?;
+            add(&mut judge_usage, answer.usage);
+            judge_cost = judge_cost
+                .zip(answer.price)
+                .map(|(sum, price)| sum + price.cost(answer.usage.prompt_tokens, answer.usage.completion_tokens));
+            let verdict = verdict_of(&answer.text);
+            let score = verdict.map(|verdict| strong_score(order, verdict));
+            judgements.push(Judgement {
+                order,
+                winner: score.map(|score| match score {
+                    score if score > 0.5 => "model_a",
+                    score if score < 0.5 => "model_b",
+                    _ => "tie",
+                }),
+            });
+            scores.extend(score);
+        }
+        if scores.is_empty() {
+            return Err(Error::UpstreamProtocol {
+                model: self.judge_name.clone(),
+                reason: "the judge gave no verdict ([[A]], [[B]] or [[C]], exactly one of them)".to_owned(),
+            });
+        }
+        #[allow(clippy::cast_precision_loss)] // one or two verdicts
+        let strong_share = scores.iter().sum::<f64>() / scores.len() as f64;
+        Ok(Outcome {
+            prompt: prompt.to_owned(),
+            strong,
+            weak,
+            judgements,
+            judge_usage,
+            judge_cost,
+            strong_share,
+        })
+    }
+
+    /// A configured model's answer to `prompt`, as a one-turn conversation.
+    async fn answer(&self, model: &str, prompt: &str) -> Result<Answer, Error> {
+        let mut body = json!({"model": model, "messages": [{"role": "user", "content": prompt}]});
+        if let Some(max_tokens) = self.options.max_tokens {
+            body["max_tokens"] = json!(max_tokens);
+        }
+        self.ask_configured(model, &body).await
+    }
+
+    /// The judge's reply to one comparison.
+    async fn judge(&self, comparison: String) -> Result<Answer, Error> {
+        let body = json!({
+            "model": self.judge_name,
+            "messages": [
+                {"role": "system", "content": JUDGE_INSTRUCTIONS},
+                {"role": "user", "content": comparison},
+            ],
+        });
+        match &self.judge {
+            Judge::Configured(name) => self.ask_configured(name, &body).await,
+            Judge::Outside(upstream) => {
+                let bytes = serde_json::to_vec(&body).map_err(|error| Error::Internal(error.to_string()))?;
+                let reply = self.gateway.ask(upstream, &bytes).await?;
+                answer_of(&self.judge_name, reply, upstream.model.price)
+            }
+        }
+    }
+
+    async fn ask_configured(&self, model: &str, body: &Value) -> Result<Answer, Error> {
+        let bytes = serde_json::to_vec(body).map_err(|error| Error::Internal(error.to_string()))?;
+        let completion = self
+            .gateway
+            .complete_with_headers(Api::ChatCompletions, &bytes, &HeaderMap::new())
+            .await?;
+        answer_of(model, completion.reply, completion.price)
+    }
+}
+
+fn add(total: &mut Usage, more: Usage) {
+    total.prompt_tokens += more.prompt_tokens;
+    total.completion_tokens += more.completion_tokens;
+}
+
+/// The text of a Chat Completions answer, or why there is none.
+fn answer_of(model: &str, reply: Reply, price: Option<Price>) -> Result<Answer, Error> {
+    let Reply::Complete { status, body, .. } = reply else {
+        return Err(Error::UpstreamProtocol {
+            model: model.to_owned(),
+            reason: "a stream came back to a request that asked for none".to_owned(),
+        });
+    };
+    if !status.is_success() {
+        return Err(Error::UpstreamStatus {
+            model: model.to_owned(),
+            status,
+            body: String::from_utf8_lossy(&body).chars().take(500).collect(),
+        });
+    }
+    let parsed: Value = serde_json::from_slice(&body).map_err(|error| Error::UpstreamProtocol {
+        model: model.to_owned(),
+        reason: format!("the answer is not JSON ({error})"),
+    })?;
+    let text = parsed["choices"][0]["message"]["content"]
+        .as_str()
+        .filter(|text| !text.trim().is_empty())
+        .ok_or_else(|| Error::UpstreamProtocol {
+            model: model.to_owned(),
+            reason: "the answer has no text in choices[0].message.content".to_owned(),
+        })?;
+    Ok(Answer {
+        text: text.to_owned(),
+        usage: crate::usage::of_body(&body).unwrap_or_default(),
+        price,
+    })
+}
+
+/// The prompts `out` already holds. A line that is not a label (a run killed mid-write
+/// leaves at most a partial last line) stops the run rather than be appended after.
+async fn labelled_prompts(out: &Path) -> Result<HashSet<String>, Error> {
+    let text = match tokio::fs::read_to_string(out).await {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(error) => return Err(Error::io(out.display().to_string(), error)),
+    };
+    let mut prompts = HashSet::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let prompt = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|row| row.get("prompt").and_then(Value::as_str).map(str::to_owned));
+        let Some(prompt) = prompt else {
+            return Err(Error::invalid(format!(
+                "{}:{}: not a label line (a JSON object with a `prompt`); remove or fix it, then run again",
+                out.display(),
+                number + 1
+            )));
+        };
+        prompts.insert(prompt);
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Err(Error::invalid(format!(
+            "{}: the last line does not end with a newline; add one, then run again",
+            out.display()
+        )));
+    }
+    Ok(prompts)
+}
+
+async fn open_for_append(out: &Path) -> Result<tokio::fs::File, Error> {
+    let mut options = tokio::fs::OpenOptions::new();
+    options.create(true).append(true);
+    // Prompts and answers are user data, as in the prompt log: the owner's alone.
+    #[cfg(unix)]
+    options.mode(0o600);
+    options
+        .open(out)
+        .await
+        .map_err(|error| Error::io(out.display().to_string(), error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verdict_is_the_one_marker_in_the_reply() {
+        assert_eq!(verdict_of("A is right, B miscounts.\n[[A]]"), Some(Verdict::A));
+        assert_eq!(verdict_of("[[B]]"), Some(Verdict::B));
+        assert_eq!(verdict_of("Both fine. [[C]]"), Some(Verdict::Tie));
+        // Repeating a marker is still one verdict.
+        assert_eq!(verdict_of("[[B]] ... so [[B]]"), Some(Verdict::B));
+        assert_eq!(verdict_of("no verdict here"), None);
+        // An echo of the instructions names every marker: no verdict, not the last one.
+        assert_eq!(verdict_of(JUDGE_INSTRUCTIONS), None);
+        assert_eq!(verdict_of("[[A]] or maybe [[B]]"), None);
+    }
+
+    #[test]
+    fn verdicts_score_the_strong_model_whichever_order_it_was_shown_in() {
+        assert!((strong_score(Order::StrongFirst, Verdict::A) - 1.0).abs() < f64::EPSILON);
+        assert!(strong_score(Order::StrongFirst, Verdict::B).abs() < f64::EPSILON);
+        assert!(strong_score(Order::WeakFirst, Verdict::A).abs() < f64::EPSILON);
+        assert!((strong_score(Order::WeakFirst, Verdict::B) - 1.0).abs() < f64::EPSILON);
+        assert!((strong_score(Order::WeakFirst, Verdict::Tie) - 0.5).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn the_comparison_shows_the_request_and_both_answers_in_order() {
+        let text = judge_request("What is 2+2?", "4", "5");
+        let request = text.find("What is 2+2?").unwrap();
+        let first = text.find("assistant A]\n4").unwrap();
+        let second = text.find("assistant B]\n5").unwrap();
+        assert!(request < first && first < second, "{text}");
+    }
+
+    #[test]
+    fn an_answer_needs_success_and_text() {
+        let reply = |status: u16, body: &str| Reply::Complete {
+            status: axum::http::StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from(body.to_owned()),
+        };
+        let ok = r#"{"choices":[{"message":{"content":"four"}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#;
+        let answer = answer_of("m", reply(200, ok), None).unwrap();
+        assert_eq!(answer.text, "four");
+        assert_eq!(answer.usage.prompt_tokens, 3);
+        let error = answer_of("m", reply(429, r#"{"error":{"message":"slow down"}}"#), None).unwrap_err();
+        assert!(
+            error.to_string().contains("429") && error.to_string().contains("slow down"),
+            "{error}"
+        );
+        let empty = r#"{"choices":[{"message":{"content":null,"tool_calls":[]}}]}"#;
+        assert!(answer_of("m", reply(200, empty), None).is_err());
+        assert!(answer_of("m", reply(200, "<html>"), None).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_partial_last_line_stops_a_rerun_instead_of_being_appended_to() {
+        let dir = std::env::temp_dir().join(format!("routellm-label-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("labels.jsonl");
+        std::fs::write(&out, "{\"prompt\": \"a\"}\n{\"prompt\": \"b\"}\n").unwrap();
+        let held = labelled_prompts(&out).await.unwrap();
+        assert!(held.contains("a") && held.contains("b") && held.len() == 2);
+        std::fs::write(&out, "{\"prompt\": \"a\"}\n{\"prompt\": \"b").unwrap();
+        let error = labelled_prompts(&out).await.unwrap_err();
+        assert!(error.to_string().contains(":2:"), "{error}");
+        std::fs::write(&out, "{\"prompt\": \"a\"}").unwrap();
+        assert!(labelled_prompts(&out).await.is_err());
+        assert!(labelled_prompts(&dir.join("absent.jsonl")).await.unwrap().is_empty());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let fresh = dir.join("fresh.jsonl");
+            drop(open_for_append(&fresh).await.unwrap());
+            assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,339 @@
+//! `routellm label` against mock models and a scripted judge: what each is asked, what is
+//! written, that the output reads as training battles and as an eval benchmark, and that a
+//! rerun asks again only for what failed.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::MockUpstream;
+use routellm::config::{Config, FileConfig, Overrides};
+use routellm::label::{LabelOptions, Labeller};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+/// A judge that prefers whichever answer came from the strong mock ("answer from strong"),
+/// or, while `undecided` is set, rambles without a verdict. Asked without the judge's
+/// instructions, it answers as the strong mock does (so it can be the strong model too).
+#[derive(Clone, Default)]
+struct Referee {
+    asked: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
+    undecided: Arc<AtomicBool>,
+}
+
+impl Referee {
+    async fn start(&self) -> String {
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", post(referee_judges))
+            .with_state(self.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/v1")
+    }
+
+    fn asked(&self) -> Vec<(HeaderMap, Value)> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+async fn referee_judges(State(referee): State<Referee>, headers: HeaderMap, body: String) -> axum::Json<Value> {
+    let request: Value = serde_json::from_str(&body).unwrap();
+    referee.asked.lock().unwrap().push((headers, request.clone()));
+    if request["messages"][0]["role"] != "system" {
+        return axum::Json(json!({
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "answer from strong"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+        }));
+    }
+    let comparison = request["messages"][1]["content"].as_str().unwrap_or_default();
+    let a_is_strong = comparison
+        .split("[The answer of assistant A]")
+        .nth(1)
+        .and_then(|rest| rest.split("[The answer of assistant B]").next())
+        .is_some_and(|answer| answer.contains("from strong"));
+    let content = if referee.undecided.load(Ordering::SeqCst) {
+        "Both have merits; hard to say.".to_owned()
+    } else {
+        format!(
+            "The other answer misses the point.\n{}",
+            if a_is_strong { "[[A]]" } else { "[[B]]" }
+        )
+    };
+    axum::Json(json!({
+        "id": "chatcmpl-referee",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+    }))
+}
+
+fn config(strong: &MockUpstream, weak: &MockUpstream, referee: &str) -> Config {
+    config_at(&strong.base_url(), &weak.base_url(), referee)
+}
+
+fn config_at(strong: &str, weak: &str, referee: &str) -> Config {
+    let yaml = format!(
+        "strong_model: {{name: openai/strong-model, base_url: '{strong}', api_key: sk-strong, \
+         price_per_million_tokens: {{input: 10, output: 30}}}}\n\
+         weak_model: {{name: together_ai/weak-model, base_url: '{weak}', api_key: sk-weak, \
+         price_per_million_tokens: {{input: 1, output: 1}}}}\n\
+         providers:\n  referee: {{base_url: '{referee}', api_key: sk-judge}}\n"
+    );
+    Config::merge(FileConfig::from_yaml(&yaml).unwrap(), Overrides::default()).unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("routellm-label-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn prompts() -> Vec<String> {
+    [
+        "What is 2 + 2?",
+        "Write a haiku about rust.",
+        "Explain TCP slow start.",
+        "What is 2 + 2?",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn judged_by_referee() -> LabelOptions {
+    LabelOptions {
+        judge: Some("referee/judge-model".to_owned()),
+        ..LabelOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_again() {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let referee = Referee::default();
+    let config = config(&strong, &weak, &referee.start().await);
+    let dir = scratch("battles");
+    let out = dir.join("labels.jsonl");
+
+    let labeller = Labeller::new(&config, judged_by_referee()).unwrap();
+    let summary = labeller.run(prompts(), &out).await.unwrap();
+    assert_eq!(summary.labelled, 3, "{summary:?}");
+    assert_eq!(summary.already_labelled, 1, "the repeated prompt is asked once");
+    assert!(summary.failed.is_empty(), "{:?}", summary.failed);
+    assert_eq!((summary.strong_wins, summary.ties, summary.weak_wins), (3, 0, 0));
+    // The mocks report 1 + 3 tokens per answer; the referee 100 + 10 per judgement, and it
+    // has no price, so there is no total cost.
+    assert_eq!(summary.usage.prompt_tokens, 3 * 2 + 6 * 100);
+    assert_eq!(summary.cost, None);
+
+    // Each model answered each prompt once, as a one-turn conversation under its own name.
+    for (mock, model) in [(&strong, "strong-model"), (&weak, "weak-model")] {
+        let received = mock.received();
+        assert_eq!(received.len(), 3);
+        for request in &received {
+            let body = request.json();
+            assert_eq!(body["model"], model);
+            assert_eq!(body["messages"].as_array().unwrap().len(), 1);
+            assert!(body.get("max_tokens").is_none(), "no defaults are added: {body}");
+        }
+    }
+    // The judge saw each pair in both orders, with its own key and model name.
+    let asked = referee.asked();
+    assert_eq!(asked.len(), 6);
+    let mut strong_first = 0;
+    for (headers, request) in &asked {
+        assert_eq!(headers["authorization"], "Bearer sk-judge");
+        assert_eq!(request["model"], "judge-model");
+        let comparison = request["messages"][1]["content"].as_str().unwrap();
+        let a = comparison.find("answer from strong").unwrap();
+        let b = comparison.find("answer from weak").unwrap();
+        strong_first += usize::from(a < b);
+    }
+    assert_eq!(strong_first, 3, "half the judgements show the strong answer first");
+
+    let written = lines(&out);
+    assert_eq!(written.len(), 3);
+    for line in &written {
+        assert_eq!(line["model_a"], "openai/strong-model");
+        assert_eq!(line["model_b"], "together_ai/weak-model");
+        assert_eq!(line["winner"], "model_a");
+        assert_eq!(line["p_b_wins"], 0.0);
+        assert_eq!(line["scores"]["openai/strong-model"], 1.0);
+        assert_eq!(line["answers"]["model_b"], "answer from weak");
+        assert_eq!(line["judge"], "referee/judge-model");
+        let orders: Vec<&str> = line["judgements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|judgement| judgement["order"].as_str().unwrap())
+            .collect();
+        assert_eq!(orders, ["strong_first", "weak_first"]);
+    }
+
+    // `train` reads the lines as battles the strong model won...
+    let data = routellm::train::data::Dataset::read(std::slice::from_ref(&out), 32, 42).unwrap();
+    assert_eq!(data.battles.len(), 3);
+    let strong_id = data.model("openai/strong-model").unwrap();
+    assert!(
+        data.battles
+            .iter()
+            .all(|battle| battle.a == strong_id && battle.label > 0.99)
+    );
+    // ... and `eval` as a benchmark where the strong model scores 1 on every prompt.
+    let benchmark = routellm::eval::benchmark::load(
+        &routellm::eval::benchmark::BenchmarkKind::Generic(out.clone()),
+        &dir,
+        Some("openai/strong-model"),
+        Some("together_ai/weak-model"),
+    )
+    .unwrap();
+    assert_eq!(benchmark.prompts.len(), 3);
+    assert!(
+        benchmark
+            .outcomes
+            .iter()
+            .all(|outcome| outcome.strong_sum > outcome.weak_sum)
+    );
+
+    // Run again: everything is there, nobody is asked anything.
+    let again = Labeller::new(&config, judged_by_referee()).unwrap();
+    let summary = again.run(prompts(), &out).await.unwrap();
+    assert_eq!((summary.labelled, summary.already_labelled), (0, 4));
+    assert_eq!(strong.received().len(), 3);
+    assert_eq!(referee.asked().len(), 6);
+    assert_eq!(lines(&out).len(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let referee = Referee::default();
+    let config = config(&strong, &weak, &referee.start().await);
+    let dir = scratch("failures");
+    let out = dir.join("labels.jsonl");
+    let options = || LabelOptions {
+        limit: Some(2),
+        ..judged_by_referee()
+    };
+
+    // The weak model is down: nothing can be compared, nothing is written.
+    weak.set_unavailable(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let summary = Labeller::new(&config, options())
+        .unwrap()
+        .run(prompts(), &out)
+        .await
+        .unwrap();
+    assert_eq!(summary.labelled, 0);
+    assert_eq!(summary.not_started, 1, "--limit 2 of 3 distinct prompts");
+    assert_eq!(summary.failed.len(), 2);
+    assert!(
+        summary
+            .failed
+            .iter()
+            .all(|(_, why)| why.contains("weak-model") && why.contains("503")),
+        "{:?}",
+        summary.failed
+    );
+    assert!(referee.asked().is_empty(), "no judge is asked without both answers");
+    assert!(lines(&out).is_empty());
+
+    // Back up, but the judge gives no verdict: still nothing written.
+    weak.set_unavailable(None);
+    referee.undecided.store(true, Ordering::SeqCst);
+    let summary = Labeller::new(&config, options())
+        .unwrap()
+        .run(prompts(), &out)
+        .await
+        .unwrap();
+    assert_eq!(summary.labelled, 0);
+    assert!(
+        summary.failed.iter().all(|(_, why)| why.contains("no verdict")),
+        "{:?}",
+        summary.failed
+    );
+    assert!(lines(&out).is_empty());
+
+    // The judge decides again: the two prompts are labelled, then the third.
+    referee.undecided.store(false, Ordering::SeqCst);
+    let summary = Labeller::new(&config, options())
+        .unwrap()
+        .run(prompts(), &out)
+        .await
+        .unwrap();
+    assert_eq!((summary.labelled, summary.not_started), (2, 1));
+    let summary = Labeller::new(&config, options())
+        .unwrap()
+        .run(prompts(), &out)
+        .await
+        .unwrap();
+    assert_eq!((summary.labelled, summary.already_labelled), (1, 3));
+    let written: Vec<String> = lines(&out)
+        .iter()
+        .map(|line| line["prompt"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(written.len(), 3);
+    let mut distinct = written.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "no prompt written twice: {written:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_strong_model_judges_by_default_once_per_prompt_and_prices_add_up() {
+    // The referee serves as the strong model: it answers, and it judges.
+    let (referee, weak) = (Referee::default(), MockUpstream::start("weak").await);
+    let url = referee.start().await;
+    let config = config_at(&url, &weak.base_url(), &url);
+    let dir = scratch("default-judge");
+    let out = dir.join("labels.jsonl");
+    let options = LabelOptions {
+        both_orders: false,
+        max_tokens: Some(64),
+        ..LabelOptions::default()
+    };
+    let summary = Labeller::new(&config, options)
+        .unwrap()
+        .run(prompts(), &out)
+        .await
+        .unwrap();
+    assert_eq!((summary.labelled, summary.strong_wins), (3, 3), "{summary:?}");
+    let asked = referee.asked();
+    let (judging, answering): (Vec<_>, Vec<_>) = asked
+        .iter()
+        .map(|(_, body)| body)
+        .partition(|body| body["messages"][0]["role"] == "system");
+    assert_eq!((judging.len(), answering.len()), (3, 3), "one judgement per prompt");
+    assert!(judging.iter().all(|body| body["model"] == "strong-model"));
+    assert!(
+        judging.iter().all(|body| body.get("max_tokens").is_none()),
+        "the judge's length is its own"
+    );
+    assert!(answering.iter().all(|body| body["max_tokens"] == 64));
+    assert!(weak.received().iter().all(|request| request.json()["max_tokens"] == 64));
+    // Per prompt: the strong answer 1 x 10 + 3 x 30, the weak 1 + 3, the judgement
+    // 100 x 10 + 10 x 30, per million tokens.
+    let cost = summary.cost.unwrap();
+    assert!((cost - 3.0 * 1404.0 / 1e6).abs() < 1e-12, "{cost}");
+    for line in lines(&out) {
+        assert_eq!(line["judge"], "openai/strong-model");
+        assert_eq!(line["judgements"].as_array().unwrap().len(), 1);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
