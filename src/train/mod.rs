@@ -435,8 +435,9 @@ pub fn fit(
     (weights, history)
 }
 
-/// Routing quality on held-out prompts: APGR per correctness source (see [`validation`]),
-/// log-loss and accuracy on held-out battles of battle-only sources.
+/// Routing quality on held-out prompts: APGR per source whose prompts have outcomes for the
+/// pair (see [`validation`]), and log-loss and accuracy on held-out battles of battle-only
+/// sources.
 pub fn validation_report(
     data: &Dataset,
     reps: &Representations,
@@ -463,10 +464,10 @@ pub fn validation_report(
             .collect();
         if !battles.is_empty() {
             let (loss, accuracy) = battle_metrics(weights, &reps.rows, &battles);
-            report.insert(
-                file.name.clone(),
-                serde_json::json!({"held_out_battles": battles.len(), "log_loss": loss, "accuracy": accuracy}),
-            );
+            let entry = report.entry(file.name.clone()).or_insert_with(|| serde_json::json!({}));
+            entry["held_out_battles"] = serde_json::json!(battles.len());
+            entry["log_loss"] = serde_json::json!(loss);
+            entry["accuracy"] = serde_json::json!(accuracy);
         }
     }
     Ok(report)

@@ -1,12 +1,15 @@
-//! Routing quality on held-out prompts, the same way for every router: for each correctness
-//! source, APGR beside the prompt-length baseline on the same prompts. Outcomes are the
+//! Routing quality on held-out prompts, the same way for every router: for each source,
+//! APGR beside the prompt-length baseline on the same prompts. A prompt's outcomes are the
+//! pair's correctness, or, in a source of battles (`routellm label`'s output), the pair's
+//! battles on it: the strong model's share of wins, and the rest for the weak one, as `eval`
+//! reads a labelled file. Outcomes are the
 //! source's own strong/weak pair; scores are what ships — the router scoring its default
 //! identities. Where those differ (MMLU-Pro has gpt-4o, the default strong identity is
 //! gpt-4-1106-preview), the scores for the source's own identities are reported beside:
 //! an mf artifact once validated at 0.59 on MMLU-Pro with gpt-4o's vector while its served
 //! gpt-4-1106 vector ranked the same prompts at 0.48.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::data::Dataset;
 use crate::Error;
@@ -24,34 +27,81 @@ pub fn candidate_pairs<'a>(strong: &'a str, weak: &'a str) -> [(&'a str, &'a str
 pub struct HeldOut {
     pub source: String,
     pub prompts: Vec<usize>,
+    /// Per prompt, the strong and the weak model's score (0 to 1).
+    pub outcomes: Vec<(f64, f64)>,
     pub strong: usize,
     pub weak: usize,
     pub served: (usize, usize),
 }
 
-/// Per correctness source, the held-out prompts (`!train`) with outcomes for both models of
-/// the first pair in `pairs` the source has. The first pair is the one served; where the
-/// data lacks one of its identities, the source's own pair scores too.
+/// The pair's outcomes on `prompt`: correctness where the prompt has it for both models,
+/// else the mean of their battles on it, if any.
+fn pair_outcome(
+    data: &Dataset,
+    battles: &PairBattles,
+    prompt: usize,
+    strong: usize,
+    weak: usize,
+) -> Option<(f64, f64)> {
+    if let Some(correct) = data.correctness.get(&prompt) {
+        return Some((f64::from(*correct.get(&strong)?), f64::from(*correct.get(&weak)?)));
+    }
+    let (wins, count) = battles.get(&(prompt, strong, weak))?;
+    let share = wins / f64::from(*count);
+    Some((share, 1.0 - share))
+}
+
+/// Battles of prompts without correctness, by (prompt, model, other model): the first
+/// model's summed win probability and the number of battles, entered for both orders.
+type PairBattles = HashMap<(usize, usize, usize), (f64, u32)>;
+
+fn pair_battles(data: &Dataset) -> PairBattles {
+    let mut battles = PairBattles::new();
+    for battle in data
+        .battles
+        .iter()
+        .filter(|b| !data.correctness.contains_key(&b.prompt))
+    {
+        let label = f64::from(battle.label);
+        for (first, second, won) in [(battle.a, battle.b, label), (battle.b, battle.a, 1.0 - label)] {
+            let entry = battles.entry((battle.prompt, first, second)).or_insert((0.0, 0));
+            entry.0 += won;
+            entry.1 += 1;
+        }
+    }
+    battles
+}
+
+/// Per source, the held-out prompts (`!train`) with outcomes for both models of the first
+/// pair in `pairs` the source has (correctness, or battles between the two). The first pair
+/// is the one served; where the data lacks one of its identities, the source's own pair
+/// scores too.
 #[must_use]
 pub fn held_out_sets(data: &Dataset, train: &[bool], pairs: &[(&str, &str)]) -> Vec<HeldOut> {
     let served = pairs.first().and_then(|(s, w)| Some((data.model(s)?, data.model(w)?)));
+    let battles = pair_battles(data);
     let mut sets = Vec::new();
     for (file_number, file) in data.files.iter().enumerate() {
         let held_out: Vec<usize> = (0..data.prompts.len())
-            .filter(|p| data.prompt_source[*p] == file_number && !train[*p] && data.correctness.contains_key(p))
+            .filter(|p| data.prompt_source[*p] == file_number && !train[*p])
             .collect();
-        let has = |p: &usize, s: usize, w: usize| {
-            data.correctness[p].contains_key(&s) && data.correctness[p].contains_key(&w)
-        };
         let Some((strong, weak)) = pairs.iter().find_map(|(s, w)| {
             let (s, w) = (data.model(s)?, data.model(w)?);
-            held_out.iter().any(|p| has(p, s, w)).then_some((s, w))
+            held_out
+                .iter()
+                .any(|p| pair_outcome(data, &battles, *p, s, w).is_some())
+                .then_some((s, w))
         }) else {
             continue;
         };
+        let (prompts, outcomes) = held_out
+            .into_iter()
+            .filter_map(|p| Some((p, pair_outcome(data, &battles, p, strong, weak)?)))
+            .unzip();
         sets.push(HeldOut {
             source: file.name.clone(),
-            prompts: held_out.into_iter().filter(|p| has(p, strong, weak)).collect(),
+            prompts,
+            outcomes,
             strong,
             weak,
             served: served.unwrap_or((strong, weak)),
@@ -75,14 +125,9 @@ pub fn without_identities(mut sets: Vec<HeldOut>) -> Vec<HeldOut> {
 #[must_use]
 pub fn report(data: &Dataset, set: &HeldOut, scores: &[f64]) -> serde_json::Value {
     let outcomes: Vec<Outcome> = set
-        .prompts
+        .outcomes
         .iter()
-        .map(|p| {
-            Outcome::single(
-                f64::from(data.correctness[p][&set.strong]),
-                f64::from(data.correctness[p][&set.weak]),
-            )
-        })
+        .map(|&(strong, weak)| Outcome::single(strong, weak))
         .collect();
     #[allow(clippy::cast_precision_loss)]
     let length_scores: Vec<f64> = set
@@ -164,7 +209,7 @@ mod tests {
     use std::collections::{BTreeMap, HashMap};
 
     use super::*;
-    use crate::train::data::SourceFile;
+    use crate::train::data::{Battle, SourceFile};
 
     /// Eight held-out prompts on which `big` beats `small` exactly on the odd ones; the
     /// served identity `served` has no outcomes here.
@@ -226,5 +271,52 @@ mod tests {
         let reports = report_all(&data, &without_identities(sets), &score).unwrap();
         assert!(reports["planted"].get("own_pair_apgr").is_none());
         assert!((reports["planted"]["apgr"].as_f64().unwrap() - own).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_source_of_battles_is_validated_on_the_pairs_win_shares() {
+        // `label` output: big beats small on the odd prompts, they tie on the even ones;
+        // half the battles are written with the models the other way round.
+        let mut data = planted();
+        data.correctness.clear();
+        data.battles = (0..8)
+            .map(|prompt| {
+                let big_wins = if prompt % 2 == 1 { 1.0 } else { 0.5 };
+                if prompt < 4 {
+                    Battle {
+                        prompt,
+                        a: 1,
+                        b: 2,
+                        label: big_wins,
+                    }
+                } else {
+                    Battle {
+                        prompt,
+                        a: 2,
+                        b: 1,
+                        label: 1.0 - big_wins,
+                    }
+                }
+            })
+            .collect();
+        let sets = held_out_sets(&data, &[false; 8], &[("big", "small")]);
+        assert_eq!(sets.len(), 1);
+        assert_eq!(sets[0].prompts.len(), 8);
+        assert_eq!(sets[0].outcomes[1], (1.0, 0.0));
+        assert_eq!(sets[0].outcomes[5], (1.0, 0.0), "a battle written the other way round");
+        assert_eq!(sets[0].outcomes[4], (0.5, 0.5));
+        #[allow(clippy::cast_precision_loss)]
+        let odd_high = |prompt: usize, _: usize, _: usize| Ok((prompt % 2) as f64);
+        #[allow(clippy::cast_precision_loss)]
+        let odd_low = |prompt: usize, _: usize, _: usize| Ok(1.0 - (prompt % 2) as f64);
+        let right = report_all(&data, &sets, &odd_high).unwrap()["planted"]["apgr"]
+            .as_f64()
+            .unwrap();
+        let wrong = report_all(&data, &sets, &odd_low).unwrap()["planted"]["apgr"]
+            .as_f64()
+            .unwrap();
+        assert!(right > 0.6 && wrong < 0.4, "right {right}, wrong {wrong}");
+        // Battles of another pair say nothing about this one.
+        assert!(held_out_sets(&data, &[false; 8], &[("served", "small")]).is_empty());
     }
 }
