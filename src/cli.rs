@@ -437,6 +437,10 @@ pub struct LabelArgs {
     /// Label at most this many new prompts (a trial run, or a budget).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Tries per model call: rate limits, server errors, timeouts and refused connections
+    /// are tried again after the wait `retry-after` asks (at most a minute), else 0.5 s, 1 s, ...
+    #[arg(long, default_value_t = crate::label::DEFAULT_ATTEMPTS)]
+    pub attempts: u32,
 }
 
 #[derive(Debug, Args)]
@@ -896,6 +900,7 @@ async fn label(args: LabelArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         max_tokens: args.max_tokens,
         limit: args.limit,
+        attempts: args.attempts,
     };
     let both_orders = options.both_orders;
     let labeller = crate::label::Labeller::new(&config, options)?;

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use futures_util::StreamExt;
@@ -34,6 +35,14 @@ Do not let the order of the answers, their length as such, or the assistants' na
 Explain your reasoning in a few sentences, then give your verdict on the last line as exactly one of: \
 [[A]] if assistant A's answer is better, [[B]] if assistant B's answer is better, [[C]] if they are equally good.";
 
+/// Each call in all, unless told otherwise: a labelling run of thousands of prompts meets
+/// rate limits and passing server errors, which a wait outlasts.
+pub const DEFAULT_ATTEMPTS: u32 = 4;
+
+/// The longest wait before another attempt, whatever `retry-after` asks: a provider that
+/// wants an hour is better met by stopping and rerunning later than by a silent sleep.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
 const MARKERS: [(&str, Verdict); 3] = [("[[A]]", Verdict::A), ("[[B]]", Verdict::B), ("[[C]]", Verdict::Tie)];
 
 /// How `label` asks and judges.
@@ -50,6 +59,9 @@ pub struct LabelOptions {
     pub max_tokens: Option<u32>,
     /// Label at most this many new prompts.
     pub limit: Option<usize>,
+    /// Tries per call: a 429, a 5xx, a timeout or a refused connection is tried again after
+    /// the wait its `retry-after` asks (at most a minute), else 0.5 s, 1 s, 2 s, ...
+    pub attempts: u32,
 }
 
 impl Default for LabelOptions {
@@ -60,6 +72,7 @@ impl Default for LabelOptions {
             concurrency: 4,
             max_tokens: None,
             limit: None,
+            attempts: DEFAULT_ATTEMPTS,
         }
     }
 }
@@ -193,6 +206,9 @@ impl Labeller {
         }
         if options.concurrency == 0 {
             return Err(Error::invalid("--concurrency must be at least 1"));
+        }
+        if options.attempts == 0 {
+            return Err(Error::invalid("--attempts must be at least 1"));
         }
         // Labelling needs the models, not the routers.
         let gateway = Gateway::with_routers(config, BTreeMap::new())?;
@@ -405,20 +421,68 @@ impl Labeller {
             Judge::Configured(name) => self.ask_configured(name, &body).await,
             Judge::Outside(upstream) => {
                 let bytes = serde_json::to_vec(&body).map_err(|error| Error::Internal(error.to_string()))?;
-                let reply = self.gateway.ask(upstream, &bytes).await?;
-                answer_of(&self.judge_name, reply, upstream.model.price)
+                let reply = self
+                    .with_retries(|| async { Ok((self.gateway.ask(upstream, &bytes).await?, upstream.model.price)) })
+                    .await?;
+                answer_of(&self.judge_name, reply.0, reply.1)
             }
         }
     }
 
     async fn ask_configured(&self, model: &str, body: &Value) -> Result<Answer, Error> {
         let bytes = serde_json::to_vec(body).map_err(|error| Error::Internal(error.to_string()))?;
-        let completion = self
-            .gateway
-            .complete_with_headers(Api::ChatCompletions, &bytes, &HeaderMap::new())
+        let (reply, price) = self
+            .with_retries(|| async {
+                let completion = self
+                    .gateway
+                    .complete_with_headers(Api::ChatCompletions, &bytes, &HeaderMap::new())
+                    .await?;
+                Ok((completion.reply, completion.price))
+            })
             .await?;
-        answer_of(model, completion.reply, completion.price)
+        answer_of(model, reply, price)
     }
+
+    /// `call`, again while it fails in a way that passes and attempts remain.
+    async fn with_retries<F, Fut>(&self, mut call: F) -> Result<(Reply, Option<Price>), Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(Reply, Option<Price>), Error>>,
+    {
+        let mut attempt = 1;
+        loop {
+            let result = call().await;
+            match retry_wait(result.as_ref().map(|(reply, _)| reply), attempt) {
+                Some(wait) if attempt < self.options.attempts => {
+                    tracing::debug!(attempt, wait_ms = wait.as_millis(), "a model call failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                _ => return result,
+            }
+        }
+    }
+}
+
+/// Whether a call's outcome is worth another attempt, and after how long: rate limits,
+/// server errors, timeouts and refused connections pass; anything else will not.
+fn retry_wait(outcome: Result<&Reply, &Error>, attempt: u32) -> Option<Duration> {
+    match outcome {
+        Ok(Reply::Complete { status, headers, .. })
+            if status.is_server_error()
+                || *status == axum::http::StatusCode::TOO_MANY_REQUESTS
+                || *status == axum::http::StatusCode::REQUEST_TIMEOUT =>
+        {
+            Some(crate::deployments::retry_after(headers).map_or_else(|| backoff(attempt), |wait| wait.min(MAX_WAIT)))
+        }
+        Err(Error::UpstreamUnreachable { .. } | Error::UpstreamTimeout { .. }) => Some(backoff(attempt)),
+        _ => None,
+    }
+}
+
+/// 0.5 s, 1 s, 2 s, ... after attempt `attempt`.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(500 << attempt.saturating_sub(1).min(6))
 }
 
 fn add(total: &mut Usage, more: Usage) {
@@ -538,6 +602,39 @@ mod tests {
         let first = text.find("assistant A]\n4").unwrap();
         let second = text.find("assistant B]\n5").unwrap();
         assert!(request < first && first < second, "{text}");
+    }
+
+    #[test]
+    fn rate_limits_and_server_errors_are_tried_again_client_errors_are_not() {
+        let reply = |status: u16, headers: &[(&'static str, &'static str)]| Reply::Complete {
+            status: axum::http::StatusCode::from_u16(status).unwrap(),
+            headers: headers
+                .iter()
+                .map(|(name, value)| (axum::http::HeaderName::from_static(name), value.parse().unwrap()))
+                .collect(),
+            body: bytes::Bytes::new(),
+        };
+        let wait = |reply: &Reply, attempt| retry_wait(Ok(reply), attempt);
+        assert_eq!(
+            wait(&reply(429, &[("retry-after-ms", "250")]), 1),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            wait(&reply(429, &[("retry-after", "3600")]), 1),
+            Some(MAX_WAIT),
+            "capped"
+        );
+        assert_eq!(wait(&reply(503, &[]), 1), Some(Duration::from_millis(500)));
+        assert_eq!(wait(&reply(500, &[]), 3), Some(Duration::from_secs(2)), "backs off");
+        assert_eq!(wait(&reply(400, &[]), 1), None);
+        assert_eq!(wait(&reply(401, &[]), 1), None);
+        assert_eq!(wait(&reply(200, &[]), 1), None);
+        let unreachable = Error::UpstreamUnreachable {
+            model: "m".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(retry_wait(Err(&unreachable), 2), Some(Duration::from_secs(1)));
+        assert_eq!(retry_wait(Err(&Error::ModelNotFound("m".into())), 1), None);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -25,6 +25,8 @@ use tokio::net::TcpListener;
 struct Referee {
     asked: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
     undecided: Arc<AtomicBool>,
+    /// This many next requests get a 503 that asks for a retry in 10 ms.
+    overloaded: Arc<AtomicUsize>,
 }
 
 impl Referee {
@@ -43,14 +45,29 @@ impl Referee {
     }
 }
 
-async fn referee_judges(State(referee): State<Referee>, headers: HeaderMap, body: String) -> axum::Json<Value> {
+async fn referee_judges(State(referee): State<Referee>, headers: HeaderMap, body: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let request: Value = serde_json::from_str(&body).unwrap();
     referee.asked.lock().unwrap().push((headers, request.clone()));
+    if referee
+        .overloaded
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
+        .is_ok()
+    {
+        let error = json!({"error": {"message": "overloaded", "type": "server_error", "param": null, "code": null}});
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after-ms", "10")],
+            axum::Json(error),
+        )
+            .into_response();
+    }
     if request["messages"][0]["role"] != "system" {
         return axum::Json(json!({
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "answer from strong"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
-        }));
+        }))
+        .into_response();
     }
     let comparison = request["messages"][1]["content"].as_str().unwrap_or_default();
     let a_is_strong = comparison
@@ -72,6 +89,7 @@ async fn referee_judges(State(referee): State<Referee>, headers: HeaderMap, body
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
     }))
+    .into_response()
 }
 
 fn config(strong: &MockUpstream, weak: &MockUpstream, referee: &str) -> Config {
@@ -227,8 +245,10 @@ async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
     let config = config(&strong, &weak, &referee.start().await);
     let dir = scratch("failures");
     let out = dir.join("labels.jsonl");
+    // One attempt per call: what is tried again is another test's subject.
     let options = || LabelOptions {
         limit: Some(2),
+        attempts: 1,
         ..judged_by_referee()
     };
 
@@ -292,6 +312,43 @@ async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), 3, "no prompt written twice: {written:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn rate_limits_and_overloads_are_waited_out_within_one_run() {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let referee = Referee::default();
+    let config = config(&strong, &weak, &referee.start().await);
+    let dir = scratch("retries");
+    let out = dir.join("labels.jsonl");
+    // The weak model rate-limits (asking for 600 ms) until a moment after the run starts;
+    // the judge is overloaded for its first two requests.
+    weak.set_unavailable(Some(StatusCode::TOO_MANY_REQUESTS));
+    referee.overloaded.store(2, Ordering::SeqCst);
+    let recovering = weak.state.unavailable.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        *recovering.lock().unwrap() = None;
+    });
+    let summary = Labeller::new(&config, judged_by_referee())
+        .unwrap()
+        .run(prompts(), &out)
+        .await
+        .unwrap();
+    assert!(summary.failed.is_empty(), "{:?}", summary.failed);
+    assert_eq!(summary.labelled, 3);
+    assert_eq!(
+        referee.asked().len(),
+        6 + 2,
+        "the two refused judgements were asked again"
+    );
+    let weak_asked = weak.received().len();
+    assert!(
+        (6..=9).contains(&weak_asked),
+        "each prompt's weak answer asked again once or twice: {weak_asked}"
+    );
+    assert_eq!(lines(&out).len(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
