@@ -941,6 +941,21 @@ fn describe_labelling(summary: &crate::label::LabelSummary, out: &std::path::Pat
         if let Some(cost) = summary.cost {
             let _ = write!(text, "; cost {cost:.4}");
         }
+        if summary.judged_twice > 0 {
+            #[allow(clippy::cast_precision_loss)] // counts of prompts
+            let share = summary.consistent as f64 / summary.judged_twice as f64;
+            let _ = write!(
+                text,
+                "\nthe judge gave the same verdict in both orders on {:.0}% of {} prompts{}",
+                100.0 * share,
+                summary.judged_twice,
+                if share < 0.6 {
+                    " (low: its verdicts follow the answers' positions more than their content)"
+                } else {
+                    ""
+                }
+            );
+        }
     }
     for (prompt, reason) in summary.failed.iter().take(5) {
         let head: String = prompt.chars().take(60).collect();

@@ -91,6 +91,11 @@ pub struct LabelSummary {
     pub strong_wins: usize,
     pub ties: usize,
     pub weak_wins: usize,
+    /// Prompts judged in both orders with a verdict each time, and of those, how many got
+    /// the same verdict both ways: a judge that often changes its mind when the answers
+    /// swap places is mostly telling positions apart, and its labels are noise.
+    pub judged_twice: usize,
+    pub consistent: usize,
     /// Tokens every call reported, answers and judgements.
     pub usage: Usage,
     /// What those tokens cost, when every model asked has a price.
@@ -282,6 +287,12 @@ impl Labeller {
                 .await
                 .map_err(|error| Error::io(out.display().to_string(), error))?;
             summary.labelled += 1;
+            if let [first, second] = outcome.judgements.as_slice()
+                && let (Some(first), Some(second)) = (first.winner, second.winner)
+            {
+                summary.judged_twice += 1;
+                summary.consistent += usize::from(first == second);
+            }
             match outcome.strong_share {
                 share if share > 0.5 => summary.strong_wins += 1,
                 share if share < 0.5 => summary.weak_wins += 1,

@@ -27,6 +27,8 @@ struct Referee {
     undecided: Arc<AtomicBool>,
     /// This many next requests get a 503 that asks for a retry in 10 ms.
     overloaded: Arc<AtomicUsize>,
+    /// Prefer whichever answer is shown first, as a position-biased judge does.
+    first_always: Arc<AtomicBool>,
 }
 
 impl Referee {
@@ -77,6 +79,8 @@ async fn referee_judges(State(referee): State<Referee>, headers: HeaderMap, body
         .is_some_and(|answer| answer.contains("from strong"));
     let content = if referee.undecided.load(Ordering::SeqCst) {
         "Both have merits; hard to say.".to_owned()
+    } else if referee.first_always.load(Ordering::SeqCst) {
+        "The first is better.\n[[A]]".to_owned()
     } else {
         format!(
             "The other answer misses the point.\n{}",
@@ -154,6 +158,7 @@ async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_agai
     assert_eq!(summary.already_labelled, 1, "the repeated prompt is asked once");
     assert!(summary.failed.is_empty(), "{:?}", summary.failed);
     assert_eq!((summary.strong_wins, summary.ties, summary.weak_wins), (3, 0, 0));
+    assert_eq!((summary.judged_twice, summary.consistent), (3, 3));
     // The mocks report 1 + 3 tokens per answer; the referee 100 + 10 per judgement, and it
     // has no price, so there is no total cost.
     assert_eq!(summary.usage.prompt_tokens, 3 * 2 + 6 * 100);
@@ -312,6 +317,28 @@ async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), 3, "no prompt written twice: {written:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_judge_that_prefers_a_position_labels_ties_and_is_shown_to_contradict_itself() {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let referee = Referee::default();
+    referee.first_always.store(true, Ordering::SeqCst);
+    let config = config(&strong, &weak, &referee.start().await);
+    let dir = scratch("position");
+    let out = dir.join("labels.jsonl");
+    let summary = Labeller::new(&config, judged_by_referee())
+        .unwrap()
+        .run(prompts(), &out)
+        .await
+        .unwrap();
+    assert_eq!((summary.strong_wins, summary.ties, summary.weak_wins), (0, 3, 0));
+    assert_eq!((summary.judged_twice, summary.consistent), (3, 0));
+    for line in lines(&out) {
+        assert_eq!(line["winner"], "tie");
+        assert_eq!(line["p_b_wins"], 0.5);
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
