@@ -1117,6 +1117,13 @@ fn describe_access_and_reloads(out: &mut String, config: &Config) {
             "passed through to {to}: /v1/{}",
             config.passthrough.paths.join(", /v1/")
         );
+        if let Some(price) = config.passthrough.price_per_million_tokens {
+            let _ = writeln!(
+                out,
+                "  price per million tokens: input {}, output {}",
+                price.input, price.output
+            );
+        }
     }
     if !config.cors_allowed_origins.is_empty() {
         let _ = writeln!(out, "CORS origins: {}", config.cors_allowed_origins.join(", "));

@@ -358,7 +358,7 @@ pub enum PassthroughTo {
 
 /// `passthrough`: other endpoints below `/v1` (embeddings, moderations, ...) that clients
 /// may call through the proxy, unrouted, on one model's endpoint and key.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PassthroughConfig {
     /// Paths below `/v1`, e.g. `embeddings`; `files/*` for everything below `files/`.
@@ -366,6 +366,10 @@ pub struct PassthroughConfig {
     pub paths: Vec<String>,
     #[serde(default)]
     pub to: PassthroughTo,
+    /// What a passthrough call's tokens cost, for client keys' budgets: an embedding
+    /// model's price is not the chat model's. Required when a key has a budget (0 for free).
+    #[serde(default)]
+    pub price_per_million_tokens: Option<Price>,
 }
 
 /// The endpoints the proxy serves itself, which `passthrough` cannot take over.
@@ -1136,14 +1140,15 @@ mod tests {
             .replace("# scoring_timeout_ms: 250", "scoring_timeout_ms: 250")
             .replace("# watch_config_secs: 10", "watch_config_secs: 10")
             .replace(
-                "# passthrough:\n#   paths: [embeddings, moderations]\n#   to: strong",
-                "passthrough:\n  paths: [embeddings, moderations]\n  to: strong",
+                "# passthrough:\n#   paths: [embeddings, moderations]\n#   to: strong            # or weak\n#   price",
+                "passthrough:\n  paths: [embeddings, moderations]\n  to: strong\n  price",
             );
         assert_ne!(uncommented, text);
         let config = Config::merge(FileConfig::from_yaml(&uncommented).unwrap(), Overrides::default()).unwrap();
         assert_eq!((config.strong_share["mf"], config.strong_share_window), (0.3, 1000));
         assert_eq!(config.scoring_timeout, Some(Duration::from_millis(250)));
         assert!(config.passthrough.allows("moderations"));
+        assert!(config.passthrough.price_per_million_tokens.is_some());
         assert_eq!(config.watch_config, Some(Duration::from_secs(10)));
         for bad in ["watch_config_secs: 0\n", "watch_config_secs: 86401\n"] {
             assert!(

@@ -335,6 +335,12 @@ impl Gateway {
         Ok(gateway)
     }
 
+    /// What passthrough calls' tokens cost (`passthrough.price_per_million_tokens`).
+    #[must_use]
+    pub fn passthrough_price(&self) -> Option<crate::config::Price> {
+        self.passthrough.price_per_million_tokens
+    }
+
     /// The model that serves `passthrough` paths: its tier's first deployment, where files
     /// and the like that clients upload are kept.
     fn passthrough_upstream(&self) -> &Upstream {
@@ -534,12 +540,23 @@ impl Gateway {
             .deployments()
             .map(|(_, deployment)| deployment)
             .find(|deployment| deployment.upstream.model.price.is_none());
-        if let (Some(key), Some(unpriced)) = (policy.api_keys.iter().find(|key| key.spec().budget.is_some()), unpriced)
-        {
+        let budgeted = policy.api_keys.iter().find(|key| key.spec().budget.is_some());
+        if let (Some(key), Some(unpriced)) = (budgeted, unpriced) {
             return Err(Error::Config(format!(
                 "api_keys ({}): a budget is spent at the models' price_per_million_tokens, and `{}` has none",
                 key.name(),
                 unpriced.upstream.model.name
+            )));
+        }
+        if let Some(key) = budgeted
+            && !self.passthrough.paths.is_empty()
+            && self.passthrough.price_per_million_tokens.is_none()
+        {
+            // Otherwise a budgeted key could spend without limit on embeddings and the like.
+            return Err(Error::Config(format!(
+                "api_keys ({}): a budget is spent on passthrough paths too, at passthrough.price_per_million_tokens, \
+                 which is not set (give the price of what they call, or {{input: 0, output: 0}} if it is free)",
+                key.name()
             )));
         }
         for key in &policy.api_keys {

@@ -829,8 +829,8 @@ async fn other_route(State(state): State<AppState>, request: Request) -> Respons
                 // An embedding's usage is its prompt; without one, the request's size is the
                 // estimate (the answer's bytes, vectors or audio, are no measure of tokens).
                 // Passthrough endpoints (embeddings and the like) have prices of their own,
-                // which the chat models' do not tell: they count against rate limits only.
-                caller.charge(usage, 0, None);
+                // which the chat models' do not tell: `passthrough.price_per_million_tokens`.
+                caller.charge(usage, 0, state.passthrough_price());
             }
             if let Some(caller) = &caller {
                 caller.replace_rate_headers(&mut headers);

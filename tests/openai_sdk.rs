@@ -358,7 +358,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
          {name: groq/mixtral-8x7b, api_key: gq-secret, weight: 2, price_per_million_tokens: {input: 0.5, output: 0.5}}]\nload_balancing: {strategy: round_robin}\n\
          thresholds: {random: 0.4}\nstrong_share: {random: 0.3}\n\
          upstream: {forward_headers: [traceparent], stream_first_event_timeout_secs: 20}\napi_keys: [client-key-secret, {key: team-secret, name: team-a, requests_per_minute: 60, \
-         tokens_per_minute: 9000, models: [auto], budget: {limit: 25, per: day}}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*]}\nwatch_config_secs: 30\n\
+         tokens_per_minute: 9000, models: [auto], budget: {limit: 25, per: day}}]\nscoring_timeout_ms: 250\npassthrough: {paths: [embeddings, files/*], price_per_million_tokens: {input: 0.02, output: 0}}\nwatch_config_secs: 30\n\
          spend_file: /tmp/routellm-check-spend.json\nresponse_cache: {ttl_secs: 900, max_mb: 64}\n",
     );
     let check = |config: &std::path::Path| {
@@ -391,7 +391,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "key spend kept in /tmp/routellm-check-spend.json (written every 5 s and at shutdown)",
         "scoring timeout: 250 ms",
         "a stream's first event within 20 s, else the next deployment",
-        "passed through to openai/gpt-4o: /v1/embeddings, /v1/files/*",
+        "passed through to openai/gpt-4o: /v1/embeddings, /v1/files/*\n  price per million tokens: input 0.02, output 0\n",
         "config file watched every 30 s, reloaded when it changes",
         "response cache: identical Chat Completions and Completions requests answered again for 900 s, up to 64 MiB, \
          each API key its own answers",

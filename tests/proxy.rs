@@ -1917,6 +1917,59 @@ async fn passthrough_paths_reach_their_model_unrouted_and_nothing_else_does() {
 }
 
 #[tokio::test]
+async fn passthrough_calls_spend_a_keys_budget_at_their_own_price() {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let yaml = |price: &str| {
+        format!(
+            "strong_model: {{name: openai/strong-model, base_url: '{}', api_key: sk-strong, price_per_million_tokens: {{input: 5, output: 15}}}}\n\
+             weak_model: {{name: together_ai/weak-model, base_url: '{}', api_key: sk-weak, price_per_million_tokens: {{input: 0.5, output: 0.5}}}}\n\
+             api_keys: [{{key: k-team, name: team, budget: {{limit: 0.00001, per: day}}}}]\n\
+             passthrough: {{paths: [embeddings], to: weak{price}}}\n",
+            strong.base_url(),
+            weak.base_url()
+        )
+    };
+    // Without a price, a budgeted key could embed without limit: start-up says so.
+    let unpriced = routellm::config::Config::merge(
+        routellm::config::FileConfig::from_yaml(&yaml("")).unwrap(),
+        routellm::config::Overrides::default(),
+    )
+    .unwrap();
+    let error = routellm::gateway::Gateway::with_routers(&unpriced, std::collections::BTreeMap::new())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("passthrough.price_per_million_tokens"), "{error}");
+
+    // At 1 per million input tokens, each embedding (8 tokens) costs 0.000008: the second
+    // crosses the budget of 0.00001 and completes, the third is refused.
+    let proxy = Proxy::start_config(&yaml(", price_per_million_tokens: {input: 1, output: 0}")).await;
+    let embed = || {
+        proxy
+            .client
+            .post(proxy.url("/v1/embeddings"))
+            .bearer_auth("k-team")
+            .header("content-type", "application/json")
+            .body(r#"{"model":"text-embedding-3-small","input":"Hello"}"#)
+            .send()
+    };
+    assert_eq!(embed().await.unwrap().status(), 200);
+    assert_eq!(embed().await.unwrap().status(), 200);
+    let refused = openai_error(embed().await.unwrap(), 429).await;
+    assert_eq!(refused["code"], "insufficient_quota", "{refused}");
+    assert_eq!(weak.received().len(), 2, "the refused call never reached the model");
+    let text = proxy.metrics().await;
+    let spent: f64 = text
+        .lines()
+        .find(|line| line.starts_with("routellm_key_spend{key=\"team\""))
+        .and_then(|line| line.rsplit(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((spent - 16e-6).abs() < 1e-12, "{spent}");
+}
+
+#[tokio::test]
 async fn a_responses_continuation_goes_to_the_model_that_stored_the_conversation() {
     // The two mocks are two endpoints, so neither can continue the other's answers.
     let (strong, weak, proxy) = setup("on_upstream_error: other_model\n").await;
