@@ -318,13 +318,13 @@ async fn weights_share_turns_and_least_busy_passes_over_a_replica_with_a_stream_
 async fn a_stream_whose_first_event_is_late_goes_to_the_next_deployment() {
     let [first, second, weak] = mocks(["first", "second", "weak"]).await;
     first.set_delay(Some(Duration::from_secs(3)));
-    let proxy = Proxy::start_config(&two_strong(
+    let config = two_strong(
         &first,
         &second,
         &weak,
         "upstream: {stream_first_event_timeout_secs: 0.3}\n",
-    ))
-    .await;
+    );
+    let proxy = Proxy::start_config(&config).await;
     let stream = r#"{"model":"router-fixed_high-0.5","stream":true,"messages":[{"role":"user","content":"Hello"}]}"#;
     let started = std::time::Instant::now();
     let response = proxy.post_chat(stream).await;
@@ -350,13 +350,7 @@ async fn a_stream_whose_first_event_is_late_goes_to_the_next_deployment() {
     // The bound is for streams only: a whole answer may take its request_timeout_secs, so a
     // fresh proxy waits the 0.6 s the first deployment takes.
     first.set_delay(Some(Duration::from_millis(600)));
-    let proxy = Proxy::start_config(&two_strong(
-        &first,
-        &second,
-        &weak,
-        "upstream: {stream_first_event_timeout_secs: 0.3}\n",
-    ))
-    .await;
+    let proxy = Proxy::start_config(&config).await;
     let response = proxy.post_chat(TO_STRONG).await;
     assert_eq!(response.headers()["x-routellm-model"], "openai/strong-primary");
 }

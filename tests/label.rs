@@ -118,6 +118,26 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Two mock models (strong, weak), the referee as an outside judge, the config naming all
+/// three, and a scratch folder with the output file in it.
+async fn setup(name: &str) -> (MockUpstream, MockUpstream, Referee, Config, PathBuf, PathBuf) {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let referee = Referee::default();
+    let config = config(&strong, &weak, &referee.start().await);
+    let dir = scratch(name);
+    let out = dir.join("labels.jsonl");
+    (strong, weak, referee, config, dir, out)
+}
+
+/// One run of `label` over [`prompts`] into `out`.
+async fn label(config: &Config, options: LabelOptions, out: &Path) -> routellm::label::LabelSummary {
+    Labeller::new(config, options)
+        .unwrap()
+        .run(prompts(), out)
+        .await
+        .unwrap()
+}
+
 fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -146,14 +166,9 @@ fn judged_by_referee() -> LabelOptions {
 
 #[tokio::test]
 async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_again() {
-    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
-    let referee = Referee::default();
-    let config = config(&strong, &weak, &referee.start().await);
-    let dir = scratch("battles");
-    let out = dir.join("labels.jsonl");
+    let (strong, weak, referee, config, dir, out) = setup("battles").await;
 
-    let labeller = Labeller::new(&config, judged_by_referee()).unwrap();
-    let summary = labeller.run(prompts(), &out).await.unwrap();
+    let summary = label(&config, judged_by_referee(), &out).await;
     assert_eq!(summary.labelled, 3, "{summary:?}");
     assert_eq!(summary.already_labelled, 1, "the repeated prompt is asked once");
     assert!(summary.failed.is_empty(), "{:?}", summary.failed);
@@ -234,8 +249,7 @@ async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_agai
     );
 
     // Run again: everything is there, nobody is asked anything.
-    let again = Labeller::new(&config, judged_by_referee()).unwrap();
-    let summary = again.run(prompts(), &out).await.unwrap();
+    let summary = label(&config, judged_by_referee(), &out).await;
     assert_eq!((summary.labelled, summary.already_labelled), (0, 4));
     assert_eq!(strong.received().len(), 3);
     assert_eq!(referee.asked().len(), 6);
@@ -245,11 +259,7 @@ async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_agai
 
 #[tokio::test]
 async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
-    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
-    let referee = Referee::default();
-    let config = config(&strong, &weak, &referee.start().await);
-    let dir = scratch("failures");
-    let out = dir.join("labels.jsonl");
+    let (_strong, weak, referee, config, dir, out) = setup("failures").await;
     // One attempt per call: what is tried again is another test's subject.
     let options = || LabelOptions {
         limit: Some(2),
@@ -259,11 +269,7 @@ async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
 
     // The weak model is down: nothing can be compared, nothing is written.
     weak.set_unavailable(Some(StatusCode::SERVICE_UNAVAILABLE));
-    let summary = Labeller::new(&config, options())
-        .unwrap()
-        .run(prompts(), &out)
-        .await
-        .unwrap();
+    let summary = label(&config, options(), &out).await;
     assert_eq!(summary.labelled, 0);
     assert_eq!(summary.not_started, 1, "--limit 2 of 3 distinct prompts");
     assert_eq!(summary.failed.len(), 2);
@@ -281,11 +287,7 @@ async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
     // Back up, but the judge gives no verdict: still nothing written.
     weak.set_unavailable(None);
     referee.undecided.store(true, Ordering::SeqCst);
-    let summary = Labeller::new(&config, options())
-        .unwrap()
-        .run(prompts(), &out)
-        .await
-        .unwrap();
+    let summary = label(&config, options(), &out).await;
     assert_eq!(summary.labelled, 0);
     assert!(
         summary.failed.iter().all(|(_, why)| why.contains("no verdict")),
@@ -296,17 +298,9 @@ async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
 
     // The judge decides again: the two prompts are labelled, then the third.
     referee.undecided.store(false, Ordering::SeqCst);
-    let summary = Labeller::new(&config, options())
-        .unwrap()
-        .run(prompts(), &out)
-        .await
-        .unwrap();
+    let summary = label(&config, options(), &out).await;
     assert_eq!((summary.labelled, summary.not_started), (2, 1));
-    let summary = Labeller::new(&config, options())
-        .unwrap()
-        .run(prompts(), &out)
-        .await
-        .unwrap();
+    let summary = label(&config, options(), &out).await;
     assert_eq!((summary.labelled, summary.already_labelled), (1, 3));
     let written: Vec<String> = lines(&out)
         .iter()
@@ -322,17 +316,9 @@ async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
 
 #[tokio::test]
 async fn a_judge_that_prefers_a_position_labels_ties_and_is_shown_to_contradict_itself() {
-    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
-    let referee = Referee::default();
+    let (_, _, referee, config, dir, out) = setup("position").await;
     referee.first_always.store(true, Ordering::SeqCst);
-    let config = config(&strong, &weak, &referee.start().await);
-    let dir = scratch("position");
-    let out = dir.join("labels.jsonl");
-    let summary = Labeller::new(&config, judged_by_referee())
-        .unwrap()
-        .run(prompts(), &out)
-        .await
-        .unwrap();
+    let summary = label(&config, judged_by_referee(), &out).await;
     assert_eq!((summary.strong_wins, summary.ties, summary.weak_wins), (0, 3, 0));
     assert_eq!((summary.judged_twice, summary.consistent), (3, 0));
     for line in lines(&out) {
@@ -344,11 +330,7 @@ async fn a_judge_that_prefers_a_position_labels_ties_and_is_shown_to_contradict_
 
 #[tokio::test]
 async fn rate_limits_and_overloads_are_waited_out_within_one_run() {
-    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
-    let referee = Referee::default();
-    let config = config(&strong, &weak, &referee.start().await);
-    let dir = scratch("retries");
-    let out = dir.join("labels.jsonl");
+    let (_strong, weak, referee, config, dir, out) = setup("retries").await;
     // The weak model rate-limits (asking for 600 ms) until a moment after the run starts;
     // the judge is overloaded for its first two requests.
     weak.set_unavailable(Some(StatusCode::TOO_MANY_REQUESTS));
@@ -358,11 +340,7 @@ async fn rate_limits_and_overloads_are_waited_out_within_one_run() {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         *recovering.lock().unwrap() = None;
     });
-    let summary = Labeller::new(&config, judged_by_referee())
-        .unwrap()
-        .run(prompts(), &out)
-        .await
-        .unwrap();
+    let summary = label(&config, judged_by_referee(), &out).await;
     assert!(summary.failed.is_empty(), "{:?}", summary.failed);
     assert_eq!(summary.labelled, 3);
     assert_eq!(
@@ -392,11 +370,7 @@ async fn the_strong_model_judges_by_default_once_per_prompt_and_prices_add_up() 
         max_tokens: Some(64),
         ..LabelOptions::default()
     };
-    let summary = Labeller::new(&config, options)
-        .unwrap()
-        .run(prompts(), &out)
-        .await
-        .unwrap();
+    let summary = label(&config, options, &out).await;
     assert_eq!((summary.labelled, summary.strong_wins), (3, 3), "{summary:?}");
     let asked = referee.asked();
     let (judging, answering): (Vec<_>, Vec<_>) = asked
