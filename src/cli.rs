@@ -260,10 +260,12 @@ pub struct EvalArgs {
     /// Bootstrap replicates for the APGR confidence intervals (0 disables them).
     #[arg(long, default_value_t = 1000)]
     pub bootstrap: usize,
-    /// The benchmark's strong model (column or key); defaults to the benchmark's own.
+    /// The benchmark's strong model (column or key); defaults to the benchmark's own (in a
+    /// file from `routellm label`, its `model_a`).
     #[arg(long)]
     pub strong_model: Option<String>,
-    /// The benchmark's weak model (column or key); defaults to the benchmark's own.
+    /// The benchmark's weak model (column or key); defaults to the benchmark's own (in a file
+    /// from `routellm label`, its `model_b`).
     #[arg(long)]
     pub weak_model: Option<String>,
     /// Rescore even when cached scores exist.

@@ -236,10 +236,15 @@ async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_agai
     let benchmark = routellm::eval::benchmark::load(
         &routellm::eval::benchmark::BenchmarkKind::Generic(out.clone()),
         &dir,
-        Some("openai/strong-model"),
-        Some("together_ai/weak-model"),
+        None,
+        None,
     )
     .unwrap();
+    assert_eq!(
+        (benchmark.strong_model.as_str(), benchmark.weak_model.as_str()),
+        ("openai/strong-model", "together_ai/weak-model"),
+        "the labelled pair, without naming it"
+    );
     assert_eq!(benchmark.prompts.len(), 3);
     assert!(
         benchmark

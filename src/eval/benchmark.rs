@@ -338,19 +338,32 @@ fn load_generic(path: &Path, strong_model: Option<&str>, weak_model: Option<&str
     struct Row {
         prompt: String,
         scores: BTreeMap<String, f64>,
+        /// `routellm label` writes the strong model as `model_a` and the weak as `model_b`.
+        #[serde(default)]
+        model_a: Option<String>,
+        #[serde(default)]
+        model_b: Option<String>,
     }
     let rows: Vec<Row> = read_jsonl(path)?;
     let models: Vec<String> = rows
         .first()
         .map(|row| row.scores.keys().cloned().collect())
         .unwrap_or_default();
-    let (Some(strong_model), Some(weak_model)) = (strong_model, weak_model) else {
+    let labelled_pair = rows.first().and_then(|row| {
+        let (a, b) = (row.model_a.as_deref()?, row.model_b.as_deref()?);
+        (row.scores.contains_key(a) && row.scores.contains_key(b)).then_some((a, b))
+    });
+    let (Some(strong_model), Some(weak_model)) = (
+        strong_model.or(labelled_pair.map(|(a, _)| a)),
+        weak_model.or(labelled_pair.map(|(_, b)| b)),
+    ) else {
         return Err(Error::invalid(format!(
             "a generic benchmark needs --strong-model and --weak-model naming keys of `scores`; {} has: {}",
             path.display(),
             models.join(", ")
         )));
     };
+    let (strong_model, weak_model) = (strong_model.to_owned(), weak_model.to_owned());
     let mut prompts = Vec::with_capacity(rows.len());
     let mut outcomes = Vec::with_capacity(rows.len());
     for (number, row) in rows.into_iter().enumerate() {
@@ -367,7 +380,7 @@ fn load_generic(path: &Path, strong_model: Option<&str>, weak_model: Option<&str
                     ))
                 })
         };
-        outcomes.push(Outcome::single(score(strong_model)?, score(weak_model)?));
+        outcomes.push(Outcome::single(score(&strong_model)?, score(&weak_model)?));
         prompts.push(row.prompt);
     }
     let name = path
@@ -375,8 +388,8 @@ fn load_generic(path: &Path, strong_model: Option<&str>, weak_model: Option<&str
         .map_or_else(|| "benchmark".to_owned(), |stem| stem.to_string_lossy().into_owned());
     non_empty(Benchmark {
         name,
-        strong_model: strong_model.to_owned(),
-        weak_model: weak_model.to_owned(),
+        strong_model,
+        weak_model,
         prompts,
         outcomes,
         scale: 1.0,
