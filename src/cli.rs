@@ -166,16 +166,18 @@ impl TrainCommon {
         })
     }
 
-    /// The split flags, with the embedding cache defaulted for slow embedders.
-    fn split(&self) -> crate::train::SplitOptions {
-        if self.embedder == "static" {
+    /// The split flags, with the embedding cache defaulted for slow embedders and the
+    /// identities of a labelled file's pair unless others were asked for.
+    fn split(&self) -> anyhow::Result<crate::train::SplitOptions> {
+        let split = if self.embedder == "static" {
             crate::train::SplitOptions {
                 embedding_cache: None,
                 ..self.split.clone()
             }
         } else {
             self.split.clone().caching_by_default()
-        }
+        };
+        Ok(split.for_labelled_pair(&crate::train::data::expand(&self.data)?)?)
     }
 }
 
@@ -547,7 +549,7 @@ fn train_mf(args: &TrainMfArgs) -> anyhow::Result<()> {
         batch_prompts: 64,
         max_pairs: args.max_pairs,
         use_embedding: !args.features_only,
-        split: common.split(),
+        split: common.split()?,
     };
     run_trainer(
         common,
@@ -562,7 +564,7 @@ fn train_sw_ranking(args: &TrainSwRankingArgs) -> anyhow::Result<()> {
     let options = crate::train::sw_ranking::SwOptions {
         tiers: args.tiers,
         sharpness_grid: args.sharpness.clone(),
-        split: common.split(),
+        split: common.split()?,
     };
     run_trainer(
         common,
@@ -604,7 +606,7 @@ fn train_bert(args: &TrainBertArgs) -> anyhow::Result<()> {
         fine_tune_learning_rate: args.fine_tune_learning_rate,
         fine_tune_batch: args.fine_tune_batch,
         fine_tune_memory_limit: gib_to_bytes(args.fine_tune_max_memory_gib)?,
-        split: args.split.clone().caching_by_default(),
+        split: args.split.clone().caching_by_default().for_labelled_pair(&files)?,
     };
     crate::train::bert::train_bert(&files, &encoder, &options, &args.out, &command_line())?;
     eprintln!("wrote {}", args.out.display());

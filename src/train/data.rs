@@ -57,6 +57,36 @@ pub fn canonical_model(name: &str) -> String {
     }
 }
 
+/// The pair `files` were labelled for by `routellm label` (its rows name a `judge`; the
+/// strong model is `model_a`), when they hold label rows of exactly one pair.
+pub fn labelled_pair(files: &[PathBuf]) -> Result<Option<(String, String)>, Error> {
+    #[derive(Deserialize)]
+    struct LabelRow {
+        model_a: String,
+        model_b: String,
+        #[allow(dead_code)] // only its presence marks a label row
+        judge: String,
+    }
+    let mut pairs = std::collections::BTreeSet::new();
+    for path in files {
+        let file = std::fs::File::open(path).map_err(|error| Error::io(path.display().to_string(), error))?;
+        for line in BufReader::new(file).lines() {
+            let line = line.map_err(|error| Error::io(path.display().to_string(), error))?;
+            // Most training rows are not labels: skip them before parsing.
+            if !line.contains("\"judge\"") {
+                continue;
+            }
+            if let Ok(row) = serde_json::from_str::<LabelRow>(&line) {
+                pairs.insert((row.model_a, row.model_b));
+            }
+        }
+    }
+    Ok(match pairs.len() {
+        1 => pairs.pop_first(),
+        _ => None,
+    })
+}
+
 /// The licence of a known training file, by its name.
 fn licence_of(name: &str) -> String {
     if name.contains("alpaca_eval") {
@@ -320,5 +350,41 @@ mod tests {
             assert!(gpt4_won, "{battle:?}");
         }
         assert_eq!(data.files[1].licence, "as supplied by the user");
+    }
+
+    #[test]
+    fn a_label_file_names_its_pair_and_only_one_pair_counts() {
+        let dir = std::env::temp_dir().join(format!("routellm-labelled-pair-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let label = |a: &str, b: &str| {
+            format!(
+                r#"{{"prompt": "p", "model_a": "{a}", "model_b": "{b}", "p_b_wins": 0.0, "judge": "openai/gpt-4o"}}"#
+            )
+        };
+        let labels = dir.join("labels.jsonl");
+        std::fs::write(
+            &labels,
+            format!(
+                "{}\n{}\n",
+                label("openai/gpt-4o", "groq/llama3"),
+                label("openai/gpt-4o", "groq/llama3")
+            ),
+        )
+        .unwrap();
+        // A battle file without a judge is not a label file, whatever its pairs.
+        let battles = dir.join("battles.jsonl");
+        std::fs::write(
+            &battles,
+            r#"{"prompt": "q", "model_a": "x", "model_b": "y", "winner": "model_a"}"#,
+        )
+        .unwrap();
+        let pair = labelled_pair(&[labels.clone(), battles.clone()]).unwrap();
+        assert_eq!(pair, Some(("openai/gpt-4o".to_owned(), "groq/llama3".to_owned())));
+        assert_eq!(labelled_pair(std::slice::from_ref(&battles)).unwrap(), None);
+        // Labels of two pairs: no single pair to default to.
+        let other = dir.join("other.jsonl");
+        std::fs::write(&other, label("openai/gpt-4o", "openai/gpt-4o-mini")).unwrap();
+        assert_eq!(labelled_pair(&[labels, other]).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -28,11 +28,13 @@ pub struct SplitOptions {
     pub validation_fraction: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// The default strong identity to score.
-    #[arg(long, default_value = "gpt-4-1106-preview")]
+    /// The default strong identity to score. [default: the pair of a file from `routellm
+    /// label`, else gpt-4-1106-preview]
+    #[arg(long, default_value = DEFAULT_STRONG, hide_default_value = true)]
     pub strong: String,
-    /// The default weak identity to score.
-    #[arg(long, default_value = "mixtral-8x7b-instruct-v0.1")]
+    /// The default weak identity to score. [default: the pair of a file from `routellm
+    /// label`, else mixtral-8x7b-instruct-v0.1]
+    #[arg(long, default_value = DEFAULT_WEAK, hide_default_value = true)]
     pub weak: String,
     /// Hold one source (file stem) out of training entirely and validate on it: the closest
     /// proxy here for prompts from an unseen distribution.
@@ -45,7 +47,26 @@ pub struct SplitOptions {
     pub embedding_cache: Option<PathBuf>,
 }
 
+/// The identities scored by default: the public training data's closest pair to RouteLLM's.
+pub const DEFAULT_STRONG: &str = "gpt-4-1106-preview";
+pub const DEFAULT_WEAK: &str = "mixtral-8x7b-instruct-v0.1";
+
 impl SplitOptions {
+    /// These options scoring the pair that `files` were labelled for by `routellm label`,
+    /// when they hold one such pair and no other identities were asked for: a router
+    /// trained on a team's labels should serve that team's two models.
+    pub fn for_labelled_pair(mut self, files: &[PathBuf]) -> Result<Self, Error> {
+        if self.strong == DEFAULT_STRONG
+            && self.weak == DEFAULT_WEAK
+            && let Some((strong, weak)) = data::labelled_pair(files)?
+        {
+            eprintln!("scoring the labelled pair by default: --strong {strong} --weak {weak}");
+            self.strong = strong;
+            self.weak = weak;
+        }
+        Ok(self)
+    }
+
     /// These options with the embedding cache at its default place unless one is named.
     #[must_use]
     pub fn caching_by_default(mut self) -> Self {
@@ -59,8 +80,8 @@ impl Default for SplitOptions {
         Self {
             validation_fraction: 0.2,
             seed: 42,
-            strong: "gpt-4-1106-preview".into(),
-            weak: "mixtral-8x7b-instruct-v0.1".into(),
+            strong: DEFAULT_STRONG.into(),
+            weak: DEFAULT_WEAK.into(),
             holdout_source: None,
             embedding_cache: None,
         }
@@ -521,6 +542,15 @@ pub fn train_mf(
     command: &str,
 ) -> Result<MfManifest, Error> {
     let (data, train) = read_split(files, options.max_pairs, &options.split)?;
+    // Before any fitting: a long MiniLM run should not end in this.
+    if data.model(&options.split.strong).is_none() || data.model(&options.split.weak).is_none() {
+        return Err(Error::invalid(format!(
+            "the training data has no model `{}` or `{}`; choose --strong/--weak among: {}",
+            options.split.strong,
+            options.split.weak,
+            data.models.join(", ")
+        )));
+    }
     if data.battles.is_empty() {
         return Err(Error::invalid(
             "the training files yield no battles (no prompt where one model won and another lost)",
@@ -548,14 +578,6 @@ pub fn train_mf(
     let validation = validation_report(&data, &reps, &train, &weights, &pairs)?;
     for (source, metrics) in &validation {
         eprintln!("validation {source}: {metrics}");
-    }
-    if data.model(&options.split.strong).is_none() || data.model(&options.split.weak).is_none() {
-        return Err(Error::invalid(format!(
-            "the training data has no model `{}` or `{}`; choose --strong/--weak among: {}",
-            options.split.strong,
-            options.split.weak,
-            data.models.join(", ")
-        )));
     }
     let manifest = MfManifest {
         router: "mf".into(),
