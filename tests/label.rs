@@ -400,3 +400,69 @@ async fn the_strong_model_judges_by_default_once_per_prompt_and_prices_add_up() 
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The command as scripts meet it: a summary on stderr, and an exit status that says whether
+/// every prompt was labelled.
+#[tokio::test]
+async fn the_command_exits_non_zero_while_prompts_are_left_and_zero_once_all_are_labelled() {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let referee = Referee::default();
+    let referee_url = referee.start().await;
+    let dir = scratch("command");
+    let (config_file, prompts_file, out) = (
+        dir.join("config.yaml"),
+        dir.join("prompts.txt"),
+        dir.join("labels.jsonl"),
+    );
+    std::fs::write(
+        &config_file,
+        format!(
+            "strong_model: {{name: openai/strong-model, base_url: '{}', api_key: sk-strong}}\n\
+             weak_model: {{name: together_ai/weak-model, base_url: '{}', api_key: sk-weak}}\n\
+             providers:\n  referee: {{base_url: '{referee_url}', api_key: sk-judge}}\n",
+            strong.base_url(),
+            weak.base_url(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(&prompts_file, "What is 2 + 2?\nName a prime.\n").unwrap();
+    let run = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_routellm"))
+            .arg("label")
+            .arg("--config")
+            .arg(&config_file)
+            .arg("--prompts")
+            .arg(&prompts_file)
+            .arg("--out")
+            .arg(&out)
+            .args(["--judge", "referee/judge-model", "--attempts", "1"])
+            .env_remove("ROUTELLM_CONFIG")
+            .env("NO_PROXY", "127.0.0.1")
+            .output()
+    };
+
+    referee.undecided.store(true, Ordering::SeqCst);
+    let failed = run().await.unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("labelled 0 prompts") && stderr.contains("2 failed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("no verdict"), "{stderr}");
+
+    referee.undecided.store(false, Ordering::SeqCst);
+    let done = run().await.unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("labelled 2 prompts") && stderr.contains("won 2, tied 0, lost 0"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("same verdict in both orders on 100% of 2 prompts"),
+        "{stderr}"
+    );
+    assert_eq!(lines(&out).len(), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
