@@ -934,32 +934,38 @@ fn describe_labelling(summary: &crate::label::LabelSummary, out: &std::path::Pat
     if summary.labelled > 0 {
         let _ = write!(
             text,
-            "\nthe strong model won {}, tied {}, lost {} (judged {})\ntokens: {} prompt, {} completion",
+            "\nthe strong model won {}, tied {}, lost {} (judged {})",
             summary.strong_wins,
             summary.ties,
             summary.weak_wins,
             if both_orders { "in both orders" } else { "once" },
-            summary.usage.prompt_tokens,
-            summary.usage.completion_tokens
+        );
+    }
+    let spent = summary.usage.prompt_tokens + summary.usage.completion_tokens;
+    if spent > 0 {
+        let _ = write!(
+            text,
+            "\ntokens spent (failed prompts too): {} prompt, {} completion",
+            summary.usage.prompt_tokens, summary.usage.completion_tokens
         );
         if let Some(cost) = summary.cost {
             let _ = write!(text, "; cost {cost:.4}");
         }
-        if summary.judged_twice > 0 {
-            #[allow(clippy::cast_precision_loss)] // counts of prompts
-            let share = summary.consistent as f64 / summary.judged_twice as f64;
-            let _ = write!(
-                text,
-                "\nthe judge gave the same verdict in both orders on {:.0}% of {} prompts{}",
-                100.0 * share,
-                summary.judged_twice,
-                if share < 0.6 {
-                    " (low: its verdicts follow the answers' positions more than their content)"
-                } else {
-                    ""
-                }
-            );
-        }
+    }
+    if summary.judged_twice > 0 {
+        #[allow(clippy::cast_precision_loss)] // counts of prompts
+        let share = summary.consistent as f64 / summary.judged_twice as f64;
+        let _ = write!(
+            text,
+            "\nthe judge gave the same verdict in both orders on {:.0}% of {} prompts{}",
+            100.0 * share,
+            summary.judged_twice,
+            if share < 0.6 {
+                " (low: its verdicts follow the answers' positions more than their content)"
+            } else {
+                ""
+            }
+        );
     }
     for (prompt, reason) in summary.failed.iter().take(5) {
         let head: String = prompt.chars().take(60).collect();

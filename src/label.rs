@@ -96,10 +96,38 @@ pub struct LabelSummary {
     /// swap places is mostly telling positions apart, and its labels are noise.
     pub judged_twice: usize,
     pub consistent: usize,
-    /// Tokens every call reported, answers and judgements.
+    /// Tokens every call that answered reported, answers and judgements, failed prompts'
+    /// included: they were spent all the same.
     pub usage: Usage,
-    /// What those tokens cost, when every model asked has a price.
+    /// What those tokens cost, when every model that answered has a price.
     pub cost: Option<f64>,
+}
+
+/// What the calls for one prompt spent.
+#[derive(Debug, Default, Clone, Copy)]
+struct Spent {
+    usage: Usage,
+    cost: f64,
+    /// Some answer came from a model without a price: `cost` is not the whole of it.
+    unpriced: bool,
+}
+
+impl Spent {
+    fn add(&mut self, answer: &Answer) {
+        self.usage.prompt_tokens += answer.usage.prompt_tokens;
+        self.usage.completion_tokens += answer.usage.completion_tokens;
+        match answer.price {
+            Some(price) => self.cost += price.cost(answer.usage.prompt_tokens, answer.usage.completion_tokens),
+            None => self.unpriced = true,
+        }
+    }
+
+    fn absorb(&mut self, other: Spent) {
+        self.usage.prompt_tokens += other.usage.prompt_tokens;
+        self.usage.completion_tokens += other.usage.completion_tokens;
+        self.cost += other.cost;
+        self.unpriced |= other.unpriced;
+    }
 }
 
 /// The answer-order of one judgement.
@@ -184,8 +212,6 @@ struct Outcome {
     strong: Answer,
     weak: Answer,
     judgements: Vec<Judgement>,
-    judge_usage: Usage,
-    judge_cost: Option<f64>,
     strong_share: f64,
 }
 
@@ -262,16 +288,17 @@ impl Labeller {
         }
         let mut file = open_for_append(out).await?;
         let progress = crate::progress::Progress::for_slow_items("labelling", todo.len());
-        let mut priced = true;
-        let mut cost = 0.0;
+        let mut spent = Spent::default();
         let mut outcomes = futures_util::stream::iter(todo)
             .map(|prompt| async move {
-                let outcome = self.label(&prompt).await;
-                (prompt, outcome)
+                let mut spent = Spent::default();
+                let outcome = self.label(&prompt, &mut spent).await;
+                (prompt, outcome, spent)
             })
             .buffer_unordered(self.options.concurrency);
-        while let Some((prompt, outcome)) = outcomes.next().await {
+        while let Some((prompt, outcome, spent_on_it)) = outcomes.next().await {
             progress.advance(1);
+            spent.absorb(spent_on_it);
             let outcome = match outcome {
                 Ok(outcome) => outcome,
                 Err(error) => {
@@ -298,20 +325,9 @@ impl Labeller {
                 share if share < 0.5 => summary.weak_wins += 1,
                 _ => summary.ties += 1,
             }
-            for answer in [&outcome.strong, &outcome.weak] {
-                add(&mut summary.usage, answer.usage);
-                match answer.price {
-                    Some(price) => cost += price.cost(answer.usage.prompt_tokens, answer.usage.completion_tokens),
-                    None => priced = false,
-                }
-            }
-            add(&mut summary.usage, outcome.judge_usage);
-            match outcome.judge_cost {
-                Some(judge_cost) => cost += judge_cost,
-                None => priced = false,
-            }
         }
-        summary.cost = (priced && summary.labelled > 0).then_some(cost);
+        summary.usage = spent.usage;
+        summary.cost = (!spent.unpriced).then_some(spent.cost);
         Ok(summary)
     }
 
@@ -349,9 +365,13 @@ impl Labeller {
         Ok(line)
     }
 
-    /// Both answers, then the judge's verdicts.
-    async fn label(&self, prompt: &str) -> Result<Outcome, Error> {
+    /// Both answers, then the judge's verdicts; what every call that answered cost goes to
+    /// `spent`, whether or not the prompt ends up labelled.
+    async fn label(&self, prompt: &str, spent: &mut Spent) -> Result<Outcome, Error> {
         let (strong, weak) = tokio::join!(self.answer(&self.strong, prompt), self.answer(&self.weak, prompt));
+        for answer in [&strong, &weak].into_iter().flatten() {
+            spent.add(answer);
+        }
         let (strong, weak) = (strong?, weak?);
         let orders: &[Order] = if self.options.both_orders {
             &[Order::StrongFirst, Order::WeakFirst]
@@ -369,16 +389,13 @@ impl Labeller {
             self.judge(judge_request(prompt, first, second))
         }))
         .await;
+        for answer in judged.iter().flatten() {
+            spent.add(answer);
+        }
         let mut judgements = Vec::with_capacity(orders.len());
-        let mut judge_usage = Usage::default();
-        let mut judge_cost = Some(0.0);
         let mut scores = Vec::new();
         for (&order, judged) in orders.iter().zip(judged) {
             let answer = judged?;
-            add(&mut judge_usage, answer.usage);
-            judge_cost = judge_cost
-                .zip(answer.price)
-                .map(|(sum, price)| sum + price.cost(answer.usage.prompt_tokens, answer.usage.completion_tokens));
             let verdict = verdict_of(&answer.text);
             let score = verdict.map(|verdict| strong_score(order, verdict));
             judgements.push(Judgement {
@@ -404,8 +421,6 @@ impl Labeller {
             strong,
             weak,
             judgements,
-            judge_usage,
-            judge_cost,
             strong_share,
         })
     }
@@ -494,11 +509,6 @@ fn retry_wait(outcome: Result<&Reply, &Error>, attempt: u32) -> Option<Duration>
 /// 0.5 s, 1 s, 2 s, ... after attempt `attempt`.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(500 << attempt.saturating_sub(1).min(6))
-}
-
-fn add(total: &mut Usage, more: Usage) {
-    total.prompt_tokens += more.prompt_tokens;
-    total.completion_tokens += more.completion_tokens;
 }
 
 /// The text of a Chat Completions answer, or why there is none.

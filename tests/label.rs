@@ -287,6 +287,11 @@ async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
         summary.failed
     );
     assert!(referee.asked().is_empty(), "no judge is asked without both answers");
+    assert_eq!(
+        (summary.usage.prompt_tokens, summary.usage.completion_tokens),
+        (2, 6),
+        "the strong model's answers were spent all the same (1 + 3 tokens each)"
+    );
     assert!(lines(&out).is_empty());
 
     // Back up, but the judge gives no verdict: still nothing written.
@@ -450,6 +455,11 @@ async fn the_command_exits_non_zero_while_prompts_are_left_and_zero_once_all_are
         "{stderr}"
     );
     assert!(stderr.contains("no verdict"), "{stderr}");
+    // Per prompt: two answers of 1 + 3 tokens and two judgements of 100 + 10.
+    assert!(
+        stderr.contains("tokens spent (failed prompts too): 404 prompt, 52 completion"),
+        "{stderr}"
+    );
 
     referee.undecided.store(false, Ordering::SeqCst);
     let done = run().await.unwrap();
