@@ -292,13 +292,29 @@ pub struct ArtifactArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("goal").required(true).args(["strong_model_pct", "target_pgr"])))]
 pub struct CalibrateArgs {
     /// Routers to calibrate.
     #[arg(long, num_args = 1.., required = true)]
     pub routers: Vec<String>,
     /// Share of prompts to send to the strong model, in [0, 1].
     #[arg(long)]
-    pub strong_model_pct: f64,
+    pub strong_model_pct: Option<f64>,
+    /// Instead of a share, the share of the strong model's quality to keep, in (0, 1]: the
+    /// threshold that recovers this much of the gap between the two models on `--benchmark`
+    /// with the fewest strong calls.
+    #[arg(long, requires = "benchmark", conflicts_with = "prompts")]
+    pub target_pgr: Option<f64>,
+    /// With --target-pgr: prompts with both models' scores — a file from `routellm label`,
+    /// or any `{"prompt", "scores"}` JSONL as `eval` reads it.
+    #[arg(long)]
+    pub benchmark: Option<PathBuf>,
+    /// With --benchmark: its strong model's key in `scores` (a `label` file's is known).
+    #[arg(long)]
+    pub strong_model: Option<String>,
+    /// With --benchmark: its weak model's key in `scores` (a `label` file's is known).
+    #[arg(long)]
+    pub weak_model: Option<String>,
     /// Your traffic: JSONL with `prompt` or `messages`, or plain text, one prompt per line.
     /// [default: the calibration set shipped in routers/calibration/prompts.jsonl]
     #[arg(long)]
@@ -308,8 +324,9 @@ pub struct CalibrateArgs {
     /// config's `score_turns`, else last]
     #[arg(long, env = "ROUTELLM_SCORE_TURNS", value_enum)]
     pub score_turns: Option<ScoreTurns>,
-    /// Print one JSON object per router (`router`, `threshold`, `strong_model_pct`,
-    /// `achieved_pct`, `prompts`) instead of a sentence, for scripts that update the config.
+    /// Print one JSON object per router (`router`, `threshold`, `strong_model_pct` or
+    /// `target_pgr` and `achieved_pgr`, `achieved_pct`, `prompts`) instead of a sentence, for
+    /// scripts that update the config.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -685,6 +702,9 @@ pub const DEFAULT_CALIBRATION_PROMPTS: &str = "calibration/prompts.jsonl";
 
 fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
     let config = offline_config(&args.artifacts)?;
+    let Some(strong_model_pct) = args.strong_model_pct else {
+        return calibrate_for_quality(args, &config);
+    };
     let path = args
         .prompts
         .clone()
@@ -693,19 +713,19 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
     for name in &args.routers {
         let calibration = if name == "random" {
             // Its scores are uniform by construction: the exact answer needs no sample.
-            let threshold = 1.0 - args.strong_model_pct;
+            let threshold = 1.0 - strong_model_pct;
             if !(0.0..=1.0).contains(&threshold) {
-                anyhow::bail!("--strong-model-pct {} is outside [0, 1]", args.strong_model_pct);
+                anyhow::bail!("--strong-model-pct {strong_model_pct} is outside [0, 1]");
             }
             crate::scoring::Calibration {
                 threshold,
-                achieved_share: args.strong_model_pct,
+                achieved_share: strong_model_pct,
                 display: format!("{threshold:.5}"),
             }
         } else {
             let router = crate::routers::build(name, &config)?;
             let scores = prompts.score(router.as_ref(), name)?;
-            crate::scoring::calibrate(&scores, args.strong_model_pct)?
+            crate::scoring::calibrate(&scores, strong_model_pct)?
         };
         #[allow(clippy::cast_precision_loss)]
         let half_prompt = 0.5 / prompts.len().max(1) as f64;
@@ -717,7 +737,7 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
                 serde_json::json!({
                     "router": name,
                     "threshold": threshold,
-                    "strong_model_pct": args.strong_model_pct,
+                    "strong_model_pct": strong_model_pct,
                     "achieved_pct": calibration.achieved_share,
                     "prompts": prompts.len(),
                 })
@@ -726,17 +746,73 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
         }
         println!(
             "For {:.1}% strong model calls for {name}, threshold = {}",
-            args.strong_model_pct * 100.0,
+            strong_model_pct * 100.0,
             calibration.display
         );
-        if (calibration.achieved_share - args.strong_model_pct).abs() > half_prompt {
+        if (calibration.achieved_share - strong_model_pct).abs() > half_prompt {
             eprintln!(
                 "note: tied scores allow {:.1}% rather than {:.1}% on these {} prompts",
                 calibration.achieved_share * 100.0,
-                args.strong_model_pct * 100.0,
+                strong_model_pct * 100.0,
                 prompts.len()
             );
         }
+    }
+    Ok(())
+}
+
+/// `calibrate --target-pgr`: per router, the threshold that keeps that share of the strong
+/// model's quality on a labelled set with the fewest strong calls.
+fn calibrate_for_quality(args: &CalibrateArgs, config: &Config) -> anyhow::Result<()> {
+    let (Some(target), Some(path)) = (args.target_pgr, args.benchmark.as_ref()) else {
+        anyhow::bail!("--target-pgr needs --benchmark");
+    };
+    let benchmark = crate::eval::benchmark::load(
+        &crate::eval::benchmark::BenchmarkKind::Generic(path.clone()),
+        path.parent().unwrap_or(std::path::Path::new(".")),
+        args.strong_model.as_deref(),
+        args.weak_model.as_deref(),
+    )?;
+    let outcomes: Vec<(f64, f64)> = benchmark
+        .outcomes
+        .iter()
+        .map(|outcome| {
+            (
+                outcome.strong_sum / outcome.strong_count,
+                outcome.weak_sum / outcome.weak_count,
+            )
+        })
+        .collect();
+    let prompts = Entries::Last(benchmark.prompts.clone());
+    for name in &args.routers {
+        let router = crate::routers::build(name, config)?;
+        let scores = prompts.score(router.as_ref(), name)?;
+        let quality = crate::scoring::calibrate_for_quality(&scores, &outcomes, target)?;
+        let calibration = &quality.calibration;
+        if args.json {
+            let threshold: f64 = calibration.display.parse().unwrap_or(calibration.threshold);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "router": name,
+                    "threshold": threshold,
+                    "target_pgr": target,
+                    "achieved_pgr": quality.achieved_pgr,
+                    "achieved_pct": calibration.achieved_share,
+                    "prompts": prompts.len(),
+                })
+            );
+            continue;
+        }
+        println!(
+            "For {:.1}% of the strong model's quality for {name}, threshold = {} \
+             ({:.1}% strong model calls on these {} prompts, {:.1}% of the gap recovered)",
+            target * 100.0,
+            calibration.display,
+            calibration.achieved_share * 100.0,
+            prompts.len(),
+            quality.achieved_pgr * 100.0
+        );
     }
     Ok(())
 }

@@ -145,6 +145,60 @@ pub struct Calibration {
     pub display: String,
 }
 
+/// A threshold chosen for quality rather than share ([`calibrate_for_quality`]).
+#[derive(Debug, Clone)]
+pub struct QualityCalibration {
+    pub calibration: Calibration,
+    /// The share of the performance gap the threshold recovers on these prompts.
+    pub achieved_pgr: f64,
+}
+
+/// The threshold that recovers at least `target` of the performance gap between the weak
+/// and the strong model on a labelled set — `outcomes` holds each prompt's (strong, weak)
+/// scores — with the fewest strong calls. Only cuts between distinct scores can be served,
+/// so those are the candidates; the whole set to the strong model recovers all of the gap,
+/// so a target in (0, 1] is always met.
+pub fn calibrate_for_quality(
+    scores: &[f64],
+    outcomes: &[(f64, f64)],
+    target: f64,
+) -> Result<QualityCalibration, Error> {
+    if !(target > 0.0 && target <= 1.0) {
+        return Err(Error::invalid(format!("--target-pgr {target} is outside (0, 1]")));
+    }
+    if scores.is_empty() || scores.len() != outcomes.len() {
+        return Err(Error::invalid("no labelled prompts to calibrate on"));
+    }
+    let gap: f64 = outcomes.iter().map(|(strong, weak)| strong - weak).sum();
+    if gap <= 0.0 {
+        return Err(Error::invalid(
+            "the strong model is not better than the weak one on these prompts: there is no quality to recover",
+        ));
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut gained = 0.0;
+    let mut strong_calls = scores.len();
+    let mut achieved_pgr = 1.0;
+    for (position, &prompt) in order.iter().enumerate() {
+        gained += outcomes[prompt].0 - outcomes[prompt].1;
+        let cut_here = order
+            .get(position + 1)
+            .is_none_or(|&next| scores[next] < scores[prompt]);
+        if cut_here && gained / gap >= target {
+            strong_calls = position + 1;
+            achieved_pgr = gained / gap;
+            break;
+        }
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let share = strong_calls as f64 / scores.len() as f64;
+    Ok(QualityCalibration {
+        calibration: calibrate(scores, share)?,
+        achieved_pgr,
+    })
+}
+
 /// Picks the threshold between the k-th and (k+1)-th highest scores, k = round(share * n),
 /// so exactly that share of these prompts scores at or above it. Where ties make the exact
 /// share impossible, the achievable share nearest to it is chosen.
@@ -234,6 +288,34 @@ fn next_up(value: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::routers::LengthRouter;
+
+    #[test]
+    fn quality_calibration_sends_the_fewest_prompts_that_recover_the_target() {
+        // The strong model is better on exactly the three highest-scored of ten prompts.
+        let scores: Vec<f64> = (0..10).map(|i| f64::from(i) / 10.0).collect();
+        let outcomes: Vec<(f64, f64)> = (0..10).map(|i| if i >= 7 { (1.0, 0.0) } else { (1.0, 1.0) }).collect();
+        let all = calibrate_for_quality(&scores, &outcomes, 1.0).unwrap();
+        assert!((all.calibration.achieved_share - 0.3).abs() < 1e-12, "{all:?}");
+        assert!((all.achieved_pgr - 1.0).abs() < 1e-12);
+        let most = calibrate_for_quality(&scores, &outcomes, 0.6).unwrap();
+        assert!((most.calibration.achieved_share - 0.2).abs() < 1e-12, "{most:?}");
+        assert!((most.achieved_pgr - 2.0 / 3.0).abs() < 1e-12);
+        // The threshold sends exactly those prompts.
+        let sent = scores
+            .iter()
+            .filter(|score| **score >= most.calibration.threshold)
+            .count();
+        assert_eq!(sent, 2);
+        // A tie at the cut is sent whole or not at all: here all of 0.9's three prompts.
+        let tied = [0.9, 0.9, 0.9, 0.1];
+        let outcomes = [(1.0, 0.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)];
+        let whole = calibrate_for_quality(&tied, &outcomes, 0.5).unwrap();
+        assert!((whole.calibration.achieved_share - 0.75).abs() < 1e-12, "{whole:?}");
+        // Nothing to recover, or a target outside (0, 1]: an error, not a threshold.
+        assert!(calibrate_for_quality(&tied, &[(1.0, 1.0); 4], 0.5).is_err());
+        assert!(calibrate_for_quality(&scores, &[(1.0, 0.0); 10], 0.0).is_err());
+        assert!(calibrate_for_quality(&scores, &[(1.0, 0.0); 10], 1.5).is_err());
+    }
 
     #[test]
     fn calibration_hits_the_requested_share() {

@@ -195,6 +195,84 @@ fn length_scores(input: &std::path::Path, extra: &[&str]) -> Vec<f64> {
 }
 
 #[test]
+fn calibrate_to_a_quality_target_on_a_labelled_file_sends_the_fewest_prompts_that_keep_it() {
+    // Ten prompts of growing length, labelled as `routellm label` writes them: the strong
+    // model wins the three longest, the two models tie on the rest.
+    let dir = out_dir("calibrate-quality");
+    std::fs::create_dir_all(&dir).unwrap();
+    let labels = dir.join("labels.jsonl");
+    let text: String = (0..10)
+        .map(|i| {
+            let strong = if i >= 7 { 1.0 } else { 0.5 };
+            format!(
+                "{}\n",
+                serde_json::json!({
+                    "prompt": "word ".repeat(i * 20 + 1), "model_a": "openai/gpt-4o", "model_b": "groq/llama3",
+                    "p_b_wins": 1.0 - strong, "scores": {"openai/gpt-4o": strong, "groq/llama3": 1.0 - strong},
+                    "judge": "openai/gpt-4o",
+                })
+            )
+        })
+        .collect();
+    std::fs::write(&labels, text).unwrap();
+    let calibrate = |target: &str| {
+        let output = binary()
+            .args([
+                "calibrate",
+                "--routers",
+                "length",
+                "--json",
+                "--target-pgr",
+                target,
+                "--benchmark",
+            ])
+            .arg(&labels)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let all = calibrate("1");
+    assert_eq!(all["achieved_pct"], 0.3, "{all}");
+    assert_eq!(all["achieved_pgr"], 1.0, "{all}");
+    let most = calibrate("0.6");
+    assert!((most["achieved_pct"].as_f64().unwrap() - 0.2).abs() < 1e-12, "{most}");
+    assert!(
+        (most["achieved_pgr"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12,
+        "{most}"
+    );
+    // The threshold, served, sends exactly the two longest prompts to the strong model.
+    let threshold = most["threshold"].as_f64().unwrap();
+    let sent = length_scores(&labels, &[])
+        .iter()
+        .filter(|score| **score >= threshold)
+        .count();
+    assert_eq!(sent, 2);
+    // A share or a quality target, not both; a target needs labelled prompts.
+    let both = binary()
+        .args([
+            "calibrate",
+            "--routers",
+            "length",
+            "--strong-model-pct",
+            "0.5",
+            "--target-pgr",
+            "0.9",
+            "--benchmark",
+        ])
+        .arg(&labels)
+        .output()
+        .unwrap();
+    assert!(!both.status.success());
+    let alone = binary()
+        .args(["calibrate", "--routers", "length", "--target-pgr", "0.9"])
+        .output()
+        .unwrap();
+    assert!(!alone.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn calibrate_hits_the_share_on_a_prompts_file_and_score_agrees() {
     let dir = out_dir("calibrate");
     std::fs::create_dir_all(&dir).unwrap();
