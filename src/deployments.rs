@@ -280,6 +280,13 @@ pub fn hold_until_done(reply: Reply, in_flight: InFlight) -> Reply {
     }
 }
 
+/// 0.5 s, 1 s, 2 s, ... before attempt `attempt + 1`, where no `retry-after` says how long:
+/// the wait of batch clients (embedding training prompts, `routellm label`) between tries.
+#[must_use]
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(500 << attempt.saturating_sub(1).min(6))
+}
+
 /// How long a 429 asks the client to wait: OpenAI's `retry-after-ms`, else `retry-after`
 /// in seconds (an HTTP date is not worth parsing for a cooldown).
 #[must_use]

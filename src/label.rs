@@ -195,8 +195,18 @@ struct Labelled<'a> {
     p_b_wins: f64,
     scores: BTreeMap<&'a str, f64>,
     judge: &'a str,
-    judgements: Vec<Judgement>,
-    answers: BTreeMap<&'static str, String>,
+    judgements: &'a [Judgement],
+    answers: BTreeMap<&'static str, &'a str>,
+}
+
+/// The battle's winner for the strong model's share of the verdicts: `model_a` is the strong
+/// model, as `train` reads battles.
+fn winner_of(strong_share: f64) -> &'static str {
+    match strong_share {
+        share if share > 0.5 => "model_a",
+        share if share < 0.5 => "model_b",
+        _ => "tie",
+    }
 }
 
 #[derive(Serialize)]
@@ -320,9 +330,9 @@ impl Labeller {
                 summary.judged_twice += 1;
                 summary.consistent += usize::from(first == second);
             }
-            match outcome.strong_share {
-                share if share > 0.5 => summary.strong_wins += 1,
-                share if share < 0.5 => summary.weak_wins += 1,
+            match winner_of(outcome.strong_share) {
+                "model_a" => summary.strong_wins += 1,
+                "model_b" => summary.weak_wins += 1,
                 _ => summary.ties += 1,
             }
         }
@@ -338,25 +348,14 @@ impl Labeller {
             prompt: &outcome.prompt,
             model_a: &self.strong,
             model_b: &self.weak,
-            winner: match share {
-                share if share > 0.5 => "model_a",
-                share if share < 0.5 => "model_b",
-                _ => "tie",
-            },
+            winner: winner_of(share),
             p_b_wins: 1.0 - share,
             scores: BTreeMap::from([(self.strong.as_str(), share), (self.weak.as_str(), 1.0 - share)]),
             judge: &self.judge_name,
-            judgements: outcome
-                .judgements
-                .iter()
-                .map(|judgement| Judgement {
-                    order: judgement.order,
-                    winner: judgement.winner,
-                })
-                .collect(),
+            judgements: &outcome.judgements,
             answers: BTreeMap::from([
-                ("model_a", outcome.strong.text.clone()),
-                ("model_b", outcome.weak.text.clone()),
+                ("model_a", outcome.strong.text.as_str()),
+                ("model_b", outcome.weak.text.as_str()),
             ]),
         };
         let mut line =
@@ -400,11 +399,7 @@ impl Labeller {
             let score = verdict.map(|verdict| strong_score(order, verdict));
             judgements.push(Judgement {
                 order,
-                winner: score.map(|score| match score {
-                    score if score > 0.5 => "model_a",
-                    score if score < 0.5 => "model_b",
-                    _ => "tie",
-                }),
+                winner: score.map(winner_of),
             });
             scores.extend(score);
         }
@@ -499,16 +494,16 @@ fn retry_wait(outcome: Result<&Reply, &Error>, attempt: u32) -> Option<Duration>
                 || *status == axum::http::StatusCode::TOO_MANY_REQUESTS
                 || *status == axum::http::StatusCode::REQUEST_TIMEOUT =>
         {
-            Some(crate::deployments::retry_after(headers).map_or_else(|| backoff(attempt), |wait| wait.min(MAX_WAIT)))
+            Some(
+                crate::deployments::retry_after(headers)
+                    .map_or_else(|| crate::deployments::backoff(attempt), |wait| wait.min(MAX_WAIT)),
+            )
         }
-        Err(Error::UpstreamUnreachable { .. } | Error::UpstreamTimeout { .. }) => Some(backoff(attempt)),
+        Err(Error::UpstreamUnreachable { .. } | Error::UpstreamTimeout { .. }) => {
+            Some(crate::deployments::backoff(attempt))
+        }
         _ => None,
     }
-}
-
-/// 0.5 s, 1 s, 2 s, ... after attempt `attempt`.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(500 << attempt.saturating_sub(1).min(6))
 }
 
 /// The text of a Chat Completions answer, or why there is none.

@@ -127,9 +127,9 @@ impl OpenAiEmbedder {
                         let text = response.text().unwrap_or_default();
                         return Err(EmbedError::Embed(format!("HTTP {status}: {text}")));
                     }
-                    retry_after.unwrap_or_else(|| backoff(attempt))
+                    retry_after.unwrap_or_else(|| crate::deployments::backoff(attempt))
                 }
-                Err(error) if attempt < ATTEMPTS && error.is_connect() => backoff(attempt),
+                Err(error) if attempt < ATTEMPTS && error.is_connect() => crate::deployments::backoff(attempt),
                 Err(error) => return Err(EmbedError::Embed(error.to_string())),
             };
             std::thread::sleep(wait);
@@ -175,11 +175,6 @@ impl OpenAiEmbedder {
             None => Ok(vectors),
         }
     }
-}
-
-/// 0.5 s, 1 s, 2 s, ... before attempt `attempt + 1`.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(500 << attempt.saturating_sub(1).min(6))
 }
 
 impl Embedder for OpenAiEmbedder {
