@@ -262,14 +262,8 @@ pub struct EvalArgs {
     /// Bootstrap replicates for the APGR confidence intervals (0 disables them).
     #[arg(long, default_value_t = 1000)]
     pub bootstrap: usize,
-    /// The benchmark's strong model (column or key); defaults to the benchmark's own (in a
-    /// file from `routellm label`, its `model_a`).
-    #[arg(long)]
-    pub strong_model: Option<String>,
-    /// The benchmark's weak model (column or key); defaults to the benchmark's own (in a file
-    /// from `routellm label`, its `model_b`).
-    #[arg(long)]
-    pub weak_model: Option<String>,
+    #[command(flatten)]
+    pub models: BenchmarkModels,
     /// Rescore even when cached scores exist.
     #[arg(long)]
     pub overwrite_cache: bool,
@@ -291,6 +285,19 @@ pub struct ArtifactArgs {
     pub routers_dir: Option<PathBuf>,
 }
 
+/// Which of a benchmark's models are the strong and the weak one (`eval`, `calibrate --benchmark`).
+#[derive(Debug, Args)]
+pub struct BenchmarkModels {
+    /// The benchmark's strong model (column or key); defaults to the benchmark's own (in a
+    /// file from `routellm label`, its `model_a`).
+    #[arg(long)]
+    pub strong_model: Option<String>,
+    /// The benchmark's weak model (column or key); defaults to the benchmark's own (in a file
+    /// from `routellm label`, its `model_b`).
+    #[arg(long)]
+    pub weak_model: Option<String>,
+}
+
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("goal").required(true).args(["strong_model_pct", "target_pgr"])))]
 pub struct CalibrateArgs {
@@ -309,12 +316,8 @@ pub struct CalibrateArgs {
     /// or any `{"prompt", "scores"}` JSONL as `eval` reads it.
     #[arg(long)]
     pub benchmark: Option<PathBuf>,
-    /// With --benchmark: its strong model's key in `scores` (a `label` file's is known).
-    #[arg(long)]
-    pub strong_model: Option<String>,
-    /// With --benchmark: its weak model's key in `scores` (a `label` file's is known).
-    #[arg(long)]
-    pub weak_model: Option<String>,
+    #[command(flatten)]
+    pub models: BenchmarkModels,
     /// Your traffic: JSONL with `prompt` or `messages`, or plain text, one prompt per line.
     /// [default: the calibration set shipped in routers/calibration/prompts.jsonl]
     #[arg(long)]
@@ -682,8 +685,8 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         num_results: args.num_results,
         random_iters: args.random_iters,
         bootstrap: args.bootstrap,
-        strong_model: args.strong_model.clone(),
-        weak_model: args.weak_model.clone(),
+        strong_model: args.models.strong_model.clone(),
+        weak_model: args.models.weak_model.clone(),
         overwrite_cache: args.overwrite_cache,
         seed: args.seed,
     };
@@ -770,8 +773,8 @@ fn calibrate_for_quality(args: &CalibrateArgs, config: &Config) -> anyhow::Resul
     let benchmark = crate::eval::benchmark::load(
         &crate::eval::benchmark::BenchmarkKind::Generic(path.clone()),
         path.parent().unwrap_or(std::path::Path::new(".")),
-        args.strong_model.as_deref(),
-        args.weak_model.as_deref(),
+        args.models.strong_model.as_deref(),
+        args.models.weak_model.as_deref(),
     )?;
     let outcomes: Vec<(f64, f64)> = benchmark
         .outcomes
