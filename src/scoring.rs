@@ -151,6 +151,29 @@ pub struct QualityCalibration {
     pub calibration: Calibration,
     /// The share of the performance gap the threshold recovers on these prompts.
     pub achieved_pgr: f64,
+    /// What resampling the prompts says about that threshold, when asked for.
+    pub bootstrap: Option<QualityBootstrap>,
+}
+
+/// How to resample a labelled set for [`calibrate_for_quality`].
+#[derive(Debug, Clone, Copy)]
+pub struct BootstrapOptions {
+    pub replicates: usize,
+    pub seed: u64,
+    /// Choose the threshold that meets the target in at least this share of replicates,
+    /// rather than on the sample itself.
+    pub confidence: Option<f64>,
+}
+
+/// The chosen threshold seen across bootstrap replicates of the labelled prompts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QualityBootstrap {
+    /// Share of replicates in which the threshold recovers at least the target.
+    pub meets_target: f64,
+    /// 95% percentile interval of the share of the gap it recovers (replicates in which the
+    /// strong model is no better than the weak one have no share to recover and are left out).
+    pub pgr_interval: Option<(f64, f64)>,
+    pub replicates: usize,
 }
 
 /// The threshold that recovers at least `target` of the performance gap between the weak
@@ -158,10 +181,18 @@ pub struct QualityCalibration {
 /// scores — with the fewest strong calls. Only cuts between distinct scores can be served,
 /// so those are the candidates; the whole set to the strong model recovers all of the gap,
 /// so a target in (0, 1] is always met.
+///
+/// With `bootstrap`, the prompts are resampled with replacement: the result says in how many
+/// replicates the threshold meets the target and gives an interval for the share it
+/// recovers; with a `confidence`, the threshold is instead the one with the fewest strong
+/// calls that meets the target in at least that share of replicates — a sample of a few
+/// hundred labels is noisy, and the point choice meets its target only about half the time
+/// on the traffic it stands for.
 pub fn calibrate_for_quality(
     scores: &[f64],
     outcomes: &[(f64, f64)],
     target: f64,
+    bootstrap: Option<BootstrapOptions>,
 ) -> Result<QualityCalibration, Error> {
     if !(target > 0.0 && target <= 1.0) {
         return Err(Error::invalid(format!("--target-pgr {target} is outside (0, 1]")));
@@ -169,7 +200,8 @@ pub fn calibrate_for_quality(
     if scores.is_empty() || scores.len() != outcomes.len() {
         return Err(Error::invalid("no labelled prompts to calibrate on"));
     }
-    let gap: f64 = outcomes.iter().map(|(strong, weak)| strong - weak).sum();
+    let gains: Vec<f64> = outcomes.iter().map(|(strong, weak)| strong - weak).collect();
+    let gap: f64 = gains.iter().sum();
     if gap <= 0.0 {
         return Err(Error::invalid(
             "the strong model is not better than the weak one on these prompts: there is no quality to recover",
@@ -177,26 +209,154 @@ pub fn calibrate_for_quality(
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let mut gained = 0.0;
-    let mut strong_calls = scores.len();
-    let mut achieved_pgr = 1.0;
-    for (position, &prompt) in order.iter().enumerate() {
-        gained += outcomes[prompt].0 - outcomes[prompt].1;
-        let cut_here = order
-            .get(position + 1)
-            .is_none_or(|&next| scores[next] < scores[prompt]);
-        if cut_here && gained / gap >= target {
-            strong_calls = position + 1;
-            achieved_pgr = gained / gap;
-            break;
+    // Strong calls at each servable cut, fewest first; the last sends every prompt.
+    let cuts: Vec<usize> = (1..=order.len())
+        .filter(|&calls| {
+            order
+                .get(calls)
+                .is_none_or(|&next| scores[next] < scores[order[calls - 1]])
+        })
+        .collect();
+    let ordered_gains: Vec<f64> = order.iter().map(|&prompt| gains[prompt]).collect();
+    let recovered = |calls: usize| ordered_gains[..calls].iter().sum::<f64>() / gap;
+    let mut strong_calls = match bootstrap {
+        Some(options) if options.confidence.is_some() => {
+            choose_with_confidence(&ordered_gains, &cuts, target, options)?
         }
-    }
+        _ => cuts
+            .iter()
+            .copied()
+            .find(|&calls| recovered(calls) >= target)
+            .unwrap_or(order.len()),
+    };
+    strong_calls = strong_calls.min(order.len());
+    let resampled = bootstrap
+        .filter(|options| options.replicates > 0)
+        .map(|options| resample_cut(&ordered_gains, strong_calls, target, options));
     #[allow(clippy::cast_precision_loss)]
     let share = strong_calls as f64 / scores.len() as f64;
     Ok(QualityCalibration {
         calibration: calibrate(scores, share)?,
-        achieved_pgr,
+        achieved_pgr: recovered(strong_calls),
+        bootstrap: resampled,
     })
+}
+
+/// One bootstrap replicate's multiplicity of each prompt (in `ordered_gains`' order).
+fn replicate_counts(rng: &mut crate::rng::SplitMix, counts: &mut [u32]) {
+    counts.fill(0);
+    let n = counts.len();
+    for _ in 0..n {
+        counts[rng.below(n)] += 1;
+    }
+}
+
+/// A replicate meets the target at a cut when routing there keeps the weak model's quality
+/// plus `target` of the gap — written without dividing, so a replicate in which the strong
+/// model is no better still counts (sending every prompt to the strong model always meets it).
+fn meets(gained: f64, gap: f64, target: f64, sends_all: bool) -> bool {
+    sends_all || gained >= target * gap - 1e-12
+}
+
+/// The fewest strong calls among `cuts` that meet `target` in at least `confidence` of the
+/// replicates.
+fn choose_with_confidence(
+    ordered_gains: &[f64],
+    cuts: &[usize],
+    target: f64,
+    options: BootstrapOptions,
+) -> Result<usize, Error> {
+    let Some(confidence) = options.confidence else {
+        return Err(Error::Internal("no confidence to choose with".into()));
+    };
+    if !(confidence > 0.0 && confidence < 1.0) {
+        return Err(Error::invalid(format!("--confidence {confidence} is outside (0, 1)")));
+    }
+    if options.replicates == 0 {
+        return Err(Error::invalid(
+            "--confidence needs bootstrap replicates (--bootstrap > 0)",
+        ));
+    }
+    let n = ordered_gains.len();
+    let mut met = vec![0_usize; cuts.len()];
+    let mut counts = vec![0_u32; n];
+    let mut rng = crate::rng::SplitMix::new(options.seed);
+    for _ in 0..options.replicates {
+        replicate_counts(&mut rng, &mut counts);
+        let gap: f64 = ordered_gains
+            .iter()
+            .zip(&counts)
+            .map(|(gain, count)| gain * f64::from(*count))
+            .sum();
+        let mut gained = 0.0;
+        let mut position = 0;
+        for (slot, &calls) in cuts.iter().enumerate() {
+            while position < calls {
+                gained += ordered_gains[position] * f64::from(counts[position]);
+                position += 1;
+            }
+            if meets(gained, gap, target, calls == n) {
+                met[slot] += 1;
+            }
+        }
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let needed = confidence * options.replicates as f64;
+    Ok(cuts
+        .iter()
+        .zip(&met)
+        .find(|(_, hits)| {
+            #[allow(clippy::cast_precision_loss)]
+            let hits = **hits as f64;
+            hits >= needed
+        })
+        .map_or(n, |(&calls, _)| calls))
+}
+
+/// The replicates' view of sending the first `strong_calls` prompts to the strong model.
+fn resample_cut(
+    ordered_gains: &[f64],
+    strong_calls: usize,
+    target: f64,
+    options: BootstrapOptions,
+) -> QualityBootstrap {
+    let n = ordered_gains.len();
+    let mut counts = vec![0_u32; n];
+    let mut rng = crate::rng::SplitMix::new(options.seed);
+    let mut met = 0_usize;
+    let mut shares = Vec::with_capacity(options.replicates);
+    for _ in 0..options.replicates {
+        replicate_counts(&mut rng, &mut counts);
+        let weighted = |range: std::ops::Range<usize>| -> f64 {
+            ordered_gains[range.clone()]
+                .iter()
+                .zip(&counts[range])
+                .map(|(gain, count)| gain * f64::from(*count))
+                .sum()
+        };
+        let gained = weighted(0..strong_calls);
+        let gap = gained + weighted(strong_calls..n);
+        if meets(gained, gap, target, strong_calls == n) {
+            met += 1;
+        }
+        if gap > 0.0 {
+            shares.push(gained / gap);
+        }
+    }
+    shares.sort_by(f64::total_cmp);
+    let pgr_interval = (!shares.is_empty()).then(|| {
+        (
+            crate::eval::metrics::numpy_percentile(&shares, 2.5),
+            crate::eval::metrics::numpy_percentile(&shares, 97.5),
+        )
+    });
+    #[allow(clippy::cast_precision_loss)]
+    let meets_target = met as f64 / options.replicates as f64;
+    QualityBootstrap {
+        meets_target,
+        pgr_interval,
+        replicates: options.replicates,
+    }
 }
 
 /// Picks the threshold between the k-th and (k+1)-th highest scores, k = round(share * n),
@@ -294,10 +454,10 @@ mod tests {
         // The strong model is better on exactly the three highest-scored of ten prompts.
         let scores: Vec<f64> = (0..10).map(|i| f64::from(i) / 10.0).collect();
         let outcomes: Vec<(f64, f64)> = (0..10).map(|i| if i >= 7 { (1.0, 0.0) } else { (1.0, 1.0) }).collect();
-        let all = calibrate_for_quality(&scores, &outcomes, 1.0).unwrap();
+        let all = calibrate_for_quality(&scores, &outcomes, 1.0, None).unwrap();
         assert!((all.calibration.achieved_share - 0.3).abs() < 1e-12, "{all:?}");
         assert!((all.achieved_pgr - 1.0).abs() < 1e-12);
-        let most = calibrate_for_quality(&scores, &outcomes, 0.6).unwrap();
+        let most = calibrate_for_quality(&scores, &outcomes, 0.6, None).unwrap();
         assert!((most.calibration.achieved_share - 0.2).abs() < 1e-12, "{most:?}");
         assert!((most.achieved_pgr - 2.0 / 3.0).abs() < 1e-12);
         // The threshold sends exactly those prompts.
@@ -309,12 +469,83 @@ mod tests {
         // A tie at the cut is sent whole or not at all: here all of 0.9's three prompts.
         let tied = [0.9, 0.9, 0.9, 0.1];
         let outcomes = [(1.0, 0.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)];
-        let whole = calibrate_for_quality(&tied, &outcomes, 0.5).unwrap();
+        let whole = calibrate_for_quality(&tied, &outcomes, 0.5, None).unwrap();
         assert!((whole.calibration.achieved_share - 0.75).abs() < 1e-12, "{whole:?}");
         // Nothing to recover, or a target outside (0, 1]: an error, not a threshold.
-        assert!(calibrate_for_quality(&tied, &[(1.0, 1.0); 4], 0.5).is_err());
-        assert!(calibrate_for_quality(&scores, &[(1.0, 0.0); 10], 0.0).is_err());
-        assert!(calibrate_for_quality(&scores, &[(1.0, 0.0); 10], 1.5).is_err());
+        assert!(calibrate_for_quality(&tied, &[(1.0, 1.0); 4], 0.5, None).is_err());
+        assert!(calibrate_for_quality(&scores, &[(1.0, 0.0); 10], 0.0, None).is_err());
+        assert!(calibrate_for_quality(&scores, &[(1.0, 0.0); 10], 1.5, None).is_err());
+    }
+
+    #[test]
+    fn quality_calibration_with_confidence_pays_for_a_noisy_sample() {
+        // 200 prompts; the strong model's advantage rises with the score but is noisy:
+        // prompt i gains 1 with probability i/200, else loses 1 with probability 0.1.
+        let mut rng = crate::rng::SplitMix::new(11);
+        let scores: Vec<f64> = (0..200).map(|i| f64::from(i) / 200.0).collect();
+        let outcomes: Vec<(f64, f64)> = scores
+            .iter()
+            .map(|&score| {
+                let draw = rng.next_unit();
+                if draw < score {
+                    (1.0, 0.0)
+                } else if draw < score + 0.1 {
+                    (0.0, 1.0)
+                } else {
+                    (1.0, 1.0)
+                }
+            })
+            .collect();
+        let options = |confidence| BootstrapOptions {
+            replicates: 500,
+            seed: 3,
+            confidence,
+        };
+        let point = calibrate_for_quality(&scores, &outcomes, 0.8, Some(options(None))).unwrap();
+        let careful = calibrate_for_quality(&scores, &outcomes, 0.8, Some(options(Some(0.95)))).unwrap();
+        let (point_boot, careful_boot) = (point.bootstrap.clone().unwrap(), careful.bootstrap.clone().unwrap());
+        // The sample's own choice meets the target on the sample and in only some replicates;
+        // the careful one sends more prompts and meets it in at least 95% of them.
+        assert!(point.achieved_pgr >= 0.8, "{point:?}");
+        assert!(point_boot.meets_target < 0.95, "{point_boot:?}");
+        assert!(careful_boot.meets_target >= 0.95, "{careful_boot:?}");
+        assert!(
+            careful.calibration.achieved_share > point.calibration.achieved_share,
+            "{point:?} {careful:?}"
+        );
+        assert!(careful.achieved_pgr >= point.achieved_pgr);
+        let (low, high) = point_boot.pgr_interval.unwrap();
+        assert!(
+            low <= point.achieved_pgr && point.achieved_pgr <= high,
+            "{point_boot:?}"
+        );
+        assert!(low < high);
+        assert_eq!(point_boot.replicates, 500);
+    }
+
+    #[test]
+    fn quality_calibration_with_confidence_costs_nothing_when_the_sample_is_clean() {
+        // All of the gap sits in the three highest scores: every replicate agrees.
+        let scores: Vec<f64> = (0..10).map(|i| f64::from(i) / 10.0).collect();
+        let outcomes: Vec<(f64, f64)> = (0..10).map(|i| if i >= 7 { (1.0, 0.0) } else { (1.0, 1.0) }).collect();
+        let options = BootstrapOptions {
+            replicates: 300,
+            seed: 1,
+            confidence: Some(0.99),
+        };
+        let careful = calibrate_for_quality(&scores, &outcomes, 1.0, Some(options)).unwrap();
+        assert!((careful.calibration.achieved_share - 0.3).abs() < 1e-12, "{careful:?}");
+        let boot = careful.bootstrap.unwrap();
+        assert!((boot.meets_target - 1.0).abs() < 1e-12, "{boot:?}");
+        // A confidence must be a share strictly inside (0, 1) and needs replicates.
+        for (confidence, replicates) in [(1.0, 300), (0.0, 300), (0.9, 0)] {
+            let options = BootstrapOptions {
+                replicates,
+                seed: 1,
+                confidence: Some(confidence),
+            };
+            assert!(calibrate_for_quality(&scores, &outcomes, 0.9, Some(options)).is_err());
+        }
     }
 
     #[test]

@@ -194,12 +194,10 @@ fn length_scores(input: &std::path::Path, extra: &[&str]) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn calibrate_to_a_quality_target_on_a_labelled_file_sends_the_fewest_prompts_that_keep_it() {
-    // Ten prompts of growing length, labelled as `routellm label` writes them: the strong
-    // model wins the three longest, the two models tie on the rest.
-    let dir = out_dir("calibrate-quality");
-    std::fs::create_dir_all(&dir).unwrap();
+/// Ten prompts of growing length, labelled as `routellm label` writes them: the strong model
+/// wins the three longest, the two models tie on the rest.
+fn ten_labelled_prompts(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let labels = dir.join("labels.jsonl");
     let text: String = (0..10)
         .map(|i| {
@@ -215,23 +213,34 @@ fn calibrate_to_a_quality_target_on_a_labelled_file_sends_the_fewest_prompts_tha
         })
         .collect();
     std::fs::write(&labels, text).unwrap();
-    let calibrate = |target: &str| {
-        let output = binary()
-            .args([
-                "calibrate",
-                "--routers",
-                "length",
-                "--json",
-                "--target-pgr",
-                target,
-                "--benchmark",
-            ])
-            .arg(&labels)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
-    };
+    labels
+}
+
+/// `calibrate --json --target-pgr` with the length router on a labelled file.
+fn calibrate_to_quality(labels: &Path, target: &str, extra: &[&str]) -> serde_json::Value {
+    let output = binary()
+        .args([
+            "calibrate",
+            "--routers",
+            "length",
+            "--json",
+            "--target-pgr",
+            target,
+            "--benchmark",
+        ])
+        .arg(labels)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+}
+
+#[test]
+fn calibrate_to_a_quality_target_on_a_labelled_file_sends_the_fewest_prompts_that_keep_it() {
+    let dir = out_dir("calibrate-quality");
+    let labels = ten_labelled_prompts(&dir);
+    let calibrate = |target: &str| calibrate_to_quality(&labels, target, &[]);
     let all = calibrate("1");
     assert_eq!(all["achieved_pct"], 0.3, "{all}");
     assert_eq!(all["achieved_pgr"], 1.0, "{all}");
@@ -269,6 +278,58 @@ fn calibrate_to_a_quality_target_on_a_labelled_file_sends_the_fewest_prompts_tha
         .output()
         .unwrap();
     assert!(!alone.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn calibrate_to_a_quality_target_with_confidence_pays_for_what_the_sample_cannot_promise() {
+    let dir = out_dir("calibrate-confidence");
+    let labels = ten_labelled_prompts(&dir);
+    // Resampled, two prompts keep 60% only when the third is drawn less often than they
+    // are; asked for 95% confidence, the third is sent too, which keeps all of it in every
+    // replicate.
+    let point_meets = calibrate_to_quality(&labels, "0.6", &[])["replicates_meeting_target"]
+        .as_f64()
+        .unwrap();
+    assert!(point_meets < 0.95, "{point_meets}");
+    let careful = calibrate_to_quality(&labels, "0.6", &["--confidence", "0.95", "--bootstrap", "400"]);
+    assert_eq!(careful["confidence"], 0.95, "{careful}");
+    assert!(
+        (careful["achieved_pct"].as_f64().unwrap() - 0.3).abs() < 1e-12,
+        "{careful}"
+    );
+    assert_eq!(careful["replicates_meeting_target"], 1.0, "{careful}");
+    assert_eq!(careful["pgr_interval"], serde_json::json!([1.0, 1.0]), "{careful}");
+    let sentence = binary()
+        .args([
+            "calibrate",
+            "--routers",
+            "length",
+            "--target-pgr",
+            "0.6",
+            "--confidence",
+            "0.95",
+            "--benchmark",
+        ])
+        .arg(&labels)
+        .output()
+        .unwrap();
+    let sentence = String::from_utf8(sentence.stdout).unwrap();
+    assert!(sentence.contains("with 95% confidence"), "{sentence}");
+    assert!(sentence.contains("in 100.0% of 1000 resamples"), "{sentence}");
+    let no_target = binary()
+        .args([
+            "calibrate",
+            "--routers",
+            "length",
+            "--strong-model-pct",
+            "0.5",
+            "--confidence",
+            "0.9",
+        ])
+        .output()
+        .unwrap();
+    assert!(!no_target.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
