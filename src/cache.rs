@@ -13,6 +13,14 @@
 //! fresh answer (which then replaces the cached one) or `no-store` to leave the cache out.
 //! Answers the proxy could only give by a fallback (`on_router_error`, `on_upstream_error`)
 //! are not kept, so a passing outage is not served again for `ttl_secs`.
+//!
+//! Identical requests that arrive together are coalesced (`coalesce`, on by default): while
+//! the first is being answered, the others wait for its answer and get it from the cache
+//! instead of each paying for the same call (a burst of retries, a popular prompt the moment
+//! its answer expires). If the first one's answer is not kept — an error, a fallback, a
+//! client that left — the waiting requests go to the model themselves, all at once. Streams
+//! are not coalesced: a stream is asked for its first tokens, and a waiting one would get
+//! nothing until the whole answer had been written.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -26,6 +34,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use crate::config::Price;
 use crate::error::Error;
@@ -55,6 +64,13 @@ pub struct CacheConfig {
     /// Whose requests may be answered by whose cached answers.
     #[serde(default)]
     pub scope: CacheScope,
+    /// Whether an identical request waits for one already being answered (not streams).
+    #[serde(default = "default_coalesce")]
+    pub coalesce: bool,
+}
+
+fn default_coalesce() -> bool {
+    true
 }
 
 fn default_ttl_secs() -> u64 {
@@ -214,6 +230,11 @@ pub struct ResponseCache {
     max_entry_bytes: usize,
     scope: CacheScope,
     entries: Mutex<Entries>,
+    coalesce: bool,
+    /// Requests being answered now by a model, by key: whoever asks the same waits on it.
+    in_flight: Mutex<HashMap<CacheKey, watch::Receiver<()>>>,
+    /// Hits that waited for an identical request's answer.
+    coalesced: AtomicU64,
     /// Lookups by outcome: hit, miss, refresh, bypass.
     lookups: [AtomicU64; 4],
     evictions: AtomicU64,
@@ -230,6 +251,8 @@ pub struct CacheStats {
     pub misses: u64,
     pub refreshes: u64,
     pub bypasses: u64,
+    /// Of the hits, those that waited for an identical request being answered.
+    pub coalesced: u64,
     pub entries: usize,
     pub bytes: usize,
     pub capacity_bytes: usize,
@@ -249,6 +272,9 @@ impl ResponseCache {
             max_entry_bytes: capacity_bytes / 8,
             scope: config.scope,
             entries: Mutex::new(Entries::default()),
+            coalesce: config.coalesce,
+            in_flight: Mutex::new(HashMap::new()),
+            coalesced: AtomicU64::new(0),
             lookups: std::array::from_fn(|_| AtomicU64::new(0)),
             evictions: AtomicU64::new(0),
             saved_tokens: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -342,6 +368,36 @@ impl ResponseCache {
         Some((answer, age))
     }
 
+    /// For a request about to be answered by a model: the first of identical requests in
+    /// flight leads (its [`Flight`] guard, held until its answer is kept or given up), the
+    /// others are told to wait. `None` when requests are not coalesced (off, or a stream).
+    #[must_use]
+    pub fn join_flight(self: &Arc<Self>, key: CacheKey, stream: bool) -> Option<Joined> {
+        if !self.coalesce || stream {
+            return None;
+        }
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(leader) = in_flight.get(&key) {
+            return Some(Joined::Wait(Waiting(leader.clone())));
+        }
+        let (done, watching) = watch::channel(());
+        in_flight.insert(key, watching);
+        Some(Joined::Lead(Flight {
+            cache: Arc::clone(self),
+            key,
+            _done: done,
+        }))
+    }
+
+    /// After waiting: the answer the leading request left in the cache, counted as a
+    /// coalesced hit.
+    #[must_use]
+    pub fn get_coalesced(&self, key: &CacheKey) -> Option<(Arc<CachedAnswer>, Duration)> {
+        let found = self.get(key)?;
+        self.coalesced.fetch_add(1, Ordering::Relaxed);
+        Some(found)
+    }
+
     /// Keeps `answer` for `key` (replacing what was there), evicting the least recently
     /// used answers past the memory bound; an answer over an eighth of it is not kept.
     pub fn insert(&self, key: CacheKey, answer: CachedAnswer) {
@@ -403,6 +459,7 @@ impl ResponseCache {
             misses: load(&self.lookups[1]),
             refreshes: load(&self.lookups[2]),
             bypasses: load(&self.lookups[3]),
+            coalesced: load(&self.coalesced),
             entries,
             bytes,
             capacity_bytes: self.capacity_bytes,
@@ -417,6 +474,47 @@ impl ResponseCache {
         // The entries stay consistent at every await-free step, so a panic elsewhere while
         // holding the lock leaves nothing half-done worth refusing to serve over.
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// What [`ResponseCache::join_flight`] made of a request.
+pub enum Joined {
+    /// The first: it asks the model, and its answer is awaited until this is dropped.
+    Lead(Flight),
+    /// An identical request is being answered: wait for it, then look again.
+    Wait(Waiting),
+}
+
+/// The leading request's hold on its key. Dropping it — once the answer is in the cache, or
+/// the request failed or was abandoned — wakes every request waiting on it.
+pub struct Flight {
+    cache: Arc<ResponseCache>,
+    key: CacheKey,
+    /// Closed on drop, which is what the waiting requests' receivers see.
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        // Only this flight registered the key (a key is registered only while absent), so
+        // what is removed is its own entry.
+        self.cache
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+/// A request waiting for an identical one's answer.
+pub struct Waiting(watch::Receiver<()>);
+
+impl Waiting {
+    /// Returns once the leading request is done, however it ended.
+    pub async fn done(mut self) {
+        // The sender never sends: `changed` returns only when it is dropped, including
+        // when that happened before this was called.
+        let _ = self.0.changed().await;
     }
 }
 
@@ -487,6 +585,7 @@ mod tests {
             ttl_secs,
             max_mb,
             scope: CacheScope::Key,
+            coalesce: true,
         })
     }
 
@@ -555,6 +654,7 @@ mod tests {
             ttl_secs: 60,
             max_mb: 1,
             scope: CacheScope::Shared,
+            coalesce: true,
         });
         let body = r#"{"model":"a","messages":[{"role":"user","content":"hi"}]}"#;
         assert_eq!(
@@ -590,6 +690,7 @@ mod tests {
             ttl_secs: 1,
             max_mb: 1,
             scope: CacheScope::Key,
+            coalesce: true,
         });
         brief.insert(keys[0], answer("{}"));
         assert!(brief.get(&keys[0]).is_some());
@@ -645,6 +746,41 @@ mod tests {
         assert_eq!(with("max-age=0"), Directive::Refresh);
         assert_eq!(with("no-cache, no-store"), Directive::Bypass);
         assert_eq!(with("max-age=60"), Directive::Use);
+    }
+
+    #[tokio::test]
+    async fn the_first_of_identical_requests_leads_and_the_others_wait_until_it_is_done() {
+        let cache = Arc::new(cache(1, 60));
+        let key = key_of(
+            &cache,
+            None,
+            &ROUTED,
+            r#"{"model":"a","messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        let Some(Joined::Lead(flight)) = cache.join_flight(key, false) else {
+            panic!("the first request leads");
+        };
+        let Some(Joined::Wait(waiting)) = cache.join_flight(key, false) else {
+            panic!("an identical request waits");
+        };
+        assert!(cache.join_flight(key, true).is_none(), "streams are not coalesced");
+        cache.insert(key, answer("{}"));
+        drop(flight);
+        // The leader finished before this one began to wait: it returns at once.
+        tokio::time::timeout(Duration::from_secs(5), waiting.done())
+            .await
+            .unwrap();
+        assert!(cache.get_coalesced(&key).is_some());
+        assert_eq!(cache.stats().coalesced, 1);
+        // The key is free again, and with coalescing off nothing leads or waits.
+        assert!(matches!(cache.join_flight(key, false), Some(Joined::Lead(_))));
+        let off = Arc::new(ResponseCache::new(&CacheConfig {
+            ttl_secs: 60,
+            max_mb: 1,
+            scope: CacheScope::Key,
+            coalesce: false,
+        }));
+        assert!(off.join_flight(key, false).is_none());
     }
 
     #[tokio::test]

@@ -1372,6 +1372,11 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
                 crate::cache::CacheScope::Shared => "shared by every caller",
             }
         );
+        out.push_str(if cache.coalesce {
+            "  identical requests in flight together wait for one answer (not streams)\n"
+        } else {
+            "  identical requests in flight together each call the model (coalesce: false)\n"
+        });
     }
     out
 }

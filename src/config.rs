@@ -1389,7 +1389,8 @@ mod tests {
             .replace("# response_cache:\n", "response_cache:\n")
             .replace("#   ttl_secs: 3600", "  ttl_secs: 3600")
             .replace("#   max_mb: 256", "  max_mb: 256")
-            .replace("#   scope: key", "  scope: key");
+            .replace("#   scope: key", "  scope: key")
+            .replace("#   coalesce: true", "  coalesce: true");
         let cache = merge(&uncommented)
             .unwrap()
             .response_cache
@@ -1399,10 +1400,13 @@ mod tests {
             crate::cache::CacheConfig {
                 ttl_secs: 3600,
                 max_mb: 256,
-                scope: crate::cache::CacheScope::Key
+                scope: crate::cache::CacheScope::Key,
+                coalesce: true,
             }
         );
         assert_eq!(merge("response_cache: {}\n").unwrap().response_cache, Some(cache));
+        let uncoalesced = merge("response_cache: {coalesce: false}\n").unwrap().response_cache;
+        assert_eq!(uncoalesced.map(|cache| cache.coalesce), Some(false));
         assert_eq!(merge("").unwrap().response_cache, None);
         for (yaml, expected) in [
             ("response_cache: {ttl_secs: 0}\n", "response_cache.ttl_secs = 0"),

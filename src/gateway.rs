@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderName};
 
 use crate::affinity::ResponseAffinity;
 use crate::api_keys::ApiKey;
-use crate::cache::{CacheKey, CacheOutcome, CachedAnswer, Directive, ResponseCache};
+use crate::cache::{CacheKey, CacheOutcome, CachedAnswer, Directive, Flight, Joined, ResponseCache};
 use crate::config::{Config, MAX_SCORED_TURNS, OnRouterError, OnUpstreamError, ScoreTurns};
 use crate::config::{PassthroughConfig, PassthroughTo};
 use crate::deployments::{DeploymentId, Pool};
@@ -912,9 +912,11 @@ impl Gateway {
             // OpenAI's answer for a model a key has no access to.
             return Err(Error::ModelNotFound(request.model().to_owned()));
         }
-        let (cache_outcome, storing) = match self.look_up(policy, caller, client_headers, &target, &request) {
+        // Held to the end: requests waiting on this one (its flight) wake once its answer
+        // is in the cache, or it has none to give.
+        let miss = match self.look_up(policy, caller, client_headers, &target, &request).await {
             Lookup::Hit(completion) => return Ok(*completion),
-            Lookup::Miss { outcome, storing } => (outcome, storing),
+            Lookup::Miss(miss) => miss,
         };
         let (mut decision, tier, route) = match target {
             ModelTarget::Routed { router, threshold } => {
@@ -997,7 +999,7 @@ impl Gateway {
             routed.model.clone_from(&answering.model.name);
         }
         let reply = self.remember_response(api, deployment, answer?);
-        let reply = keep(storing.as_ref(), decision.as_ref(), answering, deployment, reply);
+        let reply = keep(miss.storing.as_ref(), decision.as_ref(), answering, deployment, reply);
         Ok(Completion {
             answered_by,
             deployment: index,
@@ -1006,13 +1008,14 @@ impl Gateway {
             decision,
             reply,
             upstream_time,
-            cache: cache_outcome,
+            cache: miss.outcome,
         })
     }
 
     /// Looks `request` up in the response cache, if it is on for its API and the client
-    /// did not leave it out; a miss says where the answer is to be kept.
-    fn look_up(
+    /// did not leave it out; a miss says where the answer is to be kept. While an identical
+    /// request is being answered, waits for its answer first.
+    async fn look_up(
         &self,
         policy: &Policy,
         caller: Option<&ApiKey>,
@@ -1021,10 +1024,11 @@ impl Gateway {
         request: &ModelRequest<'_>,
     ) -> Lookup {
         let Some(cache) = self.cache.as_ref().filter(|_| ResponseCache::caches(request.api())) else {
-            return Lookup::Miss {
+            return Lookup::Miss(CacheMiss {
                 outcome: None,
                 storing: None,
-            };
+                _flight: None,
+            });
         };
         let directive = Directive::of(client_headers);
         let outcome = match directive {
@@ -1047,16 +1051,29 @@ impl Gateway {
                 cache.key(caller.map(ApiKey::name), &resolved, request),
             )
         });
-        if let Some((_, key)) = storing.as_ref().filter(|_| directive == Directive::Use)
-            && let Some((answer, age)) = cache.get(key)
-        {
-            return Lookup::Hit(Box::new(Completion::from_cache(&answer, age)));
+        let mut flight = None;
+        if let Some((_, key)) = storing.as_ref().filter(|_| directive == Directive::Use) {
+            if let Some((answer, age)) = cache.get(key) {
+                return Lookup::Hit(Box::new(Completion::from_cache(&answer, age)));
+            }
+            match cache.join_flight(*key, request.stream()) {
+                Some(Joined::Lead(leading)) => flight = Some(leading),
+                Some(Joined::Wait(waiting)) => {
+                    waiting.done().await;
+                    if let Some((answer, age)) = cache.get_coalesced(key) {
+                        return Lookup::Hit(Box::new(Completion::from_cache(&answer, age)));
+                    }
+                    // The first one's answer was not kept: this one asks the model itself.
+                }
+                None => {}
+            }
         }
         cache.count(outcome);
-        Lookup::Miss {
+        Lookup::Miss(CacheMiss {
             outcome: Some(outcome),
             storing,
-        }
+            _flight: flight,
+        })
     }
 
     /// The upstream of `deployment` (the tier's first for an index it does not have).
@@ -1243,12 +1260,16 @@ impl Gateway {
 /// What the response cache had for a request.
 enum Lookup {
     Hit(Box<Completion>),
-    /// The model is to answer; `storing` is where its answer goes, unless the client left
-    /// the cache out (or it is off).
-    Miss {
-        outcome: Option<CacheOutcome>,
-        storing: Option<(Arc<ResponseCache>, CacheKey)>,
-    },
+    Miss(CacheMiss),
+}
+
+/// The model is to answer; `storing` is where its answer goes, unless the client left the
+/// cache out (or it is off).
+struct CacheMiss {
+    outcome: Option<CacheOutcome>,
+    storing: Option<(Arc<ResponseCache>, CacheKey)>,
+    /// Held, never read: while this request leads identical ones, they wait until it drops.
+    _flight: Option<Flight>,
 }
 
 /// Keeps a successful answer that `deployment` gave by the router's choice in the cache

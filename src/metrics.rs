@@ -179,6 +179,13 @@ pub fn render_cache(stats: &crate::cache::CacheStats) -> String {
     ] {
         write_sample(&mut out, "routellm_cache_requests_total", [("result", result)], count);
     }
+    let _ = write!(
+        out,
+        "# HELP routellm_cache_coalesced_total Of the hits, those that waited for an identical request being answered instead of calling the model too.\n\
+         # TYPE routellm_cache_coalesced_total counter\n\
+         routellm_cache_coalesced_total {}\n",
+        stats.coalesced
+    );
     out.push_str(
         "# HELP routellm_cache_saved_tokens_total Tokens the cached answers reported, counted again for each hit: what the models did not have to spend.\n\
          # TYPE routellm_cache_saved_tokens_total counter\n",

@@ -232,3 +232,71 @@ async fn each_key_has_its_own_answers_unless_the_cache_is_shared_and_hits_cost_n
     assert_eq!(ask(&shared, "k-b").await, "hit");
     assert_eq!(strong.received().len(), 1);
 }
+
+/// Sends `count` copies of `body` at once; their statuses, cache headers and bodies.
+async fn at_once(proxy: &Proxy, body: &str, count: usize) -> Vec<(u16, String, bytes::Bytes)> {
+    let sends = (0..count).map(|_| async {
+        let response = post(proxy, body, &[]).await;
+        let cache = header(&response, "x-routellm-cache").unwrap_or("").to_owned();
+        (response.status().as_u16(), cache, response.bytes().await.unwrap())
+    });
+    futures_util::future::join_all(sends).await
+}
+
+#[tokio::test]
+async fn identical_requests_arriving_together_wait_for_one_answer_but_streams_do_not() {
+    let (strong, _weak, proxy) = setup(CACHED).await;
+    strong.set_delay(Some(Duration::from_millis(400)));
+    let body = chat("router-fixed_high-0.5", "A popular question", "");
+    let answers = at_once(&proxy, &body, 6).await;
+    assert_eq!(strong.received().len(), 1, "one model call for six identical requests");
+    let mut caches: Vec<&str> = answers.iter().map(|(_, cache, _)| cache.as_str()).collect();
+    caches.sort_unstable();
+    assert_eq!(caches, ["hit", "hit", "hit", "hit", "hit", "miss"]);
+    for (status, _, answer) in &answers {
+        assert_eq!(*status, 200);
+        assert_eq!(answer, &answers[0].2, "every one gets the same answer");
+    }
+
+    // Streams each go to the model: a waiting stream would get nothing until the end.
+    let streamed = chat("router-fixed_high-0.5", "A popular stream", r#","stream":true"#);
+    let answers = at_once(&proxy, &streamed, 3).await;
+    assert!(
+        answers
+            .iter()
+            .all(|(status, cache, _)| *status == 200 && cache == "miss")
+    );
+    assert_eq!(strong.received().len(), 4);
+
+    // When the first one's answer is not kept (the model refused it), the others ask the
+    // model themselves rather than wait in turn.
+    let refused = chat(
+        "router-fixed_high-0.5",
+        "A refused question",
+        r#","mock":"bad_request""#,
+    );
+    let answers = at_once(&proxy, &refused, 3).await;
+    assert!(
+        answers
+            .iter()
+            .all(|(status, cache, _)| *status == 400 && cache == "miss"),
+        "{answers:?}"
+    );
+    assert_eq!(strong.received().len(), 7);
+
+    let text = proxy.metrics().await;
+    assert_eq!(metric(&text, "routellm_cache_coalesced_total"), 5.0, "{text}");
+    assert_eq!(metric(&text, r#"routellm_cache_requests_total{result="hit"}"#), 5.0);
+    assert_eq!(metric(&text, r#"routellm_cache_requests_total{result="miss"}"#), 7.0);
+
+    // With coalescing off, each identical request is its own model call.
+    let (strong, _weak, proxy) = setup("response_cache: {ttl_secs: 600, coalesce: false}\n").await;
+    strong.set_delay(Some(Duration::from_millis(300)));
+    let answers = at_once(&proxy, &body, 3).await;
+    assert!(
+        answers
+            .iter()
+            .all(|(status, cache, _)| *status == 200 && cache == "miss")
+    );
+    assert_eq!(strong.received().len(), 3);
+}
