@@ -471,6 +471,11 @@ pub struct LabelArgs {
     /// such as OpenAI's reasoning models). [default: each model's own]
     #[arg(long)]
     pub max_tokens: Option<u32>,
+    /// The judge's `temperature`, in [0, 2]: 0 makes its verdicts as repeatable as the model
+    /// allows, as MT-Bench's judge runs (leave unset for models that refuse
+    /// it, such as OpenAI's reasoning models). [default: the judge's own]
+    #[arg(long)]
+    pub judge_temperature: Option<f64>,
     /// Label at most this many new prompts (a trial run, or a budget).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -1055,6 +1060,7 @@ async fn label(args: LabelArgs) -> anyhow::Result<()> {
         both_orders: !args.one_order,
         concurrency: args.concurrency,
         max_tokens: args.max_tokens,
+        judge_temperature: args.judge_temperature,
         limit: args.limit,
         attempts: args.attempts,
     };

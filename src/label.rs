@@ -57,6 +57,9 @@ pub struct LabelOptions {
     pub concurrency: usize,
     /// `max_tokens` for the two models' answers; their own default when `None`.
     pub max_tokens: Option<u32>,
+    /// The judge's `temperature` (0 makes its verdicts as repeatable as it allows); its own
+    /// default when `None`.
+    pub judge_temperature: Option<f64>,
     /// Label at most this many new prompts.
     pub limit: Option<usize>,
     /// Tries per call: a 429, a 5xx, a timeout or a refused connection is tried again after
@@ -71,6 +74,7 @@ impl Default for LabelOptions {
             both_orders: true,
             concurrency: 4,
             max_tokens: None,
+            judge_temperature: None,
             limit: None,
             attempts: DEFAULT_ATTEMPTS,
         }
@@ -250,6 +254,13 @@ impl Labeller {
         }
         if options.attempts == 0 {
             return Err(Error::invalid("--attempts must be at least 1"));
+        }
+        if let Some(temperature) = options.judge_temperature
+            && !(0.0..=2.0).contains(&temperature)
+        {
+            return Err(Error::invalid(format!(
+                "--judge-temperature {temperature} is outside [0, 2]"
+            )));
         }
         // Labelling needs the models, not the routers.
         let gateway = Gateway::with_routers(config, BTreeMap::new())?;
@@ -431,13 +442,16 @@ impl Labeller {
 
     /// The judge's reply to one comparison.
     async fn judge(&self, comparison: String) -> Result<Answer, Error> {
-        let body = json!({
+        let mut body = json!({
             "model": self.judge_name,
             "messages": [
                 {"role": "system", "content": JUDGE_INSTRUCTIONS},
                 {"role": "user", "content": comparison},
             ],
         });
+        if let Some(temperature) = self.options.judge_temperature {
+            body["temperature"] = json!(temperature);
+        }
         match &self.judge {
             Judge::Configured(name) => self.ask_configured(name, &body).await,
             Judge::Outside(upstream) => {

@@ -197,6 +197,10 @@ async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_agai
     for (headers, request) in &asked {
         assert_eq!(headers["authorization"], "Bearer sk-judge");
         assert_eq!(request["model"], "judge-model");
+        assert!(
+            request.get("temperature").is_none(),
+            "the judge's own temperature by default"
+        );
         let comparison = request["messages"][1]["content"].as_str().unwrap();
         let a = comparison.find("answer from strong").unwrap();
         let b = comparison.find("answer from weak").unwrap();
@@ -378,6 +382,7 @@ async fn the_strong_model_judges_by_default_once_per_prompt_and_prices_add_up() 
     let options = LabelOptions {
         both_orders: false,
         max_tokens: Some(64),
+        judge_temperature: Some(0.0),
         ..LabelOptions::default()
     };
     let summary = label(&config, options, &out).await;
@@ -393,6 +398,9 @@ async fn the_strong_model_judges_by_default_once_per_prompt_and_prices_add_up() 
         judging.iter().all(|body| body.get("max_tokens").is_none()),
         "the judge's length is its own"
     );
+    // The judge's temperature is the one asked for, and only the judge's.
+    assert!(judging.iter().all(|body| body["temperature"] == 0.0), "{judging:?}");
+    assert!(answering.iter().all(|body| body.get("temperature").is_none()));
     assert!(answering.iter().all(|body| body["max_tokens"] == 64));
     assert!(weak.received().iter().all(|request| request.json()["max_tokens"] == 64));
     // Per prompt: the strong answer 1 x 10 + 3 x 30, the weak 1 + 3, the judgement
