@@ -479,6 +479,13 @@ pub struct LabelArgs {
     /// Label at most this many new prompts (a trial run, or a budget).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// With --limit: a uniform random sample of the prompts instead of the first ones (a
+    /// prompt log is in time order), fixed by --seed; each rerun extends the same sample.
+    #[arg(long)]
+    pub sample: bool,
+    /// The seed of --sample.
+    #[arg(long, default_value_t = 0, requires = "sample")]
+    pub seed: u64,
     /// Tries per model call: rate limits, server errors, timeouts and refused connections
     /// are tried again after the wait `retry-after` asks (at most a minute), else 0.5 s, 1 s, ...
     #[arg(long, default_value_t = crate::label::DEFAULT_ATTEMPTS)]
@@ -1062,6 +1069,7 @@ async fn label(args: LabelArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         judge_temperature: args.judge_temperature,
         limit: args.limit,
+        sample_seed: args.sample.then_some(args.seed),
         attempts: args.attempts,
     };
     let both_orders = options.both_orders;

@@ -62,6 +62,9 @@ pub struct LabelOptions {
     pub judge_temperature: Option<f64>,
     /// Label at most this many new prompts.
     pub limit: Option<usize>,
+    /// Take prompts in an order fixed by this seed and the prompts themselves, not the
+    /// file's: with `limit`, a uniform sample of the file (see [`sample_order`]).
+    pub sample_seed: Option<u64>,
     /// Tries per call: a 429, a 5xx, a timeout or a refused connection is tried again after
     /// the wait its `retry-after` asks (at most a minute), else 0.5 s, 1 s, 2 s, ...
     pub attempts: u32,
@@ -76,6 +79,7 @@ impl Default for LabelOptions {
             max_tokens: None,
             judge_temperature: None,
             limit: None,
+            sample_seed: None,
             attempts: DEFAULT_ATTEMPTS,
         }
     }
@@ -302,6 +306,9 @@ impl Labeller {
             } else {
                 summary.already_labelled += 1;
             }
+        }
+        if let Some(seed) = self.options.sample_seed {
+            sample_order(&mut todo, seed);
         }
         if let Some(limit) = self.options.limit {
             summary.not_started = todo.len().saturating_sub(limit);
@@ -553,6 +560,20 @@ fn answer_of(model: &str, reply: Reply, price: Option<Price>) -> Result<Answer, 
     })
 }
 
+/// Orders `prompts` by a hash of `seed` and each prompt's text: a permutation that does not
+/// depend on the order they came in. The first N are a uniform sample of the set (a prompt
+/// log is in time order: its first N are one morning's traffic), and a rerun extends the
+/// same sample, since the prompts already labelled were its first ones.
+pub fn sample_order(prompts: &mut [String], seed: u64) {
+    let start = crate::rng::mix(seed ^ crate::rng::FNV_OFFSET);
+    prompts.sort_by_cached_key(|prompt| {
+        (
+            crate::rng::mix(crate::rng::fnv1a(start, prompt.as_bytes())),
+            prompt.clone(),
+        )
+    });
+}
+
 /// The prompts `out` already holds. A line that is not a label (a run killed mid-write
 /// leaves at most a partial last line) stops the run rather than be appended after.
 async fn labelled_prompts(out: &Path) -> Result<HashSet<String>, Error> {
@@ -602,6 +623,37 @@ async fn open_for_append(out: &Path) -> Result<tokio::fs::File, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_depends_on_the_prompts_and_the_seed_not_on_the_file_order() {
+        let prompts: Vec<String> = (0..200).map(|i| format!("prompt {i}")).collect();
+        let mut sampled = prompts.clone();
+        sample_order(&mut sampled, 7);
+        let mut reversed: Vec<String> = prompts.iter().rev().cloned().collect();
+        sample_order(&mut reversed, 7);
+        assert_eq!(sampled, reversed, "the same prompts in another order, the same sample");
+        let mut kept: Vec<&String> = sampled.iter().collect();
+        kept.sort();
+        let mut all: Vec<&String> = prompts.iter().collect();
+        all.sort();
+        assert_eq!(kept, all, "a permutation: nothing lost or repeated");
+        // Not the file order, and another seed draws another sample.
+        assert_ne!(sampled[..20], prompts[..20]);
+        let mut other = prompts.clone();
+        sample_order(&mut other, 8);
+        assert_ne!(other[..20], sampled[..20]);
+        // Spread over the whole file: the first 50 drawn come from every quarter of it.
+        for quarter in 0..4 {
+            let drawn = sampled[..50]
+                .iter()
+                .filter(|prompt| {
+                    let index: usize = prompt["prompt ".len()..].parse().unwrap();
+                    index / 50 == quarter
+                })
+                .count();
+            assert!((4..=25).contains(&drawn), "quarter {quarter}: {drawn} of the first 50");
+        }
+    }
 
     #[test]
     fn a_verdict_is_the_one_marker_in_the_reply() {

@@ -484,3 +484,46 @@ async fn the_command_exits_non_zero_while_prompts_are_left_and_zero_once_all_are
     assert_eq!(lines(&out).len(), 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_sample_takes_prompts_in_its_seeded_order_and_a_rerun_extends_it() {
+    let (_strong, _weak, _referee, config, dir, out) = setup("sample").await;
+    let many: Vec<String> = (0..12).map(|i| format!("Question number {i}?")).collect();
+    let run = |limit| {
+        let options = LabelOptions {
+            limit: Some(limit),
+            sample_seed: Some(5),
+            both_orders: false,
+            ..judged_by_referee()
+        };
+        let (config, out, many) = (&config, &out, many.clone());
+        async move { Labeller::new(config, options).unwrap().run(many, out).await.unwrap() }
+    };
+    let labelled = |out: &Path| -> Vec<String> {
+        lines(out)
+            .iter()
+            .map(|line| line["prompt"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut expected = many.clone();
+    routellm::label::sample_order(&mut expected, 5);
+    assert_ne!(expected[..3], many[..3], "the seed's order is not the file's");
+
+    let first = run(3).await;
+    assert_eq!((first.labelled, first.not_started), (3, 9), "{first:?}");
+    let mut got = labelled(&out);
+    got.sort();
+    let mut want = expected[..3].to_vec();
+    want.sort();
+    assert_eq!(got, want, "the first three of the sample, not of the file");
+
+    // The next run keeps those and adds the sample's next ones.
+    let second = run(2).await;
+    assert_eq!((second.labelled, second.already_labelled), (2, 3), "{second:?}");
+    let mut got = labelled(&out);
+    got.sort();
+    let mut want = expected[..5].to_vec();
+    want.sort();
+    assert_eq!(got, want);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
