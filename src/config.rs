@@ -277,7 +277,7 @@ impl ModelConfig {
 }
 
 /// A provider's endpoint, overriding a built-in one or adding a new prefix.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     #[serde(default)]
@@ -636,6 +636,65 @@ pub struct Config {
 }
 
 impl Config {
+    /// The settings of `self` (a reloaded file) that differ from `running` (what the server
+    /// started with) and that only a restart applies — everything but the routing policy
+    /// (`thresholds`, `strong_share`, `model_aliases`, `api_keys`, `on_router_error`,
+    /// `on_upstream_error`, `score_turns`, `scoring_timeout_ms`), by their names in the file,
+    /// so a reload never leaves a changed setting silently unapplied.
+    #[must_use]
+    pub fn restart_changes(&self, running: &Config) -> Vec<&'static str> {
+        let upstream = |config: &Config| {
+            (
+                config.connect_timeout,
+                config.request_timeout,
+                config.stream_first_event_timeout,
+                config.forward_headers.clone(),
+            )
+        };
+        let global = |config: &Config| config.global.clone();
+        [
+            ("host", self.host != running.host),
+            ("port", self.port != running.port),
+            ("routers", self.routers != running.routers),
+            ("strong_model", self.strong_model != running.strong_model),
+            ("weak_model", self.weak_model != running.weak_model),
+            ("base_url/api_key", global(self) != global(running)),
+            ("load_balancing", self.load_balancing != running.load_balancing),
+            (
+                "strong_share_window",
+                self.strong_share_window != running.strong_share_window,
+            ),
+            ("providers", self.providers != running.providers),
+            ("upstream", upstream(self) != upstream(running)),
+            ("max_request_bytes", self.max_request_bytes != running.max_request_bytes),
+            ("client_timeout_secs", self.client_timeout != running.client_timeout),
+            (
+                "shutdown_timeout_secs",
+                self.shutdown_timeout != running.shutdown_timeout,
+            ),
+            (
+                "scoring_concurrency",
+                self.scoring_concurrency != running.scoring_concurrency,
+            ),
+            (
+                "cors_allowed_origins",
+                self.cors_allowed_origins != running.cors_allowed_origins,
+            ),
+            ("routers_dir", self.routers_dir != running.routers_dir),
+            ("log_format", self.log_format != running.log_format),
+            ("access_log", self.access_log != running.access_log),
+            ("prompt_log", self.prompt_log != running.prompt_log),
+            ("passthrough", self.passthrough != running.passthrough),
+            ("watch_config_secs", self.watch_config != running.watch_config),
+            ("spend_file", self.spend_file != running.spend_file),
+            ("response_cache", self.response_cache != running.response_cache),
+            ("router_settings", self.router_settings != running.router_settings),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     /// Merges the file (if any) with the overrides and validates the result.
     pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, Error> {
         let file = match file {
@@ -1379,6 +1438,42 @@ mod tests {
             let error = merge(&yaml).unwrap_err().to_string();
             assert!(error.contains(expected), "{yaml}: {error}");
         }
+    }
+
+    #[test]
+    fn a_reload_names_every_changed_setting_that_needs_a_restart_and_no_policy_setting() {
+        let merge = |yaml: &str| Config::merge(FileConfig::from_yaml(yaml).unwrap(), Overrides::default()).unwrap();
+        let running = merge("routers: [random]\nthresholds: {random: 0.5}\n");
+        // The routing policy is what a reload applies: nothing to restart for.
+        let policy = merge(
+            "routers: [random]\nthresholds: {random: 0.3}\nstrong_share: {random: 0.2}\n\
+             model_aliases: {auto: router-random}\non_router_error: weak\non_upstream_error: other_model\n\
+             score_turns: max\nscoring_timeout_ms: 50\n",
+        );
+        assert_eq!(policy.restart_changes(&running), Vec::<&str>::new());
+        for (yaml, expected) in [
+            ("port: 7070\n", "port"),
+            (
+                "weak_model: {name: echo/weak, price_per_million_tokens: {input: 1, output: 2}}\n",
+                "weak_model",
+            ),
+            ("upstream: {request_timeout_secs: 30}\n", "upstream"),
+            ("upstream: {forward_headers: [traceparent]}\n", "upstream"),
+            ("cors_allowed_origins: ['*']\n", "cors_allowed_origins"),
+            ("passthrough: {paths: [embeddings]}\n", "passthrough"),
+            ("response_cache: {ttl_secs: 60}\n", "response_cache"),
+            ("router_settings: {mf: {artifact: mf-ours}}\n", "router_settings"),
+            (
+                "providers: {acme: {base_url: 'https://acme.example/v1'}}\n",
+                "providers",
+            ),
+            ("access_log: true\n", "access_log"),
+        ] {
+            let edited = merge(&format!("routers: [random]\nthresholds: {{random: 0.5}}\n{yaml}"));
+            assert_eq!(edited.restart_changes(&running), [expected], "{yaml}");
+        }
+        let more_routers = merge("routers: [random, length]\nthresholds: {random: 0.5}\n");
+        assert_eq!(more_routers.restart_changes(&running), ["routers"]);
     }
 
     #[test]

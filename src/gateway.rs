@@ -208,15 +208,12 @@ pub struct Gateway {
     /// Each router's latest scores, for `strong_share`; kept for every router so a
     /// reload that sets a share starts from the traffic already seen.
     score_windows: BTreeMap<String, ScoreWindow>,
-    strong_share_window: usize,
     /// Swapped whole by [`Gateway::reload`]; requests hold the one they started with.
     policy: RwLock<Arc<Policy>>,
     /// Reloads applied and refused, for `/metrics`.
     reloads: [AtomicU64; 2],
     /// The strong and the weak tier's deployments.
     pools: [Pool; 2],
-    /// How the pools spread requests (fixed at start; a reload reports a change).
-    load_balancing: crate::config::LoadBalancing,
     client: reqwest::Client,
     cors_allowed_origins: Vec<String>,
     request_timeout: Duration,
@@ -240,7 +237,8 @@ pub struct Gateway {
     spend_file: Option<std::path::PathBuf>,
     /// Identical requests answered again from memory (`response_cache`).
     cache: Option<Arc<ResponseCache>>,
-    cache_config: Option<crate::cache::CacheConfig>,
+    /// What the server started with: a reload says which of its restart-only settings moved.
+    started_with: Box<Config>,
     started_at: u64,
 }
 
@@ -296,12 +294,10 @@ impl Gateway {
                 .keys()
                 .map(|name| (name.clone(), ScoreWindow::new(config.strong_share_window)))
                 .collect(),
-            strong_share_window: config.strong_share_window,
             routers,
             policy: RwLock::new(Arc::new(Policy::from_config(config))),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             pools: [pool(strong)?, pool(weak)?],
-            load_balancing: config.load_balancing,
             client,
             cors_allowed_origins: config.cors_allowed_origins.clone(),
             request_timeout: config.request_timeout,
@@ -319,7 +315,7 @@ impl Gateway {
                 .response_cache
                 .as_ref()
                 .map(|cache| Arc::new(ResponseCache::new(cache))),
-            cache_config: config.response_cache,
+            started_with: Box::new(config.clone()),
             started_at: crate::unix_now(),
         };
         gateway.check(&gateway.policy())?;
@@ -416,34 +412,7 @@ impl Gateway {
         }
         self.reloads[0].fetch_add(1, Ordering::Relaxed);
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
-        let mut fixed = Vec::new();
-        let wanted: std::collections::BTreeSet<&str> = config.routers.iter().map(String::as_str).collect();
-        if !wanted.into_iter().eq(self.routers.keys().map(String::as_str)) {
-            fixed.push("routers");
-        }
-        for (key, tier, wanted) in [
-            ("strong_model", Tier::Strong, &config.strong_model),
-            ("weak_model", Tier::Weak, &config.weak_model),
-        ] {
-            let running = self
-                .pool(tier)
-                .deployments()
-                .iter()
-                .map(|d| d.upstream.model.name.as_str());
-            if !wanted.iter().map(|model| model.name.trim()).eq(running) {
-                fixed.push(key);
-            }
-        }
-        if config.load_balancing != self.load_balancing {
-            fixed.push("load_balancing");
-        }
-        if config.strong_share_window != self.strong_share_window {
-            fixed.push("strong_share_window");
-        }
-        if config.response_cache != self.cache_config {
-            fixed.push("response_cache");
-        }
-        Ok(fixed)
+        Ok(config.restart_changes(&self.started_with))
     }
 
     /// [`Gateway::reload`] from the config file (if any) with `overrides` on top, as at

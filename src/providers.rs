@@ -212,7 +212,7 @@ impl ResolvedModel {
 const CREDENTIAL_HEADERS: [&str; 4] = ["api-key", "x-api-key", "x-goog-api-key", "ocp-apim-subscription-key"];
 
 /// Settings that apply to both models (RouteLLM's `--base-url` and `--api-key`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GlobalOverrides {
     pub base_url: Option<String>,
     pub api_key: Option<Secret>,
