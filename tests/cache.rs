@@ -243,6 +243,11 @@ async fn at_once(proxy: &Proxy, body: &str, count: usize) -> Vec<(u16, String, b
     futures_util::future::join_all(sends).await
 }
 
+/// Whether every answer has `status` and was a cache miss (its request asked the model).
+fn each_a_miss(answers: &[(u16, String, bytes::Bytes)], status: u16) -> bool {
+    answers.iter().all(|(got, cache, _)| *got == status && cache == "miss")
+}
+
 #[tokio::test]
 async fn identical_requests_arriving_together_wait_for_one_answer_but_streams_do_not() {
     let (strong, _weak, proxy) = setup(CACHED).await;
@@ -261,11 +266,7 @@ async fn identical_requests_arriving_together_wait_for_one_answer_but_streams_do
     // Streams each go to the model: a waiting stream would get nothing until the end.
     let streamed = chat("router-fixed_high-0.5", "A popular stream", r#","stream":true"#);
     let answers = at_once(&proxy, &streamed, 3).await;
-    assert!(
-        answers
-            .iter()
-            .all(|(status, cache, _)| *status == 200 && cache == "miss")
-    );
+    assert!(each_a_miss(&answers, 200), "{answers:?}");
     assert_eq!(strong.received().len(), 4);
 
     // When the first one's answer is not kept (the model refused it), the others ask the
@@ -276,12 +277,7 @@ async fn identical_requests_arriving_together_wait_for_one_answer_but_streams_do
         r#","mock":"bad_request""#,
     );
     let answers = at_once(&proxy, &refused, 3).await;
-    assert!(
-        answers
-            .iter()
-            .all(|(status, cache, _)| *status == 400 && cache == "miss"),
-        "{answers:?}"
-    );
+    assert!(each_a_miss(&answers, 400), "{answers:?}");
     assert_eq!(strong.received().len(), 7);
 
     let text = proxy.metrics().await;
@@ -293,10 +289,6 @@ async fn identical_requests_arriving_together_wait_for_one_answer_but_streams_do
     let (strong, _weak, proxy) = setup("response_cache: {ttl_secs: 600, coalesce: false}\n").await;
     strong.set_delay(Some(Duration::from_millis(300)));
     let answers = at_once(&proxy, &body, 3).await;
-    assert!(
-        answers
-            .iter()
-            .all(|(status, cache, _)| *status == 200 && cache == "miss")
-    );
+    assert!(each_a_miss(&answers, 200), "{answers:?}");
     assert_eq!(strong.received().len(), 3);
 }

@@ -216,22 +216,19 @@ fn ten_labelled_prompts(dir: &Path) -> PathBuf {
     labels
 }
 
+/// `calibrate --routers length` with `args`, and `labels` as its `--benchmark` when given.
+fn calibrate_length(args: &[&str], labels: Option<&Path>) -> std::process::Output {
+    let mut command = binary();
+    command.args(["calibrate", "--routers", "length"]).args(args);
+    if let Some(labels) = labels {
+        command.arg("--benchmark").arg(labels);
+    }
+    command.output().unwrap()
+}
+
 /// `calibrate --json --target-pgr` with the length router on a labelled file.
 fn calibrate_to_quality(labels: &Path, target: &str, extra: &[&str]) -> serde_json::Value {
-    let output = binary()
-        .args([
-            "calibrate",
-            "--routers",
-            "length",
-            "--json",
-            "--target-pgr",
-            target,
-            "--benchmark",
-        ])
-        .arg(labels)
-        .args(extra)
-        .output()
-        .unwrap();
+    let output = calibrate_length(&[&["--json", "--target-pgr", target], extra].concat(), Some(labels));
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
 }
@@ -258,25 +255,9 @@ fn calibrate_to_a_quality_target_on_a_labelled_file_sends_the_fewest_prompts_tha
         .count();
     assert_eq!(sent, 2);
     // A share or a quality target, not both; a target needs labelled prompts.
-    let both = binary()
-        .args([
-            "calibrate",
-            "--routers",
-            "length",
-            "--strong-model-pct",
-            "0.5",
-            "--target-pgr",
-            "0.9",
-            "--benchmark",
-        ])
-        .arg(&labels)
-        .output()
-        .unwrap();
+    let both = calibrate_length(&["--strong-model-pct", "0.5", "--target-pgr", "0.9"], Some(&labels));
     assert!(!both.status.success());
-    let alone = binary()
-        .args(["calibrate", "--routers", "length", "--target-pgr", "0.9"])
-        .output()
-        .unwrap();
+    let alone = calibrate_length(&["--target-pgr", "0.9"], None);
     assert!(!alone.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -300,35 +281,11 @@ fn calibrate_to_a_quality_target_with_confidence_pays_for_what_the_sample_cannot
     );
     assert_eq!(careful["replicates_meeting_target"], 1.0, "{careful}");
     assert_eq!(careful["pgr_interval"], serde_json::json!([1.0, 1.0]), "{careful}");
-    let sentence = binary()
-        .args([
-            "calibrate",
-            "--routers",
-            "length",
-            "--target-pgr",
-            "0.6",
-            "--confidence",
-            "0.95",
-            "--benchmark",
-        ])
-        .arg(&labels)
-        .output()
-        .unwrap();
+    let sentence = calibrate_length(&["--target-pgr", "0.6", "--confidence", "0.95"], Some(&labels));
     let sentence = String::from_utf8(sentence.stdout).unwrap();
     assert!(sentence.contains("with 95% confidence"), "{sentence}");
     assert!(sentence.contains("in 100.0% of 1000 resamples"), "{sentence}");
-    let no_target = binary()
-        .args([
-            "calibrate",
-            "--routers",
-            "length",
-            "--strong-model-pct",
-            "0.5",
-            "--confidence",
-            "0.9",
-        ])
-        .output()
-        .unwrap();
+    let no_target = calibrate_length(&["--strong-model-pct", "0.5", "--confidence", "0.9"], None);
     assert!(!no_target.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }

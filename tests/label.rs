@@ -499,31 +499,35 @@ async fn a_sample_takes_prompts_in_its_seeded_order_and_a_rerun_extends_it() {
         let (config, out, many) = (&config, &out, many.clone());
         async move { Labeller::new(config, options).unwrap().run(many, out).await.unwrap() }
     };
+    // Both sides sorted: which prompts, not in what order they finished.
     let labelled = |out: &Path| -> Vec<String> {
-        lines(out)
+        let mut prompts: Vec<String> = lines(out)
             .iter()
             .map(|line| line["prompt"].as_str().unwrap().to_owned())
-            .collect()
+            .collect();
+        prompts.sort();
+        prompts
     };
     let mut expected = many.clone();
     routellm::label::sample_order(&mut expected, 5);
     assert_ne!(expected[..3], many[..3], "the seed's order is not the file's");
+    let sample_head = |count: usize| {
+        let mut head = expected[..count].to_vec();
+        head.sort();
+        head
+    };
 
     let first = run(3).await;
     assert_eq!((first.labelled, first.not_started), (3, 9), "{first:?}");
-    let mut got = labelled(&out);
-    got.sort();
-    let mut want = expected[..3].to_vec();
-    want.sort();
-    assert_eq!(got, want, "the first three of the sample, not of the file");
+    assert_eq!(
+        labelled(&out),
+        sample_head(3),
+        "the first three of the sample, not of the file"
+    );
 
     // The next run keeps those and adds the sample's next ones.
     let second = run(2).await;
     assert_eq!((second.labelled, second.already_labelled), (2, 3), "{second:?}");
-    let mut got = labelled(&out);
-    got.sort();
-    let mut want = expected[..5].to_vec();
-    want.sort();
-    assert_eq!(got, want);
+    assert_eq!(labelled(&out), sample_head(5));
     std::fs::remove_dir_all(&dir).unwrap();
 }
