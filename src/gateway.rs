@@ -114,9 +114,8 @@ impl Completion {
 }
 
 /// What a running server takes from a changed config file ([`Gateway::reload`], SIGHUP):
-/// who may call it and how requests are routed. Routers, models, listeners and the rest
-/// are fixed at start.
-#[derive(Debug)]
+/// who may call it and how requests are routed, with the routers it routes by (rebuilt
+/// when their `router_settings` change). Models, listeners and the rest are fixed at start.
 pub struct Policy {
     /// Default thresholds, for `router-<name>` without one.
     thresholds: BTreeMap<String, f64>,
@@ -131,11 +130,35 @@ pub struct Policy {
     score_turns: ScoreTurns,
     /// `scoring_timeout_ms`: how long a request waits for its score.
     scoring_timeout: Option<Duration>,
+    /// The served routers, in the policy so a reload that replaces one (a new artifact in
+    /// `router_settings`) swaps it together with the thresholds calibrated for it.
+    routers: Arc<Routers>,
+}
+
+/// Routers by name.
+pub type Routers = BTreeMap<String, Arc<dyn Router>>;
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Policy")
+            .field("thresholds", &self.thresholds)
+            .field("strong_share", &self.strong_share)
+            .field("model_aliases", &self.model_aliases)
+            .field("api_keys", &self.api_keys.iter().map(ApiKey::name).collect::<Vec<_>>())
+            .field("on_router_error", &self.on_router_error)
+            .field("on_upstream_error", &self.on_upstream_error)
+            .field("score_turns", &self.score_turns)
+            .field("scoring_timeout", &self.scoring_timeout)
+            .field("routers", &self.routers.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Policy {
-    fn from_config(config: &Config) -> Self {
+    fn from_config(config: &Config, routers: Arc<Routers>) -> Self {
         Self {
+            routers,
             thresholds: config.thresholds.clone(),
             strong_share: config.strong_share.clone(),
             model_aliases: config.model_aliases.clone(),
@@ -202,7 +225,6 @@ impl Policy {
 
 /// Everything needed to serve requests: routers, upstreams and the shared HTTP client.
 pub struct Gateway {
-    routers: BTreeMap<String, Arc<dyn Router>>,
     /// Decisions and scores per router, for `/metrics`.
     router_stats: BTreeMap<String, Arc<RouterStats>>,
     /// Each router's latest scores, for `strong_share`; kept for every router so a
@@ -239,6 +261,11 @@ pub struct Gateway {
     cache: Option<Arc<ResponseCache>>,
     /// What the server started with: a reload says which of its restart-only settings moved.
     started_with: Box<Config>,
+    /// Whether a reload may rebuild routers from `router_settings` (they were built from
+    /// the config, not handed in by the caller).
+    rebuilds_routers: bool,
+    /// The `router_settings` and `routers_dir` the running routers were built with.
+    applied_router_settings: std::sync::Mutex<(crate::config::RouterSettings, std::path::PathBuf)>,
     started_at: u64,
 }
 
@@ -251,7 +278,9 @@ impl Gateway {
                 routers::build(name, config).map_err(|source| Error::Config(format!("router `{name}`: {source}")))?;
             routers.insert(name.clone(), router);
         }
-        Self::with_routers(config, routers)
+        let mut gateway = Self::with_routers(config, routers)?;
+        gateway.rebuilds_routers = true;
+        Ok(gateway)
     }
 
     /// Like [`Gateway::from_config`] with routers built by the caller (tests, custom routers).
@@ -294,8 +323,12 @@ impl Gateway {
                 .keys()
                 .map(|name| (name.clone(), ScoreWindow::new(config.strong_share_window)))
                 .collect(),
-            routers,
-            policy: RwLock::new(Arc::new(Policy::from_config(config))),
+            policy: RwLock::new(Arc::new(Policy::from_config(config, Arc::new(routers)))),
+            rebuilds_routers: false,
+            applied_router_settings: std::sync::Mutex::new((
+                config.router_settings.clone(),
+                config.routers_dir.clone(),
+            )),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             pools: [pool(strong)?, pool(weak)?],
             client,
@@ -388,10 +421,17 @@ impl Gateway {
     /// against the routers and models this server runs; on error the running policy stays.
     /// Returns the settings of `config` that differ and need a restart to take effect.
     pub fn reload(&self, config: &Config) -> Result<Vec<&'static str>, Error> {
-        let mut policy = Policy::from_config(config);
-        if let Err(error) = self.check(&policy) {
+        let refused = |error| {
             self.reloads[1].fetch_add(1, Ordering::Relaxed);
-            return Err(error);
+            Err(error)
+        };
+        let (routers, rebuilt) = match self.routers_under(config) {
+            Ok(found) => found,
+            Err(error) => return refused(error),
+        };
+        let mut policy = Policy::from_config(config, routers);
+        if let Err(error) = self.check(&policy) {
+            return refused(error);
         }
         // A key kept by name keeps what it has used, so a reload is no way around a limit;
         // one that comes back after a reload without it finds its spend in the spend file.
@@ -412,7 +452,66 @@ impl Gateway {
         }
         self.reloads[0].fetch_add(1, Ordering::Relaxed);
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
-        Ok(config.restart_changes(&self.started_with))
+        if !rebuilt.is_empty() {
+            *self
+                .applied_router_settings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                (config.router_settings.clone(), config.routers_dir.clone());
+            for name in &rebuilt {
+                // `strong_share` learns the new router's scores afresh: the old ones are on another scale.
+                if let Some(window) = self.score_windows.get(name) {
+                    window.clear();
+                }
+            }
+            tracing::info!(routers = ?rebuilt, "routers rebuilt from the new router_settings");
+        }
+        let mut changes = config.restart_changes(&self.started_with);
+        if self.rebuilds_routers {
+            changes.retain(|setting| !matches!(*setting, "router_settings" | "routers_dir"));
+        }
+        Ok(changes)
+    }
+
+    /// The routers a reload of `config` serves: the running ones, each rebuilt whose
+    /// settings (or the artifacts folder) changed since it was built, and those names.
+    /// A router that does not build refuses the reload, so nothing is half-replaced.
+    fn routers_under(&self, config: &Config) -> Result<(Arc<Routers>, Vec<String>), Error> {
+        let running = Arc::clone(&self.policy().routers);
+        if !self.rebuilds_routers {
+            return Ok((running, Vec::new()));
+        }
+        let stale: Vec<String> = {
+            let applied = self
+                .applied_router_settings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (settings, dir) = &*applied;
+            let wanted = &config.router_settings;
+            running
+                .keys()
+                .filter(|name| {
+                    let settings_moved = match name.as_str() {
+                        "mf" => settings.mf != wanted.mf,
+                        "sw_ranking" => settings.sw_ranking != wanted.sw_ranking,
+                        "bert" => settings.bert != wanted.bert,
+                        _ => false,
+                    };
+                    settings_moved || (*dir != config.routers_dir && routers::uses_artifacts(name))
+                })
+                .cloned()
+                .collect()
+        };
+        if stale.is_empty() {
+            return Ok((running, stale));
+        }
+        let mut next = (*running).clone();
+        for name in &stale {
+            let router =
+                routers::build(name, config).map_err(|source| Error::Config(format!("router `{name}`: {source}")))?;
+            next.insert(name.clone(), router);
+        }
+        Ok((Arc::new(next), stale))
     }
 
     /// [`Gateway::reload`] from the config file (if any) with `overrides` on top, as at
@@ -463,7 +562,7 @@ impl Gateway {
     fn check(&self, policy: &Policy) -> Result<(), Error> {
         let unknown = (policy.thresholds.keys().map(|name| ("thresholds", name)))
             .chain(policy.strong_share.keys().map(|name| ("strong_share", name)))
-            .find(|(_, name)| !self.routers.contains_key(*name) && !routers::AVAILABLE.contains(&name.as_str()));
+            .find(|(_, name)| !policy.routers.contains_key(*name) && !routers::AVAILABLE.contains(&name.as_str()));
         if let Some((section, router)) = unknown {
             return Err(Error::Config(format!(
                 "{section}.{router}: no router is called `{router}` (available: {})",
@@ -485,7 +584,7 @@ impl Gateway {
         for (alias, target) in &policy.model_aliases {
             let usable = match model_name::parse(target)? {
                 ModelTarget::Routed { router, .. }
-                    if !self.routers.contains_key(router) && routers::AVAILABLE.contains(&router) =>
+                    if !policy.routers.contains_key(router) && routers::AVAILABLE.contains(&router) =>
                 {
                     Ok(())
                 }
@@ -533,7 +632,7 @@ impl Gateway {
                 let known = policy.model_aliases.contains_key(model)
                     || match model_name::parse(model) {
                         Ok(ModelTarget::Routed { router, .. }) => {
-                            self.routers.contains_key(router) || routers::AVAILABLE.contains(&router)
+                            policy.routers.contains_key(router) || routers::AVAILABLE.contains(&router)
                         }
                         Ok(ModelTarget::Direct(name)) => self.direct_tier(name).is_some(),
                         Err(_) => false,
@@ -557,7 +656,7 @@ impl Gateway {
         };
         let resolved = model_name::parse(target)?;
         if let ModelTarget::Routed { router, .. } = resolved
-            && !self.routers.contains_key(router)
+            && !policy.routers.contains_key(router)
         {
             return Err(Error::InvalidRequest {
                 message: format!(
@@ -574,7 +673,12 @@ impl Gateway {
 
     /// The served routers' names, for messages: `a, b, c`.
     fn router_names(&self) -> String {
-        self.routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+        self.policy()
+            .routers
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The response cache, when `response_cache` is configured.
@@ -583,10 +687,10 @@ impl Gateway {
         self.cache.as_deref()
     }
 
-    /// The served routers by name.
+    /// The served routers by name, as the policy in force has them.
     #[must_use]
-    pub fn routers(&self) -> &BTreeMap<String, Arc<dyn Router>> {
-        &self.routers
+    pub fn routers(&self) -> Arc<Routers> {
+        Arc::clone(&self.policy().routers)
     }
 
     /// How long a client may take to send a request's head, and then its body.
@@ -773,13 +877,13 @@ impl Gateway {
     }
 
     /// The router called `router_name` and the threshold to use: `threshold`, or its default.
-    fn resolve(
+    fn resolve<'p>(
         &self,
-        policy: &Policy,
+        policy: &'p Policy,
         router_name: &str,
         threshold: Option<f64>,
-    ) -> Result<(&Arc<dyn Router>, f64), Error> {
-        let router = self.routers.get(router_name).ok_or_else(|| Error::InvalidRequest {
+    ) -> Result<(&'p Arc<dyn Router>, f64), Error> {
+        let router = policy.routers.get(router_name).ok_or_else(|| Error::InvalidRequest {
             message: format!(
                 "Unknown router `{router_name}`. Available routers: {}.",
                 self.router_names()

@@ -81,6 +81,14 @@ impl ScoreWindow {
         ring.recorded += 1;
     }
 
+    /// Forgets every score: a router replaced by a reload scores on another scale.
+    pub fn clear(&self) {
+        let mut ring = self.lock();
+        ring.scores.clear();
+        ring.next = 0;
+        ring.cached = None;
+    }
+
     /// How many scores the window holds.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -168,6 +176,22 @@ mod tests {
         // Exactly half of the window's scores are at or above it.
         let recent: Vec<f64> = (0..200).map(|i| 0.8 + f64::from(i) / 10_000.0).collect();
         assert!((share_at(&recent, after) - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_cleared_window_waits_for_new_scores_and_forgets_the_old() {
+        let window = ScoreWindow::new(200);
+        for i in 0..200 {
+            window.record(0.1 + f64::from(i) / 10_000.0);
+        }
+        assert!(window.threshold(0.5).unwrap() < 0.2);
+        window.clear();
+        assert!(window.is_empty());
+        assert_eq!(window.threshold(0.5), None, "no cached threshold survives");
+        for i in 0..MIN_TRACKED_SCORES {
+            window.record(0.8 + f64::from(u32::try_from(i).unwrap()) / 10_000.0);
+        }
+        assert!(window.threshold(0.5).unwrap() > 0.8, "only the new scores count");
     }
 
     #[test]

@@ -540,3 +540,53 @@ fn an_artifact_trained_on_other_prompt_features_is_refused() {
     // The untouched artifact loads with the same embedder.
     MfRouter::load(&shipped, static_embedder(), None, None).unwrap();
 }
+
+/// A retrained artifact rolls out by a reload: the router whose `router_settings` changed is
+/// rebuilt and swapped with the policy, the others are left as they are, and one that does
+/// not build refuses the reload and keeps the running router.
+#[test]
+fn a_reload_rebuilds_the_router_whose_settings_changed_and_only_that_one() {
+    let config_with = |mf_settings: &str| {
+        let file = FileConfig::from_yaml(&format!(
+            "thresholds: {{mf: 0.5}}\nrouter_settings: {{mf: {mf_settings}}}\n"
+        ))
+        .unwrap();
+        Config::merge(
+            file,
+            Overrides {
+                routers: Some(vec!["mf".into(), "random".into()]),
+                routers_dir: Some(repo().join("routers")),
+                strong_model: Some("echo/strong".into()),
+                weak_model: Some("echo/weak".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap()
+    };
+    let gateway = routellm::Gateway::from_config(&config_with("{}")).unwrap();
+    let before = gateway.routers();
+    let prompt = "Prove that the square root of 2 is irrational, step by step.";
+    let served = before["mf"].strong_win_rate(prompt).unwrap();
+
+    // Another identity pair is another router: rebuilt, and no restart asked for.
+    let rescored = config_with("{strong_identity: gpt-4o-2024-05-13, weak_identity: llama-2-7b-hf}");
+    assert_eq!(gateway.reload(&rescored).unwrap(), Vec::<&str>::new());
+    let after = gateway.routers();
+    assert!(!Arc::ptr_eq(&before["mf"], &after["mf"]), "mf was rebuilt");
+    assert!(
+        Arc::ptr_eq(&before["random"], &after["random"]),
+        "random was left alone"
+    );
+    assert_ne!(after["mf"].strong_win_rate(prompt).unwrap(), served);
+
+    // The same settings again: nothing rebuilt.
+    assert!(gateway.reload(&rescored).unwrap().is_empty());
+    assert!(Arc::ptr_eq(&after["mf"], &gateway.routers()["mf"]));
+
+    // An artifact that is not there: the reload is refused and the running mf stays.
+    let missing = config_with("{artifact: no-such-artifact}");
+    let error = gateway.reload(&missing).unwrap_err().to_string();
+    assert!(error.contains("router `mf`"), "{error}");
+    assert!(Arc::ptr_eq(&after["mf"], &gateway.routers()["mf"]));
+    assert_eq!(gateway.reloads(), (2, 1));
+}

@@ -79,6 +79,12 @@ pub trait Router: Send + Sync {
 /// The routers this build can serve, in the order they are listed to users.
 pub const AVAILABLE: &[&str] = &["random", "length", "mf", "sw_ranking", "bert"];
 
+/// Whether router `name` loads an artifact from the routers folder (`routers_dir`).
+#[must_use]
+pub fn uses_artifacts(name: &str) -> bool {
+    matches!(name, "mf" | "sw_ranking" | "bert")
+}
+
 /// Settings of the `bert` router (`router_settings.bert`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
