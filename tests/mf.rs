@@ -52,10 +52,10 @@ fn static_embeddings_are_normalised_semantic_and_unlimited_in_length() {
     assert!(embedder.embed("").unwrap().iter().all(|x| *x == 0.0));
 }
 
-#[test]
-fn shipped_mf_artifact_serves_offline_with_no_configuration() {
-    let config = Config::merge(
-        FileConfig::default(),
+/// `file` serving the shipped `mf` and `random` between two echo models.
+fn shipped_mf_and_random(file: FileConfig) -> Config {
+    Config::merge(
+        file,
         Overrides {
             routers: Some(vec!["mf".into(), "random".into()]),
             routers_dir: Some(repo().join("routers")),
@@ -64,7 +64,12 @@ fn shipped_mf_artifact_serves_offline_with_no_configuration() {
             ..Overrides::default()
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn shipped_mf_artifact_serves_offline_with_no_configuration() {
+    let config = shipped_mf_and_random(FileConfig::default());
     let gateway = routellm::Gateway::from_config(&config).unwrap();
     let router = &gateway.routers()["mf"];
     assert_eq!(router.scoring_cost(), routellm::routers::ScoringCost::Blocking);
@@ -547,21 +552,8 @@ fn an_artifact_trained_on_other_prompt_features_is_refused() {
 #[test]
 fn a_reload_rebuilds_the_router_whose_settings_changed_and_only_that_one() {
     let config_with = |mf_settings: &str| {
-        let file = FileConfig::from_yaml(&format!(
-            "thresholds: {{mf: 0.5}}\nrouter_settings: {{mf: {mf_settings}}}\n"
-        ))
-        .unwrap();
-        Config::merge(
-            file,
-            Overrides {
-                routers: Some(vec!["mf".into(), "random".into()]),
-                routers_dir: Some(repo().join("routers")),
-                strong_model: Some("echo/strong".into()),
-                weak_model: Some("echo/weak".into()),
-                ..Overrides::default()
-            },
-        )
-        .unwrap()
+        let yaml = format!("thresholds: {{mf: 0.5}}\nrouter_settings: {{mf: {mf_settings}}}\n");
+        shipped_mf_and_random(FileConfig::from_yaml(&yaml).unwrap())
     };
     let gateway = routellm::Gateway::from_config(&config_with("{}")).unwrap();
     let before = gateway.routers();
