@@ -133,6 +133,9 @@ pub struct Policy {
     /// The served routers, in the policy so a reload that replaces one (a new artifact in
     /// `router_settings`) swaps it together with the thresholds calibrated for it.
     routers: Arc<Routers>,
+    /// The `router_settings` and `routers_dir` those routers were built with.
+    router_settings: crate::config::RouterSettings,
+    routers_dir: std::path::PathBuf,
 }
 
 /// Routers by name.
@@ -151,14 +154,23 @@ impl std::fmt::Debug for Policy {
             .field("score_turns", &self.score_turns)
             .field("scoring_timeout", &self.scoring_timeout)
             .field("routers", &self.routers.keys().collect::<Vec<_>>())
+            .field("router_settings", &self.router_settings)
+            .field("routers_dir", &self.routers_dir)
             .finish()
     }
 }
 
 impl Policy {
+    /// The served routers' names, for messages: `a, b, c`.
+    fn router_names(&self) -> String {
+        self.routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+    }
+
     fn from_config(config: &Config, routers: Arc<Routers>) -> Self {
         Self {
             routers,
+            router_settings: config.router_settings.clone(),
+            routers_dir: config.routers_dir.clone(),
             thresholds: config.thresholds.clone(),
             strong_share: config.strong_share.clone(),
             model_aliases: config.model_aliases.clone(),
@@ -264,8 +276,6 @@ pub struct Gateway {
     /// Whether a reload may rebuild routers from `router_settings` (they were built from
     /// the config, not handed in by the caller).
     rebuilds_routers: bool,
-    /// The `router_settings` and `routers_dir` the running routers were built with.
-    applied_router_settings: std::sync::Mutex<(crate::config::RouterSettings, std::path::PathBuf)>,
     started_at: u64,
 }
 
@@ -325,10 +335,6 @@ impl Gateway {
                 .collect(),
             policy: RwLock::new(Arc::new(Policy::from_config(config, Arc::new(routers)))),
             rebuilds_routers: false,
-            applied_router_settings: std::sync::Mutex::new((
-                config.router_settings.clone(),
-                config.routers_dir.clone(),
-            )),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             pools: [pool(strong)?, pool(weak)?],
             client,
@@ -453,11 +459,6 @@ impl Gateway {
         self.reloads[0].fetch_add(1, Ordering::Relaxed);
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
         if !rebuilt.is_empty() {
-            *self
-                .applied_router_settings
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                (config.router_settings.clone(), config.routers_dir.clone());
             for name in &rebuilt {
                 // `strong_share` learns the new router's scores afresh: the old ones are on another scale.
                 if let Some(window) = self.score_windows.get(name) {
@@ -477,35 +478,29 @@ impl Gateway {
     /// settings (or the artifacts folder) changed since it was built, and those names.
     /// A router that does not build refuses the reload, so nothing is half-replaced.
     fn routers_under(&self, config: &Config) -> Result<(Arc<Routers>, Vec<String>), Error> {
-        let running = Arc::clone(&self.policy().routers);
+        let running = self.policy();
         if !self.rebuilds_routers {
-            return Ok((running, Vec::new()));
+            return Ok((Arc::clone(&running.routers), Vec::new()));
         }
-        let stale: Vec<String> = {
-            let applied = self
-                .applied_router_settings
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (settings, dir) = &*applied;
-            let wanted = &config.router_settings;
-            running
-                .keys()
-                .filter(|name| {
-                    let settings_moved = match name.as_str() {
-                        "mf" => settings.mf != wanted.mf,
-                        "sw_ranking" => settings.sw_ranking != wanted.sw_ranking,
-                        "bert" => settings.bert != wanted.bert,
-                        _ => false,
-                    };
-                    settings_moved || (*dir != config.routers_dir && routers::uses_artifacts(name))
-                })
-                .cloned()
-                .collect()
-        };
+        let (built, wanted) = (&running.router_settings, &config.router_settings);
+        let stale: Vec<String> = running
+            .routers
+            .keys()
+            .filter(|name| {
+                let settings_moved = match name.as_str() {
+                    "mf" => built.mf != wanted.mf,
+                    "sw_ranking" => built.sw_ranking != wanted.sw_ranking,
+                    "bert" => built.bert != wanted.bert,
+                    _ => false,
+                };
+                settings_moved || (running.routers_dir != config.routers_dir && routers::uses_artifacts(name))
+            })
+            .cloned()
+            .collect();
         if stale.is_empty() {
-            return Ok((running, stale));
+            return Ok((Arc::clone(&running.routers), stale));
         }
-        let mut next = (*running).clone();
+        let mut next = (*running.routers).clone();
         for name in &stale {
             let router =
                 routers::build(name, config).map_err(|source| Error::Config(format!("router `{name}`: {source}")))?;
@@ -662,23 +657,13 @@ impl Gateway {
                 message: format!(
                     "Model `{model}` stands for `{target}`, but this server does not load router `{router}`. \
                      Available routers: {}.",
-                    self.router_names()
+                    policy.router_names()
                 ),
                 param: Some("model"),
                 code: Some("invalid_model"),
             });
         }
         Ok(resolved)
-    }
-
-    /// The served routers' names, for messages: `a, b, c`.
-    fn router_names(&self) -> String {
-        self.policy()
-            .routers
-            .keys()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join(", ")
     }
 
     /// The response cache, when `response_cache` is configured.
@@ -886,7 +871,7 @@ impl Gateway {
         let router = policy.routers.get(router_name).ok_or_else(|| Error::InvalidRequest {
             message: format!(
                 "Unknown router `{router_name}`. Available routers: {}.",
-                self.router_names()
+                policy.router_names()
             ),
             param: Some("model"),
             code: Some("invalid_model"),
