@@ -758,8 +758,7 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<()> {
         #[allow(clippy::cast_precision_loss)]
         let half_prompt = 0.5 / prompts.len().max(1) as f64;
         if args.json {
-            // The printed threshold (the fewest decimals that keep the split), as in the sentence.
-            let threshold: f64 = calibration.display.parse().unwrap_or(calibration.threshold);
+            let threshold = calibration.printed_threshold();
             println!(
                 "{}",
                 serde_json::json!({
@@ -804,12 +803,7 @@ fn calibrate_for_quality(args: &CalibrateArgs, config: &Config) -> anyhow::Resul
     let outcomes: Vec<(f64, f64)> = benchmark
         .outcomes
         .iter()
-        .map(|outcome| {
-            (
-                outcome.strong_sum / outcome.strong_count,
-                outcome.weak_sum / outcome.weak_count,
-            )
-        })
+        .map(|outcome| (outcome.strong_mean(), outcome.weak_mean()))
         .collect();
     let prompts = Entries::Last(benchmark.prompts.clone());
     for name in &args.routers {
@@ -844,8 +838,7 @@ fn quality_json(
     prompts: usize,
 ) -> serde_json::Value {
     let calibration = &quality.calibration;
-    // The printed threshold (the fewest decimals that keep the split), as in the sentence.
-    let threshold: f64 = calibration.display.parse().unwrap_or(calibration.threshold);
+    let threshold = calibration.printed_threshold();
     let mut line = serde_json::json!({
         "router": name,
         "threshold": threshold,

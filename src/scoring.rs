@@ -145,6 +145,15 @@ pub struct Calibration {
     pub display: String,
 }
 
+impl Calibration {
+    /// The threshold as printed (the fewest decimals that keep the split), for output that
+    /// scripts copy into a config, so it says what the sentence says.
+    #[must_use]
+    pub fn printed_threshold(&self) -> f64 {
+        self.display.parse().unwrap_or(self.threshold)
+    }
+}
+
 /// A threshold chosen for quality rather than share ([`calibrate_for_quality`]).
 #[derive(Debug, Clone)]
 pub struct QualityCalibration {

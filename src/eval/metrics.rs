@@ -32,11 +32,15 @@ impl Outcome {
         }
     }
 
-    fn strong_mean(&self) -> f64 {
+    /// The strong model's score on this prompt (its rows averaged).
+    #[must_use]
+    pub fn strong_mean(&self) -> f64 {
         self.strong_sum / self.strong_count
     }
 
-    fn weak_mean(&self) -> f64 {
+    /// The weak model's score on this prompt (its rows averaged).
+    #[must_use]
+    pub fn weak_mean(&self) -> f64 {
         self.weak_sum / self.weak_count
     }
 }
