@@ -643,22 +643,21 @@ impl Config {
     /// so a reload never leaves a changed setting silently unapplied.
     #[must_use]
     pub fn restart_changes(&self, running: &Config) -> Vec<&'static str> {
-        let upstream = |config: &Config| {
+        fn upstream(config: &Config) -> (Duration, Duration, Option<Duration>, &[HeaderName]) {
             (
                 config.connect_timeout,
                 config.request_timeout,
                 config.stream_first_event_timeout,
-                config.forward_headers.clone(),
+                &config.forward_headers,
             )
-        };
-        let global = |config: &Config| config.global.clone();
+        }
         [
             ("host", self.host != running.host),
             ("port", self.port != running.port),
             ("routers", self.routers != running.routers),
             ("strong_model", self.strong_model != running.strong_model),
             ("weak_model", self.weak_model != running.weak_model),
-            ("base_url/api_key", global(self) != global(running)),
+            ("base_url/api_key", self.global != running.global),
             ("load_balancing", self.load_balancing != running.load_balancing),
             (
                 "strong_share_window",
