@@ -122,12 +122,14 @@ struct Spent {
 
 impl Spent {
     fn add(&mut self, answer: &Answer) {
-        self.usage.prompt_tokens += answer.usage.prompt_tokens;
-        self.usage.completion_tokens += answer.usage.completion_tokens;
-        match answer.price {
-            Some(price) => self.cost += price.cost(answer.usage.prompt_tokens, answer.usage.completion_tokens),
-            None => self.unpriced = true,
-        }
+        let usage = answer.usage;
+        self.absorb(Spent {
+            usage,
+            cost: answer
+                .price
+                .map_or(0.0, |price| price.cost(usage.prompt_tokens, usage.completion_tokens)),
+            unpriced: answer.price.is_none(),
+        });
     }
 
     fn absorb(&mut self, other: Spent) {
