@@ -114,8 +114,9 @@ impl Completion {
 }
 
 /// What a running server takes from a changed config file ([`Gateway::reload`], SIGHUP):
-/// who may call it and how requests are routed, with the routers it routes by (rebuilt
-/// when their `router_settings` change). Models, listeners and the rest are fixed at start.
+/// who may call it and how requests are routed, with the routers it routes by (the
+/// `routers` list; each rebuilt when its `router_settings` change). Models, listeners and
+/// the rest are fixed at start.
 pub struct Policy {
     /// Default thresholds, for `router-<name>` without one.
     thresholds: BTreeMap<String, f64>,
@@ -140,6 +141,14 @@ pub struct Policy {
 
 /// Routers by name.
 pub type Routers = BTreeMap<String, Arc<dyn Router>>;
+
+/// What a reload does to the served routers: those it builds (new to the `routers` list,
+/// or with changed settings) and those it stops serving.
+#[derive(Debug, Default)]
+struct RouterChanges {
+    built: Vec<String>,
+    removed: Vec<String>,
+}
 
 impl std::fmt::Debug for Policy {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -324,14 +333,21 @@ impl Gateway {
                 .collect::<Result<Vec<_>, Error>>()?;
             Pool::new(upstreams, config.load_balancing)
         };
+        // Every router a reload could add has its counters and window from the start, so
+        // requests never wait on a lock to find them.
+        let known: std::collections::BTreeSet<&str> = routers
+            .keys()
+            .map(String::as_str)
+            .chain(routers::AVAILABLE.iter().copied())
+            .collect();
         let gateway = Self {
-            router_stats: routers
-                .keys()
-                .map(|name| (name.clone(), Arc::new(RouterStats::default())))
+            router_stats: known
+                .iter()
+                .map(|name| ((*name).to_owned(), Arc::new(RouterStats::default())))
                 .collect(),
-            score_windows: routers
-                .keys()
-                .map(|name| (name.clone(), ScoreWindow::new(config.strong_share_window)))
+            score_windows: known
+                .iter()
+                .map(|name| ((*name).to_owned(), ScoreWindow::new(config.strong_share_window)))
                 .collect(),
             policy: RwLock::new(Arc::new(Policy::from_config(config, Arc::new(routers)))),
             rebuilds_routers: false,
@@ -423,15 +439,16 @@ impl Gateway {
     }
 
     /// Takes the policy settings of `config` (thresholds, `strong_share`, aliases, API keys, the
-    /// `on_*_error` choices, `score_turns`, `scoring_timeout_ms`) for requests from now on, once they check out
-    /// against the routers and models this server runs; on error the running policy stays.
+    /// `on_*_error` choices, `score_turns`, `scoring_timeout_ms`) and its `routers` (loading new
+    /// ones, rebuilding changed ones) for requests from now on, once they check out against
+    /// the routers and models this server runs; on error the running policy stays.
     /// Returns the settings of `config` that differ and need a restart to take effect.
     pub fn reload(&self, config: &Config) -> Result<Vec<&'static str>, Error> {
         let refused = |error| {
             self.reloads[1].fetch_add(1, Ordering::Relaxed);
             Err(error)
         };
-        let (routers, rebuilt) = match self.routers_under(config) {
+        let (routers, RouterChanges { built, removed }) = match self.routers_under(config) {
             Ok(found) => found,
             Err(error) => return refused(error),
         };
@@ -458,55 +475,68 @@ impl Gateway {
         }
         self.reloads[0].fetch_add(1, Ordering::Relaxed);
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
-        if !rebuilt.is_empty() {
-            for name in &rebuilt {
-                // `strong_share` learns the new router's scores afresh: the old ones are on another scale.
-                if let Some(window) = self.score_windows.get(name) {
-                    window.clear();
-                }
+        for name in &built {
+            // `strong_share` learns a new router's scores afresh (a replaced one's are on
+            // another scale), and its scoring budget its own time.
+            if let Some(window) = self.score_windows.get(name) {
+                window.clear();
             }
-            tracing::info!(routers = ?rebuilt, "routers rebuilt from the new router_settings");
+            if let Some(stats) = self.router_stats.get(name) {
+                stats.forget_scoring_time();
+            }
+        }
+        if !built.is_empty() || !removed.is_empty() {
+            tracing::info!(built = ?built, removed = ?removed, "routers changed by the reload");
         }
         let mut changes = config.restart_changes(&self.started_with);
         if self.rebuilds_routers {
-            changes.retain(|setting| !matches!(*setting, "router_settings" | "routers_dir"));
+            changes.retain(|setting| !matches!(*setting, "routers" | "router_settings" | "routers_dir"));
         }
         Ok(changes)
     }
 
-    /// The routers a reload of `config` serves: the running ones, each rebuilt whose
-    /// settings (or the artifacts folder) changed since it was built, and those names.
-    /// A router that does not build refuses the reload, so nothing is half-replaced.
-    fn routers_under(&self, config: &Config) -> Result<(Arc<Routers>, Vec<String>), Error> {
+    /// The routers a reload of `config` serves: its `routers` list, each kept from the
+    /// running ones unless it is new or its settings (or the artifacts folder) changed since
+    /// it was built. A router that does not build refuses the reload, so nothing is
+    /// half-replaced.
+    fn routers_under(&self, config: &Config) -> Result<(Arc<Routers>, RouterChanges), Error> {
         let running = self.policy();
         if !self.rebuilds_routers {
-            return Ok((Arc::clone(&running.routers), Vec::new()));
+            return Ok((Arc::clone(&running.routers), RouterChanges::default()));
         }
-        let (built, wanted) = (&running.router_settings, &config.router_settings);
-        let stale: Vec<String> = running
-            .routers
-            .keys()
-            .filter(|name| {
-                let settings_moved = match name.as_str() {
-                    "mf" => built.mf != wanted.mf,
-                    "sw_ranking" => built.sw_ranking != wanted.sw_ranking,
-                    "bert" => built.bert != wanted.bert,
-                    _ => false,
-                };
-                settings_moved || (running.routers_dir != config.routers_dir && routers::uses_artifacts(name))
-            })
-            .cloned()
+        let (built_with, wanted) = (&running.router_settings, &config.router_settings);
+        let stale = |name: &str| {
+            let settings_moved = match name {
+                "mf" => built_with.mf != wanted.mf,
+                "sw_ranking" => built_with.sw_ranking != wanted.sw_ranking,
+                "bert" => built_with.bert != wanted.bert,
+                _ => false,
+            };
+            settings_moved || (running.routers_dir != config.routers_dir && routers::uses_artifacts(name))
+        };
+        let changes = RouterChanges {
+            built: (config.routers.iter())
+                .filter(|name| !running.routers.contains_key(*name) || stale(name))
+                .cloned()
+                .collect(),
+            removed: (running.routers.keys())
+                .filter(|name| !config.routers.contains(name))
+                .cloned()
+                .collect(),
+        };
+        if changes.built.is_empty() && changes.removed.is_empty() {
+            return Ok((Arc::clone(&running.routers), changes));
+        }
+        let mut next: Routers = (running.routers.iter())
+            .filter(|(name, _)| config.routers.contains(name))
+            .map(|(name, router)| (name.clone(), Arc::clone(router)))
             .collect();
-        if stale.is_empty() {
-            return Ok((Arc::clone(&running.routers), stale));
-        }
-        let mut next = (*running.routers).clone();
-        for name in &stale {
+        for name in &changes.built {
             let router =
                 routers::build(name, config).map_err(|source| Error::Config(format!("router `{name}`: {source}")))?;
             next.insert(name.clone(), router);
         }
-        Ok((Arc::new(next), stale))
+        Ok((Arc::new(next), changes))
     }
 
     /// [`Gateway::reload`] from the config file (if any) with `overrides` on top, as at
@@ -690,11 +720,16 @@ impl Gateway {
         self.shutdown_timeout
     }
 
-    /// Each served router's decisions and scores so far.
-    pub fn router_stats(&self) -> impl Iterator<Item = (&str, &RouterStats)> + Clone {
+    /// Each served router's decisions and scores so far, and those of routers a reload
+    /// took out that served before (their counters stop, they do not vanish).
+    #[must_use]
+    pub fn router_stats(&self) -> Vec<(&str, &RouterStats)> {
+        let served = self.routers();
         self.router_stats
             .iter()
+            .filter(|(name, stats)| served.contains_key(*name) || stats.has_served())
             .map(|(name, stats)| (name.as_str(), stats.as_ref()))
+            .collect()
     }
 
     /// A router's default threshold now, used for `router-<name>` without one.
@@ -1798,6 +1833,62 @@ mod tests {
             "model_aliases: {auto: router-random-0.5}\napi_keys: [{key: k1, models: [auto]}]\n",
         )
         .unwrap();
+    }
+
+    /// A reload that changes `routers` starts serving the added ones and stops the removed
+    /// ones, keeping the instances of those it keeps; with routers handed in by the caller it
+    /// cannot build any, and says a restart is needed.
+    #[tokio::test]
+    async fn a_reload_adds_and_removes_routers() {
+        let serving = |routers: &[&str], yaml: &str| {
+            Config::merge(
+                FileConfig::from_yaml(yaml).unwrap(),
+                Overrides {
+                    routers: Some(routers.iter().map(|name| (*name).to_owned()).collect()),
+                    strong_model: Some("echo/strong".into()),
+                    weak_model: Some("echo/weak".into()),
+                    ..Overrides::default()
+                },
+            )
+            .unwrap()
+        };
+        let gateway = Gateway::from_config(&serving(&["random"], "thresholds: {random: 0.5}\n")).unwrap();
+        gateway.route("random", None, String::new()).await.unwrap();
+        let random = Arc::clone(&gateway.routers()["random"]);
+
+        let swapped = serving(&["length"], "thresholds: {length: 0.5}\n");
+        assert_eq!(gateway.reload(&swapped).unwrap(), Vec::<&str>::new());
+        assert_eq!(gateway.routers().keys().collect::<Vec<_>>(), ["length"]);
+        let long_prompt = "why ".repeat(400);
+        assert_eq!(
+            gateway.route("length", None, long_prompt.clone()).await.unwrap().tier,
+            Tier::Strong
+        );
+        let gone = gateway
+            .route("random", None, String::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            gone.contains("Unknown router `random`. Available routers: length."),
+            "{gone}"
+        );
+        // The removed router's counters stay on /metrics (stopped); nothing never served is listed.
+        let listed: Vec<&str> = gateway.router_stats().into_iter().map(|(name, _)| name).collect();
+        assert_eq!(listed, ["length", "random"]);
+
+        // Back again it is a new instance; the kept one is left alone.
+        let length = Arc::clone(&gateway.routers()["length"]);
+        let both = serving(&["random", "length"], "thresholds: {random: 0.5, length: 0.5}\n");
+        assert!(gateway.reload(&both).unwrap().is_empty());
+        assert!(!Arc::ptr_eq(&random, &gateway.routers()["random"]));
+        assert!(Arc::ptr_eq(&length, &gateway.routers()["length"]));
+        assert_eq!(gateway.reloads(), (2, 0));
+
+        // Routers a library caller handed in are not rebuilt from names: a restart is.
+        let handed_in = gateway_serving("random", Arc::new(Spelled), "thresholds: {random: 0.5}\n").unwrap();
+        assert_eq!(handed_in.reload(&both).unwrap(), ["routers"]);
+        assert_eq!(handed_in.routers().keys().collect::<Vec<_>>(), ["random"]);
     }
 
     #[tokio::test]

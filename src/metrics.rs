@@ -128,6 +128,19 @@ impl RouterStats {
     pub fn typical_scoring_time(&self) -> std::time::Duration {
         std::time::Duration::from_nanos(self.scoring_nanos.load(Ordering::Relaxed))
     }
+
+    /// Forgets the measured scoring time: a router replaced by a reload (another embedder,
+    /// another artifact) may take far more or less, and budgeting it by the old one's
+    /// time would skip or wait for it wrongly until the average caught up.
+    pub fn forget_scoring_time(&self) {
+        self.scoring_nanos.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether any request was routed or timed out by this router.
+    #[must_use]
+    pub fn has_served(&self) -> bool {
+        self.decisions.iter().any(|count| count.load(Ordering::Relaxed) > 0) || self.timeouts() > 0
+    }
 }
 
 /// Upper bound of score bucket `index` (0-based); one function for both the comparison
