@@ -449,8 +449,9 @@ pub struct ServeArgs {
 pub struct LabelArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Prompts: JSONL with `prompt` or `messages` (the last user turn; a prompt log reads as
-    /// it is), or plain text, one prompt per line.
+    /// Prompts: JSONL with `prompt` or `messages` (the last user turn, answered after the
+    /// conversation when the line has one; a prompt log reads as it is), or plain text, one
+    /// prompt per line.
     #[arg(long)]
     pub prompts: PathBuf,
     /// JSONL file the labels are appended to; prompts it already holds are not asked again.
@@ -1054,7 +1055,7 @@ fn save_spend_periodically(state: AppState) {
 async fn label(args: LabelArgs) -> anyhow::Result<()> {
     let config = Config::load(args.common.config.as_deref(), args.common.overrides())?;
     init_tracing(config.log_format, false);
-    let prompts = crate::prompts::read(&args.prompts)?;
+    let prompts = crate::prompts::read_entries(&args.prompts)?;
     let options = crate::label::LabelOptions {
         judge: args.judge,
         both_orders: !args.one_order,
@@ -1362,10 +1363,15 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
     if let Some(prompt_log) = &config.prompt_log {
         let _ = writeln!(
             out,
-            "prompt log: {} (sample rate {}, rotated at {} bytes)",
+            "prompt log: {} (sample rate {}, rotated at {} bytes{})",
             prompt_log.path.display(),
             prompt_log.sample_rate,
-            prompt_log.max_bytes
+            prompt_log.max_bytes,
+            if prompt_log.conversations {
+                ", with whole conversations"
+            } else {
+                ""
+            }
         );
     }
     if let Some(cache) = &config.response_cache {

@@ -1028,7 +1028,7 @@ impl Gateway {
                     .await?;
                 let pinned = self.pin_continuation(&request, &mut decision);
                 if let Some((log, prompts)) = logged {
-                    log.record(api, request.model(), caller.map(ApiKey::name), &decision, &prompts);
+                    log.record(&request, caller.map(ApiKey::name), &decision, &prompts);
                 }
                 let tier = decision.tier;
                 let route = pinned.map_or(Candidates::Any { preferred: None }, Candidates::Only);

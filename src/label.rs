@@ -3,7 +3,8 @@
 //!
 //! No router trained on public data routes every kind of traffic well (see
 //! `routers/README.md`); what transfers is data from the traffic itself. For each prompt both
-//! configured models answer, a judge model compares the two answers (in both orders by
+//! configured models answer (after the conversation it ended, when the prompt file keeps
+//! one), a judge model compares the two answers (in both orders by
 //! default, since judges favour a position), and one JSON line records the battle. The line
 //! is at once a battle for `routellm train` (`model_a`, `model_b`, `winner`, `p_b_wins`) and a
 //! benchmark row for `routellm eval` (`scores`), and it keeps the answers and verdicts so a
@@ -23,13 +24,15 @@ use tokio::io::AsyncWriteExt;
 use crate::config::{Config, ModelConfig, Price};
 use crate::error::Error;
 use crate::gateway::Gateway;
+use crate::prompts::Entry;
 use crate::request::Api;
 use crate::upstream::{Reply, Upstream};
 use crate::usage::Usage;
 
 /// The judge's instructions. Written for this project; the verdict markers follow the
 /// convention of pairwise LLM judging (MT-Bench), which judges already know.
-const JUDGE_INSTRUCTIONS: &str = "You compare the answers two AI assistants gave to the same user request. \
+const JUDGE_INSTRUCTIONS: &str = "You compare the answers two AI assistants gave to the same user request \
+(the last turn of a conversation, when the conversation before it is shown). \
 Decide which answer serves the user better: correct first, then helpful, relevant, complete and clear. \
 Do not let the order of the answers, their length as such, or the assistants' names sway you. \
 Explain your reasoning in a few sentences, then give your verdict on the last line as exactly one of: \
@@ -175,10 +178,30 @@ fn strong_score(order: Order, verdict: Verdict) -> f64 {
     }
 }
 
-fn judge_request(prompt: &str, first: &str, second: &str) -> String {
-    format!(
+/// What the judge is shown: the conversation before the request (when there is one), the
+/// request, and the two answers in the order given.
+fn judge_request(entry: &Entry, first: &str, second: &str) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let earlier = entry
+        .conversation
+        .as_deref()
+        .and_then(<[Value]>::split_last)
+        .map_or(&[][..], |(_, earlier)| earlier);
+    if !earlier.is_empty() {
+        text.push_str("[The conversation before the request]\n");
+        for message in earlier {
+            let role = message.get("role").and_then(Value::as_str).unwrap_or("unknown");
+            let _ = writeln!(text, "{role}: {}", crate::request::message_text(message));
+        }
+        text.push('\n');
+    }
+    let prompt = &entry.prompt;
+    let _ = write!(
+        text,
         "[The user's request]\n{prompt}\n\n[The answer of assistant A]\n{first}\n\n[The answer of assistant B]\n{second}"
-    )
+    );
+    text
 }
 
 /// One model's answer to one request, with what it cost.
@@ -207,6 +230,10 @@ struct Labelled<'a> {
     judge: &'a str,
     judgements: &'a [Judgement],
     answers: BTreeMap<&'static str, &'a str>,
+    /// How many messages of a conversation came before the prompt (the models answered
+    /// after them); left out for a prompt asked on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context_messages: Option<usize>,
 }
 
 /// The battle's winner for the strong model's share of the verdicts: `model_a` is the strong
@@ -229,6 +256,8 @@ struct Judgement {
 /// What one prompt's labelling produced, before it is written.
 struct Outcome {
     prompt: String,
+    /// Earlier turns the answers were given after (a conversation's length), 0 for a lone prompt.
+    context_messages: usize,
     strong: Answer,
     weak: Answer,
     judgements: Vec<Judgement>,
@@ -298,12 +327,14 @@ impl Labeller {
 
     /// Labels the prompts `out` does not hold yet, appending a line per prompt as it
     /// finishes. A prompt that fails is reported in the summary and left for a rerun.
-    pub async fn run(&self, prompts: Vec<String>, out: &Path) -> Result<LabelSummary, Error> {
+    pub async fn run(&self, prompts: Vec<Entry>, out: &Path) -> Result<LabelSummary, Error> {
         let mut summary = LabelSummary::default();
         let mut seen = labelled_prompts(out).await?;
         let mut todo = Vec::new();
         for prompt in prompts {
-            if seen.insert(prompt.clone()) {
+            // One label per prompt text, as the routers see it: the same last turn after
+            // another conversation is not asked again.
+            if seen.insert(prompt.prompt.clone()) {
                 todo.push(prompt);
             } else {
                 summary.already_labelled += 1;
@@ -320,10 +351,10 @@ impl Labeller {
         let progress = crate::progress::Progress::for_slow_items("labelling", todo.len());
         let mut spent = Spent::default();
         let mut outcomes = futures_util::stream::iter(todo)
-            .map(|prompt| async move {
+            .map(|entry| async move {
                 let mut spent = Spent::default();
-                let outcome = self.label(&prompt, &mut spent).await;
-                (prompt, outcome, spent)
+                let outcome = self.label(&entry, &mut spent).await;
+                (entry.prompt, outcome, spent)
             })
             .buffer_unordered(self.options.concurrency);
         while let Some((prompt, outcome, spent_on_it)) = outcomes.next().await {
@@ -377,6 +408,7 @@ impl Labeller {
                 ("model_a", outcome.strong.text.as_str()),
                 ("model_b", outcome.weak.text.as_str()),
             ]),
+            context_messages: (outcome.context_messages > 0).then_some(outcome.context_messages),
         };
         let mut line =
             serde_json::to_string(&record).map_err(|error| Error::Internal(format!("a label line: {error}")))?;
@@ -386,8 +418,9 @@ impl Labeller {
 
     /// Both answers, then the judge's verdicts; what every call that answered cost goes to
     /// `spent`, whether or not the prompt ends up labelled.
-    async fn label(&self, prompt: &str, spent: &mut Spent) -> Result<Outcome, Error> {
-        let (strong, weak) = tokio::join!(self.answer(&self.strong, prompt), self.answer(&self.weak, prompt));
+    async fn label(&self, entry: &Entry, spent: &mut Spent) -> Result<Outcome, Error> {
+        let prompt = entry.prompt.as_str();
+        let (strong, weak) = tokio::join!(self.answer(&self.strong, entry), self.answer(&self.weak, entry));
         for answer in [&strong, &weak].into_iter().flatten() {
             spent.add(answer);
         }
@@ -405,7 +438,7 @@ impl Labeller {
                 Order::StrongFirst => (&strong.text, &weak.text),
                 Order::WeakFirst => (&weak.text, &strong.text),
             };
-            self.judge(judge_request(prompt, first, second))
+            self.judge(judge_request(entry, first, second))
         }))
         .await;
         for answer in judged.iter().flatten() {
@@ -433,6 +466,10 @@ impl Labeller {
         let strong_share = scores.iter().sum::<f64>() / scores.len() as f64;
         Ok(Outcome {
             prompt: prompt.to_owned(),
+            context_messages: entry
+                .conversation
+                .as_ref()
+                .map_or(0, |messages| messages.len().saturating_sub(1)),
             strong,
             weak,
             judgements,
@@ -440,9 +477,14 @@ impl Labeller {
         })
     }
 
-    /// A configured model's answer to `prompt`, as a one-turn conversation.
-    async fn answer(&self, model: &str, prompt: &str) -> Result<Answer, Error> {
-        let mut body = json!({"model": model, "messages": [{"role": "user", "content": prompt}]});
+    /// A configured model's answer to the entry: after its conversation when it has one,
+    /// else to its prompt as a one-turn conversation.
+    async fn answer(&self, model: &str, entry: &Entry) -> Result<Answer, Error> {
+        let messages = match &entry.conversation {
+            Some(conversation) => json!(conversation),
+            None => json!([{"role": "user", "content": entry.prompt}]),
+        };
+        let mut body = json!({"model": model, "messages": messages});
         if let Some(max_tokens) = self.options.max_tokens {
             body["max_tokens"] = json!(max_tokens);
         }
@@ -566,12 +608,13 @@ fn answer_of(model: &str, reply: Reply, price: Option<Price>) -> Result<Answer, 
 /// depend on the order they came in. The first N are a uniform sample of the set (a prompt
 /// log is in time order: its first N are one morning's traffic), and a rerun extends the
 /// same sample, since the prompts already labelled were its first ones.
-pub fn sample_order(prompts: &mut [String], seed: u64) {
+pub fn sample_order<T: AsRef<str>>(prompts: &mut [T], seed: u64) {
     let start = crate::rng::mix(seed ^ crate::rng::FNV_OFFSET);
     prompts.sort_by_cached_key(|prompt| {
+        let text = prompt.as_ref();
         (
-            crate::rng::mix(crate::rng::fnv1a(start, prompt.as_bytes())),
-            prompt.clone(),
+            crate::rng::mix(crate::rng::fnv1a(start, text.as_bytes())),
+            text.to_owned(),
         )
     });
 }
@@ -681,7 +724,11 @@ mod tests {
 
     #[test]
     fn the_comparison_shows_the_request_and_both_answers_in_order() {
-        let text = judge_request("What is 2+2?", "4", "5");
+        let lone = Entry {
+            prompt: "What is 2+2?".into(),
+            conversation: None,
+        };
+        let text = judge_request(&lone, "4", "5");
         let request = text.find("What is 2+2?").unwrap();
         let first = text.find("assistant A]\n4").unwrap();
         let second = text.find("assistant B]\n5").unwrap();

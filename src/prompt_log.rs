@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::error::Error;
 use crate::gateway::RouteDecision;
-use crate::request::Api;
+use crate::request::{Api, ModelRequest};
 use crate::rng::AtomicSplitMix;
 
 /// Entries waiting for the writer at most; beyond this they are dropped (and counted).
@@ -41,7 +41,17 @@ pub struct PromptLogConfig {
     /// new file is started, so the log never holds more than about twice this.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// Also keep each Chat Completions request's whole `messages` array (system prompt,
+    /// earlier turns and answers) as `conversation`, so `routellm label` has the models
+    /// answer the request as it was made, not its last user turn alone. Off by default: it
+    /// keeps more of the users' data, and the log grows faster.
+    #[serde(default)]
+    pub conversations: bool,
 }
+
+/// A conversation longer than this (say, one carrying images inline) is logged without
+/// its `conversation`, so one request cannot swell the log or hold up its writer.
+pub const MAX_CONVERSATION_BYTES: usize = 256 * 1024;
 
 fn one() -> f64 {
     1.0
@@ -59,6 +69,7 @@ impl PromptLogConfig {
             path,
             sample_rate: 1.0,
             max_bytes: DEFAULT_MAX_BYTES,
+            conversations: false,
         }
     }
 
@@ -93,6 +104,7 @@ pub struct PromptLog {
     writer: Mutex<Option<JoinHandle<()>>>,
     counts: Arc<Counts>,
     sample_rate: f64,
+    conversations: bool,
     /// Draws for sampling, lock-free.
     draws: AtomicSplitMix,
 }
@@ -121,6 +133,7 @@ impl PromptLog {
             writer: Mutex::new(Some(handle)),
             counts,
             sample_rate: config.sample_rate,
+            conversations: config.conversations,
             draws: AtomicSplitMix::new(crate::rng::fnv1a(
                 crate::rng::FNV_OFFSET,
                 config.path.as_os_str().as_encoded_bytes(),
@@ -133,27 +146,28 @@ impl PromptLog {
         self.sample_rate >= 1.0 || self.draws.next_unit() < self.sample_rate
     }
 
-    /// Queues one entry: the user turns `decision`'s router scored (oldest first), as a
-    /// `messages` array, with the decision, the `model` the client asked for (an alias
-    /// or a `router-…` name) and the name of the client's API key (when keys are configured)
-    /// beside them.
+    /// Queues one entry for `request`: the user turns `decision`'s router scored (oldest
+    /// first), as a `messages` array, with the decision, the `model` the client asked for
+    /// (an alias or a `router-…` name) and the name of the client's API key (when keys are
+    /// configured) beside them; and `conversation`, a Chat Completions request's `messages`
+    /// as sent, when the log keeps conversations and it is at most [`MAX_CONVERSATION_BYTES`].
     pub fn record(
         &self,
-        api: Api,
-        requested_model: &str,
+        request: &ModelRequest<'_>,
         key: Option<&str>,
         decision: &RouteDecision,
         scored_turns: &[String],
     ) {
+        let api = request.api();
         let messages: Vec<_> = scored_turns
             .iter()
             .map(|text| json!({"role": "user", "content": text}))
             .collect();
         let timestamp = crate::unix_now();
-        let entry = json!({
+        let mut entry = json!({
             "timestamp": timestamp,
             "api": api.path(),
-            "requested_model": requested_model,
+            "requested_model": request.model(),
             "key": key,
             "router": decision.router,
             "threshold": decision.threshold,
@@ -163,6 +177,14 @@ impl PromptLog {
             "model": decision.model,
             "messages": messages,
         });
+        let kept = (self.conversations && api == Api::ChatCompletions)
+            .then(|| request.raw_field("messages"))
+            .flatten()
+            .filter(|raw| raw.get().len() <= MAX_CONVERSATION_BYTES)
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok());
+        if let Some(conversation) = kept {
+            entry["conversation"] = conversation;
+        }
         let mut line = entry.to_string().into_bytes();
         line.push(b'\n');
         let sent = match &*self.sender.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
@@ -298,6 +320,11 @@ mod tests {
         }
     }
 
+    /// A request body for `model` with one more field, its JSON as given.
+    fn body(model: &str, field: &str, json: &str) -> Vec<u8> {
+        format!(r#"{{"model":"{model}","{field}":{json}}}"#).into_bytes()
+    }
+
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("routellm-prompt-log-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -309,16 +336,16 @@ mod tests {
     fn entries_are_what_calibrate_reads_and_carry_the_decision() {
         let path = scratch("entries");
         let log = PromptLog::open(&PromptLogConfig::at(path.clone())).unwrap();
+        let chat = body("auto", "messages", r#"[{"role":"user","content":"then this"}]"#);
         log.record(
-            Api::ChatCompletions,
-            "auto",
+            &ModelRequest::parse(Api::ChatCompletions, &chat).unwrap(),
             Some("team-a"),
             &decision(false),
             &["first turn".into(), "then this".into()],
         );
+        let completion = body("router-mf-0.5", "prompt", r#""once upon a time""#);
         log.record(
-            Api::Completions,
-            "router-mf-0.5",
+            &ModelRequest::parse(Api::Completions, &completion).unwrap(),
             None,
             &decision(true),
             &["once upon a time".into()],
@@ -342,8 +369,7 @@ mod tests {
         assert_eq!(entries[0]["api"], "chat/completions");
         assert!(entries[1]["win_rate"].is_null(), "a fallback has no score");
         log.record(
-            Api::ChatCompletions,
-            "auto",
+            &ModelRequest::parse(Api::ChatCompletions, &chat).unwrap(),
             None,
             &decision(false),
             &["after close".into()],
@@ -358,6 +384,54 @@ mod tests {
     }
 
     #[test]
+    fn conversations_are_kept_only_when_asked_for_and_not_too_large() {
+        let conversation = r#"[{"role":"system","content":"Be brief."},{"role":"user","content":"hi"}]"#;
+        let chat = body("auto", "messages", conversation);
+        let huge = body(
+            "auto",
+            "messages",
+            &format!(
+                r#"[{{"role":"user","content":"{}"}}]"#,
+                "x".repeat(MAX_CONVERSATION_BYTES)
+            ),
+        );
+        let completion = body("auto", "prompt", r#""once""#);
+        let logged = |conversations: bool| {
+            let path = scratch(&format!("conversations-{conversations}"));
+            let log = PromptLog::open(&PromptLogConfig {
+                conversations,
+                ..PromptLogConfig::at(path.clone())
+            })
+            .unwrap();
+            for (api, sent) in [
+                (Api::ChatCompletions, &chat),
+                (Api::ChatCompletions, &huge),
+                (Api::Completions, &completion),
+            ] {
+                log.record(
+                    &ModelRequest::parse(api, sent).unwrap(),
+                    None,
+                    &decision(false),
+                    &["hi".into()],
+                );
+            }
+            log.close();
+            let text = std::fs::read_to_string(&path).unwrap();
+            text.lines()
+                .map(|line| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .unwrap()
+                        .get("conversation")
+                        .cloned()
+                })
+                .collect::<Vec<_>>()
+        };
+        let expected: serde_json::Value = serde_json::from_str(conversation).unwrap();
+        assert_eq!(logged(true), [Some(expected), None, None]);
+        assert_eq!(logged(false), [None, None, None]);
+    }
+
+    #[test]
     fn a_full_file_is_rotated_to_dot_one() {
         let path = scratch("rotate");
         let config = PromptLogConfig {
@@ -366,9 +440,9 @@ mod tests {
         };
         let log = PromptLog::open(&config).unwrap();
         for turn in 0..10 {
+            let sent = body("auto", "input", &format!("\"prompt number {turn}\""));
             log.record(
-                Api::Responses,
-                "auto",
+                &ModelRequest::parse(Api::Responses, &sent).unwrap(),
                 None,
                 &decision(false),
                 &[format!("prompt number {turn}")],

@@ -128,6 +128,12 @@ impl<'a> ModelRequest<'a> {
         self.fields.iter().map(|(name, value)| (name.as_ref(), value.get()))
     }
 
+    /// A top-level field's JSON as sent (the last, if the body repeats it).
+    #[must_use]
+    pub fn raw_field(&self, name: &str) -> Option<&'a RawValue> {
+        last_field(&self.fields, name)
+    }
+
     /// The `model` the client asked for.
     #[must_use]
     pub fn model(&self) -> &str {
@@ -244,6 +250,39 @@ impl<'a> ModelRequest<'a> {
 #[must_use]
 pub fn last_user_text(messages: &serde_json::Value) -> Option<String> {
     user_texts(messages, 1)?.pop()
+}
+
+/// A message's text for a person or a judge to read: its content as routers read it, and
+/// any tool calls an assistant message makes, each as `[calls name(arguments)]`.
+#[must_use]
+pub fn message_text(message: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut text = match message.get("content") {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(content) => Content::deserialize(content).map_or_else(|_| content.to_string(), Content::into_text),
+    };
+    let calls = message
+        .get("tool_calls")
+        .and_then(serde_json::Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    for call in calls {
+        let function = call.get("function");
+        let field = |name: &str| {
+            function
+                .and_then(|function| function.get(name))
+                .and_then(serde_json::Value::as_str)
+        };
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        let _ = write!(
+            text,
+            "[calls {}({})]",
+            field("name").unwrap_or("?"),
+            field("arguments").unwrap_or("")
+        );
+    }
+    text
 }
 
 /// The texts of the last `limit` user messages (at least one) in a `messages` array,

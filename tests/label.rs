@@ -15,6 +15,7 @@ use axum::routing::post;
 use common::MockUpstream;
 use routellm::config::{Config, FileConfig, Overrides};
 use routellm::label::{LabelOptions, Labeller};
+use routellm::prompts::Entry;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -146,14 +147,14 @@ fn lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn prompts() -> Vec<String> {
+fn prompts() -> Vec<Entry> {
     [
         "What is 2 + 2?",
         "Write a haiku about rust.",
         "Explain TCP slow start.",
         "What is 2 + 2?",
     ]
-    .map(str::to_owned)
+    .map(|prompt| Entry::from(prompt.to_owned()))
     .to_vec()
 }
 
@@ -497,7 +498,8 @@ async fn a_sample_takes_prompts_in_its_seeded_order_and_a_rerun_extends_it() {
             ..judged_by_referee()
         };
         let (config, out, many) = (&config, &out, many.clone());
-        async move { Labeller::new(config, options).unwrap().run(many, out).await.unwrap() }
+        let entries = many.into_iter().map(Entry::from).collect();
+        async move { Labeller::new(config, options).unwrap().run(entries, out).await.unwrap() }
     };
     // Both sides sorted: which prompts, not in what order they finished.
     let labelled = |out: &Path| -> Vec<String> {
@@ -530,4 +532,76 @@ async fn a_sample_takes_prompts_in_its_seeded_order_and_a_rerun_extends_it() {
     assert_eq!((second.labelled, second.already_labelled), (2, 3), "{second:?}");
     assert_eq!(labelled(&out), sample_head(5));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A prompt log kept with `conversations: true` has the models answer each request after
+/// the conversation it ended (system prompt, earlier turns, a tool call), shows the judge
+/// that conversation before the request, and labels the last user turn, as routers score it.
+#[tokio::test]
+async fn a_logged_conversation_is_answered_and_judged_as_a_conversation() {
+    let (strong, weak, referee, config, _dir, out) = setup("conversation").await;
+    let conversation = json!([
+        {"role": "system", "content": "You are a terse release manager."},
+        {"role": "user", "content": "Which crate versions did we pin last week?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "lookup_pins", "arguments": "{\"week\":47}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "tokio 1.48, axum 0.8"},
+        {"role": "user", "content": [{"type": "text", "text": "Should we move axum forward?"}]},
+        {"role": "assistant", "content": "an answer logged after the request"},
+    ]);
+    let log = format!(
+        "{}\n{}\n",
+        json!({"messages": [{"role": "user", "content": "Should we move axum forward?"}], "conversation": conversation}),
+        json!({"messages": [{"role": "user", "content": "A lone question?"}]}),
+    );
+    let entries = routellm::prompts::parse_entries(&log).unwrap();
+    let options = LabelOptions {
+        both_orders: false,
+        ..judged_by_referee()
+    };
+    let summary = Labeller::new(&config, options)
+        .unwrap()
+        .run(entries, &out)
+        .await
+        .unwrap();
+    assert_eq!((summary.labelled, summary.strong_wins), (2, 2), "{summary:?}");
+
+    for model in [&strong, &weak] {
+        let mut asked: Vec<Value> = model
+            .received()
+            .iter()
+            .map(|got| got.json()["messages"].clone())
+            .collect();
+        asked.sort_by_key(|messages| messages.as_array().unwrap().len());
+        assert_eq!(asked[0], json!([{"role": "user", "content": "A lone question?"}]));
+        // The whole conversation up to the request, as logged; not the answer logged after it.
+        let mut expected = conversation.as_array().unwrap().clone();
+        expected.pop();
+        assert_eq!(asked[1], Value::Array(expected));
+    }
+    let comparisons: Vec<String> = referee
+        .asked()
+        .iter()
+        .map(|(_, request)| request["messages"][1]["content"].as_str().unwrap().to_owned())
+        .collect();
+    let with_context = comparisons.iter().find(|text| text.contains("axum forward")).unwrap();
+    let shown = |needle: &str| {
+        with_context
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} in {with_context}"))
+    };
+    assert!(shown("[The conversation before the request]") < shown("system: You are a terse release manager."));
+    assert!(shown("[calls lookup_pins({\"week\":47})]") < shown("tool: tokio 1.48, axum 0.8"));
+    assert!(shown("tool: tokio 1.48") < shown("[The user's request]\nShould we move axum forward?"));
+    assert!(!with_context.contains("logged after"), "{with_context}");
+    let lone = comparisons
+        .iter()
+        .find(|text| text.contains("A lone question?"))
+        .unwrap();
+    assert!(lone.starts_with("[The user's request]"), "{lone}");
+
+    let written = lines(&out);
+    let labelled = |prompt: &str| written.iter().find(|line| line["prompt"] == prompt).unwrap();
+    assert_eq!(labelled("Should we move axum forward?")["context_messages"], 4);
+    assert!(labelled("A lone question?").get("context_messages").is_none());
 }

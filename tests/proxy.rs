@@ -1203,7 +1203,7 @@ async fn the_prompt_log_records_what_routers_scored() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("traffic.jsonl");
     let (_strong, _weak, proxy) = setup(&format!(
-        "score_turns: max\nprompt_log: {{path: '{}'}}\n",
+        "score_turns: max\nprompt_log: {{path: '{}', conversations: true}}\n",
         path.display()
     ))
     .await;
@@ -1258,6 +1258,14 @@ async fn the_prompt_log_records_what_routers_scored() {
     assert_eq!(fields(&entries[2]).0, "completions");
     assert_eq!(entries[0]["requested_model"], "router-random-0");
     assert_eq!(entries[1]["requested_model"], "router-random-1");
+    // With `conversations`, a chat entry keeps the whole exchange for `label`; other APIs none.
+    let sent: Value = serde_json::from_str(chat).unwrap();
+    assert_eq!(entries[0]["conversation"], sent["messages"]);
+    assert!(entries[1].get("conversation").is_none() && entries[2].get("conversation").is_none());
+    let for_label = routellm::prompts::parse_entries(&text).unwrap();
+    assert_eq!(for_label[0].prompt, "now in Lean");
+    assert_eq!(for_label[0].conversation.as_ref().map(Vec::len), Some(3));
+    assert_eq!(for_label[1].conversation, None);
     assert!(entries.iter().all(|entry| {
         entry["win_rate"]
             .as_f64()
