@@ -181,7 +181,9 @@ impl PromptLog {
             .then(|| request.raw_field("messages"))
             .flatten()
             .filter(|raw| raw.get().len() <= MAX_CONVERSATION_BYTES)
-            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok());
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
+            // A lone message is the prompt already in `messages`: nothing to add.
+            .filter(|messages| messages.as_array().is_some_and(|messages| messages.len() > 1));
         if let Some(conversation) = kept {
             entry["conversation"] = conversation;
         }
@@ -395,6 +397,7 @@ mod tests {
                 "x".repeat(MAX_CONVERSATION_BYTES)
             ),
         );
+        let lone = body("auto", "messages", r#"[{"role":"user","content":"hi"}]"#);
         let completion = body("auto", "prompt", r#""once""#);
         let logged = |conversations: bool| {
             let path = scratch(&format!("conversations-{conversations}"));
@@ -406,6 +409,7 @@ mod tests {
             for (api, sent) in [
                 (Api::ChatCompletions, &chat),
                 (Api::ChatCompletions, &huge),
+                (Api::ChatCompletions, &lone),
                 (Api::Completions, &completion),
             ] {
                 log.record(
@@ -427,8 +431,8 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let expected: serde_json::Value = serde_json::from_str(conversation).unwrap();
-        assert_eq!(logged(true), [Some(expected), None, None]);
-        assert_eq!(logged(false), [None, None, None]);
+        assert_eq!(logged(true), [Some(expected), None, None, None]);
+        assert_eq!(logged(false), [None, None, None, None]);
     }
 
     #[test]
