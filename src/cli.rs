@@ -88,6 +88,10 @@ pub struct TrainBertArgs {
     /// One shared bias instead of one per training source.
     #[arg(long)]
     pub shared_bias: bool,
+    /// Feed the head the prompt features `mf` uses (length, structure, code, maths and
+    /// multiple-choice markers) beside the encoder output.
+    #[arg(long)]
+    pub features: bool,
     /// Epochs of fine-tuning MiniLM's top layer with the head (0: frozen encoder); the
     /// fine-tuned layer ships only if it beats the frozen encoder on validation.
     #[arg(long, default_value_t = 0)]
@@ -648,6 +652,7 @@ fn train_bert(args: &TrainBertArgs) -> anyhow::Result<()> {
         steps: args.steps,
         learning_rate: 0.01,
         per_source_bias: !args.shared_bias,
+        features: args.features,
         fine_tune_epochs: args.fine_tune_epochs,
         fine_tune_learning_rate: args.fine_tune_learning_rate,
         fine_tune_batch: args.fine_tune_batch,

@@ -134,6 +134,7 @@ fn an_artifact_with_a_fine_tuned_top_layer_serves_through_that_layer() {
         encoder: encoder.id().to_owned(),
         labels: LABELS.iter().map(|l| (*l).to_owned()).collect(),
         encoder_training: training.into(),
+        features: Vec::new(),
         hyperparameters: serde_json::Value::Null,
         data: serde_json::Value::Null,
         validation: serde_json::Value::Null,
@@ -195,9 +196,11 @@ fn fine_tuning_the_top_layer_lowers_the_training_loss_and_what_ships_serves() {
         |i| format!("Write a short thank-you note to a neighbour, number {i}"),
     );
     // One step of the head alone leaves it far from fitted, so fine-tuning has work to do.
+    // The head also reads the prompt features, which fine-tuning passes through unchanged.
     let options = BertOptions {
         l2_grid: vec![1e-1],
         steps: 1,
+        features: true,
         fine_tune_epochs: 3,
         fine_tune_learning_rate: 1e-4,
         split: planted_pair(),
@@ -213,7 +216,7 @@ fn fine_tuning_the_top_layer_lowers_the_training_loss_and_what_ships_serves() {
     let shipped = tuning["shipped"].as_bool().unwrap();
     assert_eq!(shipped, manifest.encoder_training != routellm::routers::bert::FROZEN);
     // Whichever ships loads and serves, and the hard prompts still rank above the easy ones.
-    let router = BertRouter::load(&dir.join("a"), encoder).unwrap();
+    let router = BertRouter::load(&dir.join("a"), encoder.clone()).unwrap();
     let hard = router
         .strong_win_rate("Integrate x^2 cos(x) over [0, pi] and justify each step")
         .unwrap();
@@ -221,6 +224,26 @@ fn fine_tuning_the_top_layer_lowers_the_training_loss_and_what_ships_serves() {
         .strong_win_rate("Write a short thank-you note to a colleague")
         .unwrap();
     assert!(hard > easy, "{hard} vs {easy}");
+    assert_eq!(manifest.features, routellm::features::NAMES);
+    let (head, _, _) = routellm::routers::bert::BertHead::load(&dir.join("a")).unwrap();
+    assert_eq!(head.dim(), encoder.dim() + routellm::features::NAMES.len());
+    if !shipped {
+        // The frozen encoder serves: the head reads its output, then the prompt's features.
+        let prompt = "Write a short thank-you note to a colleague";
+        let mut input = encoder.embed(prompt).unwrap();
+        input.extend_from_slice(&routellm::features::extract(prompt));
+        assert!((head.probabilities(&input)[0] - easy).abs() < 1e-9);
+    }
+    // An artifact whose feature list is not this build's would misread its inputs: refused.
+    let manifest_path = dir.join("a/manifest.json");
+    let mut edited: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    edited["features"].as_array_mut().unwrap().pop();
+    std::fs::write(&manifest_path, edited.to_string()).unwrap();
+    let Err(error) = BertRouter::load(&dir.join("a"), encoder) else {
+        panic!("an artifact trained on other features must not load")
+    };
+    assert!(error.to_string().contains("--features"), "{error}");
 
     // States that would not fit the memory limit stop training before they are computed.
     let tight = BertOptions {

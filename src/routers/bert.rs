@@ -5,7 +5,9 @@
 //! The head is a multinomial logistic regression over sentence-transformers' pooled,
 //! normalised MiniLM output, trained by `routellm train bert` on the frozen encoder and
 //! optionally fine-tuned together with the encoder's top layer, which the artifact then
-//! carries; which one ships, and why, is measured in `routers/README.md`.
+//! carries. An artifact may also feed the head the prompt features `mf` uses (length,
+//! structure, markers) beside the encoder output. Which one ships, and why, is measured in
+//! `routers/README.md`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use super::mf::{WEIGHTS_FILE, read_manifest, write_manifest};
 use super::{Router, RouterError};
 use crate::artifact;
 use crate::embed::{Embedder, NamedTensor};
+use crate::features;
 
 /// `encoder_training` of an artifact whose encoder is the published one.
 pub const FROZEN: &str = "frozen";
@@ -33,6 +36,10 @@ pub struct BertManifest {
     /// [`FROZEN`]: the encoder's weights are the published ones, only the head was trained;
     /// otherwise the weights file also holds the fine-tuned top layer.
     pub encoder_training: String,
+    /// The prompt features (`src/features.rs`, by name) appended to the encoder output
+    /// before the head; empty for RouteLLM's head on the encoder output alone.
+    #[serde(default)]
+    pub features: Vec<String>,
     #[serde(default)]
     pub hyperparameters: serde_json::Value,
     #[serde(default)]
@@ -129,6 +136,8 @@ impl BertHead {
 pub struct BertRouter {
     encoder: Arc<dyn Embedder>,
     head: BertHead,
+    /// Whether the head reads the prompt features after the encoder output.
+    with_features: bool,
     cache_key: String,
 }
 
@@ -136,7 +145,18 @@ impl BertRouter {
     /// Loads the head in `dir` for `encoder`; fails unless `encoder` is the one it was trained on.
     pub fn load(dir: &Path, encoder: Arc<dyn Embedder>) -> Result<Self, RouterError> {
         let (head, manifest, file) = BertHead::load(dir)?;
-        if manifest.encoder != encoder.id() || head.dim() != encoder.dim() {
+        let with_features = !manifest.features.is_empty();
+        if with_features && manifest.features != features::NAMES {
+            return Err(RouterError::Load(format!(
+                "{} was trained on prompt features [{}] but this build computes [{}]; retrain it with \
+                 `routellm train bert --features`",
+                dir.display(),
+                manifest.features.join(", "),
+                features::NAMES.join(", ")
+            )));
+        }
+        let feature_count = if with_features { features::NAMES.len() } else { 0 };
+        if manifest.encoder != encoder.id() || head.dim() != encoder.dim() + feature_count {
             return Err(RouterError::Load(format!(
                 "{} was trained on encoder `{}` but `{}` is configured; point `router_settings.bert.embedder` at \
                  all-MiniLM-L6-v2 or retrain with `routellm train bert`",
@@ -164,6 +184,7 @@ impl BertRouter {
         Ok(Self {
             encoder,
             head,
+            with_features,
             cache_key: format!("bert:{}:{digest}", manifest.encoder),
         })
     }
@@ -171,11 +192,14 @@ impl BertRouter {
 
 impl Router for BertRouter {
     fn strong_win_rate(&self, prompt: &str) -> Result<f64, RouterError> {
-        let embedding = self
+        let mut input = self
             .encoder
             .embed(prompt)
             .map_err(|e| RouterError::Score(e.to_string()))?;
-        Ok(self.head.probabilities(&embedding)[0])
+        if self.with_features {
+            input.extend_from_slice(&features::extract(prompt));
+        }
+        Ok(self.head.probabilities(&input)[0])
     }
 
     fn cache_key(&self) -> Option<String> {

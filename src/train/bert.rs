@@ -14,6 +14,7 @@ use super::data::Dataset;
 use super::{SplitOptions, validation};
 use crate::embed::{Embedder, MiniLm, TrainableLayer};
 use crate::error::Error;
+use crate::features;
 use crate::routers::bert::{BertHead, BertManifest, LABELS};
 
 /// Settings; defaults are the shipped artifact's.
@@ -25,6 +26,8 @@ pub struct BertOptions {
     pub learning_rate: f32,
     /// One bias per training source (see `fit`).
     pub per_source_bias: bool,
+    /// Feed the head the prompt features (`src/features.rs`) beside the encoder output.
+    pub features: bool,
     /// Epochs of fine-tuning the encoder's top layer with the head after the head alone is
     /// fitted (0: the encoder stays frozen). The epoch with the best validation APGR is
     /// kept, and ships only if it beats the frozen encoder on validation.
@@ -49,6 +52,7 @@ impl Default for BertOptions {
             steps: 300,
             learning_rate: 0.01,
             per_source_bias: true,
+            features: false,
             fine_tune_epochs: 0,
             fine_tune_learning_rate: 2e-5,
             fine_tune_batch: 16,
@@ -203,12 +207,8 @@ pub fn train_bert(
         data.prompts.len(),
         training.len()
     );
-    let embeddings = super::embed_all(
-        encoder.as_ref(),
-        &data.prompts,
-        options.split.embedding_cache.as_deref(),
-    )?;
-    let dim = encoder.dim();
+    let embeddings = head_inputs(encoder.as_ref(), &data.prompts, options)?;
+    let dim = embeddings.first().map_or(encoder.dim(), Vec::len);
     let (mean, std) = super::column_stats(training.iter().map(|p| embeddings[*p].as_slice()), dim);
     let standardised: Vec<Vec<f32>> = embeddings
         .iter()
@@ -216,8 +216,7 @@ pub fn train_bert(
         .collect();
     let rows: Vec<&[f32]> = training.iter().map(|p| standardised[*p].as_slice()).collect();
     let train_targets: Vec<[f32; 3]> = training.iter().filter_map(|p| targets[*p]).collect();
-    let groups: Vec<usize> = training
-        .iter()
+    let groups: Vec<usize> = (training.iter())
         .map(|p| {
             if options.per_source_bias {
                 data.prompt_source[*p]
@@ -276,6 +275,10 @@ pub fn train_bert(
         encoder: encoder.id().to_owned(),
         labels: LABELS.iter().map(|l| (*l).to_owned()).collect(),
         encoder_training,
+        features: (if options.features { &features::NAMES[..] } else { &[] })
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect(),
         hyperparameters: serde_json::to_value(options).unwrap_or_default(),
         data: serde_json::to_value(&data.files).unwrap_or_default(),
         validation: serde_json::json!({"per_source": report, "l2_grid": grid, "fine_tuning": fine_tuning}),
@@ -284,6 +287,25 @@ pub fn train_bert(
     head.save(out, &manifest, &top_layer)
         .map_err(|error| Error::Internal(error.to_string()))?;
     Ok(manifest)
+}
+
+/// The head's input for every prompt: the encoder output, then the prompt features when
+/// asked for.
+fn head_inputs(encoder: &dyn Embedder, prompts: &[String], options: &BertOptions) -> Result<Vec<Vec<f32>>, Error> {
+    let mut inputs = super::embed_all(encoder, prompts, options.split.embedding_cache.as_deref())?;
+    for (row, prompt) in inputs.iter_mut().zip(prompts) {
+        row.extend(extra_inputs(prompt, options));
+    }
+    Ok(inputs)
+}
+
+/// What the head reads after the encoder output: the prompt features, or nothing.
+fn extra_inputs(prompt: &str, options: &BertOptions) -> Vec<f32> {
+    if options.features {
+        features::extract(prompt).to_vec()
+    } else {
+        Vec::new()
+    }
 }
 
 /// What ships: the head, its encoder (frozen, or with a fine-tuned top layer) and their record.
@@ -374,6 +396,8 @@ fn fine_tune(
     let internal = |error: crate::embed::EmbedError| Error::Internal(error.to_string());
     let data = labelled.data;
     let hidden = minilm.hidden();
+    // The head's input: the pooled output (`hidden` values), then any prompt features.
+    let dim = frozen.dim();
     let classes = LABELS.len();
     let mut wanted: Vec<usize> = labelled.training.to_vec();
     wanted.extend(labelled.sets.iter().flat_map(|set| set.prompts.iter().copied()));
@@ -460,8 +484,10 @@ fn fine_tune(
                 }
                 let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
                 let unit: Vec<f32> = sum.iter().map(|v| v / norm).collect();
+                let extra = extra_inputs(&data.prompts[*prompt], options);
                 let standardised: Vec<f32> = unit
                     .iter()
+                    .chain(&extra)
                     .zip(&frozen.mean)
                     .zip(&frozen.std)
                     .map(|((x, m), s)| (x - m) / s)
@@ -470,12 +496,12 @@ fn fine_tune(
                 let (target, group) = (labelled.targets[index], labelled.groups[index]);
                 let probabilities =
                     label_probabilities(&weight, &bias[group * classes..(group + 1) * classes], &standardised);
-                let mut d_standardised = vec![0.0_f32; hidden];
+                let mut d_standardised = vec![0.0_f32; dim];
                 for class in 0..classes {
                     let probability = probabilities[class];
                     loss_sum -= f64::from(target[class] * probability.max(1e-12).ln());
                     let error = (probability - target[class]) * scale;
-                    let row = class * hidden..(class + 1) * hidden;
+                    let row = class * dim..(class + 1) * dim;
                     for ((g, x), (d, w)) in weight_gradient[row.clone()]
                         .iter_mut()
                         .zip(&standardised)
@@ -488,7 +514,12 @@ fn fine_tune(
                 }
                 // Through standardisation and normalisation: d sum = (d unit − unit·(unit·d unit)) / |sum|,
                 // and every token's row adds to the sum.
-                let d_unit: Vec<f32> = d_standardised.iter().zip(&frozen.std).map(|(d, s)| d / s).collect();
+                // The features are the prompt's own: only the encoder's part has a gradient to pass on.
+                let d_unit: Vec<f32> = d_standardised[..hidden]
+                    .iter()
+                    .zip(&frozen.std)
+                    .map(|(d, s)| d / s)
+                    .collect();
                 let along: f32 = d_unit.iter().zip(&unit).map(|(d, u)| d * u).sum();
                 let d_sum: Vec<f32> = d_unit.iter().zip(&unit).map(|(d, u)| (d - u * along) / norm).collect();
                 for row in d_output[rows].chunks_exact_mut(hidden) {
@@ -515,7 +546,11 @@ fn fine_tune(
         for chunk in validated.chunks(32) {
             let (states, lengths) = pack(chunk);
             let (output, _) = layer.forward(&states, &lengths).map_err(internal)?;
-            embeddings.extend(chunk.iter().copied().zip(crate::embed::pool(&output, &lengths, hidden)));
+            let pooled = crate::embed::pool(&output, &lengths, hidden);
+            embeddings.extend(chunk.iter().zip(pooled).map(|(&prompt, mut input)| {
+                input.extend(extra_inputs(&data.prompts[prompt], options));
+                (prompt, input)
+            }));
         }
         let head = BertHead {
             weight: weight.clone(),
