@@ -256,8 +256,8 @@ struct Judgement {
 /// What one prompt's labelling produced, before it is written.
 struct Outcome {
     prompt: String,
-    /// Earlier turns the answers were given after (a conversation's length), 0 for a lone prompt.
-    context_messages: usize,
+    /// How many messages the answers were given after; `None` for a prompt asked on its own.
+    context_messages: Option<usize>,
     strong: Answer,
     weak: Answer,
     judgements: Vec<Judgement>,
@@ -408,7 +408,7 @@ impl Labeller {
                 ("model_a", outcome.strong.text.as_str()),
                 ("model_b", outcome.weak.text.as_str()),
             ]),
-            context_messages: (outcome.context_messages > 0).then_some(outcome.context_messages),
+            context_messages: outcome.context_messages,
         };
         let mut line =
             serde_json::to_string(&record).map_err(|error| Error::Internal(format!("a label line: {error}")))?;
@@ -466,10 +466,9 @@ impl Labeller {
         let strong_share = scores.iter().sum::<f64>() / scores.len() as f64;
         Ok(Outcome {
             prompt: prompt.to_owned(),
-            context_messages: entry
-                .conversation
-                .as_ref()
-                .map_or(0, |messages| messages.len().saturating_sub(1)),
+            context_messages: (entry.conversation.as_ref())
+                .map(|messages| messages.len().saturating_sub(1))
+                .filter(|earlier| *earlier > 0),
             strong,
             weak,
             judgements,
