@@ -31,6 +31,9 @@ ENV ROUTELLM_HOST=0.0.0.0 \
     ROUTELLM_PORT=6060 \
     ROUTELLM_ROUTERS_DIR=/app/routers
 EXPOSE 6060
+# The binary asks its own /health (the image has no curl), at the port the environment or
+# --config name; `docker ps` then shows healthy, and compose can wait on it.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 CMD ["routellm", "health"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["routellm"]
 CMD ["serve"]

@@ -45,6 +45,26 @@ pub enum Command {
     Distill(DistillArgs),
     /// Serve canned chat completions instantly, as an upstream for load tests.
     MockUpstream(MockUpstreamArgs),
+    /// Ask the server running on this machine whether it answers (exit status 0 when its
+    /// `/health` does): a container health check that needs no curl in the image.
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The server's config file, for the `host` and `port` it sets.
+    #[arg(long, env = "ROUTELLM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The server's port. [default: the config's, else 6060]
+    #[arg(long, short, env = "ROUTELLM_PORT")]
+    pub port: Option<u16>,
+    /// The server's address; one it listens on for every interface (`0.0.0.0`, `::`) is
+    /// asked on loopback. [default: the config's, else 0.0.0.0]
+    #[arg(long, env = "ROUTELLM_HOST")]
+    pub host: Option<String>,
+    /// How long to wait for the answer.
+    #[arg(long, default_value_t = 3)]
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -541,7 +561,48 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Train(TrainCommand::Bert(args)) => tokio::task::spawn_blocking(move || train_bert(&args)).await?,
         Command::Distill(args) => tokio::task::spawn_blocking(move || distill(&args)).await?,
         Command::MockUpstream(args) => mock_upstream(&args).await,
+        Command::Health(args) => health(&args).await,
     }
+}
+
+/// `routellm health`: GET `/health` of the server the config (or flags, or environment)
+/// describes; an error, and so exit status 1, unless it answers 200.
+async fn health(args: &HealthArgs) -> anyhow::Result<()> {
+    let file = args
+        .config
+        .as_deref()
+        .map(crate::config::FileConfig::read)
+        .transpose()?;
+    let (file_host, file_port) = file.as_ref().map_or((None, None), crate::config::FileConfig::listen);
+    let host = args
+        .host
+        .as_deref()
+        .or(file_host)
+        .unwrap_or(crate::config::DEFAULT_HOST);
+    let host = match host {
+        "0.0.0.0" | "" => "127.0.0.1",
+        "::" | "[::]" => "::1",
+        specific => specific,
+    };
+    let port = args.port.or(file_port).unwrap_or(crate::config::DEFAULT_PORT);
+    let url = format!("http://{}:{port}/health", bracket_ipv6(host));
+    crate::upstream::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(args.timeout_secs.max(1)))
+        .no_proxy()
+        .build()?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("{url} does not answer"))?;
+    anyhow::ensure!(
+        response.status() == reqwest::StatusCode::OK,
+        "{url} answered {}",
+        response.status()
+    );
+    println!("{url}: ok");
+    Ok(())
 }
 
 async fn mock_upstream(args: &MockUpstreamArgs) -> anyhow::Result<()> {

@@ -529,6 +529,12 @@ impl FileConfig {
         serde_norway::from_str(text).map_err(|error| Error::Config(error.to_string()))
     }
 
+    /// The `host` and `port` the file sets, if it does.
+    #[must_use]
+    pub fn listen(&self) -> (Option<&str>, Option<u16>) {
+        (self.host.as_deref(), self.port)
+    }
+
     /// Reads and parses a config file.
     pub fn read(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|error| Error::io(path.display().to_string(), error))?;

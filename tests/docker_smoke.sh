@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The Docker image as a sidecar meets it: build it, start the image's own mock upstream and
 # the proxy on a private network, and check a routed answer, a stream, an OpenAI-shaped
-# error, health, the non-root user and a clean stop. Needs a Docker engine, so it is not
-# part of `cargo test` (CI machines here have none); run it by hand after changing the
-# Dockerfile:
+# error, health (and the image's health check), the non-root user and a clean stop. Needs
+# a Docker engine, so it is not part of `cargo test` (CI machines here have none); run it
+# by hand after changing the Dockerfile:
 #
 #   bash tests/docker_smoke.sh            # builds routellm:smoke from this checkout
 #   IMAGE=routellm:local bash tests/docker_smoke.sh   # or checks an image already built
@@ -58,6 +58,15 @@ grep -q '"error":{"message"' <<<"$refused" || fail "error shape: $refused"
 grep -q '"param":"model","code":"invalid_model"' <<<"$refused" || fail "error fields: $refused"
 
 [ "$(docker exec "proxy-$suffix" id -u)" = 10001 ] || fail "the server does not run as uid 10001"
+
+# The image's HEALTHCHECK (`routellm health`) reports the server healthy.
+docker exec "proxy-$suffix" routellm health >/dev/null || fail "routellm health in the container"
+for _ in $(seq 1 150); do
+  status=$(docker inspect "proxy-$suffix" --format '{{.State.Health.Status}}')
+  [ "$status" = healthy ] && break
+  sleep 0.1
+done
+[ "$status" = healthy ] || fail "health status: $status"
 
 docker stop --time 30 "proxy-$suffix" >/dev/null
 [ "$(docker inspect "proxy-$suffix" --format '{{.State.ExitCode}}')" = 0 ] || fail "SIGTERM did not stop it cleanly"

@@ -2090,3 +2090,52 @@ async fn passthrough_streams_downloads_and_event_streams_and_never_truncates_the
     let data: Value = serde_json::from_str(error_event.trim().strip_prefix("event: error\ndata: ").unwrap()).unwrap();
     assert_eq!(data["error"]["type"], "upstream_error", "{data}");
 }
+
+/// `routellm health`, the image's health check: exit status 0 while the server answers
+/// `/health` at the port the flags, environment or config name (an address for every
+/// interface asked on loopback), and 1 with the reason when nothing answers there.
+#[tokio::test]
+async fn the_health_command_says_whether_the_server_answers() {
+    let (_strong, _weak, proxy) = setup("").await;
+    let port = proxy.addr.port().to_string();
+    let dir = std::env::temp_dir().join(format!("routellm-health-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, format!("host: 0.0.0.0\nport: {port}\n")).unwrap();
+    let health = |args: Vec<String>| async move {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_routellm"));
+        command
+            .arg("health")
+            .args(args)
+            .env_remove("ROUTELLM_CONFIG")
+            .env_remove("ROUTELLM_PORT")
+            .env_remove("ROUTELLM_HOST")
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+            .await
+            .expect("health exits by itself")
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), said)
+    };
+    let (up, said) = health(vec!["--port".into(), port.clone()]).await;
+    assert!(up, "{said}");
+    assert!(said.contains(&format!("http://127.0.0.1:{port}/health: ok")), "{said}");
+    let (up, said) = health(vec!["--config".into(), config.display().to_string()]).await;
+    assert!(up, "the config's port, asked on loopback: {said}");
+
+    let closed = closed_port().await.to_string();
+    let (up, said) = health(vec![
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        closed.clone(),
+    ])
+    .await;
+    assert!(!up, "nothing listens on {closed}");
+    assert!(
+        said.contains(&format!("127.0.0.1:{closed}/health does not answer")),
+        "{said}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
