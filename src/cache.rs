@@ -18,9 +18,11 @@
 //! the first is being answered, the others wait for its answer and get it from the cache
 //! instead of each paying for the same call (a burst of retries, a popular prompt the moment
 //! its answer expires). If the first one's answer is not kept — an error, a fallback, a
-//! client that left — the waiting requests go to the model themselves, all at once. Streams
-//! are not coalesced: a stream is asked for its first tokens, and a waiting one would get
-//! nothing until the whole answer had been written.
+//! client that left — the waiting requests go to the model themselves, all at once.
+//! Identical streams are coalesced live: the first one's stream is recorded on a [`Tape`]
+//! as it passes, and the others read that tape from its start and then as it grows, so
+//! each gets every event as soon as the first one does, from one model call. If the first
+//! client leaves while others still read, its stream is read on to the end for them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -64,7 +66,8 @@ pub struct CacheConfig {
     /// Whose requests may be answered by whose cached answers.
     #[serde(default)]
     pub scope: CacheScope,
-    /// Whether an identical request waits for one already being answered (not streams).
+    /// Whether an identical request waits for one already being answered (a stream reads
+    /// that one's stream as it is written).
     #[serde(default = "default_coalesce")]
     pub coalesce: bool,
 }
@@ -232,7 +235,8 @@ pub struct ResponseCache {
     entries: Mutex<Entries>,
     coalesce: bool,
     /// Requests being answered now by a model, by key: whoever asks the same waits on it.
-    in_flight: Mutex<HashMap<CacheKey, watch::Receiver<()>>>,
+    /// A streaming leader publishes its [`Tape`] there once its answer has begun.
+    in_flight: Mutex<HashMap<CacheKey, watch::Receiver<Option<Arc<Tape>>>>>,
     /// Hits that waited for an identical request's answer.
     coalesced: AtomicU64,
     /// Lookups by outcome: hit, miss, refresh, bypass.
@@ -369,24 +373,31 @@ impl ResponseCache {
     }
 
     /// For a request about to be answered by a model: the first of identical requests in
-    /// flight leads (its [`Flight`] guard, held until its answer is kept or given up), the
-    /// others are told to wait. `None` when requests are not coalesced (off, or a stream).
+    /// flight leads (its [`Flight`] guard, held until its answer is kept or given up; a
+    /// stream's until it has ended), the others are told to wait. `None` when requests are
+    /// not coalesced.
     #[must_use]
-    pub fn join_flight(self: &Arc<Self>, key: CacheKey, stream: bool) -> Option<Joined> {
-        if !self.coalesce || stream {
+    pub fn join_flight(self: &Arc<Self>, key: CacheKey) -> Option<Joined> {
+        if !self.coalesce {
             return None;
         }
         let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(leader) = in_flight.get(&key) {
             return Some(Joined::Wait(Waiting(leader.clone())));
         }
-        let (done, watching) = watch::channel(());
+        let (done, watching) = watch::channel(None);
         in_flight.insert(key, watching);
         Some(Joined::Lead(Flight {
             cache: Arc::clone(self),
             key,
-            _done: done,
+            done,
         }))
+    }
+
+    /// Counts a request that read an identical one's stream as it was written.
+    pub fn count_coalesced_stream(&self) {
+        self.coalesced.fetch_add(1, Ordering::Relaxed);
+        self.count(CacheOutcome::Hit { age: Duration::ZERO });
     }
 
     /// After waiting: the answer the leading request left in the cache, counted as a
@@ -434,15 +445,31 @@ impl ResponseCache {
         self.evictions.fetch_add(evicted, Ordering::Relaxed);
     }
 
-    /// Passes `body` (a streamed answer) through unchanged while recording it; once it has
-    /// ended with `data: [DONE]`, the recording is kept for `key` as `answer`'s body. A
-    /// stream broken off, ended with an error event, or outgrowing an entry's bound is not kept.
+    /// Passes `body` (a streamed answer to `api`) through unchanged while recording it;
+    /// once it has ended with `data: [DONE]`, the recording is kept for `key` as `answer`'s
+    /// body. A stream broken off, ended with an error event, or outgrowing an entry's bound
+    /// is not kept. With the request's `flight`, identical streams waiting on it read the
+    /// answer live from a [`Tape`] it publishes; the flight ends with the stream.
     #[must_use]
-    pub fn record_stream(self: &Arc<Self>, key: CacheKey, answer: CachedAnswer, body: ByteStream) -> ByteStream {
+    pub fn record_stream(
+        self: &Arc<Self>,
+        key: CacheKey,
+        answer: CachedAnswer,
+        body: ByteStream,
+        api: Api,
+        flight: Option<Flight>,
+    ) -> ByteStream {
+        let tape = flight.as_ref().map(|flight| {
+            let tape = Arc::new(Tape::new(api, answer.clone(), self.max_entry_bytes));
+            flight.done.send_replace(Some(Arc::clone(&tape)));
+            tape
+        });
         Box::pin(Recording {
             body,
             recorded: Some(Vec::new()),
             pending: Some((Arc::clone(self), key, answer)),
+            tape,
+            flight,
         })
     }
 
@@ -490,8 +517,9 @@ pub enum Joined {
 pub struct Flight {
     cache: Arc<ResponseCache>,
     key: CacheKey,
-    /// Closed on drop, which is what the waiting requests' receivers see.
-    _done: watch::Sender<()>,
+    /// Closed on drop, which is what the waiting requests' receivers see; a streaming
+    /// leader sends its tape on it first.
+    done: watch::Sender<Option<Arc<Tape>>>,
 }
 
 impl Drop for Flight {
@@ -507,28 +535,246 @@ impl Drop for Flight {
 }
 
 /// A request waiting for an identical one's answer.
-pub struct Waiting(watch::Receiver<()>);
+pub struct Waiting(watch::Receiver<Option<Arc<Tape>>>);
 
 impl Waiting {
-    /// Returns once the leading request is done, however it ended.
-    pub async fn done(mut self) {
-        // The sender never sends: `changed` returns only when it is dropped, including
-        // when that happened before this was called.
-        let _ = self.0.changed().await;
+    /// Returns once the leading request is done, however it ended (`None`: look in the
+    /// cache), or, for a stream, once its answer has begun: the tape to read it from.
+    pub async fn done(mut self) -> Option<Arc<Tape>> {
+        // `changed` returns when the leader publishes its tape, or when the sender is
+        // dropped, including when either happened before this was called.
+        loop {
+            if let Some(tape) = self.0.borrow_and_update().clone() {
+                return Some(tape);
+            }
+            if self.0.changed().await.is_err() {
+                return self.0.borrow().clone();
+            }
+        }
     }
 }
 
-/// A streamed answer on its way to the client, recorded for the cache.
+/// How a shared stream ended, for the requests reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TapeEnd {
+    /// The leader's stream ended (well, or with the error event it already carries).
+    Complete,
+    /// Nobody was reading on when the leader's client left: closed to new readers.
+    Abandoned,
+    /// Longer than an entry may be: readers get an error event where it stopped.
+    Overflowed,
+}
+
+#[derive(Default)]
+struct TapeState {
+    chunks: Vec<Bytes>,
+    bytes: usize,
+    end: Option<TapeEnd>,
+    readers: usize,
+}
+
+/// A streamed answer shared while it is being written: the leading request's stream
+/// appends to it, identical streaming requests read it from the start and then live.
+/// Bounded by the cache's entry size.
+pub struct Tape {
+    api: Api,
+    /// What the answer says about itself (its body stays empty here).
+    answer: CachedAnswer,
+    max_bytes: usize,
+    state: Mutex<TapeState>,
+    /// Bumped on every append and at the end, so readers wake.
+    grew: watch::Sender<u64>,
+}
+
+impl Tape {
+    fn new(api: Api, answer: CachedAnswer, max_bytes: usize) -> Self {
+        Self {
+            api,
+            answer,
+            max_bytes,
+            state: Mutex::new(TapeState::default()),
+            grew: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TapeState> {
+        // Appends and ends are single steps: a panic elsewhere leaves a consistent tape.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn append(&self, chunk: &Bytes) {
+        let mut state = self.lock();
+        if state.end.is_some() {
+            return;
+        }
+        if state.bytes + chunk.len() > self.max_bytes {
+            state.end = Some(TapeEnd::Overflowed);
+        } else {
+            state.bytes += chunk.len();
+            state.chunks.push(chunk.clone());
+        }
+        drop(state);
+        self.grew.send_modify(|count| *count += 1);
+    }
+
+    fn end(&self, how: TapeEnd) {
+        self.lock().end.get_or_insert(how);
+        self.grew.send_modify(|count| *count += 1);
+    }
+
+    /// Ends the tape as abandoned unless someone is reading it; whether someone is.
+    fn abandon_unless_read(&self) -> bool {
+        let mut state = self.lock();
+        if state.readers > 0 {
+            return true;
+        }
+        state.end.get_or_insert(TapeEnd::Abandoned);
+        drop(state);
+        self.grew.send_modify(|count| *count += 1);
+        false
+    }
+
+    fn readers(&self) -> usize {
+        self.lock().readers
+    }
+
+    /// What the answer says about itself (decision, model, content type).
+    #[must_use]
+    pub fn answer(&self) -> &CachedAnswer {
+        &self.answer
+    }
+
+    /// The stream from its first byte, then live to its end; `None` if the leader's client
+    /// left with nobody reading (the request then asks the model itself).
+    #[must_use]
+    pub fn read(self: &Arc<Self>) -> Option<ByteStream> {
+        {
+            let mut state = self.lock();
+            if state.end == Some(TapeEnd::Abandoned) {
+                return None;
+            }
+            state.readers += 1;
+        }
+        let reader = TapeReader {
+            tape: Arc::clone(self),
+            next: 0,
+            grew: self.grew.subscribe(),
+            finished: false,
+        };
+        Some(Box::pin(futures_util::stream::unfold(
+            reader,
+            |mut reader| async move {
+                let chunk = reader.next_chunk().await?;
+                Some((Ok(chunk), reader))
+            },
+        )))
+    }
+}
+
+/// One request reading a [`Tape`]; counted among its readers while it exists.
+struct TapeReader {
+    tape: Arc<Tape>,
+    next: usize,
+    grew: watch::Receiver<u64>,
+    finished: bool,
+}
+
+impl TapeReader {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            {
+                let state = self.tape.lock();
+                if let Some(chunk) = state.chunks.get(self.next) {
+                    self.next += 1;
+                    return Some(chunk.clone());
+                }
+                match state.end {
+                    Some(TapeEnd::Complete) => return None,
+                    Some(TapeEnd::Abandoned | TapeEnd::Overflowed) => {
+                        self.finished = true;
+                        let error = Error::Internal(
+                            "the answer shared with an identical request in flight could not be passed on whole".into(),
+                        );
+                        return Some(crate::upstream::sse_error_event(self.tape.api, &error));
+                    }
+                    None => {}
+                }
+            }
+            // Marked seen under the lock above's view: a change after it wakes this.
+            self.grew.borrow_and_update();
+            let fresh = {
+                let state = self.tape.lock();
+                self.next < state.chunks.len() || state.end.is_some()
+            };
+            if !fresh && self.grew.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+impl Drop for TapeReader {
+    fn drop(&mut self) {
+        self.tape.lock().readers -= 1;
+    }
+}
+
+/// A streamed answer on its way to the client, recorded for the cache (and, with a tape,
+/// for identical streams reading along).
 struct Recording {
     body: ByteStream,
     /// `None` once it outgrew an entry's bound.
     recorded: Option<Vec<u8>>,
     /// Where the recording goes when the stream ends well; taken then.
     pending: Option<(Arc<ResponseCache>, CacheKey, CachedAnswer)>,
+    tape: Option<Arc<Tape>>,
+    /// The leading request's hold on its key, until the stream ends.
+    flight: Option<Flight>,
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let Some(tape) = self.tape.take() else {
+            return;
+        };
+        let ended = tape.lock().end.is_some();
+        if ended || !tape.abandon_unless_read() {
+            return;
+        }
+        // The leader's client left, but identical requests are reading along: read the
+        // model's stream on to the end for them (and for the cache), unless they all leave.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tape.end(TapeEnd::Abandoned);
+            return;
+        };
+        let mut rest = Recording {
+            body: std::mem::replace(&mut self.body, Box::pin(futures_util::stream::empty())),
+            recorded: self.recorded.take(),
+            pending: self.pending.take(),
+            tape: Some(Arc::clone(&tape)),
+            flight: self.flight.take(),
+        };
+        runtime.spawn(async move {
+            while futures_util::StreamExt::next(&mut rest).await.is_some() {
+                if tape.readers() == 0 {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 impl Recording {
     fn finish(&mut self) {
+        if let Some(tape) = self.tape.take() {
+            tape.end(TapeEnd::Complete);
+        }
+        // Held to the end of this function: later identical requests find the answer in
+        // the cache, or (when it is not kept) ask the model.
+        let _flight = self.flight.take();
         let (Some(recorded), Some((cache, key, mut answer))) = (self.recorded.take(), self.pending.take()) else {
             return;
         };
@@ -549,6 +795,9 @@ impl Stream for Recording {
         let polled = self.body.as_mut().poll_next(context);
         match &polled {
             Poll::Ready(Some(Ok(chunk))) => {
+                if let Some(tape) = &self.tape {
+                    tape.append(chunk);
+                }
                 let limit = self.pending.as_ref().map_or(0, |(cache, _, _)| cache.max_entry_bytes);
                 if let Some(recorded) = self.recorded.as_mut() {
                     if recorded.len() + chunk.len() > limit {
@@ -757,30 +1006,151 @@ mod tests {
             &ROUTED,
             r#"{"model":"a","messages":[{"role":"user","content":"hi"}]}"#,
         );
-        let Some(Joined::Lead(flight)) = cache.join_flight(key, false) else {
+        let Some(Joined::Lead(flight)) = cache.join_flight(key) else {
             panic!("the first request leads");
         };
-        let Some(Joined::Wait(waiting)) = cache.join_flight(key, false) else {
+        let Some(Joined::Wait(waiting)) = cache.join_flight(key) else {
             panic!("an identical request waits");
         };
-        assert!(cache.join_flight(key, true).is_none(), "streams are not coalesced");
         cache.insert(key, answer("{}"));
         drop(flight);
-        // The leader finished before this one began to wait: it returns at once.
-        tokio::time::timeout(Duration::from_secs(5), waiting.done())
+        // The leader finished before this one began to wait: it returns at once, with no
+        // tape (it was not a stream), so the answer is in the cache.
+        let tape = tokio::time::timeout(Duration::from_secs(5), waiting.done())
             .await
             .unwrap();
+        assert!(tape.is_none());
         assert!(cache.get_coalesced(&key).is_some());
         assert_eq!(cache.stats().coalesced, 1);
         // The key is free again, and with coalescing off nothing leads or waits.
-        assert!(matches!(cache.join_flight(key, false), Some(Joined::Lead(_))));
+        assert!(matches!(cache.join_flight(key), Some(Joined::Lead(_))));
         let off = Arc::new(ResponseCache::new(&CacheConfig {
             ttl_secs: 60,
             max_mb: 1,
             scope: CacheScope::Key,
             coalesce: false,
         }));
-        assert!(off.join_flight(key, false).is_none());
+        assert!(off.join_flight(key).is_none());
+    }
+
+    /// A stream's chunks as the leader's client would get them, from a channel the test feeds.
+    fn fed_stream() -> (tokio::sync::mpsc::UnboundedSender<&'static str>, ByteStream) {
+        let (feed, chunks) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+        let body = futures_util::stream::unfold(chunks, |mut chunks| async move {
+            let chunk = chunks.recv().await?;
+            Some((Ok(Bytes::from_static(chunk.as_bytes())), chunks))
+        });
+        (feed, Box::pin(body))
+    }
+
+    /// Reads `stream` until it has given `bytes` bytes, within a few seconds.
+    async fn read_bytes(stream: &mut ByteStream, bytes: usize) -> Vec<u8> {
+        use futures_util::StreamExt;
+        let mut read = Vec::new();
+        while read.len() < bytes {
+            let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+            match next.expect("the next chunk in time") {
+                Some(Ok(chunk)) => read.extend_from_slice(&chunk),
+                None => break,
+            }
+        }
+        read
+    }
+
+    #[tokio::test]
+    async fn identical_streams_read_the_first_ones_answer_live_even_after_its_client_leaves() {
+        let cache = Arc::new(cache(1, 60));
+        let key = key_of(
+            &cache,
+            None,
+            &ROUTED,
+            r#"{"model":"a","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        let Some(Joined::Lead(flight)) = cache.join_flight(key) else {
+            panic!("the first stream leads");
+        };
+        let Some(Joined::Wait(early)) = cache.join_flight(key) else {
+            panic!("an identical stream waits");
+        };
+        let (feed, body) = fed_stream();
+        let mut leader = cache.record_stream(key, answer(""), body, Api::ChatCompletions, Some(flight));
+        let tape = early.done().await.expect("a stream publishes its tape when it begins");
+        let mut first = tape.read().unwrap();
+        let event = "data: {\"n\":1}\n\n";
+        feed.send(event).unwrap();
+        assert_eq!(read_bytes(&mut leader, event.len()).await, event.as_bytes());
+        // Live: the reader has the first event before the second exists.
+        assert_eq!(read_bytes(&mut first, event.len()).await, event.as_bytes());
+        // One that arrives later still reads from the start.
+        let Some(Joined::Wait(late)) = cache.join_flight(key) else {
+            panic!("the stream is still in flight");
+        };
+        let mut second = late.done().await.unwrap().read().unwrap();
+        // The leader's client leaves; the model's stream is read on for the others.
+        drop(leader);
+        feed.send("data: [DONE]\n\n").unwrap();
+        drop(feed);
+        let whole = format!("{event}data: [DONE]\n\n").into_bytes();
+        assert_eq!(read_bytes(&mut first, usize::MAX).await, &whole[event.len()..]);
+        assert_eq!(read_bytes(&mut second, usize::MAX).await, whole);
+        // ... and kept: the next identical request is an ordinary hit, and leads nothing.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(cache.get(&key).unwrap().0.body, whole);
+        assert!(matches!(cache.join_flight(key), Some(Joined::Lead(_))));
+    }
+
+    #[tokio::test]
+    async fn a_stream_nobody_reads_stops_with_its_client_and_an_overlong_one_ends_in_an_error_event() {
+        let cache = Arc::new(ResponseCache::new(&CacheConfig {
+            ttl_secs: 60,
+            max_mb: 1,
+            scope: CacheScope::Key,
+            coalesce: true,
+        }));
+        let key = key_of(
+            &cache,
+            None,
+            &ROUTED,
+            r#"{"model":"a","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        let Some(Joined::Lead(flight)) = cache.join_flight(key) else {
+            panic!("leads");
+        };
+        let Some(Joined::Wait(waiting)) = cache.join_flight(key) else {
+            panic!("waits");
+        };
+        let (feed, body) = fed_stream();
+        let leader = cache.record_stream(key, answer(""), body, Api::ChatCompletions, Some(flight));
+        let tape = waiting.done().await.unwrap();
+        drop(leader);
+        // Nobody was reading: the tape is closed, and a request that finds it asks the model.
+        assert!(tape.read().is_none());
+        assert!(feed.send("data: {}\n\n").is_err(), "the model's stream was dropped");
+        assert!(matches!(cache.join_flight(key), Some(Joined::Lead(_))));
+
+        // Longer than an entry may be (an eighth of 1 MiB): readers get an error event.
+        let Some(Joined::Lead(flight)) = cache.join_flight(key) else {
+            panic!("leads again");
+        };
+        let Some(Joined::Wait(waiting)) = cache.join_flight(key) else {
+            panic!("waits again");
+        };
+        let (feed, body) = fed_stream();
+        let mut leader = cache.record_stream(key, answer(""), body, Api::ChatCompletions, Some(flight));
+        let mut reader = waiting.done().await.unwrap().read().unwrap();
+        let big: &'static str = Box::leak("x".repeat(100 * 1024).into_boxed_str());
+        for _ in 0..2 {
+            feed.send(big).unwrap();
+        }
+        drop(feed);
+        let passed = read_bytes(&mut leader, 200 * 1024).await;
+        assert_eq!(passed.len(), 200 * 1024, "the leader's client gets its whole stream");
+        let read = String::from_utf8(read_bytes(&mut reader, usize::MAX).await).unwrap();
+        assert!(read.starts_with(big), "the part that fit");
+        assert!(
+            read.ends_with("}\n\n") && read.contains("\"error\""),
+            "then an error event"
+        );
     }
 
     #[tokio::test]
@@ -809,7 +1179,7 @@ mod tests {
             .collect();
         for (key, parts) in keys.iter().zip([&whole[..], &broken[..]]) {
             let passed: Vec<Bytes> = cache
-                .record_stream(*key, answer(""), stream_of(parts))
+                .record_stream(*key, answer(""), stream_of(parts), Api::ChatCompletions, None)
                 .map(|chunk| chunk.unwrap())
                 .collect()
                 .await;
@@ -833,7 +1203,7 @@ mod tests {
             &ROUTED,
             r#"{"model":"a","n":9,"messages":[{"role":"user","content":"q"}]}"#,
         );
-        let mut partial = cache.record_stream(key, answer(""), stream_of(&whole));
+        let mut partial = cache.record_stream(key, answer(""), stream_of(&whole), Api::ChatCompletions, None);
         partial.next().await;
         drop(partial);
         assert!(cache.get(&key).is_none());

@@ -1452,7 +1452,7 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
             }
         );
         out.push_str(if cache.coalesce {
-            "  identical requests in flight together wait for one answer (not streams)\n"
+            "  identical requests in flight together wait for one answer (streams read it as it is written)\n"
         } else {
             "  identical requests in flight together each call the model (coalesce: false)\n"
         });

@@ -92,21 +92,34 @@ pub struct Completion {
 impl Completion {
     /// A cached answer given again, stored `age` ago.
     fn from_cache(answer: &CachedAnswer, age: Duration) -> Self {
+        let (status, headers) = (axum::http::StatusCode::OK, Self::cached_headers(answer));
+        let body = answer.body.clone();
+        Self::hit(answer, Reply::Complete { status, headers, body }, age)
+    }
+
+    /// An identical stream's answer, read as the model writes it (see [`crate::cache::Tape`]).
+    fn from_tape(tape: &crate::cache::Tape, body: crate::upstream::ByteStream) -> Self {
+        let answer = tape.answer();
+        let (status, headers) = (axum::http::StatusCode::OK, Self::cached_headers(answer));
+        Self::hit(answer, Reply::Stream { status, headers, body }, Duration::ZERO)
+    }
+
+    fn cached_headers(answer: &CachedAnswer) -> HeaderMap {
         let mut headers = HeaderMap::new();
         if let Some(content_type) = &answer.content_type {
             headers.insert(axum::http::header::CONTENT_TYPE, content_type.clone());
         }
+        headers
+    }
+
+    fn hit(answer: &CachedAnswer, reply: Reply, age: Duration) -> Self {
         Self {
             decision: answer.decision.clone(),
             model: answer.model.clone(),
             answered_by: answer.answered_by,
             deployment: answer.deployment,
             price: answer.price,
-            reply: Reply::Complete {
-                status: axum::http::StatusCode::OK,
-                headers,
-                body: answer.body.clone(),
-            },
+            reply,
             upstream_time: Duration::ZERO,
             cache: Some(CacheOutcome::Hit { age }),
         }
@@ -1007,7 +1020,7 @@ impl Gateway {
         }
         // Held to the end: requests waiting on this one (its flight) wake once its answer
         // is in the cache, or it has none to give.
-        let miss = match self.look_up(policy, caller, client_headers, &target, &request).await {
+        let mut miss = match self.look_up(policy, caller, client_headers, &target, &request).await {
             Lookup::Hit(completion) => return Ok(*completion),
             Lookup::Miss(miss) => miss,
         };
@@ -1092,7 +1105,7 @@ impl Gateway {
             routed.model.clone_from(&answering.model.name);
         }
         let reply = self.remember_response(api, deployment, answer?);
-        let reply = keep(miss.storing.as_ref(), decision.as_ref(), answering, deployment, reply);
+        let reply = keep(&mut miss, api, decision.as_ref(), answering, deployment, reply);
         Ok(Completion {
             answered_by,
             deployment: index,
@@ -1120,7 +1133,7 @@ impl Gateway {
             return Lookup::Miss(CacheMiss {
                 outcome: None,
                 storing: None,
-                _flight: None,
+                flight: None,
             });
         };
         let directive = Directive::of(client_headers);
@@ -1149,11 +1162,16 @@ impl Gateway {
             if let Some((answer, age)) = cache.get(key) {
                 return Lookup::Hit(Box::new(Completion::from_cache(&answer, age)));
             }
-            match cache.join_flight(*key, request.stream()) {
+            match cache.join_flight(*key) {
                 Some(Joined::Lead(leading)) => flight = Some(leading),
                 Some(Joined::Wait(waiting)) => {
-                    waiting.done().await;
-                    if let Some((answer, age)) = cache.get_coalesced(key) {
+                    if let Some(tape) = waiting.done().await {
+                        // An identical stream has begun: read it along, live.
+                        if let Some(body) = tape.read() {
+                            cache.count_coalesced_stream();
+                            return Lookup::Hit(Box::new(Completion::from_tape(&tape, body)));
+                        }
+                    } else if let Some((answer, age)) = cache.get_coalesced(key) {
                         return Lookup::Hit(Box::new(Completion::from_cache(&answer, age)));
                     }
                     // The first one's answer was not kept: this one asks the model itself.
@@ -1165,7 +1183,7 @@ impl Gateway {
         Lookup::Miss(CacheMiss {
             outcome: Some(outcome),
             storing,
-            _flight: flight,
+            flight,
         })
     }
 
@@ -1361,22 +1379,25 @@ enum Lookup {
 struct CacheMiss {
     outcome: Option<CacheOutcome>,
     storing: Option<(Arc<ResponseCache>, CacheKey)>,
-    /// Held, never read: while this request leads identical ones, they wait until it drops.
-    _flight: Option<Flight>,
+    /// While this request leads identical ones, they wait until it drops (a stream's goes
+    /// with its body, to the end of the stream).
+    flight: Option<Flight>,
 }
 
 /// Keeps a successful answer that `deployment` gave by the router's choice in the cache
 /// (when `storing` says where): a whole one now, a stream once it has ended well. Fallback
 /// answers are not kept, so a passing outage is not served again.
 fn keep(
-    storing: Option<&(Arc<ResponseCache>, CacheKey)>,
+    miss: &mut CacheMiss,
+    api: Api,
     decision: Option<&RouteDecision>,
     answering: &Upstream,
     deployment: DeploymentId,
     reply: Reply,
 ) -> Reply {
     let chosen = decision.is_none_or(|routed| !(routed.fallback || routed.upstream_fallback || routed.pinned));
-    let Some((cache, key)) = storing.filter(|_| chosen && reply.status() == axum::http::StatusCode::OK) else {
+    let Some((cache, key)) = (miss.storing.as_ref()).filter(|_| chosen && reply.status() == axum::http::StatusCode::OK)
+    else {
         return reply;
     };
     let key = *key;
@@ -1400,7 +1421,7 @@ fn keep(
         Reply::Stream { status, headers, body } => Reply::Stream {
             status,
             headers,
-            body: cache.record_stream(key, answer, body),
+            body: cache.record_stream(key, answer, body, api, miss.flight.take()),
         },
     }
 }

@@ -471,6 +471,12 @@ fn respond(
             *response.status_mut() = status;
             (response, headers)
         }
+        // An identical stream read along (see `cache::Tape`): the first request's answer, spent once.
+        Reply::Stream { status, headers, body } if hit_age.is_some() => {
+            let mut response = Response::new(Body::from_stream(body));
+            *response.status_mut() = status;
+            (response, headers)
+        }
         Reply::Stream { status, headers, body } => {
             let charge = caller
                 .filter(|_| status.is_success())

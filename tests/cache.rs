@@ -249,7 +249,7 @@ fn each_a_miss(answers: &[(u16, String, bytes::Bytes)], status: u16) -> bool {
 }
 
 #[tokio::test]
-async fn identical_requests_arriving_together_wait_for_one_answer_but_streams_do_not() {
+async fn identical_requests_arriving_together_wait_for_one_answer() {
     let (strong, _weak, proxy) = setup(CACHED).await;
     strong.set_delay(Some(Duration::from_millis(400)));
     let body = chat("router-fixed_high-0.5", "A popular question", "");
@@ -263,11 +263,18 @@ async fn identical_requests_arriving_together_wait_for_one_answer_but_streams_do
         assert_eq!(answer, &answers[0].2, "every one gets the same answer");
     }
 
-    // Streams each go to the model: a waiting stream would get nothing until the end.
+    // Streams too: the others read the first one's stream (see the live test below).
     let streamed = chat("router-fixed_high-0.5", "A popular stream", r#","stream":true"#);
     let answers = at_once(&proxy, &streamed, 3).await;
-    assert!(each_a_miss(&answers, 200), "{answers:?}");
-    assert_eq!(strong.received().len(), 4);
+    assert_eq!(strong.received().len(), 2, "one model call for three identical streams");
+    let mut caches: Vec<&str> = answers.iter().map(|(_, cache, _)| cache.as_str()).collect();
+    caches.sort_unstable();
+    assert_eq!(caches, ["hit", "hit", "miss"]);
+    for (status, _, answer) in &answers {
+        assert_eq!(*status, 200);
+        assert_eq!(answer, &answers[0].2, "every one gets the same stream");
+        assert!(answer.ends_with(b"data: [DONE]\n\n"));
+    }
 
     // When the first one's answer is not kept (the model refused it), the others ask the
     // model themselves rather than wait in turn.
@@ -278,12 +285,12 @@ async fn identical_requests_arriving_together_wait_for_one_answer_but_streams_do
     );
     let answers = at_once(&proxy, &refused, 3).await;
     assert!(each_a_miss(&answers, 400), "{answers:?}");
-    assert_eq!(strong.received().len(), 7);
+    assert_eq!(strong.received().len(), 5);
 
     let text = proxy.metrics().await;
-    assert_eq!(metric(&text, "routellm_cache_coalesced_total"), 5.0, "{text}");
-    assert_eq!(metric(&text, r#"routellm_cache_requests_total{result="hit"}"#), 5.0);
-    assert_eq!(metric(&text, r#"routellm_cache_requests_total{result="miss"}"#), 7.0);
+    assert_eq!(metric(&text, "routellm_cache_coalesced_total"), 7.0, "{text}");
+    assert_eq!(metric(&text, r#"routellm_cache_requests_total{result="hit"}"#), 7.0);
+    assert_eq!(metric(&text, r#"routellm_cache_requests_total{result="miss"}"#), 5.0);
 
     // With coalescing off, each identical request is its own model call.
     let (strong, _weak, proxy) = setup("response_cache: {ttl_secs: 600, coalesce: false}\n").await;
@@ -291,4 +298,93 @@ async fn identical_requests_arriving_together_wait_for_one_answer_but_streams_do
     let answers = at_once(&proxy, &body, 3).await;
     assert!(each_a_miss(&answers, 200), "{answers:?}");
     assert_eq!(strong.received().len(), 3);
+}
+
+/// Coalesced streams are live: a stream that joins an identical one in flight gets the
+/// events already written at once and the rest as the model writes them, and it still gets
+/// the whole answer when the first client leaves halfway.
+#[tokio::test]
+async fn an_identical_stream_reads_the_first_ones_events_as_they_come_even_after_its_client_leaves() {
+    let (strong, _weak, proxy) = setup(CACHED).await;
+    // The mock sends its first event, then holds the rest until the gate opens.
+    let body = chat(
+        "router-fixed_high-0.5",
+        "A live stream",
+        r#","stream":true,"mock":"gated""#,
+    );
+    let first_event = |text: &str| text.contains("from strong");
+    let mut leader = post(&proxy, &body, &[]).await;
+    assert_eq!(header(&leader, "x-routellm-cache"), Some("miss"));
+    let leader_start = leader.chunk().await.unwrap().unwrap();
+    assert!(first_event(&String::from_utf8_lossy(&leader_start)));
+
+    let mut follower = post(&proxy, &body, &[]).await;
+    assert_eq!(follower.status(), 200);
+    assert_eq!(header(&follower, "x-routellm-cache"), Some("hit"));
+    assert_eq!(
+        header(&follower, "x-routellm-tier"),
+        Some("strong"),
+        "the decision headers come along"
+    );
+    // Before the model has written more, the follower has what was written so far.
+    let mut seen = Vec::new();
+    while !first_event(&String::from_utf8_lossy(&seen)) {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), follower.chunk())
+            .await
+            .expect("the first event arrives before the stream goes on")
+            .unwrap()
+            .unwrap();
+        seen.extend_from_slice(&chunk);
+    }
+    // The first client leaves; the model's stream goes on for the follower.
+    drop(leader);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    strong.state.gate.notify_one();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), follower.chunk())
+        .await
+        .expect("the rest arrives")
+        .unwrap()
+    {
+        seen.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(seen).unwrap();
+    assert!(text.contains(" done") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(strong.received().len(), 1, "one model call for both");
+    assert_eq!(metric(&proxy.metrics().await, "routellm_cache_coalesced_total"), 1.0);
+    // Read to its end, the answer is kept: the next identical stream is an ordinary hit.
+    let again = post(&proxy, &body, &[]).await;
+    assert_eq!(header(&again, "x-routellm-cache"), Some("hit"));
+    assert_eq!(again.text().await.unwrap(), text);
+    assert_eq!(strong.received().len(), 1);
+}
+
+/// Coalesced streams cost their key one answer: the tokens the model reported once.
+#[tokio::test]
+async fn coalesced_streams_charge_their_key_for_one_answer() {
+    let (strong, _weak, proxy) = setup(&format!("{CACHED}api_keys: [{{key: k-a, name: team-a}}]\n")).await;
+    strong.set_delay(Some(Duration::from_millis(300)));
+    let body = chat(
+        "router-fixed_high-0.5",
+        "A metered stream",
+        r#","stream":true,"stream_options":{"include_usage":true}"#,
+    );
+    let sends = (0..3).map(|_| async {
+        let response = post(&proxy, &body, &[("authorization", "Bearer k-a")]).await;
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    });
+    let answers = futures_util::future::join_all(sends).await;
+    assert!(
+        answers
+            .iter()
+            .all(|answer| answer == &answers[0] && answer.ends_with("data: [DONE]\n\n"))
+    );
+    assert_eq!(strong.received().len(), 1);
+    // 5 prompt + 2 completion tokens, as the model reported them, charged once.
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric(&metrics, r#"routellm_key_tokens_total{key="team-a"}"#),
+        7.0,
+        "{metrics}"
+    );
 }

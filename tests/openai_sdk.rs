@@ -394,7 +394,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
         "passed through to openai/gpt-4o: /v1/embeddings, /v1/files/*\n  price per million tokens: input 0.02, output 0\n",
         "config file watched every 30 s, reloaded when it changes",
         "response cache: identical Chat Completions and Completions requests answered again for 900 s, up to 64 MiB, \
-         each API key its own answers\n  identical requests in flight together wait for one answer (not streams)\n",
+         each API key its own answers\n  identical requests in flight together wait for one answer (streams read it as it is written)\n",
         "model alias `auto` → `router-random`",
         "model alias `later` → `router-mf` (router `mf` is not loaded: requests for it are refused)",
     ] {
