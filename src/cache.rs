@@ -1043,6 +1043,25 @@ mod tests {
         (feed, Box::pin(body))
     }
 
+    const STREAMED: &str = r#"{"model":"a","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+    /// A streaming request leading on `key`, its model's stream fed by the test, and an
+    /// identical request waiting on it.
+    fn leader_and_follower(
+        cache: &Arc<ResponseCache>,
+        key: CacheKey,
+    ) -> (tokio::sync::mpsc::UnboundedSender<&'static str>, ByteStream, Waiting) {
+        let Some(Joined::Lead(flight)) = cache.join_flight(key) else {
+            panic!("the first stream leads");
+        };
+        let Some(Joined::Wait(waiting)) = cache.join_flight(key) else {
+            panic!("an identical stream waits");
+        };
+        let (feed, body) = fed_stream();
+        let leader = cache.record_stream(key, answer(""), body, Api::ChatCompletions, Some(flight));
+        (feed, leader, waiting)
+    }
+
     /// Reads `stream` until it has given `bytes` bytes, within a few seconds.
     async fn read_bytes(stream: &mut ByteStream, bytes: usize) -> Vec<u8> {
         use futures_util::StreamExt;
@@ -1060,20 +1079,8 @@ mod tests {
     #[tokio::test]
     async fn identical_streams_read_the_first_ones_answer_live_even_after_its_client_leaves() {
         let cache = Arc::new(cache(1, 60));
-        let key = key_of(
-            &cache,
-            None,
-            &ROUTED,
-            r#"{"model":"a","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-        );
-        let Some(Joined::Lead(flight)) = cache.join_flight(key) else {
-            panic!("the first stream leads");
-        };
-        let Some(Joined::Wait(early)) = cache.join_flight(key) else {
-            panic!("an identical stream waits");
-        };
-        let (feed, body) = fed_stream();
-        let mut leader = cache.record_stream(key, answer(""), body, Api::ChatCompletions, Some(flight));
+        let key = key_of(&cache, None, &ROUTED, STREAMED);
+        let (feed, mut leader, early) = leader_and_follower(&cache, key);
         let tape = early.done().await.expect("a stream publishes its tape when it begins");
         let mut first = tape.read().unwrap();
         let event = "data: {\"n\":1}\n\n";
@@ -1107,20 +1114,8 @@ mod tests {
             scope: CacheScope::Key,
             coalesce: true,
         }));
-        let key = key_of(
-            &cache,
-            None,
-            &ROUTED,
-            r#"{"model":"a","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-        );
-        let Some(Joined::Lead(flight)) = cache.join_flight(key) else {
-            panic!("leads");
-        };
-        let Some(Joined::Wait(waiting)) = cache.join_flight(key) else {
-            panic!("waits");
-        };
-        let (feed, body) = fed_stream();
-        let leader = cache.record_stream(key, answer(""), body, Api::ChatCompletions, Some(flight));
+        let key = key_of(&cache, None, &ROUTED, STREAMED);
+        let (feed, leader, waiting) = leader_and_follower(&cache, key);
         let tape = waiting.done().await.unwrap();
         drop(leader);
         // Nobody was reading: the tape is closed, and a request that finds it asks the model.
@@ -1129,14 +1124,7 @@ mod tests {
         assert!(matches!(cache.join_flight(key), Some(Joined::Lead(_))));
 
         // Longer than an entry may be (an eighth of 1 MiB): readers get an error event.
-        let Some(Joined::Lead(flight)) = cache.join_flight(key) else {
-            panic!("leads again");
-        };
-        let Some(Joined::Wait(waiting)) = cache.join_flight(key) else {
-            panic!("waits again");
-        };
-        let (feed, body) = fed_stream();
-        let mut leader = cache.record_stream(key, answer(""), body, Api::ChatCompletions, Some(flight));
+        let (feed, mut leader, waiting) = leader_and_follower(&cache, key);
         let mut reader = waiting.done().await.unwrap().read().unwrap();
         let big: &'static str = Box::leak("x".repeat(100 * 1024).into_boxed_str());
         for _ in 0..2 {
