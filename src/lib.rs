@@ -7,7 +7,8 @@
 //! - [`api_keys`]: client API keys: names, per-key request and token rate limits (OpenAI's 429s), allowed models.
 //! - [`budgets`]: client keys' spending budgets per day, month or in total, kept across restarts in `spend_file`.
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
-//! - [`cache`]: the opt-in response cache: an identical request answered again from memory, bounded, per key.
+//! - [`cache`]: the opt-in response cache: an identical request answered again from memory, bounded, per key;
+//!   identical requests in flight wait for one answer (streams read it live).
 //! - [`deployments`]: several endpoints for one tier's model: failover, weighted round robin or least busy, cooldowns after failures, requests in flight.
 //! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.
 //! - [`model_name`]: parsing `router-<name>-<threshold>` (aliases are resolved by the gateway first).
@@ -24,7 +25,8 @@
 //! - [`scoring`]: batch scoring on all cores and threshold calibration (`score`, `calibrate`).
 //! - [`prompts`]: reading prompt files (JSONL `prompt`/`messages`, or plain text).
 //! - [`label`]: `routellm label`: a team's own prompts answered by both models and judged by a third, as battles for `train` and rows for `eval`.
-//! - [`prompt_log`]: the opt-in log of what routers scored on live traffic, in the prompt-file format, for recalibrating.
+//! - [`prompt_log`]: the opt-in log of what routers scored on live traffic, in the prompt-file format, for recalibrating
+//!   (and, with `conversations`, the whole conversation, for `label`).
 //! - [`progress`]: a progress bar for long scoring runs.
 //! - [`embed`]: the `Embedder` trait: static table (default), MiniLM (own BERT forward pass, and the
 //!   backward pass of its top layer for fine-tuning), OpenAI-compatible API.
