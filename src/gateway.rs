@@ -306,9 +306,7 @@ impl Gateway {
     pub fn from_config(config: &Config) -> Result<Self, Error> {
         let mut routers = BTreeMap::new();
         for name in &config.routers {
-            let router =
-                routers::build(name, config).map_err(|source| Error::Config(format!("router `{name}`: {source}")))?;
-            routers.insert(name.clone(), router);
+            routers.insert(name.clone(), build_router(name, config)?);
         }
         let mut gateway = Self::with_routers(config, routers)?;
         gateway.rebuilds_routers = true;
@@ -461,7 +459,9 @@ impl Gateway {
             self.reloads[1].fetch_add(1, Ordering::Relaxed);
             Err(error)
         };
-        let (routers, RouterChanges { built, removed }) = match self.routers_under(config) {
+        // One snapshot of what runs, for the routers and the keys alike.
+        let previous = self.policy();
+        let (routers, RouterChanges { built, removed }) = match self.routers_under(&previous, config) {
             Ok(found) => found,
             Err(error) => return refused(error),
         };
@@ -471,7 +471,6 @@ impl Gateway {
         }
         // A key kept by name keeps what it has used, so a reload is no way around a limit;
         // one that comes back after a reload without it finds its spend in the spend file.
-        let previous = self.policy();
         crate::api_keys::carry_over(&mut policy.api_keys, &previous.api_keys);
         let returning: Vec<&ApiKey> = policy
             .api_keys
@@ -512,8 +511,7 @@ impl Gateway {
     /// running ones unless it is new or its settings (or the artifacts folder) changed since
     /// it was built. A router that does not build refuses the reload, so nothing is
     /// half-replaced.
-    fn routers_under(&self, config: &Config) -> Result<(Arc<Routers>, RouterChanges), Error> {
-        let running = self.policy();
+    fn routers_under(&self, running: &Policy, config: &Config) -> Result<(Arc<Routers>, RouterChanges), Error> {
         if !self.rebuilds_routers {
             return Ok((Arc::clone(&running.routers), RouterChanges::default()));
         }
@@ -545,9 +543,7 @@ impl Gateway {
             .map(|(name, router)| (name.clone(), Arc::clone(router)))
             .collect();
         for name in &changes.built {
-            let router =
-                routers::build(name, config).map_err(|source| Error::Config(format!("router `{name}`: {source}")))?;
-            next.insert(name.clone(), router);
+            next.insert(name.clone(), build_router(name, config)?);
         }
         Ok((Arc::new(next), changes))
     }
@@ -1384,9 +1380,15 @@ struct CacheMiss {
     flight: Option<Flight>,
 }
 
+/// Router `name` as `config` sets it up, its errors naming it.
+fn build_router(name: &str, config: &Config) -> Result<Arc<dyn Router>, Error> {
+    routers::build(name, config).map_err(|source| Error::Config(format!("router `{name}`: {source}")))
+}
+
 /// Keeps a successful answer that `deployment` gave by the router's choice in the cache
-/// (when `storing` says where): a whole one now, a stream once it has ended well. Fallback
-/// answers are not kept, so a passing outage is not served again.
+/// (when the miss says where): a whole one now, a stream once it has ended well (handing
+/// the stream the miss's flight, so identical streams read it live). Fallback answers are
+/// not kept, so a passing outage is not served again.
 fn keep(
     miss: &mut CacheMiss,
     api: Api,
