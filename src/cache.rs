@@ -466,7 +466,8 @@ impl ResponseCache {
         });
         Box::pin(Recording {
             body,
-            recorded: Some(Vec::new()),
+            // A tape records the stream itself: the chunks are not copied a second time.
+            recorded: tape.is_none().then(Vec::new),
             pending: Some((Arc::clone(self), key, answer)),
             tape,
             flight,
@@ -638,6 +639,12 @@ impl Tape {
         self.lock().readers
     }
 
+    /// The whole stream as written, unless it outgrew the bound.
+    fn recording(&self) -> Option<Vec<u8>> {
+        let state = self.lock();
+        (state.end != Some(TapeEnd::Overflowed)).then(|| state.chunks.concat())
+    }
+
     /// What the answer says about itself (decision, model, content type).
     #[must_use]
     pub fn answer(&self) -> &CachedAnswer {
@@ -726,7 +733,7 @@ impl Drop for TapeReader {
 /// for identical streams reading along).
 struct Recording {
     body: ByteStream,
-    /// `None` once it outgrew an entry's bound.
+    /// `None` once it outgrew an entry's bound, and when `tape` records it.
     recorded: Option<Vec<u8>>,
     /// Where the recording goes when the stream ends well; taken then.
     pending: Option<(Arc<ResponseCache>, CacheKey, CachedAnswer)>,
@@ -769,13 +776,17 @@ impl Drop for Recording {
 
 impl Recording {
     fn finish(&mut self) {
-        if let Some(tape) = self.tape.take() {
-            tape.end(TapeEnd::Complete);
-        }
+        let recorded = match self.tape.take() {
+            Some(tape) => {
+                tape.end(TapeEnd::Complete);
+                tape.recording()
+            }
+            None => self.recorded.take(),
+        };
         // Held to the end of this function: later identical requests find the answer in
         // the cache, or (when it is not kept) ask the model.
         let _flight = self.flight.take();
-        let (Some(recorded), Some((cache, key, mut answer))) = (self.recorded.take(), self.pending.take()) else {
+        let (Some(recorded), Some((cache, key, mut answer))) = (recorded, self.pending.take()) else {
             return;
         };
         if !ended_with_done(&recorded) {
@@ -1130,15 +1141,21 @@ mod tests {
         for _ in 0..2 {
             feed.send(big).unwrap();
         }
+        feed.send("data: [DONE]\n\n").unwrap();
         drop(feed);
-        let passed = read_bytes(&mut leader, 200 * 1024).await;
-        assert_eq!(passed.len(), 200 * 1024, "the leader's client gets its whole stream");
+        let passed = read_bytes(&mut leader, usize::MAX).await;
+        assert_eq!(
+            passed.len(),
+            200 * 1024 + 14,
+            "the leader's client gets its whole stream"
+        );
         let read = String::from_utf8(read_bytes(&mut reader, usize::MAX).await).unwrap();
         assert!(read.starts_with(big), "the part that fit");
         assert!(
             read.ends_with("}\n\n") && read.contains("\"error\""),
             "then an error event"
         );
+        assert!(cache.get(&key).is_none(), "too long to keep, though it ended well");
     }
 
     #[tokio::test]
