@@ -723,10 +723,7 @@ mod tests {
 
     #[test]
     fn the_comparison_shows_the_request_and_both_answers_in_order() {
-        let lone = Entry {
-            prompt: "What is 2+2?".into(),
-            conversation: None,
-        };
+        let lone = Entry::from("What is 2+2?".to_owned());
         let text = judge_request(&lone, "4", "5");
         let request = text.find("What is 2+2?").unwrap();
         let first = text.find("assistant A]\n4").unwrap();

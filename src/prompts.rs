@@ -17,8 +17,13 @@ pub fn read(path: &Path) -> Result<Vec<String>, Error> {
 /// Reads the entries of `path`, in file order, each as its last `turns` user turns (oldest
 /// first; a `prompt` or a plain-text line is one turn).
 pub fn read_turns(path: &Path, turns: usize) -> Result<Vec<Vec<String>>, Error> {
+    read_with(path, |text| parse_turns(text, turns))
+}
+
+/// `parse` of the text of `path`, its errors naming the file.
+fn read_with<T>(path: &Path, parse: impl FnOnce(&str) -> Result<T, Error>) -> Result<T, Error> {
     let text = std::fs::read_to_string(path).map_err(|error| Error::io(path.display().to_string(), error))?;
-    parse_turns(&text, turns).map_err(|error| Error::invalid(format!("{}: {error}", path.display())))
+    parse(&text).map_err(|error| Error::invalid(format!("{}: {error}", path.display())))
 }
 
 /// Parses prompt-file text into one prompt per entry (a chat entry's last user turn).
@@ -73,8 +78,7 @@ impl AsRef<str> for Entry {
 
 /// Reads the entries of `path` with their conversations, in file order (for `label`).
 pub fn read_entries(path: &Path) -> Result<Vec<Entry>, Error> {
-    let text = std::fs::read_to_string(path).map_err(|error| Error::io(path.display().to_string(), error))?;
-    parse_entries(&text).map_err(|error| Error::invalid(format!("{}: {error}", path.display())))
+    read_with(path, parse_entries)
 }
 
 /// Parses prompt-file text into [`Entry`]s.
