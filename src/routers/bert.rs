@@ -146,14 +146,8 @@ impl BertRouter {
     pub fn load(dir: &Path, encoder: Arc<dyn Embedder>) -> Result<Self, RouterError> {
         let (head, manifest, file) = BertHead::load(dir)?;
         let with_features = !manifest.features.is_empty();
-        if with_features && manifest.features != features::NAMES {
-            return Err(RouterError::Load(format!(
-                "{} was trained on prompt features [{}] but this build computes [{}]; retrain it with \
-                 `routellm train bert --features`",
-                dir.display(),
-                manifest.features.join(", "),
-                features::NAMES.join(", ")
-            )));
+        if with_features {
+            super::check_features(&manifest.features, dir, "routellm train bert --features")?;
         }
         let feature_count = if with_features { features::NAMES.len() } else { 0 };
         if manifest.encoder != encoder.id() || head.dim() != encoder.dim() + feature_count {

@@ -207,15 +207,7 @@ impl MfRouter {
         weak: Option<&str>,
     ) -> Result<Self, RouterError> {
         let (weights, manifest, digest) = MfWeights::load(dir)?;
-        if manifest.features != features::NAMES {
-            return Err(RouterError::Load(format!(
-                "{} was trained on prompt features [{}] but this build computes [{}]; retrain it with \
-                 `routellm train mf`",
-                dir.display(),
-                manifest.features.join(", "),
-                features::NAMES.join(", ")
-            )));
-        }
+        super::check_features(&manifest.features, dir, "routellm train mf")?;
         if manifest.uses_embedding && manifest.embedder != embedder.id() {
             return Err(RouterError::Load(format!(
                 "{} was trained with embedder `{}` but `{}` is configured; use the matching embedder or retrain \

@@ -79,6 +79,21 @@ pub trait Router: Send + Sync {
 /// The routers this build can serve, in the order they are listed to users.
 pub const AVAILABLE: &[&str] = &["random", "length", "mf", "sw_ranking", "bert"];
 
+/// Refuses the artifact in `dir` when the prompt features it was trained on (`trained`, by
+/// name) are not the ones this build computes: its weights would read the wrong inputs.
+/// `retrain` is the command that makes a fitting one.
+fn check_features(trained: &[String], dir: &std::path::Path, retrain: &str) -> Result<(), RouterError> {
+    if trained == crate::features::NAMES {
+        return Ok(());
+    }
+    Err(RouterError::Load(format!(
+        "{} was trained on prompt features [{}] but this build computes [{}]; retrain it with `{retrain}`",
+        dir.display(),
+        trained.join(", "),
+        crate::features::NAMES.join(", ")
+    )))
+}
+
 /// Whether router `name` loads an artifact from the routers folder (`routers_dir`).
 #[must_use]
 pub fn uses_artifacts(name: &str) -> bool {
