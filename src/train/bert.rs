@@ -251,6 +251,7 @@ pub fn train_bert(
     };
     let labelled = Labelled {
         data: &data,
+        inputs: &embeddings,
         training: &training,
         targets: &train_targets,
         groups: &groups,
@@ -293,19 +294,12 @@ pub fn train_bert(
 /// asked for.
 fn head_inputs(encoder: &dyn Embedder, prompts: &[String], options: &BertOptions) -> Result<Vec<Vec<f32>>, Error> {
     let mut inputs = super::embed_all(encoder, prompts, options.split.embedding_cache.as_deref())?;
-    for (row, prompt) in inputs.iter_mut().zip(prompts) {
-        row.extend(extra_inputs(prompt, options));
+    if options.features {
+        for (row, prompt) in inputs.iter_mut().zip(prompts) {
+            row.extend_from_slice(&features::extract(prompt));
+        }
     }
     Ok(inputs)
-}
-
-/// What the head reads after the encoder output: the prompt features, or nothing.
-fn extra_inputs(prompt: &str, options: &BertOptions) -> Vec<f32> {
-    if options.features {
-        features::extract(prompt).to_vec()
-    } else {
-        Vec::new()
-    }
 }
 
 /// What ships: the head, its encoder (frozen, or with a fine-tuned top layer) and their record.
@@ -364,6 +358,9 @@ fn fine_tune_if_better(
 /// The training prompts with their targets and bias groups, and the validation sets.
 struct Labelled<'a> {
     data: &'a Dataset,
+    /// Every prompt's head input on the frozen encoder: what follows its first `hidden`
+    /// values (the prompt features, if any) stays the same while the encoder is tuned.
+    inputs: &'a [Vec<f32>],
     training: &'a [usize],
     targets: &'a [[f32; 3]],
     groups: &'a [usize],
@@ -484,10 +481,10 @@ fn fine_tune(
                 }
                 let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
                 let unit: Vec<f32> = sum.iter().map(|v| v / norm).collect();
-                let extra = extra_inputs(&data.prompts[*prompt], options);
+                let extra = &labelled.inputs[*prompt][hidden..];
                 let standardised: Vec<f32> = unit
                     .iter()
-                    .chain(&extra)
+                    .chain(extra)
                     .zip(&frozen.mean)
                     .zip(&frozen.std)
                     .map(|((x, m), s)| (x - m) / s)
@@ -548,7 +545,7 @@ fn fine_tune(
             let (output, _) = layer.forward(&states, &lengths).map_err(internal)?;
             let pooled = crate::embed::pool(&output, &lengths, hidden);
             embeddings.extend(chunk.iter().zip(pooled).map(|(&prompt, mut input)| {
-                input.extend(extra_inputs(&data.prompts[prompt], options));
+                input.extend_from_slice(&labelled.inputs[prompt][hidden..]);
                 (prompt, input)
             }));
         }
