@@ -24,6 +24,7 @@ use crate::budgets::{Budget, BudgetExceeded, Spend};
 use crate::config::{Price, Secret};
 use crate::error::Error;
 use crate::model_name::ModelTarget;
+use crate::shared_state::{Charge, Levels, Limits, SharedState, Unavailable, Verdict};
 
 /// The longest key name: it labels metrics and log lines.
 const MAX_NAME_CHARS: usize = 64;
@@ -361,6 +362,39 @@ struct Buckets {
     /// What the answers cost in the budget's current period (kept without a budget too,
     /// so one added by a reload starts from what was spent).
     spend: Spend,
+    /// Charged here but not yet in the shared state (Redis was unavailable): sent with the
+    /// next charge or admission that reaches it.
+    unsynced: Unsynced,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Unsynced {
+    tokens: u64,
+    cost: f64,
+}
+
+impl Unsynced {
+    fn is_empty(self) -> bool {
+        self.tokens == 0 && self.cost == 0.0
+    }
+}
+
+impl Buckets {
+    /// Takes up what the shared state says: this replica's buckets and spend go on from
+    /// there (and from there alone while Redis is unavailable).
+    fn mirror(&mut self, levels: &Levels, period: &str, now: Instant) {
+        for (bucket, level) in [(&mut self.requests, levels.requests), (&mut self.tokens, levels.tokens)] {
+            if let (Some(bucket), Some(level)) = (bucket.as_mut(), level) {
+                bucket.level = level.min(bucket.per_minute);
+                bucket.updated = now;
+            }
+        }
+        if let Some(spent) = levels.spent
+            && self.spend.period == period
+        {
+            self.spend.spent = spent;
+        }
+    }
 }
 
 /// What a key has used: its buckets and counters. Shared by the policies a reload swaps in,
@@ -399,11 +433,32 @@ impl KeyUsage {
     }
 }
 
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    Budget(BudgetExceeded),
+    Rate(RateLimited),
+    /// The shared state is unavailable and `shared_state.on_failure` is `refuse`.
+    Unavailable,
+}
+
+impl From<Refusal> for Error {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Budget(exceeded) => Error::BudgetExceeded(exceeded),
+            Refusal::Rate(limited) => Error::RateLimited(limited),
+            Refusal::Unavailable => Error::LimitsUnavailable,
+        }
+    }
+}
+
 /// A configured key with what it has used: what a request was admitted as.
 #[derive(Debug, Clone)]
 pub struct ApiKey {
     spec: Arc<ApiKeySpec>,
     usage: Arc<KeyUsage>,
+    /// Where its limits and spend are shared with other replicas, if they are.
+    shared: Option<Arc<SharedState>>,
 }
 
 impl ApiKey {
@@ -413,6 +468,16 @@ impl ApiKey {
         Self {
             spec: Arc::new(spec),
             usage,
+            shared: None,
+        }
+    }
+
+    /// The key with its limits and spend kept in `shared` (see [`crate::shared_state`]).
+    #[must_use]
+    pub fn sharing(spec: ApiKeySpec, shared: Arc<SharedState>) -> Self {
+        Self {
+            shared: Some(shared),
+            ..Self::new(spec)
         }
     }
 
@@ -433,7 +498,93 @@ impl ApiKey {
         self.usage = Arc::clone(&previous.usage);
     }
 
-    /// Admits one request if both rates allow it, spending one request; a refusal spends nothing.
+    /// Admits one request if the budget and both rates allow it, spending one request; a
+    /// refusal spends nothing. With a shared state, Redis decides for all replicas; when it
+    /// is unavailable, this replica's buckets do (or, with `on_failure: refuse`, nobody).
+    pub async fn admit_request(&self) -> Result<RateSnapshot, Refusal> {
+        let shared = self
+            .shared
+            .as_ref()
+            .filter(|_| self.spec.is_limited() || self.spec.budget.is_some());
+        if let Some(shared) = shared {
+            let (period, ends) = self.budget_period().at(crate::unix_now());
+            let limits = Limits {
+                name: &self.spec.name,
+                requests_per_minute: self.spec.requests_per_minute,
+                tokens_per_minute: self.spec.tokens_per_minute,
+                budget: self.spec.budget.map(|budget| (budget.limit, period.as_str())),
+            };
+            match shared.admit(&limits).await {
+                Ok((verdict, levels)) => {
+                    if !self.usage.buckets().unsynced.is_empty() {
+                        self.send_unsynced();
+                    }
+                    return self.take_verdict(verdict, &levels, &period, ends);
+                }
+                Err(Unavailable) if shared.refuses_when_unavailable() => return Err(Refusal::Unavailable),
+                Err(Unavailable) => shared.count_local_decision(),
+            }
+        }
+        self.check_budget().map_err(Refusal::Budget)?;
+        self.admit().map_err(Refusal::Rate)
+    }
+
+    /// What the shared state decided, counted and told as the local check would.
+    fn take_verdict(
+        &self,
+        verdict: Verdict,
+        levels: &Levels,
+        period: &str,
+        ends: Option<u64>,
+    ) -> Result<RateSnapshot, Refusal> {
+        let mut buckets = self.usage.buckets();
+        buckets.spend.roll(self.budget_period(), crate::unix_now());
+        buckets.mirror(levels, period, Instant::now());
+        let refused_by = |limit: Limit, bucket: Option<&Bucket>| {
+            self.usage.refused[limit.index()].fetch_add(1, Ordering::Relaxed);
+            let (per_minute, retry_after) = bucket.map_or((0, Duration::ZERO), |bucket| {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let per_minute = bucket.per_minute as u64;
+                (per_minute, bucket.wait_for(1.0))
+            });
+            Refusal::Rate(RateLimited {
+                key: self.spec.name.clone(),
+                limit,
+                per_minute,
+                retry_after,
+            })
+        };
+        match (verdict, self.spec.budget) {
+            (Verdict::OverBudget, Some(budget)) => {
+                self.usage.over_budget.fetch_add(1, Ordering::Relaxed);
+                Err(Refusal::Budget(BudgetExceeded {
+                    key: self.spec.name.clone(),
+                    budget,
+                    spent: levels.spent.unwrap_or(budget.limit),
+                    renews_at: ends,
+                }))
+            }
+            (Verdict::OutOfTokens, _) => Err(refused_by(Limit::Tokens, buckets.tokens.as_ref())),
+            (Verdict::OutOfRequests, _) => Err(refused_by(Limit::Requests, buckets.requests.as_ref())),
+            (Verdict::Admitted | Verdict::OverBudget, _) => {
+                self.usage.admitted.fetch_add(1, Ordering::Relaxed);
+                Ok(RateSnapshot {
+                    requests: buckets.requests.as_ref().map(Bucket::state),
+                    tokens: buckets.tokens.as_ref().map(Bucket::state),
+                })
+            }
+        }
+    }
+
+    /// The period the key's spend is summed over: its budget's, else `total`.
+    fn budget_period(&self) -> crate::budgets::Period {
+        self.spec
+            .budget
+            .map_or(crate::budgets::Period::Total, |budget| budget.per)
+    }
+
+    /// Admits one request by this replica's buckets alone, if both rates allow it, spending
+    /// one request; a refusal spends nothing.
     pub fn admit(&self) -> Result<RateSnapshot, RateLimited> {
         self.admit_at(Instant::now())
     }
@@ -497,9 +648,65 @@ impl ApiKey {
         price: Option<Price>,
     ) {
         let used = reported.unwrap_or_else(|| estimated_usage(request_bytes, answer_units));
-        self.charge(used.prompt_tokens + used.completion_tokens);
-        if let Some(price) = price {
-            self.with_spend(|spend, _| spend.spent += price.cost(used.prompt_tokens, used.completion_tokens));
+        let tokens = used.prompt_tokens + used.completion_tokens;
+        self.charge(tokens);
+        let cost = price.map_or(0.0, |price| price.cost(used.prompt_tokens, used.completion_tokens));
+        if price.is_some() {
+            self.with_spend(|spend, _| spend.spent += cost);
+        }
+        // Shared only what the shared state limits: tokens per minute and the budget.
+        let shared_cost = if self.spec.budget.is_some() { cost } else { 0.0 };
+        let shared_tokens = if self.spec.tokens_per_minute.is_some() {
+            tokens
+        } else {
+            0
+        };
+        if self.shared.is_some() && (shared_tokens > 0 || shared_cost > 0.0) {
+            let mut buckets = self.usage.buckets();
+            buckets.unsynced.tokens += shared_tokens;
+            buckets.unsynced.cost += shared_cost;
+            drop(buckets);
+            self.send_unsynced();
+        }
+    }
+
+    /// Sends what was charged here and not yet to the shared state, in a task of its own
+    /// (answers are charged where nothing may wait, a stream's end among them); kept for a
+    /// later try if Redis is unavailable, or if there is no runtime to send it from.
+    fn send_unsynced(&self) {
+        let (true, Ok(runtime)) = (self.shared.is_some(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let key = self.clone();
+        runtime.spawn(async move { key.send_charges().await });
+    }
+
+    /// Sends what was charged here and not yet to the shared state; what Redis does not
+    /// take is kept for the next try and returned (tokens, cost), nothing when all went.
+    pub async fn send_charges(&self) -> Option<(u64, f64)> {
+        let shared = self.shared.as_ref()?;
+        let per = self.budget_period();
+        let (period, ends) = per.at(crate::unix_now());
+        let unsynced = std::mem::take(&mut self.usage.buckets().unsynced);
+        if unsynced.is_empty() {
+            return None;
+        }
+        let charge = Charge {
+            name: &self.spec.name,
+            tokens_per_minute: self.spec.tokens_per_minute,
+            tokens: unsynced.tokens,
+            cost: (unsynced.cost > 0.0).then_some((unsynced.cost, period.as_str(), ends)),
+        };
+        let result = shared.charge(&charge).await;
+        let mut buckets = self.usage.buckets();
+        if let Ok(levels) = result {
+            buckets.spend.roll(per, crate::unix_now());
+            buckets.mirror(&levels, &period, Instant::now());
+            None
+        } else {
+            buckets.unsynced.tokens += unsynced.tokens;
+            buckets.unsynced.cost += unsynced.cost;
+            Some((buckets.unsynced.tokens, buckets.unsynced.cost))
         }
     }
 
@@ -521,12 +728,8 @@ impl ApiKey {
     /// `act` on the spend of the budget's current period (a new period starts at zero;
     /// without a budget the period is `total`), given when that period ends.
     fn with_spend<T>(&self, act: impl FnOnce(&mut Spend, Option<u64>) -> T) -> T {
-        let per = self
-            .spec
-            .budget
-            .map_or(crate::budgets::Period::Total, |budget| budget.per);
         let mut buckets = self.usage.buckets();
-        let ends = buckets.spend.roll(per, crate::unix_now());
+        let ends = buckets.spend.roll(self.budget_period(), crate::unix_now());
         act(&mut buckets.spend, ends)
     }
 
@@ -558,10 +761,18 @@ impl ApiKey {
     }
 }
 
-/// The keys of a policy, built from validated specs.
+/// The keys of a policy, built from validated specs, sharing their limits and spend in
+/// `shared` if given.
 #[must_use]
-pub fn build(specs: &[ApiKeySpec]) -> Vec<ApiKey> {
-    specs.iter().cloned().map(ApiKey::new).collect()
+pub fn build(specs: &[ApiKeySpec], shared: Option<&Arc<SharedState>>) -> Vec<ApiKey> {
+    specs
+        .iter()
+        .cloned()
+        .map(|spec| match shared {
+            Some(shared) => ApiKey::sharing(spec, Arc::clone(shared)),
+            None => ApiKey::new(spec),
+        })
+        .collect()
 }
 
 /// Lets each key in `keys` continue the usage of the key of the same name in `previous`.
@@ -886,5 +1097,58 @@ mod tests {
             2,
             "the request's bytes, rounded up"
         );
+    }
+
+    #[test]
+    fn the_shared_levels_are_taken_up_within_this_keys_limits_and_its_period_only() {
+        let key = limited(Some(10), Some(100));
+        let now = Instant::now();
+        let mut buckets = key.usage.buckets();
+        buckets.spend.roll(crate::budgets::Period::Day, 86_400 * 20_000);
+        let period = buckets.spend.period.clone();
+        buckets.mirror(
+            &Levels {
+                requests: Some(3.0),
+                tokens: Some(-40.0),
+                spent: Some(2.5),
+            },
+            &period,
+            now,
+        );
+        assert_eq!(
+            buckets
+                .requests
+                .as_ref()
+                .map(Bucket::state)
+                .map(|state| state.remaining),
+            Some(3)
+        );
+        let tokens = buckets.tokens.as_ref().unwrap();
+        assert!((tokens.level + 40.0).abs() < 1e-9, "a debt is kept: {}", tokens.level);
+        assert!((buckets.spend.spent - 2.5).abs() < 1e-9);
+        // Another period's spend, or a level above this key's limit (a reload lowered it
+        // before Redis heard), is not taken as it is.
+        buckets.mirror(
+            &Levels {
+                requests: Some(50.0),
+                tokens: None,
+                spent: Some(9.0),
+            },
+            "1999-01-01",
+            now,
+        );
+        assert_eq!(
+            buckets
+                .requests
+                .as_ref()
+                .map(Bucket::state)
+                .map(|state| state.remaining),
+            Some(10)
+        );
+        assert!(
+            (buckets.tokens.as_ref().unwrap().level + 40.0).abs() < 1e-9,
+            "no level: left as it was"
+        );
+        assert!((buckets.spend.spent - 2.5).abs() < 1e-9);
     }
 }

@@ -463,6 +463,10 @@ pub struct ServeArgs {
     #[arg(long = "model-alias", env = "ROUTELLM_MODEL_ALIASES", value_name = "NAME=MODEL",
           value_delimiter = ',', value_parser = parse_alias)]
     pub model_aliases: Vec<(String, String)>,
+    /// Share client keys' rate limits and budgets with other replicas in this Redis,
+    /// `redis://[:password@]host:port/db` (see `shared_state` in the config). [default: per process]
+    #[arg(long, env = "ROUTELLM_REDIS_URL", hide_env_values = true, value_name = "URL")]
+    pub redis_url: Option<String>,
     /// Load the configuration, the routers and both models as `serve` would, print what
     /// would be served (no secrets), and exit without listening: for deployment pipelines.
     #[arg(long)]
@@ -1045,6 +1049,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         score_turns: args.score_turns,
         prompt_log: args.prompt_log,
         model_aliases: args.model_aliases,
+        redis_url: args.redis_url.map(Secret::new),
         ..args.common.overrides()
     };
     let reload_overrides = overrides.clone();
@@ -1081,12 +1086,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if config.spend_file.is_some() {
         save_spend_periodically(state.clone());
     }
+    if let Some(shared) = state.shared_state() {
+        // Serving does not wait for Redis: a failed ping is logged (by the shared state)
+        // and requests are decided as `on_failure` says until it answers.
+        if shared.ping().await.is_ok() {
+            tracing::info!(redis = %shared.address(), "client keys' limits and budgets are shared");
+        }
+    }
     tracing::info!(address = %listener.local_addr()?, "routellm listening");
     server::run(listener, state.clone(), shutdown_signal())
         .await
         .context("serving")?;
     // What the last answers cost, so the budgets pick up there after a restart.
     state.save_spend().context("writing spend_file")?;
+    state.send_shared_charges().await;
     tracing::info!("shut down");
     Ok(())
 }
@@ -1331,6 +1344,20 @@ fn describe_access_and_reloads(out: &mut String, config: &Config) {
             out,
             "key spend kept in {} (written every 5 s and at shutdown)",
             path.display()
+        );
+    }
+    if let (Some(shared), false) = (&config.shared_state, config.api_keys.is_empty()) {
+        let _ = writeln!(
+            out,
+            "keys' rate limits and budgets shared in Redis at {} (keys `{}:*`, timeout {} ms, when unavailable: {})",
+            crate::shared_state::SharedState::new(shared)
+                .map_or_else(|_| "?".to_owned(), |state| state.address().to_owned()),
+            shared.key_prefix,
+            shared.timeout_ms,
+            match shared.on_failure {
+                crate::shared_state::OnFailure::Local => "each replica's own buckets",
+                crate::shared_state::OnFailure::Refuse => "refused with 503",
+            }
         );
     }
     if let Some(limit) = config.scoring_timeout {

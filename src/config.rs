@@ -503,6 +503,7 @@ pub struct FileConfig {
     passthrough: PassthroughConfig,
     watch_config_secs: Option<u64>,
     spend_file: Option<PathBuf>,
+    shared_state: Option<crate::shared_state::SharedStateConfig>,
     response_cache: Option<crate::cache::CacheConfig>,
     #[serde(default)]
     router_settings: RouterSettings,
@@ -567,6 +568,9 @@ pub struct Overrides {
     pub prompt_log: Option<PathBuf>,
     /// `--model-alias NAME=MODEL`: added to the file's `model_aliases`, replacing any of the same name.
     pub model_aliases: Vec<(String, String)>,
+    /// `--redis-url`: keys' limits and budgets shared in this Redis (the file's other
+    /// `shared_state` settings still apply).
+    pub redis_url: Option<Secret>,
 }
 
 /// The validated configuration everything else is built from.
@@ -636,6 +640,8 @@ pub struct Config {
     pub watch_config: Option<Duration>,
     /// Where client keys' spend is kept across restarts (for their budgets); none by default.
     pub spend_file: Option<PathBuf>,
+    /// Keys' rate limits and budgets kept in Redis, shared by replicas; per process when `None`.
+    pub shared_state: Option<crate::shared_state::SharedStateConfig>,
     /// Identical requests answered again from memory; off when `None`.
     pub response_cache: Option<crate::cache::CacheConfig>,
     pub router_settings: RouterSettings,
@@ -692,6 +698,7 @@ impl Config {
             ("passthrough", self.passthrough != running.passthrough),
             ("watch_config_secs", self.watch_config != running.watch_config),
             ("spend_file", self.spend_file != running.spend_file),
+            ("shared_state", self.shared_state != running.shared_state),
             ("response_cache", self.response_cache != running.response_cache),
             ("router_settings", self.router_settings != running.router_settings),
         ]
@@ -796,6 +803,13 @@ impl Config {
                 secs => secs.map(Duration::from_secs),
             },
             spend_file: file.spend_file,
+            shared_state: match (overrides.redis_url, file.shared_state) {
+                (Some(redis_url), Some(file)) => Some(crate::shared_state::SharedStateConfig { redis_url, ..file }),
+                (Some(redis_url), None) => Some(crate::shared_state::SharedStateConfig::at(redis_url)),
+                (None, file) => file,
+            }
+            .map(|shared| shared.validate(&|name| std::env::var(name).ok()))
+            .transpose()?,
             response_cache: file.response_cache,
             router_settings: file.router_settings,
         };
@@ -809,6 +823,12 @@ impl Config {
         }
         if let Some(cache) = &self.response_cache {
             cache.validate()?;
+        }
+        if self.shared_state.is_some() && self.spend_file.is_some() {
+            return Err(Error::Config(
+                "spend_file keeps one process's spend, but with shared_state the keys' spend is kept in Redis:                  leave spend_file out (and let Redis persist its data)"
+                    .into(),
+            ));
         }
         if self.routers.is_empty() {
             return Err(Error::Config(
@@ -1467,6 +1487,7 @@ mod tests {
             ("cors_allowed_origins: ['*']\n", "cors_allowed_origins"),
             ("passthrough: {paths: [embeddings]}\n", "passthrough"),
             ("response_cache: {ttl_secs: 60}\n", "response_cache"),
+            ("shared_state: {redis_url: 'redis://127.0.0.1:6379'}\n", "shared_state"),
             ("router_settings: {mf: {artifact: mf-ours}}\n", "router_settings"),
             (
                 "providers: {acme: {base_url: 'https://acme.example/v1'}}\n",
@@ -1479,6 +1500,49 @@ mod tests {
         }
         let more_routers = merge("routers: [random, length]\nthresholds: {random: 0.5}\n");
         assert_eq!(more_routers.restart_changes(&running), ["routers"]);
+    }
+
+    #[test]
+    fn shared_state_from_the_example_the_flag_and_not_beside_a_spend_file() {
+        let merge = |yaml: &str, overrides: Overrides| Config::merge(FileConfig::from_yaml(yaml).unwrap(), overrides);
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")).unwrap();
+        let uncommented = text
+            .replace("# shared_state:\n", "shared_state:\n")
+            .replace(
+                "#   redis_url: ${ROUTELLM_REDIS_URL}",
+                "  redis_url: redis://:pw@redis.internal:6379/1",
+            )
+            .replace("#   key_prefix: routellm", "  key_prefix: routellm")
+            .replace("#   timeout_ms: 100", "  timeout_ms: 100")
+            .replace("#   on_failure: local", "  on_failure: local");
+        let shared = merge(&uncommented, Overrides::default())
+            .unwrap()
+            .shared_state
+            .expect("the example's block loads");
+        assert_eq!(
+            shared,
+            crate::shared_state::SharedStateConfig::at(Secret::new("redis://:pw@redis.internal:6379/1".into()))
+        );
+        // The flag alone, or in place of the file's URL with its other settings kept.
+        let flag = || Overrides {
+            redis_url: Some(Secret::new("redis://10.0.0.9".into())),
+            ..Overrides::default()
+        };
+        let alone = merge("", flag()).unwrap().shared_state.unwrap();
+        assert_eq!(alone.redis_url.expose(), "redis://10.0.0.9");
+        let kept = merge("shared_state: {redis_url: 'redis://file', timeout_ms: 40}\n", flag())
+            .unwrap()
+            .shared_state
+            .unwrap();
+        assert_eq!((kept.redis_url.expose(), kept.timeout_ms), ("redis://10.0.0.9", 40));
+        assert_eq!(merge("", Overrides::default()).unwrap().shared_state, None);
+        let both = merge(
+            "shared_state: {redis_url: 'redis://127.0.0.1'}\nspend_file: /tmp/spend.json\n",
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("leave spend_file out"), "{both}");
     }
 
     #[test]

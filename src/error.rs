@@ -34,6 +34,9 @@ pub enum Error {
     /// The client's API key has spent its budget.
     #[error("{0}")]
     BudgetExceeded(crate::budgets::BudgetExceeded),
+    /// The keys' shared limits (Redis) cannot be reached and `shared_state.on_failure` is `refuse`.
+    #[error("The rate limits could not be checked: their shared store is unavailable. Please retry later.")]
+    LimitsUnavailable,
     /// The request body exceeds the configured limit.
     #[error("Request body too large: the limit is {limit} bytes.")]
     PayloadTooLarge { limit: usize },
@@ -135,7 +138,7 @@ impl Error {
             Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::UpstreamStatus { status, .. } => *status,
-            Error::RouterTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::RouterTimeout { .. } | Error::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Error::Router { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -161,6 +164,7 @@ impl Error {
             | Error::UpstreamProtocol { .. } => "upstream_error",
             Error::Router { .. }
             | Error::RouterTimeout { .. }
+            | Error::LimitsUnavailable
             | Error::Config(_)
             | Error::Io { .. }
             | Error::Internal(_) => "server_error",
@@ -192,6 +196,7 @@ impl Error {
             Error::UpstreamProtocol { .. } => Some("upstream_invalid_response"),
             Error::Router { .. } => Some("router_error"),
             Error::RouterTimeout { .. } => Some("router_timeout"),
+            Error::LimitsUnavailable => Some("limits_unavailable"),
             Error::UnknownUrl { .. } | Error::Config(_) | Error::Io { .. } | Error::Internal(_) => None,
         }
     }

@@ -21,6 +21,7 @@ use crate::prompt_log::PromptLog;
 use crate::providers;
 use crate::request::{Api, ModelRequest};
 use crate::routers::{self, Router, ScoringCost};
+use crate::shared_state::SharedState;
 use crate::strong_share::{MIN_TRACKED_SCORES, ScoreWindow};
 use crate::upstream::{EchoInput, Reply, Upstream, UpstreamRequest};
 
@@ -188,7 +189,7 @@ impl Policy {
         self.routers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
     }
 
-    fn from_config(config: &Config, routers: Arc<Routers>) -> Self {
+    fn from_config(config: &Config, routers: Arc<Routers>, shared_state: Option<&Arc<SharedState>>) -> Self {
         Self {
             routers,
             router_settings: config.router_settings.clone(),
@@ -196,7 +197,7 @@ impl Policy {
             thresholds: config.thresholds.clone(),
             strong_share: config.strong_share.clone(),
             model_aliases: config.model_aliases.clone(),
-            api_keys: crate::api_keys::build(&config.api_keys),
+            api_keys: crate::api_keys::build(&config.api_keys, shared_state),
             on_router_error: config.on_router_error,
             on_upstream_error: config.on_upstream_error,
             score_turns: config.score_turns,
@@ -293,6 +294,8 @@ pub struct Gateway {
     spend_file: Option<std::path::PathBuf>,
     /// Identical requests answered again from memory (`response_cache`).
     cache: Option<Arc<ResponseCache>>,
+    /// Where keys' limits and spend are shared with other replicas (`shared_state`).
+    shared_state: Option<Arc<SharedState>>,
     /// What the server started with: a reload says which of its restart-only settings moved.
     started_with: Box<Config>,
     /// Whether a reload may rebuild routers from `router_settings` (they were built from
@@ -351,6 +354,12 @@ impl Gateway {
             .map(String::as_str)
             .chain(routers::AVAILABLE.iter().copied())
             .collect();
+        let shared_state = config
+            .shared_state
+            .as_ref()
+            .map(SharedState::new)
+            .transpose()?
+            .map(Arc::new);
         let gateway = Self {
             router_stats: known
                 .iter()
@@ -360,7 +369,11 @@ impl Gateway {
                 .iter()
                 .map(|name| ((*name).to_owned(), ScoreWindow::new(config.strong_share_window)))
                 .collect(),
-            policy: RwLock::new(Arc::new(Policy::from_config(config, Arc::new(routers)))),
+            policy: RwLock::new(Arc::new(Policy::from_config(
+                config,
+                Arc::new(routers),
+                shared_state.as_ref(),
+            ))),
             rebuilds_routers: false,
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             pools: [pool(strong)?, pool(weak)?],
@@ -381,6 +394,7 @@ impl Gateway {
                 .response_cache
                 .as_ref()
                 .map(|cache| Arc::new(ResponseCache::new(cache))),
+            shared_state,
             started_with: Box::new(config.clone()),
             started_at: crate::unix_now(),
         };
@@ -395,6 +409,28 @@ impl Gateway {
             )));
         }
         Ok(gateway)
+    }
+
+    /// Where keys' limits and spend are shared with other replicas, if they are.
+    #[must_use]
+    pub fn shared_state(&self) -> Option<&SharedState> {
+        self.shared_state.as_deref()
+    }
+
+    /// Sends the charges Redis has not taken yet (it was unavailable when they were made),
+    /// at a graceful stop; logs what could still not be sent.
+    pub async fn send_shared_charges(&self) {
+        let policy = self.policy();
+        for key in policy.api_keys() {
+            if let Some((tokens, cost)) = key.send_charges().await {
+                tracing::warn!(
+                    key = %key.name(),
+                    tokens,
+                    cost,
+                    "charges this replica made while the shared state was unavailable were not sent to it"
+                );
+            }
+        }
     }
 
     /// What passthrough calls' tokens cost (`passthrough.price_per_million_tokens`).
@@ -465,7 +501,7 @@ impl Gateway {
             Ok(found) => found,
             Err(error) => return refused(error),
         };
-        let mut policy = Policy::from_config(config, routers);
+        let mut policy = Policy::from_config(config, routers, self.shared_state.as_ref());
         if let Err(error) = self.check(&policy) {
             return refused(error);
         }

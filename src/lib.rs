@@ -6,6 +6,7 @@
 //! - [`affinity`]: Responses continuations (`previous_response_id`) sent to the model whose provider stored the conversation.
 //! - [`api_keys`]: client API keys: names, per-key request and token rate limits (OpenAI's 429s), allowed models.
 //! - [`budgets`]: client keys' spending budgets per day, month or in total, kept across restarts in `spend_file`.
+//! - [`shared_state`]: keys' rate limits and budgets kept in Redis, so replicas share them (`shared_state`).
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
 //! - [`cache`]: the opt-in response cache: an identical request answered again from memory, bounded, per key;
 //!   identical requests in flight wait for one answer (streams read it live).
@@ -67,6 +68,7 @@ pub mod rng;
 pub mod routers;
 pub mod scoring;
 pub mod server;
+pub mod shared_state;
 pub mod sse;
 pub mod strong_share;
 pub mod train;

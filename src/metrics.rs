@@ -176,6 +176,24 @@ pub fn render_prompt_log(written: u64, dropped: u64) -> String {
     )
 }
 
+/// The shared state's health: whether Redis answered last, its failed calls, and the
+/// requests this replica decided alone meanwhile.
+#[must_use]
+pub fn render_shared_state((up, errors, local_decisions): (bool, u64, u64)) -> String {
+    format!(
+        "# HELP routellm_shared_state_up Whether the last call to the shared state (Redis) went through.\n\
+         # TYPE routellm_shared_state_up gauge\n\
+         routellm_shared_state_up {}\n\
+         # HELP routellm_shared_state_errors_total Calls to the shared state that failed or timed out.\n\
+         # TYPE routellm_shared_state_errors_total counter\n\
+         routellm_shared_state_errors_total {errors}\n\
+         # HELP routellm_shared_state_local_decisions_total Limited keys' requests this replica admitted or refused by its own buckets while the shared state was unavailable.\n\
+         # TYPE routellm_shared_state_local_decisions_total counter\n\
+         routellm_shared_state_local_decisions_total {local_decisions}\n",
+        u8::from(up)
+    )
+}
+
 /// The response cache's lookups by outcome, what its hits saved, and its memory.
 #[must_use]
 pub fn render_cache(stats: &crate::cache::CacheStats) -> String {

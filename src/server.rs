@@ -295,7 +295,7 @@ async fn complete(
     let received = Instant::now();
     let policy = state.policy();
     let answer = async {
-        let admitted = admit(&policy, headers)?;
+        let admitted = admit(&policy, headers).await?;
         let BodyBytes(body) = body?;
         let completion = state
             .complete_under(&policy, admitted.as_ref().map(|(key, _)| key), api, &body, headers)
@@ -702,13 +702,11 @@ fn authorize(policy: &Policy, headers: &HeaderMap) -> Result<Option<ApiKey>, Err
 
 /// Authorizes a request that will reach a model and admits it under its key's rate limits
 /// (spending one request): the key with its rates, or `None` when no keys are configured.
-fn admit(policy: &Policy, headers: &HeaderMap) -> Result<Option<(ApiKey, RateSnapshot)>, Error> {
+async fn admit(policy: &Policy, headers: &HeaderMap) -> Result<Option<(ApiKey, RateSnapshot)>, Error> {
     let Some(key) = authorize(policy, headers)? else {
         return Ok(None);
     };
-    // The budget first: a key that has spent it gets no request counted against its rates.
-    key.check_budget().map_err(Error::BudgetExceeded)?;
-    let rates = key.admit().map_err(Error::RateLimited)?;
+    let rates = key.admit_request().await?;
     Ok(Some((key, rates)))
 }
 
@@ -763,6 +761,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(cache) = state.cache() {
         text.push_str(&crate::metrics::render_cache(&cache.stats()));
     }
+    if let Some(shared) = state.shared_state() {
+        text.push_str(&crate::metrics::render_shared_state(shared.stats()));
+    }
     if !policy.api_keys().is_empty() {
         text.push_str(&render_api_keys(policy.api_keys()));
     }
@@ -797,7 +798,7 @@ async fn other_route(State(state): State<AppState>, request: Request) -> Respons
     let headers = request.headers().clone();
     let policy = state.policy();
     let answer = async {
-        let admitted = admit(&policy, &headers)?;
+        let admitted = admit(&policy, &headers).await?;
         let BodyBytes(body) = BodyBytes::from_request(request, &state).await?;
         let caller = admitted.map(|admitted| Caller::new(admitted, body.len()));
         let (model, whole) = state

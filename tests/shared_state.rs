@@ -1,0 +1,342 @@
+//! Client keys' limits and budgets shared through a real Redis (`shared_state`): two proxies
+//! in front of the same mock models stand in for two replicas. Needs `redis-server` on the
+//! PATH (Debian's `redis-server` package; `.ci/run` installs it) or named by
+//! `ROUTELLM_TEST_REDIS_SERVER`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{MockUpstream, Proxy, openai_error};
+
+/// A `redis-server` of the test's own on a free loopback port, killed when dropped; it
+/// keeps nothing on disk.
+struct Redis {
+    port: u16,
+    process: Child,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port).await
+    }
+
+    async fn start_on(port: u16) -> Self {
+        let program = std::env::var("ROUTELLM_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        let process = Command::new(&program)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "starting `{program}` ({error}): these tests need a Redis server; install Debian's \
+                     `redis-server` package or set ROUTELLM_TEST_REDIS_SERVER"
+                )
+            });
+        let redis = Self { port, process };
+        let started = Instant::now();
+        while redis.query::<String>(&redis::cmd("PING")).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start on {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> redis::RedisResult<T> {
+        let client = redis::Client::open(self.url())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        command.query_async(&mut connection).await
+    }
+
+    /// What a key has spent in `period` as Redis holds it, once it holds at least `least`
+    /// (charges are sent after the answer, in a task of their own).
+    async fn spent_at_least(&self, key: &str, period: &str, least: f64) -> f64 {
+        let started = Instant::now();
+        loop {
+            let spent: Option<f64> = self
+                .query(redis::cmd("GET").arg(format!("routellm:{{{key}}}:spend:{period}")))
+                .await
+                .unwrap();
+            match spent {
+                Some(spent) if spent >= least => return spent,
+                _ if started.elapsed() > Duration::from_secs(5) => panic!("spend of {key} stayed at {spent:?}"),
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Two replicas: proxies in front of the same two mock models, configured alike by `yaml`.
+async fn replicas(yaml: &str) -> (MockUpstream, Proxy, Proxy) {
+    let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
+    let config = format!(
+        "strong_model: {{name: openai/strong-model, base_url: '{}', api_key: sk-strong, \
+         price_per_million_tokens: {{input: 1000, output: 1000}}}}\n\
+         weak_model: {{name: together_ai/weak-model, base_url: '{}', api_key: sk-weak, \
+         price_per_million_tokens: {{input: 1, output: 1}}}}\n{yaml}",
+        strong.base_url(),
+        weak.base_url()
+    );
+    let first = Proxy::start_config(&config).await;
+    let second = Proxy::start_config(&config).await;
+    (strong, first, second)
+}
+
+async fn post_as(proxy: &Proxy, key: &str) -> reqwest::Response {
+    proxy
+        .client
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(r#"{"model":"router-random-0","messages":[{"role":"user","content":"Hello"}]}"#)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Today's label of a daily budget, as the proxy names its spend in Redis.
+fn today() -> String {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    routellm::budgets::Period::Day.at(unix).0
+}
+
+#[tokio::test]
+async fn two_replicas_admit_one_keys_requests_from_one_bucket() {
+    let redis = Redis::start().await;
+    let (strong, first, second) = replicas(&format!(
+        "shared_state: {{redis_url: '{}'}}\n\
+         api_keys: [{{key: k-team, name: team, requests_per_minute: 3}}, k-open]\n",
+        redis.url()
+    ))
+    .await;
+    // One bucket of three between them: 2, 1, 0 left, whichever replica is asked.
+    for (proxy, remaining) in [(&first, "2"), (&second, "1"), (&first, "0")] {
+        let response = post_as(proxy, "k-team").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-ratelimit-limit-requests"], "3");
+        assert_eq!(response.headers()["x-ratelimit-remaining-requests"], remaining);
+    }
+    for proxy in [&second, &first] {
+        let refused = post_as(proxy, "k-team").await;
+        let wait_ms: u64 = refused.headers()["retry-after-ms"].to_str().unwrap().parse().unwrap();
+        assert!(
+            (15_000..=20_000).contains(&wait_ms),
+            "one request refills in 20 s: {wait_ms}"
+        );
+        let error = openai_error(refused, 429).await;
+        assert_eq!(error["type"], "requests");
+        assert_eq!(error["code"], "rate_limit_exceeded");
+        assert!(error["message"].as_str().unwrap().contains("(RPM): Limit 3"), "{error}");
+    }
+    assert_eq!(strong.received().len(), 3, "refused requests reach no model");
+    // A key without limits asks nothing of Redis and is not held back.
+    assert_eq!(post_as(&second, "k-open").await.status(), 200);
+
+    let (first_metrics, second_metrics) = (first.metrics().await, second.metrics().await);
+    assert_eq!(
+        metric(&first_metrics, r#"routellm_key_requests_total{key="team"}"#),
+        2.0
+    );
+    assert_eq!(
+        metric(&second_metrics, r#"routellm_key_requests_total{key="team"}"#),
+        1.0
+    );
+    for text in [&first_metrics, &second_metrics] {
+        assert_eq!(
+            metric(text, r#"routellm_key_rate_limited_total{key="team",limit="requests"}"#),
+            1.0
+        );
+        assert_eq!(metric(text, "routellm_shared_state_up"), 1.0);
+        assert_eq!(metric(text, "routellm_shared_state_errors_total"), 0.0);
+        assert_eq!(metric(text, "routellm_shared_state_local_decisions_total"), 0.0);
+    }
+    // Redis holds the bucket under the key's name (never the key), and lets it expire.
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*")).await.unwrap();
+    assert_eq!(keys, ["routellm:{team}:requests"]);
+    let ttl_ms: i64 = redis.query(redis::cmd("PTTL").arg(&keys[0])).await.unwrap();
+    assert!((55_000..=61_000).contains(&ttl_ms), "expires once refilled: {ttl_ms}");
+}
+
+#[tokio::test]
+async fn tokens_and_spend_charged_on_one_replica_hold_back_the_other() {
+    let redis = Redis::start().await;
+    // The mock's answer reports 4 tokens at 1000 per million: 0.004 each.
+    let (strong, first, second) = replicas(&format!(
+        "shared_state: {{redis_url: '{}'}}\n\
+         api_keys: [{{key: k-tokens, name: tokens, tokens_per_minute: 6}}, \
+         {{key: k-budget, name: budget, budget: {{limit: 0.006, per: day}}}}]\n",
+        redis.url()
+    ))
+    .await;
+    let period = today();
+
+    // Tokens: 4 of 6 on the first replica, 4 more on the second (admitted with 2 left),
+    // then -2: the first refuses, though it has charged only 4 itself.
+    assert_eq!(post_as(&first, "k-tokens").await.status(), 200);
+    let bucket = "routellm:{tokens}:tokens";
+    let started = Instant::now();
+    while redis
+        .query::<Option<f64>>(redis::cmd("HGET").arg(bucket).arg("level"))
+        .await
+        .unwrap()
+        .is_none_or(|level| level > 2.5)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the charge never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second_answer = post_as(&second, "k-tokens").await;
+    assert_eq!(second_answer.headers()["x-ratelimit-remaining-tokens"], "2");
+    second_answer.text().await.unwrap();
+    let started = Instant::now();
+    let refused = loop {
+        let response = post_as(&first, "k-tokens").await;
+        if response.status() == 429 {
+            break response;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the second charge never held the first back"
+        );
+        response.text().await.unwrap();
+    };
+    let error = openai_error(refused, 429).await;
+    assert_eq!(error["type"], "tokens");
+    assert!(error["message"].as_str().unwrap().contains("(TPM): Limit 6"), "{error}");
+
+    // Budget: 0.004 spent through the first replica, 0.008 through the second, which then
+    // refuses; so does the first, which has spent only 0.004 itself.
+    let calls = strong.received().len();
+    assert_eq!(post_as(&first, "k-budget").await.status(), 200);
+    redis.spent_at_least("budget", &period, 0.004).await;
+    assert_eq!(post_as(&second, "k-budget").await.status(), 200);
+    let spent = redis.spent_at_least("budget", &period, 0.008).await;
+    assert!((spent - 0.008).abs() < 1e-9, "{spent}");
+    for proxy in [&first, &second] {
+        let error = openai_error(post_as(proxy, "k-budget").await, 429).await;
+        assert_eq!(error["code"], "insufficient_quota");
+        assert!(
+            error["message"].as_str().unwrap().contains("has spent 0.0080"),
+            "{error}"
+        );
+    }
+    assert_eq!(strong.received().len(), calls + 2);
+    // Each replica's /metrics shows the shared spend, as it last heard it from Redis.
+    for proxy in [&first, &second] {
+        let text = proxy.metrics().await;
+        let shown = metric(
+            &text,
+            &format!(r#"routellm_key_spend{{key="budget",period="{period}"}}"#),
+        );
+        assert!((shown - 0.008).abs() < 1e-9, "{shown}");
+    }
+    let ttl: i64 = redis
+        .query(redis::cmd("TTL").arg(format!("routellm:{{budget}}:spend:{period}")))
+        .await
+        .unwrap();
+    assert!(
+        (86_400..=2 * 86_400).contains(&ttl),
+        "kept a day past the period's end: {ttl}"
+    );
+}
+
+#[tokio::test]
+async fn while_redis_is_down_each_replica_decides_and_its_charges_reach_redis_later() {
+    let mut redis = Redis::start().await;
+    let port = redis.port;
+    let (_strong, first, _second) = replicas(&format!(
+        "shared_state: {{redis_url: '{}', timeout_ms: 200}}\n\
+         api_keys: [{{key: k-team, name: team, requests_per_minute: 100, budget: {{limit: 1, per: day}}}}]\n",
+        redis.url()
+    ))
+    .await;
+    let period = today();
+    assert_eq!(post_as(&first, "k-team").await.status(), 200);
+    redis.spent_at_least("team", &period, 0.004).await;
+
+    let _ = redis.process.kill();
+    let _ = redis.process.wait();
+    // Admitted by the replica's own bucket, which goes on from what Redis last said.
+    let response = post_as(&first, "k-team").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "98");
+    response.text().await.unwrap();
+    let text = first.metrics().await;
+    assert_eq!(metric(&text, "routellm_shared_state_up"), 0.0);
+    assert!(metric(&text, "routellm_shared_state_errors_total") >= 1.0);
+    assert_eq!(metric(&text, "routellm_shared_state_local_decisions_total"), 1.0);
+
+    // Redis back (empty: it kept nothing): after the pause the next request goes through
+    // it, and the spend charged meanwhile is sent with it.
+    redis = Redis::start_on(port).await;
+    tokio::time::sleep(routellm::shared_state::RETRY_AFTER + Duration::from_millis(100)).await;
+    assert_eq!(post_as(&first, "k-team").await.status(), 200);
+    let spent = redis.spent_at_least("team", &period, 0.008).await;
+    assert!(
+        (spent - 0.008).abs() < 1e-9,
+        "the answer while down and the one after: {spent}"
+    );
+    assert_eq!(metric(&first.metrics().await, "routellm_shared_state_up"), 1.0);
+}
+
+#[tokio::test]
+async fn with_on_failure_refuse_limited_keys_get_503_while_redis_is_unavailable() {
+    let closed = common::closed_port().await;
+    let (strong, proxy, _) = replicas(&format!(
+        "shared_state: {{redis_url: 'redis://127.0.0.1:{closed}', on_failure: refuse, timeout_ms: 200}}\n\
+         api_keys: [{{key: k-team, name: team, requests_per_minute: 100}}, k-open]\n"
+    ))
+    .await;
+    let refused = post_as(&proxy, "k-team").await;
+    let error = openai_error(refused, 503).await;
+    assert_eq!(error["type"], "server_error");
+    assert_eq!(error["code"], "limits_unavailable");
+    assert!(strong.received().is_empty());
+    // Nothing to share for a key without limits: it is served.
+    assert_eq!(post_as(&proxy, "k-open").await.status(), 200);
+}
