@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderValue, header};
 use bytes::Bytes;
 use futures_util::Stream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -43,6 +43,7 @@ use crate::error::Error;
 use crate::gateway::{RouteDecision, Tier};
 use crate::model_name::ModelTarget;
 use crate::request::{Api, ModelRequest};
+use crate::shared_state::SharedState;
 use crate::upstream::ByteStream;
 use crate::usage::{SseUsageScanner, Usage};
 
@@ -70,6 +71,10 @@ pub struct CacheConfig {
     /// that one's stream as it is written).
     #[serde(default = "default_coalesce")]
     pub coalesce: bool,
+    /// Whether answers are also kept in the shared state's Redis, so every replica answers
+    /// from what any of them was answered (needs `shared_state`).
+    #[serde(default)]
+    pub redis: bool,
 }
 
 fn default_coalesce() -> bool {
@@ -174,6 +179,17 @@ impl CacheOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheKey([u8; 32]);
 
+impl CacheKey {
+    /// In hex: its name in Redis.
+    fn hex(&self) -> String {
+        use std::fmt::Write as _;
+        self.0.iter().fold(String::with_capacity(64), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
+    }
+}
+
 /// One cached answer and what the proxy had decided for it.
 #[derive(Debug, Clone)]
 pub struct CachedAnswer {
@@ -246,6 +262,10 @@ pub struct ResponseCache {
     saved_tokens: [AtomicU64; 2],
     /// What those tokens would have cost at the answering model's price (f64 bits).
     saved_cost: AtomicU64,
+    /// Where answers are also kept for other replicas (`redis: true`).
+    remote: Option<Arc<SharedState>>,
+    /// Hits on answers found in Redis.
+    remote_hits: AtomicU64,
 }
 
 /// The cache's counters at one moment, for `/metrics`.
@@ -264,6 +284,8 @@ pub struct CacheStats {
     pub saved_prompt_tokens: u64,
     pub saved_completion_tokens: u64,
     pub saved_cost: f64,
+    /// Of the hits, those on answers found in the shared state's Redis.
+    pub shared_hits: u64,
 }
 
 impl ResponseCache {
@@ -283,7 +305,38 @@ impl ResponseCache {
             evictions: AtomicU64::new(0),
             saved_tokens: std::array::from_fn(|_| AtomicU64::new(0)),
             saved_cost: AtomicU64::new(0),
+            remote: None,
+            remote_hits: AtomicU64::new(0),
         }
+    }
+
+    /// The cache with its answers also kept in `shared`'s Redis, for every replica.
+    #[must_use]
+    pub fn sharing(self, shared: Arc<SharedState>) -> Self {
+        Self {
+            remote: Some(shared),
+            ..self
+        }
+    }
+
+    /// After a miss here: the answer another replica (or this one, before a restart) left
+    /// in Redis, kept here too, counted as a hit; `None` without one or without `redis`.
+    pub async fn get_remote(&self, key: &CacheKey) -> Option<(Arc<CachedAnswer>, Duration)> {
+        let remote = self.remote.as_ref()?;
+        let stored = remote.get_bytes(&remote.cache_key(&key.hex())).await.ok()??;
+        let Some((answer, stored_at_ms)) = RemoteEntry::decode(&stored) else {
+            tracing::debug!("a cached answer in Redis is not one this build reads; asking the model");
+            return None;
+        };
+        let age = Duration::from_millis(unix_millis().saturating_sub(stored_at_ms));
+        if age >= self.ttl {
+            return None;
+        }
+        let stored_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        self.insert_at(*key, answer, stored_at);
+        let found = self.get(key)?;
+        self.remote_hits.fetch_add(1, Ordering::Relaxed);
+        Some(found)
     }
 
     /// Whether requests to `api` are cached at all.
@@ -411,7 +464,23 @@ impl ResponseCache {
 
     /// Keeps `answer` for `key` (replacing what was there), evicting the least recently
     /// used answers past the memory bound; an answer over an eighth of it is not kept.
+    /// With `redis`, it is also sent there (in a task of its own) for the other replicas.
     pub fn insert(&self, key: CacheKey, answer: CachedAnswer) {
+        if answer.bytes() > self.max_entry_bytes {
+            return;
+        }
+        if let (Some(remote), Ok(runtime)) = (&self.remote, tokio::runtime::Handle::try_current()) {
+            let (remote, ttl) = (Arc::clone(remote), self.ttl);
+            let (name, value) = (
+                remote.cache_key(&key.hex()),
+                RemoteEntry::encode(&answer, unix_millis()),
+            );
+            runtime.spawn(async move { remote.set_bytes(&name, &value, ttl).await });
+        }
+        self.insert_at(key, answer, Instant::now());
+    }
+
+    fn insert_at(&self, key: CacheKey, answer: CachedAnswer, stored_at: Instant) {
         let bytes = answer.bytes();
         if bytes > self.max_entry_bytes {
             return;
@@ -425,7 +494,7 @@ impl ResponseCache {
             key,
             Slot {
                 answer: Arc::new(answer),
-                stored_at: Instant::now(),
+                stored_at,
                 used,
                 bytes,
             },
@@ -495,6 +564,7 @@ impl ResponseCache {
             saved_prompt_tokens: load(&self.saved_tokens[0]),
             saved_completion_tokens: load(&self.saved_tokens[1]),
             saved_cost: f64::from_bits(load(&self.saved_cost)),
+            shared_hits: load(&self.remote_hits),
         }
     }
 
@@ -502,6 +572,128 @@ impl ResponseCache {
         // The entries stay consistent at every await-free step, so a panic elsewhere while
         // holding the lock leaves nothing half-done worth refusing to serve over.
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Milliseconds since the Unix epoch: when an answer was kept, as every replica reads it.
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A cached answer as Redis keeps it: this header as one JSON line, then the body's bytes.
+#[derive(Debug, Serialize, Deserialize)]
+struct RemoteEntry {
+    /// This layout's version: an entry of another is not read (a miss).
+    version: u32,
+    stored_at_ms: u64,
+    content_type: Option<String>,
+    decision: Option<RemoteDecision>,
+    model: String,
+    answered_by: RemoteTier,
+    deployment: usize,
+    price: Option<[f64; 2]>,
+    usage: Option<[u64; 2]>,
+}
+
+/// A cached answer's routing decision: only a router's own choices are kept (not
+/// fallbacks or pinned continuations), so those flags are not stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct RemoteDecision {
+    router: String,
+    threshold: f64,
+    win_rate: f64,
+    tier: RemoteTier,
+    model: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RemoteTier {
+    Strong,
+    Weak,
+}
+
+impl From<Tier> for RemoteTier {
+    fn from(tier: Tier) -> Self {
+        match tier {
+            Tier::Strong => RemoteTier::Strong,
+            Tier::Weak => RemoteTier::Weak,
+        }
+    }
+}
+
+impl From<RemoteTier> for Tier {
+    fn from(tier: RemoteTier) -> Self {
+        match tier {
+            RemoteTier::Strong => Tier::Strong,
+            RemoteTier::Weak => Tier::Weak,
+        }
+    }
+}
+
+impl RemoteEntry {
+    const VERSION: u32 = 1;
+
+    fn encode(answer: &CachedAnswer, stored_at_ms: u64) -> Vec<u8> {
+        let header = RemoteEntry {
+            version: Self::VERSION,
+            stored_at_ms,
+            content_type: answer
+                .content_type
+                .as_ref()
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned),
+            decision: answer.decision.as_ref().map(|decision| RemoteDecision {
+                router: decision.router.clone(),
+                threshold: decision.threshold,
+                win_rate: decision.win_rate,
+                tier: decision.tier.into(),
+                model: decision.model.clone(),
+            }),
+            model: answer.model.clone(),
+            answered_by: answer.answered_by.into(),
+            deployment: answer.deployment,
+            price: answer.price.map(|price| [price.input, price.output]),
+            usage: answer.usage.map(|usage| [usage.prompt_tokens, usage.completion_tokens]),
+        };
+        // A struct of plain fields always serialises; compact JSON has no raw newline.
+        let mut encoded = serde_json::to_vec(&header).unwrap_or_default();
+        encoded.push(b'\n');
+        encoded.extend_from_slice(&answer.body);
+        encoded
+    }
+
+    fn decode(stored: &[u8]) -> Option<(CachedAnswer, u64)> {
+        let split = memchr::memchr(b'\n', stored)?;
+        let header: RemoteEntry = serde_json::from_slice(&stored[..split]).ok()?;
+        if header.version != Self::VERSION {
+            return None;
+        }
+        let answer = CachedAnswer {
+            body: Bytes::copy_from_slice(&stored[split + 1..]),
+            content_type: header.content_type.and_then(|value| HeaderValue::from_str(&value).ok()),
+            decision: header.decision.map(|decision| RouteDecision {
+                router: decision.router,
+                threshold: decision.threshold,
+                win_rate: decision.win_rate,
+                tier: decision.tier.into(),
+                model: decision.model,
+                fallback: false,
+                upstream_fallback: false,
+                pinned: false,
+            }),
+            model: header.model,
+            answered_by: header.answered_by.into(),
+            deployment: header.deployment,
+            price: header.price.map(|[input, output]| Price { input, output }),
+            usage: header.usage.map(|[prompt_tokens, completion_tokens]| Usage {
+                prompt_tokens,
+                completion_tokens,
+            }),
+        };
+        Some((answer, header.stored_at_ms))
     }
 }
 
@@ -846,6 +1038,7 @@ mod tests {
             max_mb,
             scope: CacheScope::Key,
             coalesce: true,
+            redis: false,
         })
     }
 
@@ -915,6 +1108,7 @@ mod tests {
             max_mb: 1,
             scope: CacheScope::Shared,
             coalesce: true,
+            redis: false,
         });
         let body = r#"{"model":"a","messages":[{"role":"user","content":"hi"}]}"#;
         assert_eq!(
@@ -951,6 +1145,7 @@ mod tests {
             max_mb: 1,
             scope: CacheScope::Key,
             coalesce: true,
+            redis: false,
         });
         brief.insert(keys[0], answer("{}"));
         assert!(brief.get(&keys[0]).is_some());
@@ -1040,6 +1235,7 @@ mod tests {
             max_mb: 1,
             scope: CacheScope::Key,
             coalesce: false,
+            redis: false,
         }));
         assert!(off.join_flight(key).is_none());
     }
@@ -1124,6 +1320,7 @@ mod tests {
             max_mb: 1,
             scope: CacheScope::Key,
             coalesce: true,
+            redis: false,
         }));
         let key = key_of(&cache, None, &ROUTED, STREAMED);
         let (feed, leader, waiting) = leader_and_follower(&cache, key);
@@ -1212,5 +1409,47 @@ mod tests {
         partial.next().await;
         drop(partial);
         assert!(cache.get(&key).is_none());
+    }
+
+    #[test]
+    fn an_answer_kept_in_redis_reads_back_as_it_was_kept() {
+        let mut kept = answer("line one\nline two\u{0}\u{fffd}");
+        kept.content_type = Some(HeaderValue::from_static("text/event-stream"));
+        kept.decision = Some(RouteDecision {
+            router: "mf".into(),
+            threshold: 0.116,
+            win_rate: 0.421_875,
+            tier: Tier::Strong,
+            model: "openai/gpt-4o".into(),
+            fallback: false,
+            upstream_fallback: false,
+            pinned: false,
+        });
+        (kept.answered_by, kept.deployment) = (Tier::Strong, 1);
+        kept.price = Some(Price {
+            input: 2.5,
+            output: 10.0,
+        });
+        kept.usage = Some(Usage {
+            prompt_tokens: 12,
+            completion_tokens: 34,
+        });
+        let encoded = RemoteEntry::encode(&kept, 1_765_000_000_123);
+        let (read, stored_at_ms) = RemoteEntry::decode(&encoded).unwrap();
+        assert_eq!(stored_at_ms, 1_765_000_000_123);
+        assert_eq!(read.body, kept.body);
+        assert_eq!(read.content_type, kept.content_type);
+        assert_eq!(read.decision, kept.decision);
+        assert_eq!(
+            (read.model, read.answered_by, read.deployment),
+            (kept.model.clone(), kept.answered_by, kept.deployment)
+        );
+        assert_eq!(read.price, kept.price);
+        assert_eq!(read.usage, kept.usage);
+        // Another layout's entry, or no entry at all, is a miss.
+        let newer = String::from_utf8_lossy(&encoded).replacen("\"version\":1", "\"version\":2", 1);
+        assert!(RemoteEntry::decode(newer.as_bytes()).is_none());
+        assert!(RemoteEntry::decode(b"not an entry").is_none());
+        assert!(RemoteEntry::decode(b"{}\nbody").is_none());
     }
 }

@@ -1483,6 +1483,9 @@ fn describe_setup(config: &Config, gateway: &Gateway, address: SocketAddr) -> St
         } else {
             "  identical requests in flight together each call the model (coalesce: false)\n"
         });
+        if cache.redis {
+            out.push_str("  answers also kept in the shared state's Redis, for every replica\n");
+        }
     }
     out
 }

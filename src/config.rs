@@ -824,6 +824,13 @@ impl Config {
         if let Some(cache) = &self.response_cache {
             cache.validate()?;
         }
+        if self.response_cache.is_some_and(|cache| cache.redis) && self.shared_state.is_none() {
+            return Err(Error::Config(
+                "response_cache.redis keeps answers in the shared state's Redis: configure shared_state \
+                 (or --redis-url) too"
+                    .into(),
+            ));
+        }
         if self.shared_state.is_some() && self.spend_file.is_some() {
             return Err(Error::Config(
                 "spend_file keeps one process's spend, but with shared_state the keys' spend is kept in Redis:                  leave spend_file out (and let Redis persist its data)"
@@ -1554,7 +1561,8 @@ mod tests {
             .replace("#   ttl_secs: 3600", "  ttl_secs: 3600")
             .replace("#   max_mb: 256", "  max_mb: 256")
             .replace("#   scope: key", "  scope: key")
-            .replace("#   coalesce: true", "  coalesce: true");
+            .replace("#   coalesce: true", "  coalesce: true")
+            .replace("#   redis: false", "  redis: false");
         let cache = merge(&uncommented)
             .unwrap()
             .response_cache
@@ -1566,6 +1574,7 @@ mod tests {
                 max_mb: 256,
                 scope: crate::cache::CacheScope::Key,
                 coalesce: true,
+                redis: false,
             }
         );
         assert_eq!(merge("response_cache: {}\n").unwrap().response_cache, Some(cache));
@@ -1583,6 +1592,10 @@ mod tests {
             let error = merge(yaml).unwrap_err().to_string();
             assert!(error.contains(expected), "{yaml}: {error}");
         }
+        let unshared = merge("response_cache: {redis: true}\n").unwrap_err().to_string();
+        assert!(unshared.contains("configure shared_state"), "{unshared}");
+        let shared = merge("response_cache: {redis: true}\nshared_state: {redis_url: 'redis://127.0.0.1'}\n").unwrap();
+        assert_eq!(shared.response_cache.map(|cache| cache.redis), Some(true));
         assert!(FileConfig::from_yaml("response_cache: {scope: global}\n").is_err());
         assert!(FileConfig::from_yaml("response_cache: {ttl: 60}\n").is_err());
     }

@@ -390,10 +390,13 @@ impl Gateway {
             passthrough: config.passthrough.clone(),
             affinity,
             spend_file: config.spend_file.clone(),
-            cache: config
-                .response_cache
-                .as_ref()
-                .map(|cache| Arc::new(ResponseCache::new(cache))),
+            cache: config.response_cache.as_ref().map(|cache| {
+                let local = ResponseCache::new(cache);
+                Arc::new(match shared_state.as_ref().filter(|_| cache.redis) {
+                    Some(shared) => local.sharing(Arc::clone(shared)),
+                    None => local,
+                })
+            }),
             shared_state,
             started_with: Box::new(config.clone()),
             started_at: crate::unix_now(),
@@ -1192,6 +1195,9 @@ impl Gateway {
         let mut flight = None;
         if let Some((_, key)) = storing.as_ref().filter(|_| directive == Directive::Use) {
             if let Some((answer, age)) = cache.get(key) {
+                return Lookup::Hit(Box::new(Completion::from_cache(&answer, age)));
+            }
+            if let Some((answer, age)) = cache.get_remote(key).await {
                 return Lookup::Hit(Box::new(Completion::from_cache(&answer, age)));
             }
             match cache.join_flight(*key) {

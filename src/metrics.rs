@@ -214,8 +214,11 @@ pub fn render_cache(stats: &crate::cache::CacheStats) -> String {
         out,
         "# HELP routellm_cache_coalesced_total Of the hits, those that waited for an identical request being answered instead of calling the model too.\n\
          # TYPE routellm_cache_coalesced_total counter\n\
-         routellm_cache_coalesced_total {}\n",
-        stats.coalesced
+         routellm_cache_coalesced_total {}\n\
+         # HELP routellm_cache_shared_hits_total Of the hits, those on answers found in the shared state's Redis (with response_cache.redis): kept by another replica, or before a restart.\n\
+         # TYPE routellm_cache_shared_hits_total counter\n\
+         routellm_cache_shared_hits_total {}\n",
+        stats.coalesced, stats.shared_hits
     );
     out.push_str(
         "# HELP routellm_cache_saved_tokens_total Tokens the cached answers reported, counted again for each hit: what the models did not have to spend.\n\

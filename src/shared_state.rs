@@ -402,11 +402,33 @@ impl SharedState {
             .map_err(|error| self.failed(&error.to_string()))
     }
 
+    /// The Redis key of a cached answer (see [`crate::cache`]), by its cache key in hex.
+    #[must_use]
+    pub fn cache_key(&self, hex: &str) -> String {
+        format!("{}:cache:{hex}", self.key_prefix)
+    }
+
+    /// The value at `key`, if there is one.
+    pub async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, Unavailable> {
+        let command = redis::cmd("GET").arg(key).clone();
+        self.call(self.timeout, |mut connection| async move {
+            command.query_async(&mut connection).await
+        })
+        .await
+    }
+
+    /// Sets `key` to `value` for `ttl`. Given longer than a request waits (at least 2 s): a
+    /// large answer takes a while to send, and nobody is waiting on it.
+    pub async fn set_bytes(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), Unavailable> {
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let command = redis::cmd("SET").arg(key).arg(value).arg("PX").arg(millis).clone();
+        self.call(self.timeout.max(Duration::from_secs(2)), |mut connection| async move {
+            command.query_async::<()>(&mut connection).await
+        })
+        .await
+    }
+
     async fn run(&self, script: &redis::Script, keys: &[String], args: &[String]) -> Result<Vec<String>, Unavailable> {
-        if self.millis_since_epoch() < self.paused_until_ms.load(Ordering::Relaxed) {
-            return Err(Unavailable);
-        }
-        let mut connection = self.connection().await?.clone();
         let mut invocation = script.prepare_invoke();
         for key in keys {
             invocation.key(key);
@@ -414,7 +436,24 @@ impl SharedState {
         for arg in args {
             invocation.arg(arg);
         }
-        match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<String>>(&mut connection)).await {
+        self.call(self.timeout, |mut connection| async move {
+            invocation.invoke_async::<Vec<String>>(&mut connection).await
+        })
+        .await
+    }
+
+    /// Runs `call` on the connection within `timeout`, unless Redis is being left alone
+    /// after a failure; a failure (or no answer in time) pauses it for [`RETRY_AFTER`].
+    async fn call<T, F, Answer>(&self, timeout: Duration, call: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Answer,
+        Answer: Future<Output = redis::RedisResult<T>>,
+    {
+        if self.millis_since_epoch() < self.paused_until_ms.load(Ordering::Relaxed) {
+            return Err(Unavailable);
+        }
+        let connection = self.connection().await?.clone();
+        match tokio::time::timeout(timeout, call(connection)).await {
             Ok(Ok(reply)) => {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!(redis = %self.address, "shared state reachable again: limits and budgets are shared");
@@ -422,7 +461,7 @@ impl SharedState {
                 Ok(reply)
             }
             Ok(Err(error)) => Err(self.failed(&error.to_string())),
-            Err(_) => Err(self.failed(&format!("no answer within {} ms", self.timeout.as_millis()))),
+            Err(_) => Err(self.failed(&format!("no answer within {} ms", timeout.as_millis()))),
         }
     }
 

@@ -340,3 +340,64 @@ async fn with_on_failure_refuse_limited_keys_get_503_while_redis_is_unavailable(
     // Nothing to share for a key without limits: it is served.
     assert_eq!(post_as(&proxy, "k-open").await.status(), 200);
 }
+
+/// The cached answers Redis holds, once it holds `count` (they are sent after the answer).
+async fn cached_in_redis(redis: &Redis, count: usize) -> Vec<String> {
+    let started = Instant::now();
+    loop {
+        let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("routellm:cache:*")).await.unwrap();
+        if keys.len() >= count {
+            return keys;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "Redis holds {keys:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_answer_cached_by_one_replica_is_given_again_by_the_other() {
+    let redis = Redis::start().await;
+    let (strong, first, second) = replicas(&format!(
+        "shared_state: {{redis_url: '{}'}}\nresponse_cache: {{ttl_secs: 600, redis: true}}\n",
+        redis.url()
+    ))
+    .await;
+    let whole = r#"{"model":"router-random-0","messages":[{"role":"user","content":"Cache me"}]}"#;
+    let streamed = r#"{"model":"router-random-0","stream":true,"messages":[{"role":"user","content":"Cache me"}]}"#;
+
+    let answered = first.post_chat(whole).await;
+    assert_eq!(answered.headers()["x-routellm-cache"], "miss");
+    let answer = answered.text().await.unwrap();
+    let keys = cached_in_redis(&redis, 1).await;
+    let ttl: i64 = redis.query(redis::cmd("TTL").arg(&keys[0])).await.unwrap();
+    assert!((590..=600).contains(&ttl), "kept in Redis for ttl_secs: {ttl}");
+
+    let again = second.post_chat(whole).await;
+    assert_eq!(again.headers()["x-routellm-cache"], "hit");
+    assert!(again.headers().contains_key("age"));
+    // The decision the first replica made, given as it gave it.
+    assert_eq!(again.headers()["x-routellm-model"], "openai/strong-model");
+    assert_eq!(again.headers()["x-routellm-router"], "random");
+    assert_eq!(again.headers()["x-routellm-tier"], "strong");
+    assert_eq!(again.text().await.unwrap(), answer);
+
+    // A stream is kept once it has ended, and given again by the other replica as it was.
+    let first_stream = first.post_chat(streamed).await.text().await.unwrap();
+    assert!(first_stream.ends_with("data: [DONE]\n\n"), "{first_stream}");
+    cached_in_redis(&redis, 2).await;
+    let second_stream = second.post_chat(streamed).await;
+    assert_eq!(second_stream.headers()["x-routellm-cache"], "hit");
+    assert_eq!(second_stream.text().await.unwrap(), first_stream);
+    assert_eq!(
+        strong.received().len(),
+        2,
+        "one model call per question, for both replicas"
+    );
+
+    let text = second.metrics().await;
+    assert_eq!(metric(&text, "routellm_cache_shared_hits_total"), 2.0);
+    assert_eq!(metric(&text, r#"routellm_cache_requests_total{result="hit"}"#), 2.0);
+    // Now kept by the second replica too: asked again, it answers from its own memory.
+    assert_eq!(second.post_chat(whole).await.headers()["x-routellm-cache"], "hit");
+    assert_eq!(metric(&second.metrics().await, "routellm_cache_shared_hits_total"), 2.0);
+}
