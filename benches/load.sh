@@ -123,6 +123,39 @@ cached=$(wait_for_address "$work/cache.log")
 run "cache on, sw_ranking, all hits" "http://$cached" "router-sw_ranking-0.5" false
 run_script "cache on, sw_ranking, all new" "http://$cached" "$(distinct_lua router-sw_ranking-0.5)" "$connections"
 run_script "cache off, sw_ranking, all new" "http://$proxy" "$(distinct_lua router-sw_ranking-0.5)" "$connections"
+
+# A client key with request and token limits and a budget: counted in this process, or
+# shared with other replicas in Redis (`shared_state`: one Lua script per admission and
+# one per answer's charge). Needs redis-server (apt-get install redis-server).
+if command -v redis-server >/dev/null; then
+  redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+  for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  for mode in local shared; do
+    cat > "$work/limits-$mode.yaml" <<YAML
+strong_model: {name: openai/strong, base_url: "http://$upstream/v1", api_key: sk-bench, price_per_million_tokens: {input: 1, output: 1}}
+weak_model: {name: openai/weak, base_url: "http://$upstream/v1", api_key: sk-bench, price_per_million_tokens: {input: 1, output: 1}}
+api_keys: [{key: sk-team, name: team, requests_per_minute: 100000000, tokens_per_minute: 1000000000, budget: {limit: 1000000, per: day}}]
+YAML
+    [ "$mode" = shared ] && echo "shared_state: {redis_url: 'redis://127.0.0.1:$redis_port'}" >> "$work/limits-$mode.yaml"
+    "$bin" serve --host 127.0.0.1 --port 0 --routers random --config "$work/limits-$mode.yaml" 2>"$work/limits-$mode.log" & pids+=($!)
+  done
+  limits_local=$(wait_for_address "$work/limits-local.log")
+  limits_shared=$(wait_for_address "$work/limits-shared.log")
+  keyed="$work/keyed.lua"
+  cat > "$keyed" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-team"
+wrk.body = '{"model":"router-random-0.5","messages":[{"role":"user","content":"$prompt"}]}'
+LUA
+  run_script "key limits, per process" "http://$limits_local" "$keyed" "$connections"
+  run_script "key limits, in Redis" "http://$limits_shared" "$keyed" "$connections"
+  run_script "key limits, per process, 1 conn" "http://$limits_local" "$keyed" 1
+  run_script "key limits, in Redis, 1 conn" "http://$limits_shared" "$keyed" 1
+else
+  echo "(redis-server not found: key limits shared in Redis not measured)"
+fi
 echo
 echo "streaming time to first byte (median of 50, ms): direct $(ttfb "http://$upstream" mock), proxy $(ttfb "http://$proxy" router-random-0.5)"
 echo "proxy peak RSS (random + mf + sw_ranking loaded): $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$proxy_pid/status)"
