@@ -401,3 +401,33 @@ async fn an_answer_cached_by_one_replica_is_given_again_by_the_other() {
     assert_eq!(second.post_chat(whole).await.headers()["x-routellm-cache"], "hit");
     assert_eq!(metric(&second.metrics().await, "routellm_cache_shared_hits_total"), 2.0);
 }
+
+#[tokio::test]
+async fn a_burst_at_both_replicas_at_once_is_admitted_exactly_to_the_limit() {
+    let redis = Redis::start().await;
+    let (strong, first, second) = replicas(&format!(
+        "shared_state: {{redis_url: '{}'}}\napi_keys: [{{key: k-team, name: team, requests_per_minute: 30}}]\n",
+        redis.url()
+    ))
+    .await;
+    // 80 requests at once, half at each replica: the one bucket admits 30 (and whatever
+    // refilled meanwhile, half a request a second), never 30 per replica.
+    let started = Instant::now();
+    let burst = (0..80).map(|index| {
+        let proxy = if index % 2 == 0 { &first } else { &second };
+        async move { post_as(proxy, "k-team").await.status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(burst).await;
+    let refill = started.elapsed().as_secs_f64() / 2.0;
+    let admitted = statuses.iter().filter(|status| **status == 200).count();
+    assert!(
+        statuses.iter().all(|status| matches!(status, 200 | 429)),
+        "{statuses:?}"
+    );
+    assert!(
+        admitted >= 30 && f64::from(u32::try_from(admitted).unwrap()) <= 30.0 + refill.ceil(),
+        "{admitted} admitted in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(strong.received().len(), admitted);
+}
