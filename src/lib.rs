@@ -9,7 +9,7 @@
 //! - [`shared_state`]: keys' rate limits and budgets kept in Redis, so replicas share them (`shared_state`).
 //! - [`gateway`]: the routing core shared by the server and the library: score, choose, rewrite, forward; the reloadable routing policy (thresholds, aliases, keys).
 //! - [`cache`]: the opt-in response cache: an identical request answered again from memory, bounded, per key;
-//!   identical requests in flight wait for one answer (streams read it live).
+//!   identical requests in flight wait for one answer (streams read it live); with `redis`, shared by replicas.
 //! - [`deployments`]: several endpoints for one tier's model: failover, weighted round robin or least busy, cooldowns after failures, requests in flight.
 //! - [`strong_share`]: default thresholds that follow a router's live scores to keep a chosen share on the strong model.
 //! - [`model_name`]: parsing `router-<name>-<threshold>` (aliases are resolved by the gateway first).
