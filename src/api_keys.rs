@@ -1115,14 +1115,8 @@ mod tests {
             &period,
             now,
         );
-        assert_eq!(
-            buckets
-                .requests
-                .as_ref()
-                .map(Bucket::state)
-                .map(|state| state.remaining),
-            Some(3)
-        );
+        let requests_left = |buckets: &Buckets| buckets.requests.as_ref().map(|bucket| bucket.state().remaining);
+        assert_eq!(requests_left(&buckets), Some(3));
         let tokens = buckets.tokens.as_ref().unwrap();
         assert!((tokens.level + 40.0).abs() < 1e-9, "a debt is kept: {}", tokens.level);
         assert!((buckets.spend.spent - 2.5).abs() < 1e-9);
@@ -1137,14 +1131,7 @@ mod tests {
             "1999-01-01",
             now,
         );
-        assert_eq!(
-            buckets
-                .requests
-                .as_ref()
-                .map(Bucket::state)
-                .map(|state| state.remaining),
-            Some(10)
-        );
+        assert_eq!(requests_left(&buckets), Some(10));
         assert!(
             (buckets.tokens.as_ref().unwrap().level + 40.0).abs() < 1e-9,
             "no level: left as it was"

@@ -7,7 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FailingRouter, FixedRouter, MockUpstream, Proxy, chunk_before_the_rest, closed_port, openai_error};
+use common::{
+    FailingRouter, FixedRouter, MockUpstream, Proxy, chunk_before_the_rest, closed_port, metric, openai_error,
+};
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -24,16 +26,6 @@ async fn read_to_end(mut chunks: impl futures_util::Stream<Item = reqwest::Resul
         rest.extend_from_slice(&chunk.unwrap());
     }
     String::from_utf8(rest).unwrap()
-}
-
-/// The value of one series (name and labels) in a Prometheus text exposition.
-fn metric<T: std::str::FromStr<Err: std::fmt::Debug>>(text: &str, series: &str) -> T {
-    let prefix = format!("{series} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {series} in {text}"))
-        .parse()
-        .unwrap()
 }
 
 /// A strong and a weak mock upstream with the proxy in front, configured by `yaml`.

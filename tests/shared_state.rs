@@ -126,12 +126,7 @@ async fn post_as(proxy: &Proxy, key: &str) -> reqwest::Response {
 }
 
 fn metric(text: &str, series: &str) -> f64 {
-    let prefix = format!("{series} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {series} in {text}"))
-        .parse()
-        .unwrap()
+    common::metric(text, series)
 }
 
 /// Today's label of a daily budget, as the proxy names its spend in Redis.

@@ -579,3 +579,13 @@ pub async fn closed_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap().port()
 }
+
+/// The value of one series (name and labels) in a Prometheus text exposition.
+pub fn metric<T: std::str::FromStr<Err: std::fmt::Debug>>(text: &str, series: &str) -> T {
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+        .parse()
+        .unwrap()
+}
