@@ -48,9 +48,12 @@ pub enum OnFailure {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SharedStateConfig {
-    /// `redis://[user:password@]host[:port][/db]` (or `redis+unix:///path`); `${VAR}` reads
-    /// the environment. Never logged: it may hold a password.
+    /// `redis://[user:password@]host[:port][/db]`, `rediss://` for TLS (or
+    /// `redis+unix:///path`); `${VAR}` reads the environment. Never logged: it may hold a
+    /// password.
     pub redis_url: Secret,
+    /// For `rediss://`: the PEM certificates to trust instead of the system's (a private CA).
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// What every Redis key the proxy writes begins with, so deployments can share a Redis.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
@@ -70,11 +73,35 @@ fn default_timeout_ms() -> u64 {
 }
 
 impl SharedStateConfig {
+    /// The client for the URL (and CA file), by the client's own parse, so a config that
+    /// validates also connects; messages never repeat the URL, which may hold a password.
+    fn client(&self) -> Result<redis::Client, Error> {
+        let url = self.redis_url.expose();
+        let client = match &self.tls_ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|error| Error::Config(format!("shared_state.tls_ca_file {}: {error}", path.display())))?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(url, certificates)
+            }
+            None => redis::Client::open(url),
+        };
+        client.map_err(|error| {
+            Error::Config(format!(
+                "shared_state.redis_url is not a Redis URL (redis://host:port/db or rediss:// for TLS): {error}"
+            ))
+        })
+    }
+
     /// The section with only a URL (`--redis-url`), the rest at its defaults.
     #[must_use]
     pub fn at(redis_url: Secret) -> Self {
         Self {
             redis_url,
+            tls_ca_file: None,
             key_prefix: default_key_prefix(),
             timeout_ms: default_timeout_ms(),
             on_failure: OnFailure::default(),
@@ -84,8 +111,16 @@ impl SharedStateConfig {
     /// Expands `${VAR}` in the URL from `env` and checks every setting.
     pub fn validate(mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, Error> {
         let url = crate::providers::expand_env("shared_state.redis_url", self.redis_url.expose(), env)?;
-        open(&url)?;
         self.redis_url = Secret::new(url);
+        if let Some(path) = &self.tls_ca_file
+            && !self.redis_url.expose().starts_with("rediss://")
+        {
+            return Err(Error::Config(format!(
+                "shared_state.tls_ca_file ({}) is for TLS: the URL must start with rediss://",
+                path.display()
+            )));
+        }
+        self.client()?;
         let prefix_ok = !self.key_prefix.is_empty()
             && self.key_prefix.len() <= 64
             && self
@@ -256,7 +291,7 @@ impl SharedState {
     /// Prepares the connection (made on first use, so a Redis that is down at start-up
     /// only delays sharing).
     pub fn new(config: &SharedStateConfig) -> Result<Self, Error> {
-        let client = open(config.redis_url.expose())?;
+        let client = config.client()?;
         let address = client.get_connection_info().addr().to_string();
         Ok(Self {
             client,
@@ -485,16 +520,6 @@ impl SharedState {
     }
 }
 
-/// The client for `url`, by the client's own parse (so a URL that validates also
-/// connects); the message never repeats the URL, which may hold a password.
-fn open(url: &str) -> Result<redis::Client, Error> {
-    redis::Client::open(url).map_err(|error| {
-        Error::Config(format!(
-            "shared_state.redis_url is not a Redis URL (redis://host:port/db): {error}"
-        ))
-    })
-}
-
 /// Field `index` of a script's reply as a number; absent or empty when the key has no such
 /// bucket (or its spend was not asked about).
 fn number(reply: &[String], index: usize) -> Option<f64> {
@@ -536,6 +561,14 @@ mod tests {
             ("{redis_url: 'redis://127.0.0.1', on_failure: maybe}", "unknown variant"),
             ("{redis_url: 'redis://127.0.0.1', prefix: x}", "unknown field"),
             ("redis_url: ${UNSET_VARIABLE}", "UNSET_VARIABLE"),
+            (
+                "{redis_url: 'redis://127.0.0.1', tls_ca_file: /etc/ssl/ca.pem}",
+                "must start with rediss://",
+            ),
+            (
+                "{redis_url: 'rediss://127.0.0.1', tls_ca_file: /nonexistent/ca.pem}",
+                "tls_ca_file /nonexistent/ca.pem",
+            ),
         ] {
             let message = config(yaml).unwrap_err().to_string();
             assert!(message.contains(says), "{yaml}: {message}");

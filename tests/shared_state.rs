@@ -16,6 +16,8 @@ use common::{MockUpstream, Proxy, openai_error};
 struct Redis {
     port: u16,
     process: Child,
+    /// With TLS: the CA that signed its certificate.
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Redis {
@@ -29,18 +31,58 @@ impl Redis {
     }
 
     async fn start_on(port: u16) -> Self {
+        Self::spawn(port, &["--port", &port.to_string()], None).await
+    }
+
+    /// A Redis that speaks TLS only, with a certificate for 127.0.0.1 from a CA of its own
+    /// (made with the `openssl` command).
+    async fn start_tls() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let folder = std::env::temp_dir().join(format!("routellm-redis-tls-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        for args in [
+            "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=routellm-test-ca",
+            "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1",
+            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 1 -extfile ext.cnf",
+        ] {
+            let made = Command::new("openssl")
+                .args(args.split(' '))
+                .current_dir(&folder)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap_or_else(|error| panic!("openssl {args}: {error}; the TLS test needs the openssl command"));
+            assert!(made.success(), "openssl {args}");
+        }
+        let file = |name: &str| folder.join(name).display().to_string();
+        let args = [
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            file("server.crt"),
+            "--tls-key-file".to_owned(),
+            file("server.key"),
+            "--tls-ca-cert-file".to_owned(),
+            file("ca.crt"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn(port, &args, Some(folder.join("ca.crt"))).await
+    }
+
+    async fn spawn(port: u16, listen: &[&str], tls_ca: Option<std::path::PathBuf>) -> Self {
         let program = std::env::var("ROUTELLM_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
         let process = Command::new(&program)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -50,7 +92,7 @@ impl Redis {
                      `redis-server` package or set ROUTELLM_TEST_REDIS_SERVER"
                 )
             });
-        let redis = Self { port, process };
+        let redis = Self { port, process, tls_ca };
         let started = Instant::now();
         while redis.query::<String>(&redis::cmd("PING")).await.is_err() {
             assert!(
@@ -63,11 +105,21 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> redis::RedisResult<T> {
-        let client = redis::Client::open(self.url())?;
+        let client = match &self.tls_ca {
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            )?,
+            None => redis::Client::open(self.url())?,
+        };
         let mut connection = client.get_multiplexed_async_connection().await?;
         command.query_async(&mut connection).await
     }
@@ -94,6 +146,9 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.process.kill();
         let _ = self.process.wait();
+        if let Some(folder) = self.tls_ca.as_ref().and_then(|ca| ca.parent()) {
+            let _ = std::fs::remove_dir_all(folder);
+        }
     }
 }
 
@@ -425,4 +480,37 @@ async fn a_burst_at_both_replicas_at_once_is_admitted_exactly_to_the_limit() {
         started.elapsed()
     );
     assert_eq!(strong.received().len(), admitted);
+}
+
+#[tokio::test]
+async fn over_tls_the_replicas_share_limits_when_they_trust_redis_and_fall_back_when_not() {
+    let redis = Redis::start_tls().await;
+    let ca = redis.tls_ca.clone().unwrap();
+    let (strong, first, second) = replicas(&format!(
+        "shared_state: {{redis_url: '{}', tls_ca_file: '{}'}}\n\
+         api_keys: [{{key: k-team, name: team, requests_per_minute: 1}}]\n",
+        redis.url(),
+        ca.display()
+    ))
+    .await;
+    assert_eq!(post_as(&first, "k-team").await.status(), 200);
+    let error = openai_error(post_as(&second, "k-team").await, 429).await;
+    assert_eq!(error["code"], "rate_limit_exceeded");
+    assert_eq!(strong.received().len(), 1);
+    let text = second.metrics().await;
+    assert_eq!(metric(&text, "routellm_shared_state_up"), 1.0);
+    assert_eq!(metric(&text, "routellm_shared_state_errors_total"), 0.0);
+
+    // Trusting only the system's certificates, a replica does not accept this Redis's own
+    // CA: it never shares, and decides alone (its own bucket of one).
+    let (_strong, untrusting, _) = replicas(&format!(
+        "shared_state: {{redis_url: '{}', timeout_ms: 500}}\n\
+         api_keys: [{{key: k-team, name: team, requests_per_minute: 1}}]\n",
+        redis.url()
+    ))
+    .await;
+    assert_eq!(post_as(&untrusting, "k-team").await.status(), 200);
+    let text = untrusting.metrics().await;
+    assert_eq!(metric(&text, "routellm_shared_state_up"), 0.0);
+    assert_eq!(metric(&text, "routellm_shared_state_local_decisions_total"), 1.0);
 }
