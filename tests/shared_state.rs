@@ -168,6 +168,13 @@ async fn replicas(yaml: &str) -> (MockUpstream, Proxy, Proxy) {
     (strong, first, second)
 }
 
+/// A Redis of the test's own and two replicas sharing it, configured by `yaml` besides.
+async fn sharing_replicas(yaml: &str) -> (Redis, MockUpstream, Proxy, Proxy) {
+    let redis = Redis::start().await;
+    let (strong, first, second) = replicas(&format!("shared_state: {{redis_url: '{}'}}\n{yaml}", redis.url())).await;
+    (redis, strong, first, second)
+}
+
 async fn post_as(proxy: &Proxy, key: &str) -> reqwest::Response {
     proxy
         .client
@@ -195,13 +202,8 @@ fn today() -> String {
 
 #[tokio::test]
 async fn two_replicas_admit_one_keys_requests_from_one_bucket() {
-    let redis = Redis::start().await;
-    let (strong, first, second) = replicas(&format!(
-        "shared_state: {{redis_url: '{}'}}\n\
-         api_keys: [{{key: k-team, name: team, requests_per_minute: 3}}, k-open]\n",
-        redis.url()
-    ))
-    .await;
+    let (redis, strong, first, second) =
+        sharing_replicas("api_keys: [{key: k-team, name: team, requests_per_minute: 3}, k-open]\n").await;
     // One bucket of three between them: 2, 1, 0 left, whichever replica is asked.
     for (proxy, remaining) in [(&first, "2"), (&second, "1"), (&first, "0")] {
         let response = post_as(proxy, "k-team").await;
@@ -252,14 +254,11 @@ async fn two_replicas_admit_one_keys_requests_from_one_bucket() {
 
 #[tokio::test]
 async fn tokens_and_spend_charged_on_one_replica_hold_back_the_other() {
-    let redis = Redis::start().await;
     // The mock's answer reports 4 tokens at 1000 per million: 0.004 each.
-    let (strong, first, second) = replicas(&format!(
-        "shared_state: {{redis_url: '{}'}}\n\
-         api_keys: [{{key: k-tokens, name: tokens, tokens_per_minute: 6}}, \
-         {{key: k-budget, name: budget, budget: {{limit: 0.006, per: day}}}}]\n",
-        redis.url()
-    ))
+    let (redis, strong, first, second) = sharing_replicas(
+        "api_keys: [{key: k-tokens, name: tokens, tokens_per_minute: 6}, \
+         {key: k-budget, name: budget, budget: {limit: 0.006, per: day}}]\n",
+    )
     .await;
     let period = today();
 
@@ -406,12 +405,7 @@ async fn cached_in_redis(redis: &Redis, count: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn an_answer_cached_by_one_replica_is_given_again_by_the_other() {
-    let redis = Redis::start().await;
-    let (strong, first, second) = replicas(&format!(
-        "shared_state: {{redis_url: '{}'}}\nresponse_cache: {{ttl_secs: 600, redis: true}}\n",
-        redis.url()
-    ))
-    .await;
+    let (redis, strong, first, second) = sharing_replicas("response_cache: {ttl_secs: 600, redis: true}\n").await;
     let whole = r#"{"model":"router-random-0","messages":[{"role":"user","content":"Cache me"}]}"#;
     let streamed = r#"{"model":"router-random-0","stream":true,"messages":[{"role":"user","content":"Cache me"}]}"#;
 
@@ -454,12 +448,8 @@ async fn an_answer_cached_by_one_replica_is_given_again_by_the_other() {
 
 #[tokio::test]
 async fn a_burst_at_both_replicas_at_once_is_admitted_exactly_to_the_limit() {
-    let redis = Redis::start().await;
-    let (strong, first, second) = replicas(&format!(
-        "shared_state: {{redis_url: '{}'}}\napi_keys: [{{key: k-team, name: team, requests_per_minute: 30}}]\n",
-        redis.url()
-    ))
-    .await;
+    let (_redis, strong, first, second) =
+        sharing_replicas("api_keys: [{key: k-team, name: team, requests_per_minute: 30}]\n").await;
     // 80 requests at once, half at each replica: the one bucket admits 30 (and whatever
     // refilled meanwhile, half a request a second), never 30 per replica.
     let started = Instant::now();
