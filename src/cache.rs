@@ -328,7 +328,7 @@ impl ResponseCache {
             tracing::debug!("a cached answer in Redis is not one this build reads; asking the model");
             return None;
         };
-        let age = Duration::from_millis(unix_millis().saturating_sub(stored_at_ms));
+        let age = Duration::from_millis(crate::unix_now_millis().saturating_sub(stored_at_ms));
         if age >= self.ttl {
             return None;
         }
@@ -473,7 +473,7 @@ impl ResponseCache {
             let (remote, ttl) = (Arc::clone(remote), self.ttl);
             let (name, value) = (
                 remote.cache_key(&key.hex()),
-                RemoteEntry::encode(&answer, unix_millis()),
+                RemoteEntry::encode(&answer, crate::unix_now_millis()),
             );
             runtime.spawn(async move { remote.set_bytes(&name, &value, ttl).await });
         }
@@ -573,13 +573,6 @@ impl ResponseCache {
         // holding the lock leaves nothing half-done worth refusing to serve over.
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
-
-/// Milliseconds since the Unix epoch: when an answer was kept, as every replica reads it.
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A cached answer as Redis keeps it: this header as one JSON line, then the body's bytes.

@@ -212,18 +212,30 @@ impl Pool {
     }
 
     /// The deployment at `index` was unavailable: passed over for the cooldown, or as long
-    /// as `retry_after` (its 429's) asks.
-    pub fn record_unavailable(&self, index: usize, retry_after: Option<Duration>) {
+    /// as `retry_after` (its 429's) asks; returns for how long.
+    pub fn record_unavailable(&self, index: usize, retry_after: Option<Duration>) -> Duration {
+        let wait = retry_after.map_or(self.cooldown, |asked| asked.min(MAX_RETRY_AFTER));
         let Some(deployment) = self.deployments.get(index) else {
-            return;
+            return wait;
         };
         deployment.unavailable.fetch_add(1, Ordering::Relaxed);
-        let wait = retry_after.map_or(self.cooldown, |asked| asked.min(MAX_RETRY_AFTER));
         let until = self
             .now_ms()
             .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
             .max(1);
         deployment.cooling_until_ms.store(until, Ordering::Relaxed);
+        wait
+    }
+
+    /// Another replica found the deployment at `index` unavailable: passed over here too
+    /// for what is left of its cooldown (never shortening one of this replica's own).
+    pub fn cool_for(&self, index: usize, remaining: Duration) {
+        if let Some(deployment) = self.deployments.get(index) {
+            let until = self
+                .now_ms()
+                .saturating_add(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
+            deployment.cooling_until_ms.fetch_max(until, Ordering::Relaxed);
+        }
     }
 
     fn cooling_until(&self, index: usize) -> u64 {
@@ -367,6 +379,26 @@ mod tests {
         pool.record_answered(0);
         assert!(pool.is_available(0));
         assert_eq!(pool.order(None), [0]);
+    }
+
+    #[test]
+    fn another_replicas_cooldown_passes_a_deployment_over_without_shortening_this_ones() {
+        let pool = pool(&["a", "b"], Strategy::Failover, 60.0);
+        assert_eq!(pool.record_unavailable(0, None), Duration::from_secs(60));
+        pool.cool_for(0, Duration::from_millis(100));
+        pool.cool_for(1, Duration::from_millis(100));
+        assert_eq!(pool.order(None), [1, 0], "b is back in 0.1 s, a still in 60 s");
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(
+            pool.order(None),
+            [1],
+            "b's announced cooldown has ended, a's own has not"
+        );
+        assert_eq!(
+            pool.deployments()[1].attempts(),
+            (0, 0),
+            "not counted as this replica's failure"
+        );
     }
 
     #[test]

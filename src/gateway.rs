@@ -1261,13 +1261,14 @@ impl Gateway {
                 answer = answer.map(|reply| crate::deployments::hold_until_done(reply, in_flight));
                 break;
             };
-            pool.record_unavailable(
+            let wait = pool.record_unavailable(
                 index,
                 answer
                     .as_ref()
                     .ok()
                     .and_then(|reply| crate::deployments::retry_after(reply.headers())),
             );
+            self.announce_cooldown(DeploymentId { tier, index }, wait);
             if let Some(&following) = remaining.peek() {
                 tracing::warn!(
                     tier = tier.as_str(),
@@ -1280,6 +1281,62 @@ impl Gateway {
             }
         }
         (answer, index)
+    }
+
+    /// Tells the other replicas (through the shared state, when there is one and the tier
+    /// has deployments to pass over) that `deployment` is unavailable for `wait`.
+    fn announce_cooldown(&self, deployment: DeploymentId, wait: Duration) {
+        let (Some(shared), Ok(runtime)) = (&self.shared_state, tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        if self.pool(deployment.tier).deployments().len() < 2 {
+            return;
+        }
+        let (shared, id) = (Arc::clone(shared), self.shared_deployment_id(deployment));
+        let until = crate::unix_now_millis().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        runtime.spawn(async move { shared.announce_cooldown(&id, until, wait).await });
+    }
+
+    /// Takes up the cooldowns other replicas announced: their unavailable deployments are
+    /// passed over here too. Nothing to do without a shared state or a tier of several
+    /// deployments (`false`: no need to call again).
+    pub async fn take_shared_cooldowns(&self) -> bool {
+        let Some(shared) = &self.shared_state else {
+            return false;
+        };
+        let deployments: Vec<DeploymentId> = [Tier::Strong, Tier::Weak]
+            .into_iter()
+            .filter(|tier| self.pool(*tier).deployments().len() > 1)
+            .flat_map(|tier| (0..self.pool(tier).deployments().len()).map(move |index| DeploymentId { tier, index }))
+            .collect();
+        if deployments.is_empty() {
+            return false;
+        }
+        let ids: Vec<String> = deployments.iter().map(|id| self.shared_deployment_id(*id)).collect();
+        if let Ok(until) = shared.cooldowns(&ids).await {
+            let now = crate::unix_now_millis();
+            for (deployment, until) in deployments.iter().zip(until) {
+                if let Some(until) = until.filter(|until| *until > now) {
+                    self.pool(deployment.tier)
+                        .cool_for(deployment.index, Duration::from_millis(until - now));
+                }
+            }
+        }
+        true
+    }
+
+    /// A deployment's name among replicas: its tier and place, and a hash of its model and
+    /// endpoint, so replicas configured differently do not take each other's cooldowns.
+    fn shared_deployment_id(&self, deployment: DeploymentId) -> String {
+        let model = &self.deployment(deployment).model;
+        let endpoint = match &model.endpoint {
+            providers::Endpoint::Http { base_url, .. } => base_url.as_str(),
+            providers::Endpoint::Echo => "echo",
+        };
+        let hash = [model.name.as_bytes(), b"\n", endpoint.as_bytes()]
+            .into_iter()
+            .fold(crate::rng::FNV_OFFSET, crate::rng::fnv1a);
+        format!("{}:{}:{hash:016x}", deployment.tier.as_str(), deployment.index)
     }
 
     /// Sends a Responses request that continues a remembered answer to the deployment that

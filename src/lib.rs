@@ -83,6 +83,14 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
+/// Milliseconds since the Unix epoch: what replicas sharing state (`shared_state`) tell each
+/// other times in.
+pub(crate) fn unix_now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+}
+
 pub use config::Config;
 pub use controller::Controller;
 pub use error::Error;

@@ -171,6 +171,7 @@ pub async fn run(
     use hyper_util::service::TowerToHyperService;
 
     let shutdown_timeout = state.shutdown_timeout();
+    let cooldowns = take_shared_cooldowns(state.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -222,7 +223,28 @@ pub async fn run(
         );
     }
     tasks.shutdown().await;
+    cooldowns.abort();
     Ok(())
+}
+
+/// How often a replica reads the cooldowns the others announced (see
+/// [`Gateway::take_shared_cooldowns`]): one Redis call a second, and an unavailable
+/// deployment passed over by every replica within about that.
+pub const SHARED_COOLDOWN_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads the other replicas' deployment cooldowns every [`SHARED_COOLDOWN_POLL`] while the
+/// server runs, when there are any to read.
+fn take_shared_cooldowns(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(SHARED_COOLDOWN_POLL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if !state.take_shared_cooldowns().await {
+                return;
+            }
+        }
+    })
 }
 
 /// A failed `accept`: a client that gave up is nothing; anything else (out of file

@@ -443,6 +443,34 @@ impl SharedState {
         format!("{}:cache:{hex}", self.key_prefix)
     }
 
+    /// Tells the other replicas that a deployment (by `id`, see the gateway) is unavailable
+    /// until `until_unix_ms`.
+    pub async fn announce_cooldown(&self, id: &str, until_unix_ms: u64, wait: Duration) -> Result<(), Unavailable> {
+        let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let command = redis::cmd("SET")
+            .arg(format!("{}:cooldown:{id}", self.key_prefix))
+            .arg(until_unix_ms)
+            .arg("PX")
+            .arg(millis)
+            .clone();
+        self.call(self.timeout, |mut connection| async move {
+            command.query_async::<()>(&mut connection).await
+        })
+        .await
+    }
+
+    /// Until when (unix ms) each deployment of `ids` is announced unavailable, if it is.
+    pub async fn cooldowns(&self, ids: &[String]) -> Result<Vec<Option<u64>>, Unavailable> {
+        let mut command = redis::cmd("MGET");
+        for id in ids {
+            command.arg(format!("{}:cooldown:{id}", self.key_prefix));
+        }
+        self.call(self.timeout, |mut connection| async move {
+            command.query_async(&mut connection).await
+        })
+        .await
+    }
+
     /// The value at `key`, if there is one.
     pub async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, Unavailable> {
         let command = redis::cmd("GET").arg(key).clone();

@@ -504,3 +504,55 @@ async fn over_tls_the_replicas_share_limits_when_they_trust_redis_and_fall_back_
     assert_eq!(metric(&text, "routellm_shared_state_up"), 0.0);
     assert_eq!(metric(&text, "routellm_shared_state_local_decisions_total"), 1.0);
 }
+
+#[tokio::test]
+async fn a_deployment_one_replica_found_unavailable_is_passed_over_by_the_other() {
+    let redis = Redis::start().await;
+    let (down, backup, weak) = (
+        MockUpstream::start("down").await,
+        MockUpstream::start("backup").await,
+        MockUpstream::start("weak").await,
+    );
+    down.set_unavailable(Some(axum::http::StatusCode::SERVICE_UNAVAILABLE));
+    let config = format!(
+        "strong_model:\n\
+         \x20 - {{name: openai/primary, base_url: '{}', api_key: sk}}\n\
+         \x20 - {{name: openai/backup, base_url: '{}', api_key: sk}}\n\
+         weak_model: {{name: openai/weak, base_url: '{}', api_key: sk}}\n\
+         load_balancing: {{cooldown_secs: 60}}\n\
+         shared_state: {{redis_url: '{}'}}\n",
+        down.base_url(),
+        backup.base_url(),
+        weak.base_url(),
+        redis.url()
+    );
+    let (first, second) = (Proxy::start_config(&config).await, Proxy::start_config(&config).await);
+    let body = r#"{"model":"router-random-0","messages":[{"role":"user","content":"Hello"}]}"#;
+    let answered = first.post_chat(body).await;
+    assert_eq!(answered.headers()["x-routellm-model"], "openai/backup");
+    assert_eq!(down.received().len(), 1);
+
+    // Within a poll the second replica passes the primary over too, without trying it.
+    let passed_over = "routellm_deployment_available{tier=\"strong\",deployment=\"0\",model=\"openai/primary\"} 0\n";
+    let started = Instant::now();
+    while !second.metrics().await.contains(passed_over) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the second replica never heard"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answered = second.post_chat(body).await;
+    assert_eq!(answered.headers()["x-routellm-model"], "openai/backup");
+    assert_eq!(down.received().len(), 1, "the second replica did not try the primary");
+    let announced: Vec<String> = redis
+        .query(redis::cmd("KEYS").arg("routellm:cooldown:*"))
+        .await
+        .unwrap();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    let ttl_ms: i64 = redis.query(redis::cmd("PTTL").arg(&announced[0])).await.unwrap();
+    assert!(
+        (50_000..=60_000).contains(&ttl_ms),
+        "announced for the cooldown: {ttl_ms}"
+    );
+}
