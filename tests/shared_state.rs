@@ -22,11 +22,7 @@ struct Redis {
 
 impl Redis {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::closed_port().await;
         Self::start_on(port).await
     }
 
@@ -37,11 +33,7 @@ impl Redis {
     /// A Redis that speaks TLS only, with a certificate for 127.0.0.1 from a CA of its own
     /// (made with the `openssl` command).
     async fn start_tls() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::closed_port().await;
         let folder = std::env::temp_dir().join(format!("routellm-redis-tls-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&folder).unwrap();
         std::fs::write(folder.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
