@@ -14,6 +14,10 @@
 //! with its own buckets (`on_failure: local`, the default: availability over exactness),
 //! or refuses with 503 (`refuse`); it asks Redis again after [`RETRY_AFTER`], and charges
 //! it could not send are kept and sent with the next one that goes through.
+//!
+//! The same Redis carries two more things replicas share: the deployments one of them found
+//! unavailable ([`SharedState::announce_cooldown`], read by the others every second), and,
+//! with `response_cache.redis`, cached answers ([`crate::cache`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -410,15 +414,12 @@ impl SharedState {
 
     /// Asks Redis whether it is there (for start-up's log line).
     pub async fn ping(&self) -> Result<(), Unavailable> {
-        let connection = self.connection().await?;
-        let mut connection = connection.clone();
-        let command = redis::cmd("PING");
-        let ping = command.query_async::<String>(&mut connection);
-        match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), ping).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(self.failed(&error.to_string())),
-            Err(_) => Err(self.failed("timed out")),
-        }
+        // Given a second at least: the first connection is made here.
+        self.call(self.timeout.max(Duration::from_secs(1)), |mut connection| async move {
+            redis::cmd("PING").query_async::<String>(&mut connection).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn connection(&self) -> Result<&ConnectionManager, Unavailable> {
