@@ -37,6 +37,9 @@ pub struct Deployment {
     pub upstream: Upstream,
     /// Milliseconds after the pool's epoch until which it is passed over; 0: available.
     cooling_until_ms: AtomicU64,
+    /// The same, as another replica announced it (`shared_state`): kept apart from this
+    /// replica's own, so an announcement that ends (an answer) ends here too.
+    announced_until_ms: AtomicU64,
     /// Requests it answered (whatever the status, short of being unavailable).
     answered: AtomicU64,
     /// Requests it was unavailable for.
@@ -90,6 +93,7 @@ impl Pool {
                 .map(|upstream| Deployment {
                     upstream,
                     cooling_until_ms: AtomicU64::new(0),
+                    announced_until_ms: AtomicU64::new(0),
                     answered: AtomicU64::new(0),
                     unavailable: AtomicU64::new(0),
                     in_flight: Arc::new(AtomicUsize::new(0)),
@@ -203,12 +207,16 @@ impl Pool {
         self.cooling_until(index) <= self.now_ms()
     }
 
-    /// The deployment at `index` answered: it is available again if it was passed over.
-    pub fn record_answered(&self, index: usize) {
+    /// The deployment at `index` answered: it is available again if it was passed over
+    /// (returns whether it was, so a shared cooldown can be ended too).
+    pub fn record_answered(&self, index: usize) -> bool {
+        let cooling = !self.is_available(index);
         if let Some(deployment) = self.deployments.get(index) {
             deployment.answered.fetch_add(1, Ordering::Relaxed);
             deployment.cooling_until_ms.store(0, Ordering::Relaxed);
+            deployment.announced_until_ms.store(0, Ordering::Relaxed);
         }
+        cooling
     }
 
     /// The deployment at `index` was unavailable: passed over for the cooldown, or as long
@@ -227,21 +235,26 @@ impl Pool {
         wait
     }
 
-    /// Another replica found the deployment at `index` unavailable: passed over here too
-    /// for what is left of its cooldown (never shortening one of this replica's own).
-    pub fn cool_for(&self, index: usize, remaining: Duration) {
+    /// What the replicas sharing state announce for the deployment at `index`: unavailable
+    /// for `remaining` more (passed over here too, this replica's own cooldown untouched),
+    /// or, with `None`, nothing any more.
+    pub fn take_announced(&self, index: usize, remaining: Option<Duration>) {
         if let Some(deployment) = self.deployments.get(index) {
-            let until = self
-                .now_ms()
-                .saturating_add(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
-            deployment.cooling_until_ms.fetch_max(until, Ordering::Relaxed);
+            let until = remaining.map_or(0, |remaining| {
+                self.now_ms()
+                    .saturating_add(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX))
+            });
+            deployment.announced_until_ms.store(until, Ordering::Relaxed);
         }
     }
 
     fn cooling_until(&self, index: usize) -> u64 {
-        self.deployments
-            .get(index)
-            .map_or(0, |deployment| deployment.cooling_until_ms.load(Ordering::Relaxed))
+        self.deployments.get(index).map_or(0, |deployment| {
+            deployment
+                .cooling_until_ms
+                .load(Ordering::Relaxed)
+                .max(deployment.announced_until_ms.load(Ordering::Relaxed))
+        })
     }
 
     fn now_ms(&self) -> u64 {
@@ -385,8 +398,8 @@ mod tests {
     fn another_replicas_cooldown_passes_a_deployment_over_without_shortening_this_ones() {
         let pool = pool(&["a", "b"], Strategy::Failover, 60.0);
         assert_eq!(pool.record_unavailable(0, None), Duration::from_secs(60));
-        pool.cool_for(0, Duration::from_millis(100));
-        pool.cool_for(1, Duration::from_millis(100));
+        pool.take_announced(0, Some(Duration::from_millis(100)));
+        pool.take_announced(1, Some(Duration::from_millis(100)));
         assert_eq!(pool.order(None), [1, 0], "b is back in 0.1 s, a still in 60 s");
         std::thread::sleep(Duration::from_millis(150));
         assert_eq!(
@@ -399,6 +412,17 @@ mod tests {
             (0, 0),
             "not counted as this replica's failure"
         );
+        // An announcement withdrawn (the deployment answered elsewhere) ends at once; an
+        // answer here ends both kinds of cooldown and says it was cooling.
+        pool.take_announced(1, Some(Duration::from_secs(60)));
+        assert!(!pool.is_available(1));
+        pool.take_announced(1, None);
+        assert!(pool.is_available(1));
+        assert_eq!(pool.order(None), [1]);
+        pool.take_announced(0, Some(Duration::from_secs(90)));
+        assert!(pool.record_answered(0));
+        assert_eq!(pool.order(None), [0, 1]);
+        assert!(!pool.record_answered(0), "not cooling any more");
     }
 
     #[test]

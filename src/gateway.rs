@@ -1257,7 +1257,9 @@ impl Gateway {
             let in_flight = pool.start(index);
             answer = self.forward(sending, decision, upstream, upstream_time).await;
             let Some(reason) = unavailable(&answer) else {
-                pool.record_answered(index);
+                if pool.record_answered(index) {
+                    self.withdraw_cooldown(DeploymentId { tier, index });
+                }
                 answer = answer.map(|reply| crate::deployments::hold_until_done(reply, in_flight));
                 break;
             };
@@ -1316,13 +1318,22 @@ impl Gateway {
         if let Ok(until) = shared.cooldowns(&ids).await {
             let now = crate::unix_now_millis();
             for (deployment, until) in deployments.iter().zip(until) {
-                if let Some(until) = until.filter(|until| *until > now) {
-                    self.pool(deployment.tier)
-                        .cool_for(deployment.index, Duration::from_millis(until - now));
-                }
+                let remaining = until
+                    .filter(|until| *until > now)
+                    .map(|until| Duration::from_millis(until - now));
+                self.pool(deployment.tier).take_announced(deployment.index, remaining);
             }
         }
         true
+    }
+
+    /// Tells the other replicas that `deployment`, passed over here, answered again.
+    fn withdraw_cooldown(&self, deployment: DeploymentId) {
+        let (Some(shared), Ok(runtime)) = (&self.shared_state, tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (shared, id) = (Arc::clone(shared), self.shared_deployment_id(deployment));
+        runtime.spawn(async move { shared.withdraw_cooldown(&id).await });
     }
 
     /// A deployment's name among replicas: its tier and place, and a hash of its model and

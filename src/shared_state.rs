@@ -449,7 +449,7 @@ impl SharedState {
     pub async fn announce_cooldown(&self, id: &str, until_unix_ms: u64, wait: Duration) -> Result<(), Unavailable> {
         let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
         let command = redis::cmd("SET")
-            .arg(format!("{}:cooldown:{id}", self.key_prefix))
+            .arg(self.cooldown_key(id))
             .arg(until_unix_ms)
             .arg("PX")
             .arg(millis)
@@ -460,11 +460,24 @@ impl SharedState {
         .await
     }
 
+    /// Withdraws what was announced for a deployment (it answered again).
+    pub async fn withdraw_cooldown(&self, id: &str) -> Result<(), Unavailable> {
+        let command = redis::cmd("DEL").arg(self.cooldown_key(id)).clone();
+        self.call(self.timeout, |mut connection| async move {
+            command.query_async::<()>(&mut connection).await
+        })
+        .await
+    }
+
+    fn cooldown_key(&self, id: &str) -> String {
+        format!("{}:cooldown:{id}", self.key_prefix)
+    }
+
     /// Until when (unix ms) each deployment of `ids` is announced unavailable, if it is.
     pub async fn cooldowns(&self, ids: &[String]) -> Result<Vec<Option<u64>>, Unavailable> {
         let mut command = redis::cmd("MGET");
         for id in ids {
-            command.arg(format!("{}:cooldown:{id}", self.key_prefix));
+            command.arg(self.cooldown_key(id));
         }
         self.call(self.timeout, |mut connection| async move {
             command.query_async(&mut connection).await

@@ -547,4 +547,29 @@ async fn a_deployment_one_replica_found_unavailable_is_passed_over_by_the_other(
         (50_000..=60_000).contains(&ttl_ms),
         "announced for the cooldown: {ttl_ms}"
     );
+
+    // The primary recovers and the backup fails: at the second replica every deployment is
+    // passed over, so the one back soonest is asked — the primary, which answers. That
+    // withdraws the announcement, and the next polls do not bring the cooldown back.
+    down.set_unavailable(None);
+    backup.set_unavailable(Some(axum::http::StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(second.post_chat(body).await.status(), 503, "the backup's own answer");
+    let answered = second.post_chat(body).await;
+    assert_eq!(answered.headers()["x-routellm-model"], "openai/primary");
+    let started = Instant::now();
+    while redis
+        .query::<Vec<String>>(redis::cmd("KEYS").arg("routellm:cooldown:*"))
+        .await
+        .unwrap()
+        .contains(&announced[0])
+    {
+        assert!(started.elapsed() < Duration::from_secs(5), "the announcement stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(routellm::server::SHARED_COOLDOWN_POLL + Duration::from_millis(300)).await;
+    let available = "routellm_deployment_available{tier=\"strong\",deployment=\"0\",model=\"openai/primary\"} 1\n";
+    assert!(
+        second.metrics().await.contains(available),
+        "passed over again after it answered"
+    );
 }
