@@ -132,8 +132,8 @@ mod tests {
 
     #[test]
     fn tensors_round_trip_in_both_storages() {
-        let dir = std::env::temp_dir().join(format!("routellm-artifact-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let path = dir.join("t.safetensors");
         let exact = [1.5_f32, -2.25, 1e-3, 7.0];
         let halved = [0.333_333_f32, 1000.1];
@@ -160,8 +160,8 @@ mod tests {
     #[test]
     fn artifacts_get_the_permissions_of_any_new_file() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("routellm-artifact-mode-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let plain = dir.join("plain");
         std::fs::write(&plain, b"x").unwrap();
         let artifact = dir.join("a.safetensors");
@@ -171,7 +171,7 @@ mod tests {
         let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&artifact), mode(&plain), "umask decides, as for any file");
         assert_eq!(Loaded::read(&artifact).unwrap().tensor("x").unwrap().0, vec![2.0]);
-        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        let leftovers: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .filter_map(Result::ok)
             .filter(|entry| entry.file_name().to_string_lossy().contains(".partial"))

@@ -236,8 +236,8 @@ mod tests {
 
     #[test]
     fn the_spend_file_round_trips_and_a_missing_one_is_empty() {
-        let dir = std::env::temp_dir().join(format!("routellm-spend-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let path = dir.join("spend.json");
         assert!(load(&path).unwrap().is_empty());
         let keys = BTreeMap::from([(
@@ -251,6 +251,5 @@ mod tests {
         assert_eq!(load(&path).unwrap(), keys);
         std::fs::write(&path, r#"{"version": 2, "keys": {}}"#).unwrap();
         assert!(load(&path).unwrap_err().to_string().contains("version 2"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1903,8 +1903,8 @@ mod tests {
 
     #[test]
     fn a_key_removed_and_added_back_by_reloads_takes_up_its_spend_again() {
-        let path = std::env::temp_dir().join(format!("routellm-reload-spend-{}.json", std::process::id()));
-        let _ = std::fs::remove_file(&path);
+        let scratch = tempfile::tempdir().unwrap();
+        let path = scratch.path().join("spend.json");
         let config = |keys: &str| {
             let priced = "{input: 1000000, output: 1000000}";
             let yaml = format!(
@@ -1933,7 +1933,6 @@ mod tests {
             key().check_budget().is_err(),
             "still spent after leaving and coming back"
         );
-        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

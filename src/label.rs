@@ -787,8 +787,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_partial_last_line_stops_a_rerun_instead_of_being_appended_to() {
-        let dir = std::env::temp_dir().join(format!("routellm-label-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let out = dir.join("labels.jsonl");
         std::fs::write(&out, "{\"prompt\": \"a\"}\n{\"prompt\": \"b\"}\n").unwrap();
         let held = labelled_prompts(&out).await.unwrap();
@@ -806,6 +806,5 @@ mod tests {
             drop(open_for_append(&fresh).await.unwrap());
             assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o600);
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -327,16 +327,16 @@ mod tests {
         format!(r#"{{"model":"{model}","{field}":{json}}}"#).into_bytes()
     }
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("routellm-prompt-log-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("prompts.jsonl")
+    /// A log path in a folder of its own, removed with the returned guard.
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prompts.jsonl");
+        (dir, path)
     }
 
     #[test]
     fn entries_are_what_calibrate_reads_and_carry_the_decision() {
-        let path = scratch("entries");
+        let (_scratch, path) = scratch();
         let log = PromptLog::open(&PromptLogConfig::at(path.clone())).unwrap();
         let chat = body("auto", "messages", r#"[{"role":"user","content":"then this"}]"#);
         log.record(
@@ -400,7 +400,7 @@ mod tests {
         let lone = body("auto", "messages", r#"[{"role":"user","content":"hi"}]"#);
         let completion = body("auto", "prompt", r#""once""#);
         let logged = |conversations: bool| {
-            let path = scratch(&format!("conversations-{conversations}"));
+            let (_scratch, path) = scratch();
             let log = PromptLog::open(&PromptLogConfig {
                 conversations,
                 ..PromptLogConfig::at(path.clone())
@@ -437,7 +437,7 @@ mod tests {
 
     #[test]
     fn a_full_file_is_rotated_to_dot_one() {
-        let path = scratch("rotate");
+        let (_scratch, path) = scratch();
         let config = PromptLogConfig {
             max_bytes: 600,
             ..PromptLogConfig::at(path.clone())
@@ -465,7 +465,7 @@ mod tests {
 
     #[test]
     fn sampling_keeps_about_the_configured_share() {
-        let path = scratch("sample");
+        let (_scratch, path) = scratch();
         let log = PromptLog::open(&PromptLogConfig {
             sample_rate: 0.25,
             ..PromptLogConfig::at(path)
@@ -477,7 +477,7 @@ mod tests {
 
     #[test]
     fn bad_settings_and_unwritable_paths_fail_at_start() {
-        let path = scratch("invalid");
+        let (_scratch, path) = scratch();
         for sample_rate in [0.0, 1.5, f64::NAN] {
             let config = PromptLogConfig {
                 sample_rate,

@@ -64,8 +64,8 @@ fn shipped_head_serves_through_the_config() {
 
 #[test]
 fn training_learns_a_planted_signal_and_the_head_refuses_other_encoders() {
-    let dir = std::env::temp_dir().join(format!("routellm-bert-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let data = write_planted(
         &dir,
         160,
@@ -110,7 +110,8 @@ fn training_learns_a_planted_signal_and_the_head_refuses_other_encoders() {
 #[test]
 fn an_artifact_with_a_fine_tuned_top_layer_serves_through_that_layer() {
     use routellm::routers::bert::{BertHead, BertManifest, FROZEN, LABELS};
-    let dir = std::env::temp_dir().join(format!("routellm-bert-tuned-{}", std::process::id()));
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let encoder = minilm();
     let base = encoder.as_minilm().unwrap();
     let dim = encoder.dim();
@@ -187,8 +188,8 @@ fn an_artifact_with_a_fine_tuned_top_layer_serves_through_that_layer() {
 
 #[test]
 fn fine_tuning_the_top_layer_lowers_the_training_loss_and_what_ships_serves() {
-    let dir = std::env::temp_dir().join(format!("routellm-bert-fine-tune-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let data = write_planted(
         &dir,
         96,

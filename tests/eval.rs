@@ -14,12 +14,6 @@ fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/routellm")
 }
 
-fn out_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("routellm-eval-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 fn config() -> Config {
     Config::merge(FileConfig::default(), Overrides::default()).unwrap()
 }
@@ -70,7 +64,8 @@ fn mmlu_and_gsm8k_reproduce_routellm_model_scores() {
 
 #[test]
 fn mmlu_eval_reports_baselines_with_intervals_and_writes_files() {
-    let output = out_dir("mmlu");
+    let scratch = tempfile::tempdir().unwrap();
+    let output = scratch.path().to_path_buf();
     let report = eval::run(&options(BenchmarkKind::Mmlu, output.clone()), &config()).unwrap();
     let random = &report.routers["random"];
     assert!((random.apgr - 0.5).abs() < 0.03, "random APGR {}", random.apgr);
@@ -145,7 +140,8 @@ fn write_generic(dir: &Path, rows: &[(&str, f64, f64)]) -> PathBuf {
 
 #[test]
 fn tied_scores_do_not_crash_and_generic_benchmarks_work() {
-    let output = out_dir("ties");
+    let scratch = tempfile::tempdir().unwrap();
+    let output = scratch.path().to_path_buf();
     // Every prompt has the same length: the length router's edges all coincide, which
     // makes pd.qcut raise in RouteLLM.
     let rows: Vec<(&str, f64, f64)> = (0..40).map(|i| ("same", 8.0 + f64::from(i % 2), 5.0)).collect();
@@ -235,7 +231,8 @@ fn calibrate_to_quality(labels: &Path, target: &str, extra: &[&str]) -> serde_js
 
 #[test]
 fn calibrate_to_a_quality_target_on_a_labelled_file_sends_the_fewest_prompts_that_keep_it() {
-    let dir = out_dir("calibrate-quality");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let labels = ten_labelled_prompts(&dir);
     let calibrate = |target: &str| calibrate_to_quality(&labels, target, &[]);
     let all = calibrate("1");
@@ -259,12 +256,12 @@ fn calibrate_to_a_quality_target_on_a_labelled_file_sends_the_fewest_prompts_tha
     assert!(!both.status.success());
     let alone = calibrate_length(&["--target-pgr", "0.9"], None);
     assert!(!alone.status.success());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn calibrate_to_a_quality_target_with_confidence_pays_for_what_the_sample_cannot_promise() {
-    let dir = out_dir("calibrate-confidence");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let labels = ten_labelled_prompts(&dir);
     // Resampled, two prompts keep 60% only when the third is drawn less often than they
     // are; asked for 95% confidence, the third is sent too, which keeps all of it in every
@@ -287,12 +284,12 @@ fn calibrate_to_a_quality_target_with_confidence_pays_for_what_the_sample_cannot
     assert!(sentence.contains("in 100.0% of 1000 resamples"), "{sentence}");
     let no_target = calibrate_length(&["--strong-model-pct", "0.5", "--confidence", "0.9"], None);
     assert!(!no_target.status.success());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn calibrate_hits_the_share_on_a_prompts_file_and_score_agrees() {
-    let dir = out_dir("calibrate");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     std::fs::create_dir_all(&dir).unwrap();
     let prompts = dir.join("traffic.jsonl");
     let text: String = (0..200)
@@ -361,7 +358,8 @@ fn calibrate_hits_the_share_on_a_prompts_file_and_score_agrees() {
 
 #[test]
 fn score_and_calibrate_read_conversations_as_score_turns_says() {
-    let dir = out_dir("score-turns");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     std::fs::create_dir_all(&dir).unwrap();
     let conversations = dir.join("chats.jsonl");
     // Each conversation: a demanding first turn of 1000 * (i + 1) characters, then "ok".
@@ -435,7 +433,8 @@ fn eval_cli_reports_missing_data_dir_clearly() {
 #[test]
 fn mt_bench_fixture_evaluates_in_its_own_units() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mt_bench");
-    let output = out_dir("mt-bench");
+    let scratch = tempfile::tempdir().unwrap();
+    let output = scratch.path().to_path_buf();
     let mut opts = options(BenchmarkKind::MtBench, output.clone());
     opts.data_dir = Some(fixture);
     let report = eval::run(&opts, &config()).unwrap();

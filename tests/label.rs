@@ -112,21 +112,14 @@ fn config_at(strong: &str, weak: &str, referee: &str) -> Config {
     Config::merge(FileConfig::from_yaml(&yaml).unwrap(), Overrides::default()).unwrap()
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("routellm-label-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Two mock models (strong, weak), the referee as an outside judge, the config naming all
 /// three, and a scratch folder with the output file in it.
-async fn setup(name: &str) -> (MockUpstream, MockUpstream, Referee, Config, PathBuf, PathBuf) {
+async fn setup() -> (MockUpstream, MockUpstream, Referee, Config, tempfile::TempDir, PathBuf) {
     let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
     let referee = Referee::default();
     let config = config(&strong, &weak, &referee.start().await);
-    let dir = scratch(name);
-    let out = dir.join("labels.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("labels.jsonl");
     (strong, weak, referee, config, dir, out)
 }
 
@@ -167,7 +160,7 @@ fn judged_by_referee() -> LabelOptions {
 
 #[tokio::test]
 async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_again() {
-    let (strong, weak, referee, config, dir, out) = setup("battles").await;
+    let (strong, weak, referee, config, dir, out) = setup().await;
 
     let summary = label(&config, judged_by_referee(), &out).await;
     assert_eq!(summary.labelled, 3, "{summary:?}");
@@ -240,7 +233,7 @@ async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_agai
     // ... and `eval` as a benchmark where the strong model scores 1 on every prompt.
     let benchmark = routellm::eval::benchmark::load(
         &routellm::eval::benchmark::BenchmarkKind::Generic(out.clone()),
-        &dir,
+        dir.path(),
         None,
         None,
     )
@@ -264,12 +257,11 @@ async fn labels_read_as_battles_and_as_a_benchmark_and_a_rerun_asks_nothing_agai
     assert_eq!(strong.received().len(), 3);
     assert_eq!(referee.asked().len(), 6);
     assert_eq!(lines(&out).len(), 3);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
 async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
-    let (_strong, weak, referee, config, dir, out) = setup("failures").await;
+    let (_strong, weak, referee, config, _dir, out) = setup().await;
     // One attempt per call: what is tried again is another test's subject.
     let options = || LabelOptions {
         limit: Some(2),
@@ -326,12 +318,11 @@ async fn what_fails_is_not_written_and_the_next_run_labels_only_that() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), 3, "no prompt written twice: {written:?}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
 async fn a_judge_that_prefers_a_position_labels_ties_and_is_shown_to_contradict_itself() {
-    let (_, _, referee, config, dir, out) = setup("position").await;
+    let (_, _, referee, config, _dir, out) = setup().await;
     referee.first_always.store(true, Ordering::SeqCst);
     let summary = label(&config, judged_by_referee(), &out).await;
     assert_eq!((summary.strong_wins, summary.ties, summary.weak_wins), (0, 3, 0));
@@ -340,12 +331,11 @@ async fn a_judge_that_prefers_a_position_labels_ties_and_is_shown_to_contradict_
         assert_eq!(line["winner"], "tie");
         assert_eq!(line["p_b_wins"], 0.5);
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
 async fn rate_limits_and_overloads_are_waited_out_within_one_run() {
-    let (_strong, weak, referee, config, dir, out) = setup("retries").await;
+    let (_strong, weak, referee, config, _dir, out) = setup().await;
     // The weak model rate-limits (asking for 600 ms) until a moment after the run starts;
     // the judge is overloaded for its first two requests.
     weak.set_unavailable(Some(StatusCode::TOO_MANY_REQUESTS));
@@ -369,7 +359,6 @@ async fn rate_limits_and_overloads_are_waited_out_within_one_run() {
         "each prompt's weak answer asked again once or twice: {weak_asked}"
     );
     assert_eq!(lines(&out).len(), 3);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
@@ -378,7 +367,8 @@ async fn the_strong_model_judges_by_default_once_per_prompt_and_prices_add_up() 
     let (referee, weak) = (Referee::default(), MockUpstream::start("weak").await);
     let url = referee.start().await;
     let config = config_at(&url, &weak.base_url(), &url);
-    let dir = scratch("default-judge");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let out = dir.join("labels.jsonl");
     let options = LabelOptions {
         both_orders: false,
@@ -412,7 +402,6 @@ async fn the_strong_model_judges_by_default_once_per_prompt_and_prices_add_up() 
         assert_eq!(line["judge"], "openai/strong-model");
         assert_eq!(line["judgements"].as_array().unwrap().len(), 1);
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The command as scripts meet it: a summary on stderr, and an exit status that says whether
@@ -422,7 +411,8 @@ async fn the_command_exits_non_zero_while_prompts_are_left_and_zero_once_all_are
     let (strong, weak) = (MockUpstream::start("strong").await, MockUpstream::start("weak").await);
     let referee = Referee::default();
     let referee_url = referee.start().await;
-    let dir = scratch("command");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let (config_file, prompts_file, out) = (
         dir.join("config.yaml"),
         dir.join("prompts.txt"),
@@ -483,12 +473,11 @@ async fn the_command_exits_non_zero_while_prompts_are_left_and_zero_once_all_are
         "{stderr}"
     );
     assert_eq!(lines(&out).len(), 2);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
 async fn a_sample_takes_prompts_in_its_seeded_order_and_a_rerun_extends_it() {
-    let (_strong, _weak, _referee, config, dir, out) = setup("sample").await;
+    let (_strong, _weak, _referee, config, _dir, out) = setup().await;
     let many: Vec<String> = (0..12).map(|i| format!("Question number {i}?")).collect();
     let run = |limit| {
         let options = LabelOptions {
@@ -531,7 +520,6 @@ async fn a_sample_takes_prompts_in_its_seeded_order_and_a_rerun_extends_it() {
     let second = run(2).await;
     assert_eq!((second.labelled, second.already_labelled), (2, 3), "{second:?}");
     assert_eq!(labelled(&out), sample_head(5));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A prompt log kept with `conversations: true` has the models answer each request after
@@ -539,7 +527,7 @@ async fn a_sample_takes_prompts_in_its_seeded_order_and_a_rerun_extends_it() {
 /// that conversation before the request, and labels the last user turn, as routers score it.
 #[tokio::test]
 async fn a_logged_conversation_is_answered_and_judged_as_a_conversation() {
-    let (strong, weak, referee, config, _dir, out) = setup("conversation").await;
+    let (strong, weak, referee, config, _dir, out) = setup().await;
     let conversation = json!([
         {"role": "system", "content": "You are a terse release manager."},
         {"role": "user", "content": "Which crate versions did we pin last week?"},

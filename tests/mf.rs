@@ -140,8 +140,8 @@ fn integral_rows() -> Vec<serde_json::Value> {
 
 #[test]
 fn training_is_reproducible_and_learns_a_planted_signal() {
-    let dir = std::env::temp_dir().join(format!("routellm-train-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let data = dir.join("planted.jsonl");
     write(&data, &integral_rows());
     let options = MfOptions {
@@ -360,9 +360,8 @@ fn an_embedder_header_with_an_unset_variable_fails_at_start_up() {
 #[test]
 fn an_openai_embedder_artifact_trains_from_the_command_line_and_serves() {
     let mock = MockEmbeddings::start(Some(("authorization", "Bearer sk-embed")));
-    let dir = std::env::temp_dir().join(format!("routellm-openai-train-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     write(&dir.join("planted.jsonl"), &integral_rows());
     let train = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_routellm"))
@@ -460,14 +459,14 @@ fn an_openai_embedder_artifact_trains_from_the_command_line_and_serves() {
     for index in [0, 150, 299] {
         assert_eq!(scores[index], router.strong_win_rate(&prompts[index]).unwrap());
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn distill_builds_a_loadable_table_from_minilm() {
     let model = repo().join("../shared/models/all-MiniLM-L6-v2");
     let minilm = routellm::embed::MiniLm::load(&model).unwrap();
-    let out = std::env::temp_dir().join(format!("routellm-distill-{}", std::process::id()));
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().to_path_buf();
     let corpus = vec!["the cat sat on the mat".to_owned(), "the dog ate the bone".to_owned()];
     let digest = routellm::embed::TableBuilder::distill(&minilm, &corpus, 16, &out).unwrap();
     assert_eq!(digest.len(), 64);
@@ -528,8 +527,8 @@ fn minilm_artifact_takes_its_truncation_from_the_manifest() {
 
 #[test]
 fn an_artifact_trained_on_other_prompt_features_is_refused() {
-    let dir = std::env::temp_dir().join(format!("routellm-mf-features-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let shipped = repo().join("routers/mf");
     std::fs::copy(shipped.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
     let mut manifest: serde_json::Value =

@@ -113,7 +113,7 @@ async fn node_sdk_against_mock_upstreams() {
 
 async fn sdk_against_mock_upstreams(sdk: Sdk) {
     let upstream = MockUpstream::start("mock").await;
-    let config = tempfile(
+    let config = config_file(
         "thresholds: {random: 0.5}\nstrong_model: openai/gpt-4o\nweak_model: groq/llama3-8b\n\
          upstream: {forward_headers: [x-request-id]}\nmodel_aliases: {gpt-4: router-random-1}\n\
          passthrough: {paths: [embeddings]}\n",
@@ -183,7 +183,7 @@ async fn node_sdk_against_offline_echo_models() {
 #[tokio::test]
 async fn python_sdk_is_answered_by_the_next_deployment_when_the_first_is_down() {
     let backup = MockUpstream::start("backup").await;
-    let config = tempfile(&format!(
+    let config = config_file(&format!(
         "thresholds: {{random: 0.5}}\nweak_model: echo/mixtral\nstrong_model:\n\
          \x20 - {{name: openai/strong-primary, base_url: 'http://127.0.0.1:{}/v1', api_key: sk-primary}}\n\
          \x20 - {{name: groq/strong-backup, base_url: '{}', api_key: sk-backup}}\n",
@@ -205,7 +205,7 @@ async fn python_sdk_is_answered_by_the_next_deployment_when_the_first_is_down() 
 /// no-cache` sent as an extra header for a fresh answer.
 #[tokio::test]
 async fn python_sdk_gets_a_repeated_request_answered_from_the_cache() {
-    let config = tempfile("response_cache: {ttl_secs: 60}\n");
+    let config = config_file("response_cache: {ttl_secs: 60}\n");
     let (_child, base_url) = start_binary(&[&ECHO_MODELS[..], &["--config", config.to_str().unwrap()]].concat()).await;
     run_sdk_script(Sdk::Python, &base_url, "cache").await;
     let metrics = metrics_of(&base_url).await;
@@ -224,7 +224,7 @@ async fn python_sdk_gets_a_repeated_request_answered_from_the_cache() {
 /// per-key counts in `/metrics`.
 #[tokio::test]
 async fn python_sdk_backs_off_on_a_keys_rate_limit() {
-    let config = tempfile(
+    let config = config_file(
         "thresholds: {random: 0.5}\napi_keys: [{key: sk-client, name: sdk, requests_per_minute: 60, \
          models: [router-random]}]\n",
     );
@@ -252,10 +252,10 @@ async fn python_sdk_backs_off_on_a_keys_rate_limit() {
 #[cfg(unix)]
 #[tokio::test]
 async fn a_spent_budget_is_refused_with_insufficient_quota_and_stays_spent_across_a_restart() {
-    let spend_file = std::env::temp_dir().join(format!("routellm-test-spend-{}.json", std::process::id()));
-    let _ = std::fs::remove_file(&spend_file);
+    let scratch = tempfile::tempdir().unwrap();
+    let spend_file = scratch.path().join("spend.json");
     let priced = "price_per_million_tokens: {input: 1000, output: 1000}";
-    let config = tempfile(&format!(
+    let config = config_file(&format!(
         "strong_model: {{name: echo/gpt-4o, {priced}}}\nweak_model: {{name: echo/mixtral, {priced}}}\n\
          thresholds: {{random: 0.5}}\napi_keys: [{{key: sk-client, name: sdk, budget: {{limit: 0.05, per: month}}}}]\n\
          spend_file: {}\n",
@@ -301,7 +301,6 @@ async fn a_spent_budget_is_refused_with_insufficient_quota_and_stays_spent_acros
     assert_eq!(response.status(), 429, "still spent after the restart");
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "insufficient_quota");
-    let _ = std::fs::remove_file(&spend_file);
 }
 
 /// Deployments behind an egress proxy set `HTTPS_PROXY`/`HTTP_PROXY` (and `NO_PROXY`): the
@@ -351,7 +350,7 @@ async fn upstream_calls_go_through_the_proxy_named_in_the_environment() {
 /// without listening; a configuration that would not start fails the check the same way.
 #[tokio::test]
 async fn serve_check_validates_and_describes_without_secrets() {
-    let config = tempfile(
+    let config = config_file(
         "strong_model: {name: openai/gpt-4o, api_key: sk-strong-secret, base_url: 'https://user:pw-secret@llm.example/v1', \
          headers: {X-Gateway-Key: gk-header-secret}, price_per_million_tokens: {input: 2.5, output: 10}}\n\
          weak_model: [{name: echo/mixtral, price_per_million_tokens: {input: 0.5, output: 0.5}}, \
@@ -402,7 +401,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
     }
     assert!(!stdout.contains("secret"), "a secret was printed:\n{stdout}");
 
-    let broken = tempfile("strong_model: {name: openai/gpt-4o, headers: {Authorization: x}}\n");
+    let broken = config_file("strong_model: {name: openai/gpt-4o, headers: {Authorization: x}}\n");
     let output = check(&broken).await.expect("the check exits by itself").unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
@@ -414,7 +413,7 @@ async fn serve_check_validates_and_describes_without_secrets() {
 #[cfg(unix)]
 #[tokio::test]
 async fn sighup_reloads_thresholds_and_keys_and_refuses_a_broken_file() {
-    let config = tempfile("strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nthresholds: {random: 0}\n");
+    let config = config_file("strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nthresholds: {random: 0}\n");
     let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
     command.env_remove("RUST_LOG");
     let (child, base_url, mut log) =
@@ -475,15 +474,14 @@ async fn sighup_reloads_thresholds_and_keys_and_refuses_a_broken_file() {
         assert!(metrics.contains(expected), "{expected} in {metrics}");
     }
     drop(child);
-    let _ = std::fs::remove_file(&config);
 }
 
 /// The loop the prompt log exists for: serve with `--prompt-log`, then calibrate on what
 /// was logged. With the `length` router the threshold is known from the prompts alone.
 #[tokio::test]
 async fn calibrate_reads_the_prompt_log_the_server_writes() {
-    let log = tempfile("").with_extension("jsonl");
-    let _ = std::fs::remove_file(&log);
+    let scratch = tempfile::tempdir().unwrap();
+    let log = scratch.path().join("prompts.jsonl");
     let (child, base_url) = start_binary(&[
         "--routers",
         "length",
@@ -526,7 +524,6 @@ async fn calibrate_reads_the_prompt_log_the_server_writes() {
         .filter(|prompt| routellm::routers::Router::strong_win_rate(&length, prompt).unwrap() >= threshold)
         .count();
     assert_eq!(strong, 2, "{stdout}");
-    let _ = std::fs::remove_file(&log);
 }
 
 /// The rollout the README describes: clients hard-coded to `gpt-4o` are scored but still
@@ -536,8 +533,8 @@ async fn calibrate_reads_the_prompt_log_the_server_writes() {
 #[cfg(unix)]
 #[tokio::test]
 async fn rollout_scores_in_shadow_then_routes_at_the_calibrated_threshold_after_a_reload() {
-    let log_path = tempfile("").with_extension("jsonl");
-    let _ = std::fs::remove_file(&log_path);
+    let scratch = tempfile::tempdir().unwrap();
+    let log_path = scratch.path().join("prompts.jsonl");
     let config_for = |alias: &str| {
         format!(
             "strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nrouters: [length]\n\
@@ -545,7 +542,7 @@ async fn rollout_scores_in_shadow_then_routes_at_the_calibrated_threshold_after_
             log_path.display()
         )
     };
-    let config = tempfile(&config_for("router-length-0"));
+    let config = config_file(&config_for("router-length-0"));
     let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
     command.env_remove("RUST_LOG");
     let (child, base_url, mut log) = start_command(command, &["--config", config.to_str().unwrap()]).await;
@@ -583,8 +580,6 @@ async fn rollout_scores_in_shadow_then_routes_at_the_calibrated_threshold_after_
     assert!(line.contains("configuration reloaded"), "{line}");
     assert_eq!(tiers().await, ["weak", "weak", "strong", "strong"]);
     drop(child);
-    let _ = std::fs::remove_file(&config);
-    let _ = std::fs::remove_file(&log_path);
 }
 
 /// The access log is off by default and, with `--access-log`, has one line per request
@@ -727,7 +722,7 @@ async fn a_watched_config_file_is_reloaded_when_it_changes() {
             "strong_model: echo/gpt-4o\nweak_model: echo/mixtral\nthresholds: {{random: {threshold}}}\nwatch_config_secs: 1\n"
         )
     };
-    let config = tempfile(&yaml(0));
+    let config = config_file(&yaml(0));
     let mut command = Command::new(env!("CARGO_BIN_EXE_routellm"));
     command.env_remove("RUST_LOG");
     let (_child, base_url, mut log) =
@@ -796,10 +791,9 @@ async fn metrics_of(base_url: &str) -> String {
     reqwest::get(url).await.unwrap().text().await.unwrap()
 }
 
-fn tempfile(contents: &str) -> std::path::PathBuf {
-    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("routellm-test-{}-{n}.yaml", std::process::id()));
-    std::fs::write(&path, contents).unwrap();
-    path
+/// A YAML file with `contents`, deleted when the returned path is dropped.
+fn config_file(contents: &str) -> tempfile::TempPath {
+    let file = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    std::fs::write(file.path(), contents).unwrap();
+    file.into_temp_path()
 }

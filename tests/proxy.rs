@@ -1190,9 +1190,8 @@ async fn legacy_completions_are_routed_on_the_prompt_and_forwarded_unchanged() {
 /// the format `calibrate --prompts` reads; requests that name a model, or fail, are not in it.
 #[tokio::test]
 async fn the_prompt_log_records_what_routers_scored() {
-    let dir = std::env::temp_dir().join(format!("routellm-proxy-prompt-log-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let path = dir.join("traffic.jsonl");
     let (_strong, _weak, proxy) = setup(&format!(
         "score_turns: max\nprompt_log: {{path: '{}', conversations: true}}\n",
@@ -1266,7 +1265,6 @@ async fn the_prompt_log_records_what_routers_scored() {
     let metrics = proxy.metrics().await;
     assert!(metrics.contains("routellm_prompt_log_entries_total 3\n"), "{metrics}");
     assert!(metrics.contains("routellm_prompt_log_dropped_total 0\n"), "{metrics}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Browser pages of the configured origins may call the API: preflights are answered
@@ -2090,8 +2088,8 @@ async fn passthrough_streams_downloads_and_event_streams_and_never_truncates_the
 async fn the_health_command_says_whether_the_server_answers() {
     let (_strong, _weak, proxy) = setup("").await;
     let port = proxy.addr.port().to_string();
-    let dir = std::env::temp_dir().join(format!("routellm-health-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let config = dir.join("config.yaml");
     std::fs::write(&config, format!("host: 0.0.0.0\nport: {port}\n")).unwrap();
     let health = |args: Vec<String>| async move {
@@ -2129,5 +2127,4 @@ async fn the_health_command_says_whether_the_server_answers() {
         said.contains(&format!("127.0.0.1:{closed}/health does not answer")),
         "{said}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -24,12 +24,6 @@ fn static_embedder() -> Arc<dyn Embedder> {
     Arc::new(StaticEmbedder::load(&repo().join("routers/static")).unwrap())
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("routellm-sw-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn shipped_artifact_loads_and_separates_its_default_pair() {
     let dir = repo().join("routers/sw_ranking");
@@ -112,7 +106,8 @@ fn loading_refuses_a_wrong_embedder_unknown_or_same_tier_identities() {
 
 #[test]
 fn training_learns_a_planted_signal_reproducibly_and_refuses_eval_data() {
-    let dir = temp_dir("train");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     // Maths prompts: the big model is right and the small one wrong; trivia: both right.
     // A mid model and a floor model give the tiers something to separate.
     let mut lines = String::new();

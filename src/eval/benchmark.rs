@@ -415,15 +415,10 @@ mod tests {
     use super::*;
     use crate::eval::metrics::model_score;
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("routellm-bench-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     #[test]
     fn mt_bench_fixture_routes_on_turn_one_and_drops_contaminated() {
-        let dir = temp_dir("mt");
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let mt = dir.join("mt_bench");
         std::fs::create_dir_all(&mt).unwrap();
         std::fs::write(
@@ -461,7 +456,7 @@ mod tests {
             "{\"eval_prompt\": \"Follow-up\"}\n",
         )
         .unwrap();
-        let benchmark = load(&BenchmarkKind::MtBench, &dir, None, None).unwrap();
+        let benchmark = load(&BenchmarkKind::MtBench, dir, None, None).unwrap();
         assert_eq!(benchmark.prompts, vec!["Write a blog post", "Solve x^2=4"]);
         assert_eq!(benchmark.dropped, 1);
         assert_eq!(model_score(&benchmark.outcomes, true, 1.0), 9.25);
@@ -470,7 +465,8 @@ mod tests {
 
     #[test]
     fn generic_benchmark_needs_model_names_and_reports_keys() {
-        let dir = temp_dir("generic");
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let path = dir.join("support.jsonl");
         std::fs::write(
             &path,
@@ -478,12 +474,12 @@ mod tests {
         )
         .unwrap();
         let kind = BenchmarkKind::parse(path.to_str().unwrap());
-        let error = load(&kind, &dir, None, None).unwrap_err();
+        let error = load(&kind, dir, None, None).unwrap_err();
         assert!(error.to_string().contains("big, small"), "{error}");
-        let benchmark = load(&kind, &dir, Some("big"), Some("small")).unwrap();
+        let benchmark = load(&kind, dir, Some("big"), Some("small")).unwrap();
         assert_eq!(benchmark.name, "support");
         assert_eq!(benchmark.prompts.len(), 2);
         assert!((model_score(&benchmark.outcomes, true, 1.0) - 0.95).abs() < 1e-12);
-        assert!(load(&kind, &dir, Some("big"), Some("tiny")).is_err());
+        assert!(load(&kind, dir, Some("big"), Some("tiny")).is_err());
     }
 }

@@ -337,7 +337,8 @@ mod tests {
 
     #[test]
     fn cache_round_trip_and_invalidation() {
-        let dir = std::env::temp_dir().join(format!("routellm-cache-{}", std::process::id()));
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let path = dir.join("b/r.json");
         let prompts = vec!["a".to_owned(), "b".to_owned()];
         write_cache(&path, "k1", &prompts, &[0.1, 0.2]).unwrap();

@@ -352,7 +352,8 @@ mod tests {
 
     #[test]
     fn renders_a_valid_png_with_lines_in_series_colours() {
-        let path = std::env::temp_dir().join(format!("routellm-plot-{}.png", std::process::id()));
+        let scratch = tempfile::tempdir().unwrap();
+        let path = scratch.path().join("plot.png");
         let spec = PlotSpec {
             title: "Model Calls and Performance (test)",
             routers: vec![Series {

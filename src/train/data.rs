@@ -320,8 +320,8 @@ mod tests {
 
     #[test]
     fn battles_and_correctness_rows_become_battles() {
-        let dir = std::env::temp_dir().join(format!("routellm-train-data-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let battles = dir.join("battles.jsonl");
         std::fs::write(
             &battles,
@@ -354,8 +354,8 @@ mod tests {
 
     #[test]
     fn a_label_file_names_its_pair_and_only_one_pair_counts() {
-        let dir = std::env::temp_dir().join(format!("routellm-labelled-pair-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let label = |a: &str, b: &str| {
             format!(
                 r#"{{"prompt": "p", "model_a": "{a}", "model_b": "{b}", "p_b_wins": 0.0, "judge": "openai/gpt-4o"}}"#
@@ -385,6 +385,5 @@ mod tests {
         let other = dir.join("other.jsonl");
         std::fs::write(&other, label("openai/gpt-4o", "openai/gpt-4o-mini")).unwrap();
         assert_eq!(labelled_pair(&[labels, other]).unwrap(), None);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
