@@ -1519,6 +1519,7 @@ mod tests {
                 "#   redis_url: ${ROUTELLM_REDIS_URL}",
                 "  redis_url: redis://:pw@redis.internal:6379/1",
             )
+            .replace("#   cluster: false", "  cluster: false")
             .replace("#   key_prefix: routellm", "  key_prefix: routellm")
             .replace("#   timeout_ms: 100", "  timeout_ms: 100")
             .replace("#   on_failure: local", "  on_failure: local");

@@ -18,11 +18,18 @@
 //! The same Redis carries two more things replicas share: the deployments one of them found
 //! unavailable ([`SharedState::announce_cooldown`], read by the others every second), and,
 //! with `response_cache.redis`, cached answers ([`crate::cache`]).
+//!
+//! With `cluster: true` the URL is one node of a Redis Cluster: the client learns the slot
+//! map from it and sends each command to the node holding its key. Everything a script
+//! touches shares one slot (the client key's name is a hash tag), so both scripts run on a
+//! cluster unchanged.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use serde::Deserialize;
 
 use crate::config::Secret;
@@ -58,6 +65,10 @@ pub struct SharedStateConfig {
     pub redis_url: Secret,
     /// For `rediss://`: the PEM certificates to trust instead of the system's (a private CA).
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// The URL is one node of a Redis Cluster (or of a managed service in cluster mode); the
+    /// other nodes are found from it. The URL's database must be 0, the only one a cluster has.
+    #[serde(default)]
+    pub cluster: bool,
     /// What every Redis key the proxy writes begins with, so deployments can share a Redis.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
@@ -81,16 +92,8 @@ impl SharedStateConfig {
     /// validates also connects; messages never repeat the URL, which may hold a password.
     fn client(&self) -> Result<redis::Client, Error> {
         let url = self.redis_url.expose();
-        let client = match &self.tls_ca_file {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|error| Error::Config(format!("shared_state.tls_ca_file {}: {error}", path.display())))?;
-                let certificates = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                };
-                redis::Client::build_with_tls(url, certificates)
-            }
+        let client = match self.certificates()? {
+            Some(certificates) => redis::Client::build_with_tls(url, certificates),
             None => redis::Client::open(url),
         };
         client.map_err(|error| {
@@ -100,12 +103,40 @@ impl SharedStateConfig {
         })
     }
 
+    /// The cluster client seeded by the URL; its password, user and TLS come from the URL.
+    fn cluster_client(&self) -> Result<ClusterClient, Error> {
+        let mut builder = ClusterClient::builder([self.redis_url.expose()])
+            // A request waits `timeout_ms` at most; retrying beyond that only piles up work.
+            .retries(2)
+            .min_retry_wait(10)
+            .max_retry_wait(u64::try_from(RETRY_AFTER.as_millis()).unwrap_or(u64::MAX));
+        if let Some(certificates) = self.certificates()? {
+            builder = builder.certs(certificates);
+        }
+        builder
+            .build()
+            .map_err(|error| Error::Config(format!("shared_state.redis_url is not a cluster node's URL: {error}")))
+    }
+
+    fn certificates(&self) -> Result<Option<redis::TlsCertificates>, Error> {
+        let Some(path) = &self.tls_ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .map_err(|error| Error::Config(format!("shared_state.tls_ca_file {}: {error}", path.display())))?;
+        Ok(Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        }))
+    }
+
     /// The section with only a URL (`--redis-url`), the rest at its defaults.
     #[must_use]
     pub fn at(redis_url: Secret) -> Self {
         Self {
             redis_url,
             tls_ca_file: None,
+            cluster: false,
             key_prefix: default_key_prefix(),
             timeout_ms: default_timeout_ms(),
             on_failure: OnFailure::default(),
@@ -124,7 +155,22 @@ impl SharedStateConfig {
                 path.display()
             )));
         }
-        self.client()?;
+        let client = self.client()?;
+        if self.cluster {
+            let info = client.get_connection_info();
+            if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) {
+                return Err(Error::Config(
+                    "shared_state.cluster needs a node's host and port, not a socket path".to_owned(),
+                ));
+            }
+            if info.redis_settings().db() != 0 {
+                return Err(Error::Config(format!(
+                    "shared_state.cluster: a cluster has only database 0, the URL names database {}",
+                    info.redis_settings().db()
+                )));
+            }
+            self.cluster_client()?;
+        }
         let prefix_ok = !self.key_prefix.is_empty()
             && self.key_prefix.len() <= 64
             && self
@@ -258,12 +304,54 @@ pub struct Charge<'a> {
 #[error("the shared state (Redis) is unavailable")]
 pub struct Unavailable;
 
+/// One Redis, or the nodes of a cluster.
+#[allow(clippy::large_enum_variant, reason = "one per process, made once")]
+enum Backend {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+/// A connection to either: both reconnect by themselves, and a clone shares the connection.
+#[derive(Clone)]
+enum Link {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, command: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(command),
+            Self::Cluster(connection) => connection.req_packed_command(command),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
 /// The connection to Redis and the scripts that keep keys' limits and spend there.
 pub struct SharedState {
-    client: redis::Client,
-    /// Made on first use: the manager needs a running Tokio runtime, and a gateway is also
-    /// built outside one (`route`, library callers).
-    connection: tokio::sync::OnceCell<ConnectionManager>,
+    backend: Backend,
+    /// Made on first use: the connection needs a running Tokio runtime, and a gateway is
+    /// also built outside one (`route`, library callers).
+    connection: tokio::sync::OnceCell<Link>,
     /// `host:port` (or the socket path), for logs: never the URL, which may hold a password.
     address: String,
     key_prefix: String,
@@ -296,9 +384,17 @@ impl SharedState {
     /// only delays sharing).
     pub fn new(config: &SharedStateConfig) -> Result<Self, Error> {
         let client = config.client()?;
-        let address = client.get_connection_info().addr().to_string();
+        let node = client.get_connection_info().addr().to_string();
+        let (backend, address) = if config.cluster {
+            (
+                Backend::Cluster(config.cluster_client()?),
+                format!("cluster via {node}"),
+            )
+        } else {
+            (Backend::Single(client), node)
+        };
         Ok(Self {
-            client,
+            backend,
             connection: tokio::sync::OnceCell::new(),
             address,
             key_prefix: config.key_prefix.clone(),
@@ -422,17 +518,28 @@ impl SharedState {
         .map(drop)
     }
 
-    async fn connection(&self) -> Result<&ConnectionManager, Unavailable> {
+    async fn connection(&self) -> Result<&Link, Unavailable> {
         let timeout = self.timeout;
         self.connection
             .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    // Reconnects in the background; requests meanwhile are decided locally.
-                    .set_number_of_retries(2)
-                    .set_max_delay(RETRY_AFTER);
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+                match &self.backend {
+                    Backend::Single(client) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(timeout))
+                            .set_response_timeout(Some(timeout))
+                            // Reconnects in the background; requests meanwhile are decided locally.
+                            .set_number_of_retries(2)
+                            .set_max_delay(RETRY_AFTER);
+                        ConnectionManager::new_lazy_with_config(client.clone(), config).map(Link::Single)
+                    }
+                    Backend::Cluster(client) => {
+                        let config = redis::cluster::ClusterConfig::new()
+                            .set_connection_timeout(timeout)
+                            .set_response_timeout(timeout);
+                        // Connects (and reads the slot map) in the background, as the manager does.
+                        Ok(Link::Cluster(client.get_pending_async_connection_with_config(config)))
+                    }
+                }
             })
             .await
             .map_err(|error| self.failed(&error.to_string()))
@@ -473,7 +580,8 @@ impl SharedState {
         format!("{}:cooldown:{id}", self.key_prefix)
     }
 
-    /// Until when (unix ms) each deployment of `ids` is announced unavailable, if it is.
+    /// Until when (unix ms) each deployment of `ids` is announced unavailable, if it is. On a
+    /// cluster the keys lie in several slots: the client splits the MGET by node.
     pub async fn cooldowns(&self, ids: &[String]) -> Result<Vec<Option<u64>>, Unavailable> {
         let mut command = redis::cmd("MGET");
         for id in ids {
@@ -523,7 +631,7 @@ impl SharedState {
     /// after a failure; a failure (or no answer in time) pauses it for [`RETRY_AFTER`].
     async fn call<T, F, Answer>(&self, timeout: Duration, call: F) -> Result<T, Unavailable>
     where
-        F: FnOnce(ConnectionManager) -> Answer,
+        F: FnOnce(Link) -> Answer,
         Answer: Future<Output = redis::RedisResult<T>>,
     {
         if self.millis_since_epoch() < self.paused_until_ms.load(Ordering::Relaxed) {
@@ -594,6 +702,11 @@ mod tests {
         assert_eq!(state.address(), "10.0.0.5:6380");
         assert!(!format!("{state:?}").contains("hunter2"));
 
+        let cluster = config("{redis_url: 'redis://:hunter2@10.0.0.7:7000', cluster: true}").unwrap();
+        let state = SharedState::new(&cluster).unwrap();
+        assert_eq!(state.address(), "cluster via 10.0.0.7:7000");
+        assert!(!format!("{state:?}").contains("hunter2"));
+
         let refuse = config("{redis_url: 'redis://127.0.0.1', on_failure: refuse, key_prefix: 'team:a'}").unwrap();
         assert!(SharedState::new(&refuse).unwrap().refuses_when_unavailable());
         for (yaml, says) in [
@@ -603,6 +716,14 @@ mod tests {
             ("{redis_url: 'redis://127.0.0.1', on_failure: maybe}", "unknown variant"),
             ("{redis_url: 'redis://127.0.0.1', prefix: x}", "unknown field"),
             ("redis_url: ${UNSET_VARIABLE}", "UNSET_VARIABLE"),
+            (
+                "{redis_url: '${REDIS_URL}', cluster: true}",
+                "only database 0, the URL names database 2",
+            ),
+            (
+                "{redis_url: 'redis+unix:///run/redis.sock', cluster: true}",
+                "not a socket path",
+            ),
             (
                 "{redis_url: 'redis://127.0.0.1', tls_ca_file: /etc/ssl/ca.pem}",
                 "must start with rediss://",

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,50 @@ struct Redis {
     port: u16,
     process: Child,
     /// With TLS: the CA that signed its certificate.
-    tls_ca: Option<std::path::PathBuf>,
+    tls_ca: Option<PathBuf>,
+    /// Its certificates, when it has a folder of its own; removed after the process ends.
+    _folder: Option<tempfile::TempDir>,
+}
+
+/// A CA of the test's own and a certificate it signed for 127.0.0.1, made in `folder` with
+/// the `openssl` command: `ca.crt`, `server.crt`, `server.key`.
+fn make_certificates(folder: &Path) {
+    std::fs::write(folder.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for args in [
+        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=routellm-test-ca",
+        "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1",
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 1 -extfile ext.cnf",
+    ] {
+        let made = Command::new("openssl")
+            .args(args.split(' '))
+            .current_dir(folder)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|error| panic!("openssl {args}: {error}; the TLS tests need the openssl command"));
+        assert!(made.success(), "openssl {args}");
+    }
+}
+
+/// What makes a `redis-server` speak TLS only, on `port`, with the certificates in `folder`.
+fn tls_args(port: u16, folder: &Path) -> Vec<String> {
+    let file = |name: &str| folder.join(name).display().to_string();
+    [
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &file("server.crt"),
+        "--tls-key-file",
+        &file("server.key"),
+        "--tls-ca-cert-file",
+        &file("ca.crt"),
+        "--tls-auth-clients",
+        "no",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 impl Redis {
@@ -27,50 +71,21 @@ impl Redis {
     }
 
     async fn start_on(port: u16) -> Self {
-        Self::spawn(port, &["--port", &port.to_string()], None).await
+        Self::spawn(port, &["--port", &port.to_string()], None, None).await
     }
 
     /// A Redis that speaks TLS only, with a certificate for 127.0.0.1 from a CA of its own
     /// (made with the `openssl` command).
     async fn start_tls() -> Self {
         let port = common::closed_port().await;
-        let folder = std::env::temp_dir().join(format!("routellm-redis-tls-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&folder).unwrap();
-        std::fs::write(folder.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        for args in [
-            "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=routellm-test-ca",
-            "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1",
-            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 1 -extfile ext.cnf",
-        ] {
-            let made = Command::new("openssl")
-                .args(args.split(' '))
-                .current_dir(&folder)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap_or_else(|error| panic!("openssl {args}: {error}; the TLS test needs the openssl command"));
-            assert!(made.success(), "openssl {args}");
-        }
-        let file = |name: &str| folder.join(name).display().to_string();
-        let args = [
-            "--port".to_owned(),
-            "0".to_owned(),
-            "--tls-port".to_owned(),
-            port.to_string(),
-            "--tls-cert-file".to_owned(),
-            file("server.crt"),
-            "--tls-key-file".to_owned(),
-            file("server.key"),
-            "--tls-ca-cert-file".to_owned(),
-            file("ca.crt"),
-            "--tls-auth-clients".to_owned(),
-            "no".to_owned(),
-        ];
+        let folder = tempfile::tempdir().unwrap();
+        make_certificates(folder.path());
+        let args = tls_args(port, folder.path());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::spawn(port, &args, Some(folder.join("ca.crt"))).await
+        Self::spawn(port, &args, Some(folder.path().join("ca.crt")), Some(folder)).await
     }
 
-    async fn spawn(port: u16, listen: &[&str], tls_ca: Option<std::path::PathBuf>) -> Self {
+    async fn spawn(port: u16, listen: &[&str], tls_ca: Option<PathBuf>, folder: Option<tempfile::TempDir>) -> Self {
         let program = std::env::var("ROUTELLM_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
         let process = Command::new(&program)
             .args(listen)
@@ -84,7 +99,12 @@ impl Redis {
                      `redis-server` package or set ROUTELLM_TEST_REDIS_SERVER"
                 )
             });
-        let redis = Self { port, process, tls_ca };
+        let redis = Self {
+            port,
+            process,
+            tls_ca,
+            _folder: folder,
+        };
         let started = Instant::now();
         while redis.query::<String>(&redis::cmd("PING")).await.is_err() {
             assert!(
@@ -138,9 +158,121 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.process.kill();
         let _ = self.process.wait();
-        if let Some(folder) = self.tls_ca.as_ref().and_then(|ca| ca.parent()) {
-            let _ = std::fs::remove_dir_all(folder);
+    }
+}
+
+/// How a Redis Cluster of three primaries splits the 16,384 slots.
+const SLOT_RANGES: [(u16, u16); 3] = [(0, 5460), (5461, 10922), (10923, 16383)];
+
+/// A Redis Cluster of the test's own: three primaries on free loopback ports, formed with
+/// `CLUSTER ADDSLOTSRANGE` and `CLUSTER MEET`, killed when dropped. With TLS, clients and
+/// the cluster bus speak TLS only, with certificates from a CA of the test's own.
+struct RedisCluster {
+    nodes: Vec<Redis>,
+    /// Each node's `nodes.conf` (and the certificates); dropped after the nodes.
+    folder: tempfile::TempDir,
+    tls: bool,
+}
+
+impl RedisCluster {
+    async fn start(tls: bool) -> Self {
+        let folder = tempfile::tempdir().unwrap();
+        if tls {
+            make_certificates(folder.path());
         }
+        let mut nodes = Vec::new();
+        let mut bus_ports = Vec::new();
+        for _ in 0..SLOT_RANGES.len() {
+            let port = common::closed_port().await;
+            // Named, not the default port + 10000, which can lie past 65535.
+            let bus_port = common::closed_port().await;
+            let nodes_file = folder.path().join(format!("nodes-{port}.conf"));
+            let mut args = if tls {
+                let mut args = tls_args(port, folder.path());
+                args.extend(["--tls-cluster".to_owned(), "yes".to_owned()]);
+                args
+            } else {
+                vec!["--port".to_owned(), port.to_string()]
+            };
+            args.extend(
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus_port.to_string(),
+                    "--cluster-config-file",
+                    nodes_file.to_str().unwrap(),
+                ]
+                .map(str::to_owned),
+            );
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let ca = tls.then(|| folder.path().join("ca.crt"));
+            nodes.push(Redis::spawn(port, &args, ca, None).await);
+            bus_ports.push(bus_port);
+        }
+        for (node, (first, last)) in nodes.iter().zip(SLOT_RANGES) {
+            let assign = redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(first).arg(last).clone();
+            node.query::<()>(&assign).await.unwrap();
+        }
+        for (node, bus_port) in nodes.iter().zip(&bus_ports).skip(1) {
+            let meet = redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(node.port)
+                .arg(bus_port)
+                .clone();
+            nodes[0].query::<()>(&meet).await.unwrap();
+        }
+        let started = Instant::now();
+        for node in &nodes {
+            while !node
+                .query::<String>(redis::cmd("CLUSTER").arg("INFO"))
+                .await
+                .unwrap()
+                .contains("cluster_state:ok")
+            {
+                assert!(started.elapsed() < Duration::from_secs(20), "the cluster did not form");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Self { nodes, folder, tls }
+    }
+
+    /// The `shared_state` section that reaches this cluster.
+    fn shared_state(&self) -> routellm::shared_state::SharedStateConfig {
+        routellm::shared_state::SharedStateConfig {
+            cluster: true,
+            tls_ca_file: self.tls.then(|| self.folder.path().join("ca.crt")),
+            ..routellm::shared_state::SharedStateConfig::at(routellm::config::Secret::new(self.url()))
+        }
+        .validate(&|_| None)
+        .unwrap()
+    }
+
+    /// The URL the replicas are given: the first node's, from which they find the others.
+    fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// Which node holds `key`'s slot.
+    async fn holder(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[0]
+            .query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+            .await
+            .unwrap();
+        SLOT_RANGES
+            .iter()
+            .position(|&(first, last)| (first..=last).contains(&slot))
+            .unwrap()
+    }
+
+    /// The first `n` whose key, as `key_of(n)` makes it, lies on the node at `index`.
+    async fn first_on(&self, index: usize, key_of: impl Fn(usize) -> String) -> usize {
+        let mut n = 0;
+        while self.holder(&key_of(n)).await != index {
+            n += 1;
+        }
+        n
     }
 }
 
@@ -572,4 +704,112 @@ async fn a_deployment_one_replica_found_unavailable_is_passed_over_by_the_other(
         second.metrics().await.contains(available),
         "passed over again after it answered"
     );
+}
+
+/// With `cluster: true` the replicas share through a Redis Cluster as through one Redis:
+/// each client key's bucket lives on the node holding its slot — for both keys here a node
+/// other than the one the URL names — and both replicas draw on it.
+#[tokio::test]
+async fn on_a_redis_cluster_each_keys_bucket_is_shared_on_the_node_holding_it() {
+    let cluster = RedisCluster::start(false).await;
+    let requests_key = |n: usize| format!("routellm:{{team-{n}}}:requests");
+    let east = cluster.first_on(1, requests_key).await;
+    let west = cluster.first_on(2, requests_key).await;
+    let (strong, first, second) = replicas(&format!(
+        "shared_state: {{redis_url: '{}', cluster: true}}\n\
+         api_keys: [{{key: k-east, name: team-{east}, requests_per_minute: 2}}, \
+         {{key: k-west, name: team-{west}, requests_per_minute: 2}}]\n",
+        cluster.url()
+    ))
+    .await;
+    for key in ["k-east", "k-west"] {
+        for (proxy, remaining) in [(&first, "1"), (&second, "0")] {
+            let response = post_as(proxy, key).await;
+            assert_eq!(response.status(), 200, "{key}");
+            assert_eq!(response.headers()["x-ratelimit-remaining-requests"], remaining, "{key}");
+        }
+        openai_error(post_as(&first, key).await, 429).await;
+    }
+    assert_eq!(strong.received().len(), 4);
+    for (index, n) in [(1, east), (2, west)] {
+        let exists: i64 = cluster.nodes[index]
+            .query(redis::cmd("EXISTS").arg(requests_key(n)))
+            .await
+            .unwrap();
+        assert_eq!(exists, 1, "team-{n}'s bucket on node {index}");
+    }
+    for text in [first.metrics().await, second.metrics().await] {
+        assert_eq!(metric(&text, "routellm_shared_state_up"), 1.0);
+        assert_eq!(metric(&text, "routellm_shared_state_errors_total"), 0.0);
+        assert_eq!(metric(&text, "routellm_shared_state_local_decisions_total"), 0.0);
+    }
+
+    // The whole cluster gone: decided at once by the replica's own bucket, which starts
+    // from what Redis last said (empty), without waiting on the cluster client's retries.
+    drop(cluster);
+    let started = Instant::now();
+    openai_error(post_as(&second, "k-west").await, 429).await;
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    let text = second.metrics().await;
+    assert_eq!(metric(&text, "routellm_shared_state_up"), 0.0);
+    assert_eq!(metric(&text, "routellm_shared_state_local_decisions_total"), 1.0);
+}
+
+/// The deployments' cooldowns are read with one MGET over keys in several slots, which the
+/// cluster client splits by node; cached answers are single keys on any node.
+#[tokio::test]
+async fn on_a_redis_cluster_cooldowns_and_cached_answers_reach_every_node() {
+    cooldowns_and_cached_answers_reach_every_node(&RedisCluster::start(false).await).await;
+}
+
+/// The same over TLS (clients and the cluster bus), trusting the cluster's CA by
+/// `tls_ca_file`, as a managed cluster with encryption in transit is reached.
+#[tokio::test]
+async fn on_a_redis_cluster_over_tls_cooldowns_and_cached_answers_reach_every_node() {
+    let cluster = RedisCluster::start(true).await;
+    assert!(cluster.url().starts_with("rediss://"));
+    cooldowns_and_cached_answers_reach_every_node(&cluster).await;
+}
+
+async fn cooldowns_and_cached_answers_reach_every_node(cluster: &RedisCluster) {
+    let state = routellm::shared_state::SharedState::new(&cluster.shared_state()).unwrap();
+
+    let mut ids = Vec::new();
+    for index in 0..SLOT_RANGES.len() {
+        let n = cluster
+            .first_on(index, |n| format!("routellm:cooldown:deployment-{n}"))
+            .await;
+        ids.push(format!("deployment-{n}"));
+    }
+    for (until, id) in (1_000..).zip(&ids) {
+        state
+            .announce_cooldown(id, until, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let mut asked = ids.clone();
+    asked.push("never-announced".to_owned());
+    assert_eq!(
+        state.cooldowns(&asked).await.unwrap(),
+        [Some(1_000), Some(1_001), Some(1_002), None]
+    );
+    state.withdraw_cooldown(&ids[1]).await.unwrap();
+    assert_eq!(
+        state.cooldowns(&asked).await.unwrap(),
+        [Some(1_000), None, Some(1_002), None]
+    );
+
+    for index in 0..SLOT_RANGES.len() {
+        let n = cluster.first_on(index, |n| state.cache_key(&format!("{n:032x}"))).await;
+        let key = state.cache_key(&format!("{n:032x}"));
+        let answer = format!("answer {index}").into_bytes();
+        state.set_bytes(&key, &answer, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(state.get_bytes(&key).await.unwrap(), Some(answer));
+        let exists: i64 = cluster.nodes[index]
+            .query(redis::cmd("EXISTS").arg(&key))
+            .await
+            .unwrap();
+        assert_eq!(exists, 1, "{key} on node {index}");
+    }
+    assert_eq!(state.stats(), (true, 0, 0));
 }
