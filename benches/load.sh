@@ -126,22 +126,42 @@ run_script "cache off, sw_ranking, all new" "http://$proxy" "$(distinct_lua rout
 
 # A client key with request and token limits and a budget: counted in this process, or
 # shared with other replicas in Redis (`shared_state`: one Lua script per admission and
-# one per answer's charge). Needs redis-server (apt-get install redis-server).
+# one per answer's charge), one server or a three-node Redis Cluster (`cluster: true`).
+# Needs redis-server and redis-cli (apt-get install redis-server).
 if command -v redis-server >/dev/null; then
-  redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+  redis_port=$(free_port)
   redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
   for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
-  for mode in local shared; do
+  cluster_ports=()
+  for range in "0 5460" "5461 10922" "10923 16383"; do
+    node=$(free_port)
+    redis-server --port "$node" --cluster-port "$(free_port)" --cluster-enabled yes --cluster-config-file "$work/nodes-$node.conf" \
+      --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+    for _ in $(seq 1 100); do redis-cli -p "$node" ping >/dev/null 2>&1 && break; sleep 0.05; done
+    redis-cli -p "$node" cluster addslotsrange $range >/dev/null
+    cluster_ports+=("$node")
+  done
+  for node in "${cluster_ports[@]:1}"; do
+    bus=$(redis-cli -p "$node" config get cluster-port | tail -1)
+    redis-cli -p "${cluster_ports[0]}" cluster meet 127.0.0.1 "$node" "$bus" >/dev/null
+  done
+  for node in "${cluster_ports[@]}"; do
+    for _ in $(seq 1 200); do redis-cli -p "$node" cluster info | grep -q cluster_state:ok && break; sleep 0.05; done
+  done
+  for mode in local shared cluster; do
     cat > "$work/limits-$mode.yaml" <<YAML
 strong_model: {name: openai/strong, base_url: "http://$upstream/v1", api_key: sk-bench, price_per_million_tokens: {input: 1, output: 1}}
 weak_model: {name: openai/weak, base_url: "http://$upstream/v1", api_key: sk-bench, price_per_million_tokens: {input: 1, output: 1}}
 api_keys: [{key: sk-team, name: team, requests_per_minute: 100000000, tokens_per_minute: 1000000000, budget: {limit: 1000000, per: day}}]
 YAML
     [ "$mode" = shared ] && echo "shared_state: {redis_url: 'redis://127.0.0.1:$redis_port'}" >> "$work/limits-$mode.yaml"
+    [ "$mode" = cluster ] && echo "shared_state: {redis_url: 'redis://127.0.0.1:${cluster_ports[0]}', cluster: true}" >> "$work/limits-$mode.yaml"
     "$bin" serve --host 127.0.0.1 --port 0 --routers random --config "$work/limits-$mode.yaml" 2>"$work/limits-$mode.log" & pids+=($!)
   done
   limits_local=$(wait_for_address "$work/limits-local.log")
   limits_shared=$(wait_for_address "$work/limits-shared.log")
+  limits_cluster=$(wait_for_address "$work/limits-cluster.log")
   keyed="$work/keyed.lua"
   cat > "$keyed" <<LUA
 wrk.method = "POST"
@@ -151,8 +171,10 @@ wrk.body = '{"model":"router-random-0.5","messages":[{"role":"user","content":"$
 LUA
   run_script "key limits, per process" "http://$limits_local" "$keyed" "$connections"
   run_script "key limits, in Redis" "http://$limits_shared" "$keyed" "$connections"
+  run_script "key limits, in a Redis Cluster" "http://$limits_cluster" "$keyed" "$connections"
   run_script "key limits, per process, 1 conn" "http://$limits_local" "$keyed" 1
   run_script "key limits, in Redis, 1 conn" "http://$limits_shared" "$keyed" 1
+  run_script "key limits, in a Redis Cluster, 1 conn" "http://$limits_cluster" "$keyed" 1
 else
   echo "(redis-server not found: key limits shared in Redis not measured)"
 fi
