@@ -467,6 +467,10 @@ pub struct ServeArgs {
     /// `redis://[:password@]host:port/db` (see `shared_state` in the config). [default: per process]
     #[arg(long, env = "ROUTELLM_REDIS_URL", hide_env_values = true, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// That Redis is one node of a Redis Cluster: the others are found from it
+    /// (`shared_state.cluster`). [default: the config's, else false]
+    #[arg(long, env = "ROUTELLM_REDIS_CLUSTER", num_args = 0..=1, default_missing_value = "true")]
+    pub redis_cluster: Option<bool>,
     /// Load the configuration, the routers and both models as `serve` would, print what
     /// would be served (no secrets), and exit without listening: for deployment pipelines.
     #[arg(long)]
@@ -1050,6 +1054,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         prompt_log: args.prompt_log,
         model_aliases: args.model_aliases,
         redis_url: args.redis_url.map(Secret::new),
+        redis_cluster: args.redis_cluster,
         ..args.common.overrides()
     };
     let reload_overrides = overrides.clone();
@@ -1346,18 +1351,26 @@ fn describe_access_and_reloads(out: &mut String, config: &Config) {
             path.display()
         );
     }
-    if let (Some(shared), false) = (&config.shared_state, config.api_keys.is_empty()) {
+    if let Some(shared) = &config.shared_state {
+        // Cooldowns are shared whether or not any key is limited.
+        let shares = if config.api_keys.is_empty() {
+            "deployment cooldowns".to_owned()
+        } else {
+            format!(
+                "keys' rate limits and budgets (while Redis is unavailable: {}), deployment cooldowns",
+                match shared.on_failure {
+                    crate::shared_state::OnFailure::Local => "each replica's own buckets",
+                    crate::shared_state::OnFailure::Refuse => "limited keys refused with 503",
+                }
+            )
+        };
         let _ = writeln!(
             out,
-            "keys' rate limits and budgets shared in Redis at {} (keys `{}:*`, timeout {} ms, when unavailable: {})",
+            "shared in Redis at {} (keys `{}:*`, timeout {} ms): {shares}",
             crate::shared_state::SharedState::new(shared)
                 .map_or_else(|_| "?".to_owned(), |state| state.address().to_owned()),
             shared.key_prefix,
             shared.timeout_ms,
-            match shared.on_failure {
-                crate::shared_state::OnFailure::Local => "each replica's own buckets",
-                crate::shared_state::OnFailure::Refuse => "refused with 503",
-            }
         );
     }
     if let Some(limit) = config.scoring_timeout {
@@ -1646,6 +1659,39 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_check_names_what_redis_shares_and_where_without_its_password() {
+        let described = |yaml: &str, overrides: Overrides| {
+            let config = Config::merge(crate::config::FileConfig::from_yaml(yaml).unwrap(), overrides).unwrap();
+            let mut out = String::new();
+            describe_access_and_reloads(&mut out, &config);
+            out
+        };
+        let flags = Overrides {
+            redis_url: Some(Secret::new("redis://:hunter2@10.0.0.7:7000".into())),
+            redis_cluster: Some(true),
+            ..Overrides::default()
+        };
+        let unlimited = described("", flags.clone());
+        assert!(
+            unlimited.contains(
+                "shared in Redis at cluster via 10.0.0.7:7000 (keys `routellm:*`, timeout 100 ms): deployment cooldowns\n"
+            ),
+            "{unlimited}"
+        );
+        let limited = described(
+            "api_keys: [{key: k, name: team, requests_per_minute: 5}]\nshared_state: {redis_url: x, on_failure: refuse}\n",
+            flags,
+        );
+        assert!(
+            limited.contains(
+                "keys' rate limits and budgets (while Redis is unavailable: limited keys refused with 503), deployment cooldowns"
+            ),
+            "{limited}"
+        );
+        assert!(!unlimited.contains("hunter2") && !limited.contains("hunter2"));
     }
 
     #[test]

@@ -571,6 +571,34 @@ pub struct Overrides {
     /// `--redis-url`: keys' limits and budgets shared in this Redis (the file's other
     /// `shared_state` settings still apply).
     pub redis_url: Option<Secret>,
+    /// `--redis-cluster`: that Redis (the flag's or the file's) is a cluster node.
+    pub redis_cluster: Option<bool>,
+}
+
+/// The file's `shared_state` with `--redis-url` and `--redis-cluster` applied, validated.
+fn shared_state_with(
+    file: Option<crate::shared_state::SharedStateConfig>,
+    redis_url: Option<Secret>,
+    cluster: Option<bool>,
+) -> Result<Option<crate::shared_state::SharedStateConfig>, Error> {
+    use crate::shared_state::SharedStateConfig;
+    let shared = match (redis_url, file) {
+        (Some(redis_url), Some(file)) => Some(SharedStateConfig { redis_url, ..file }),
+        (Some(redis_url), None) => Some(SharedStateConfig::at(redis_url)),
+        (None, file) => file,
+    };
+    let shared = match (shared, cluster) {
+        (None, Some(_)) => {
+            return Err(Error::Config(
+                "--redis-cluster needs a Redis: --redis-url or shared_state in the config".to_owned(),
+            ));
+        }
+        (Some(shared), Some(cluster)) => Some(SharedStateConfig { cluster, ..shared }),
+        (shared, None) => shared,
+    };
+    shared
+        .map(|shared| shared.validate(&|name| std::env::var(name).ok()))
+        .transpose()
 }
 
 /// The validated configuration everything else is built from.
@@ -803,13 +831,7 @@ impl Config {
                 secs => secs.map(Duration::from_secs),
             },
             spend_file: file.spend_file,
-            shared_state: match (overrides.redis_url, file.shared_state) {
-                (Some(redis_url), Some(file)) => Some(crate::shared_state::SharedStateConfig { redis_url, ..file }),
-                (Some(redis_url), None) => Some(crate::shared_state::SharedStateConfig::at(redis_url)),
-                (None, file) => file,
-            }
-            .map(|shared| shared.validate(&|name| std::env::var(name).ok()))
-            .transpose()?,
+            shared_state: shared_state_with(file.shared_state, overrides.redis_url, overrides.redis_cluster)?,
             response_cache: file.response_cache,
             router_settings: file.router_settings,
         };
@@ -1543,6 +1565,45 @@ mod tests {
             .shared_state
             .unwrap();
         assert_eq!((kept.redis_url.expose(), kept.timeout_ms), ("redis://10.0.0.9", 40));
+        // --redis-cluster with either URL; the file's setting stands without the flag, and
+        // the flag without any Redis is refused.
+        let cluster = |redis_url: Option<&str>, on: bool| Overrides {
+            redis_url: redis_url.map(|url| Secret::new(url.into())),
+            redis_cluster: Some(on),
+            ..Overrides::default()
+        };
+        let file_cluster = "shared_state: {redis_url: 'redis://file', cluster: true}\n";
+        assert!(
+            merge("", cluster(Some("redis://10.0.0.9"), true))
+                .unwrap()
+                .shared_state
+                .unwrap()
+                .cluster
+        );
+        assert!(
+            merge("shared_state: {redis_url: 'redis://file'}\n", cluster(None, true))
+                .unwrap()
+                .shared_state
+                .unwrap()
+                .cluster
+        );
+        assert!(
+            merge(file_cluster, Overrides::default())
+                .unwrap()
+                .shared_state
+                .unwrap()
+                .cluster
+        );
+        assert!(merge(file_cluster, flag()).unwrap().shared_state.unwrap().cluster);
+        assert!(
+            !merge(file_cluster, cluster(None, false))
+                .unwrap()
+                .shared_state
+                .unwrap()
+                .cluster
+        );
+        let alone = merge("", cluster(None, true)).unwrap_err().to_string();
+        assert!(alone.contains("--redis-cluster needs a Redis"), "{alone}");
         assert_eq!(merge("", Overrides::default()).unwrap().shared_state, None);
         let both = merge(
             "shared_state: {redis_url: 'redis://127.0.0.1'}\nspend_file: /tmp/spend.json\n",
