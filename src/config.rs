@@ -588,13 +588,13 @@ fn shared_state_with(
         (None, file) => file,
     };
     let shared = match (shared, cluster) {
-        (None, Some(_)) => {
+        (None, Some(true)) => {
             return Err(Error::Config(
                 "--redis-cluster needs a Redis: --redis-url or shared_state in the config".to_owned(),
             ));
         }
         (Some(shared), Some(cluster)) => Some(SharedStateConfig { cluster, ..shared }),
-        (shared, None) => shared,
+        (shared, _) => shared,
     };
     shared
         .map(|shared| shared.validate(&|name| std::env::var(name).ok()))
@@ -1604,6 +1604,7 @@ mod tests {
         );
         let alone = merge("", cluster(None, true)).unwrap_err().to_string();
         assert!(alone.contains("--redis-cluster needs a Redis"), "{alone}");
+        assert_eq!(merge("", cluster(None, false)).unwrap().shared_state, None);
         assert_eq!(merge("", Overrides::default()).unwrap().shared_state, None);
         let both = merge(
             "shared_state: {redis_url: 'redis://127.0.0.1'}\nspend_file: /tmp/spend.json\n",
