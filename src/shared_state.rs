@@ -352,7 +352,8 @@ pub struct SharedState {
     /// Made on first use: the connection needs a running Tokio runtime, and a gateway is
     /// also built outside one (`route`, library callers).
     connection: tokio::sync::OnceCell<Link>,
-    /// `host:port` (or the socket path), for logs: never the URL, which may hold a password.
+    /// `host:port` (or the socket path; `cluster via host:port`), for logs: never the URL,
+    /// which may hold a password.
     address: String,
     key_prefix: String,
     timeout: Duration,
