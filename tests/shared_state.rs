@@ -176,14 +176,22 @@ struct RedisCluster {
 
 impl RedisCluster {
     async fn start(tls: bool) -> Self {
+        Self::start_with(tls, None).await
+    }
+
+    /// With the first node (the one the URL names) on `seed_port` if given.
+    async fn start_with(tls: bool, seed_port: Option<u16>) -> Self {
         let folder = tempfile::tempdir().unwrap();
         if tls {
             make_certificates(folder.path());
         }
         let mut nodes = Vec::new();
         let mut bus_ports = Vec::new();
-        for _ in 0..SLOT_RANGES.len() {
-            let port = common::closed_port().await;
+        for index in 0..SLOT_RANGES.len() {
+            let port = match seed_port {
+                Some(port) if index == 0 => port,
+                _ => common::closed_port().await,
+            };
             // Named, not the default port + 10000, which can lie past 65535.
             let bus_port = common::closed_port().await;
             let nodes_file = folder.path().join(format!("nodes-{port}.conf"));
@@ -773,7 +781,14 @@ async fn on_a_redis_cluster_over_tls_cooldowns_and_cached_answers_reach_every_no
 
 async fn cooldowns_and_cached_answers_reach_every_node(cluster: &RedisCluster) {
     let state = routellm::shared_state::SharedState::new(&cluster.shared_state()).unwrap();
+    cooldowns_and_cached_answers_reach_every_node_with(cluster, &state).await;
+    assert_eq!(state.stats(), (true, 0, 0));
+}
 
+async fn cooldowns_and_cached_answers_reach_every_node_with(
+    cluster: &RedisCluster,
+    state: &routellm::shared_state::SharedState,
+) {
     let mut ids = Vec::new();
     for index in 0..SLOT_RANGES.len() {
         let n = cluster
@@ -811,5 +826,35 @@ async fn cooldowns_and_cached_answers_reach_every_node(cluster: &RedisCluster) {
             .unwrap();
         assert_eq!(exists, 1, "{key} on node {index}");
     }
-    assert_eq!(state.stats(), (true, 0, 0));
+}
+
+/// A replica may start before the cluster (as pods do): its first calls fail and are decided
+/// locally, and once the cluster answers, the next call after the pause goes through.
+#[tokio::test]
+async fn a_cluster_that_comes_up_after_the_replica_is_used_once_it_answers() {
+    let seed_port = common::closed_port().await;
+    let config = routellm::shared_state::SharedStateConfig {
+        cluster: true,
+        ..routellm::shared_state::SharedStateConfig::at(routellm::config::Secret::new(format!(
+            "redis://127.0.0.1:{seed_port}"
+        )))
+    }
+    .validate(&|_| None)
+    .unwrap();
+    let state = routellm::shared_state::SharedState::new(&config).unwrap();
+    assert_eq!(state.ping().await, Err(routellm::shared_state::Unavailable));
+    assert!(!state.stats().0);
+
+    let cluster = RedisCluster::start_with(false, Some(seed_port)).await;
+    assert_eq!(cluster.url(), format!("redis://127.0.0.1:{seed_port}"));
+    let started = Instant::now();
+    while state.ping().await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the cluster was never reached"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(state.stats().0);
+    cooldowns_and_cached_answers_reach_every_node_with(&cluster, &state).await;
 }
