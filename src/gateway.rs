@@ -1291,7 +1291,7 @@ impl Gateway {
         let (Some(shared), Ok(runtime)) = (&self.shared_state, tokio::runtime::Handle::try_current()) else {
             return;
         };
-        if self.pool(deployment.tier).deployments().len() < 2 {
+        if !self.shares_cooldowns(deployment.tier) {
             return;
         }
         let (shared, id) = (Arc::clone(shared), self.shared_deployment_id(deployment));
@@ -1308,7 +1308,7 @@ impl Gateway {
         };
         let deployments: Vec<DeploymentId> = [Tier::Strong, Tier::Weak]
             .into_iter()
-            .filter(|tier| self.pool(*tier).deployments().len() > 1)
+            .filter(|tier| self.shares_cooldowns(*tier))
             .flat_map(|tier| (0..self.pool(tier).deployments().len()).map(move |index| DeploymentId { tier, index }))
             .collect();
         if deployments.is_empty() {
@@ -1332,8 +1332,17 @@ impl Gateway {
         let (Some(shared), Ok(runtime)) = (&self.shared_state, tokio::runtime::Handle::try_current()) else {
             return;
         };
+        if !self.shares_cooldowns(deployment.tier) {
+            return;
+        }
         let (shared, id) = (Arc::clone(shared), self.shared_deployment_id(deployment));
         runtime.spawn(async move { shared.withdraw_cooldown(&id).await });
+    }
+
+    /// Whether replicas tell each other about `tier`'s deployments: only a tier with another
+    /// deployment to turn to gains from passing one over.
+    fn shares_cooldowns(&self, tier: Tier) -> bool {
+        self.pool(tier).deployments().len() > 1
     }
 
     /// A deployment's name among replicas: its tier and place, and a hash of its model and
