@@ -248,13 +248,7 @@ impl RedisCluster {
 
     /// The `shared_state` section that reaches this cluster.
     fn shared_state(&self) -> routellm::shared_state::SharedStateConfig {
-        routellm::shared_state::SharedStateConfig {
-            cluster: true,
-            tls_ca_file: self.tls.then(|| self.folder.path().join("ca.crt")),
-            ..routellm::shared_state::SharedStateConfig::at(routellm::config::Secret::new(self.url()))
-        }
-        .validate(&|_| None)
-        .unwrap()
+        cluster_config(self.url(), self.tls.then(|| self.folder.path().join("ca.crt")))
     }
 
     /// The URL the replicas are given: the first node's, from which they find the others.
@@ -282,6 +276,17 @@ impl RedisCluster {
         }
         n
     }
+}
+
+/// A validated `shared_state` section for the cluster node at `url`.
+fn cluster_config(url: String, tls_ca_file: Option<PathBuf>) -> routellm::shared_state::SharedStateConfig {
+    routellm::shared_state::SharedStateConfig {
+        cluster: true,
+        tls_ca_file,
+        ..routellm::shared_state::SharedStateConfig::at(routellm::config::Secret::new(url))
+    }
+    .validate(&|_| None)
+    .unwrap()
 }
 
 /// Two replicas: proxies in front of the same two mock models, configured alike by `yaml`.
@@ -833,14 +838,7 @@ async fn cooldowns_and_cached_answers_reach_every_node_with(
 #[tokio::test]
 async fn a_cluster_that_comes_up_after_the_replica_is_used_once_it_answers() {
     let seed_port = common::closed_port().await;
-    let config = routellm::shared_state::SharedStateConfig {
-        cluster: true,
-        ..routellm::shared_state::SharedStateConfig::at(routellm::config::Secret::new(format!(
-            "redis://127.0.0.1:{seed_port}"
-        )))
-    }
-    .validate(&|_| None)
-    .unwrap();
+    let config = cluster_config(format!("redis://127.0.0.1:{seed_port}"), None);
     let state = routellm::shared_state::SharedState::new(&config).unwrap();
     assert_eq!(state.ping().await, Err(routellm::shared_state::Unavailable));
     assert!(!state.stats().0);
