@@ -1573,35 +1573,16 @@ mod tests {
             ..Overrides::default()
         };
         let file_cluster = "shared_state: {redis_url: 'redis://file', cluster: true}\n";
-        assert!(
-            merge("", cluster(Some("redis://10.0.0.9"), true))
-                .unwrap()
-                .shared_state
-                .unwrap()
-                .cluster
-        );
-        assert!(
-            merge("shared_state: {redis_url: 'redis://file'}\n", cluster(None, true))
-                .unwrap()
-                .shared_state
-                .unwrap()
-                .cluster
-        );
-        assert!(
-            merge(file_cluster, Overrides::default())
-                .unwrap()
-                .shared_state
-                .unwrap()
-                .cluster
-        );
-        assert!(merge(file_cluster, flag()).unwrap().shared_state.unwrap().cluster);
-        assert!(
-            !merge(file_cluster, cluster(None, false))
-                .unwrap()
-                .shared_state
-                .unwrap()
-                .cluster
-        );
+        let is_cluster =
+            |yaml: &str, overrides: Overrides| merge(yaml, overrides).unwrap().shared_state.unwrap().cluster;
+        assert!(is_cluster("", cluster(Some("redis://10.0.0.9"), true)));
+        assert!(is_cluster(
+            "shared_state: {redis_url: 'redis://file'}\n",
+            cluster(None, true)
+        ));
+        assert!(is_cluster(file_cluster, Overrides::default()));
+        assert!(is_cluster(file_cluster, flag()));
+        assert!(!is_cluster(file_cluster, cluster(None, false)));
         let alone = merge("", cluster(None, true)).unwrap_err().to_string();
         assert!(alone.contains("--redis-cluster needs a Redis"), "{alone}");
         assert_eq!(merge("", cluster(None, false)).unwrap().shared_state, None);
