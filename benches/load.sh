@@ -18,6 +18,10 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
+free_port() { # a loopback port nothing listens on
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 wait_for_address() { # log file -> host:port once the process reports it
   for _ in $(seq 1 200); do
     if address=$(grep -o 'address=[0-9.:]*' "$1" 2>/dev/null | head -1 | cut -d= -f2) && [ -n "$address" ]; then
@@ -99,7 +103,7 @@ run "proxy sw_ranking, 1 connection" "http://$proxy" "router-sw_ranking-0.5" fal
 
 # A strong tier whose first deployment is down (nothing listens on its port): failover
 # passes it over for its cooldown, so requests do not each pay a refused connection first.
-dead=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+dead=$(free_port)
 cat > "$work/failover.yaml" <<YAML
 strong_model:
   - {name: openai/primary, base_url: "http://127.0.0.1:$dead/v1", api_key: sk-bench}
@@ -129,7 +133,6 @@ run_script "cache off, sw_ranking, all new" "http://$proxy" "$(distinct_lua rout
 # one per answer's charge), one server or a three-node Redis Cluster (`cluster: true`).
 # Needs redis-server and redis-cli (apt-get install redis-server).
 if command -v redis-server >/dev/null; then
-  free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
   redis_port=$(free_port)
   redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
   for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
